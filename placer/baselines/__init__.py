@@ -1,0 +1,1 @@
+"""Placement baselines, one module per method, registered by name."""

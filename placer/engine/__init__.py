@@ -1,0 +1,1 @@
+"""Real multi-device execution of placed graphs (torch.distributed workers)."""

@@ -1,0 +1,1 @@
+"""Placement policies (seq2seq, GNN, hierarchical) and their training algorithms."""
