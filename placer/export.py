@@ -1,0 +1,173 @@
+"""The placement JSON (schema ``placer.placement/v1``): write, read and validate.
+
+The file is what trainers consume: ``ops`` maps op names to device indices, ``modules`` maps ``nn.Module`` paths
+to device indices (what a single-process model-parallel trainer needs), and ``stages`` gives the contiguous
+pipeline split when there is one. ``placer/schemas/placement.schema.json`` is the JSON Schema; keys are sorted
+and files are written atomically, so a placement.json is always complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from graphs.ir import OpGraph
+from placer.cluster import Cluster
+from placer.placement import Placement
+from placer.result import StepResult
+
+SCHEMA = "placer.placement/v1"
+SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "placement.schema.json"
+
+
+def module_devices(graph: OpGraph, placement: Placement) -> dict[str, int]:
+    """Device per module path: the device of the module's parameter-owning op, else of most of its ops."""
+    votes: dict[str, Counter] = {}
+    owner: dict[str, int] = {}
+    for i, path in enumerate(graph.module_paths):
+        if not path:
+            continue
+        dev = int(placement.device_of_op[i])
+        votes.setdefault(path, Counter())[dev] += 1
+        if graph.param_bytes[i] > 0 and path not in owner:
+            owner[path] = dev
+    return {p: owner.get(p, c.most_common(1)[0][0]) for p, c in sorted(votes.items())}
+
+
+def contiguous_stages(graph: OpGraph, placement: Placement) -> list[dict[str, Any]] | None:
+    """Stages ``[{device, first_op, last_op}]`` if each device holds one contiguous run of ops, else None."""
+    dev = placement.device_of_op
+    if graph.n == 0:
+        return None
+    cuts = np.flatnonzero(dev[1:] != dev[:-1]) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [graph.n]]) - 1
+    devs = dev[starts]
+    if len(set(devs.tolist())) != len(devs):
+        return None
+    return [{"device": int(d), "first_op": graph.op_names[s], "last_op": graph.op_names[e]}
+            for d, s, e in zip(devs, starts, ends)]
+
+
+def _time_entry(result: StepResult | None, cluster: Cluster) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {
+        "step_time_s": float(result.step_time_s) if result.ok else None,
+        "source": f"{result.source}:{cluster.name}",
+        "failure": result.failure if not result.ok else None,
+    }
+
+
+def placement_to_json(
+    graph: OpGraph,
+    cluster: Cluster,
+    placement: Placement,
+    *,
+    method: str,
+    seed: int = 0,
+    run: str | None = None,
+    schedule: str = "none",
+    microbatches: int = 1,
+    predicted: StepResult | None = None,
+    measured: StepResult | None = None,
+) -> dict[str, Any]:
+    placement.validate(graph, cluster)
+    from placer import __version__
+
+    return {
+        "schema": SCHEMA,
+        "graph": {"name": graph.name, "hash": graph.content_hash, "num_ops": graph.n},
+        "cluster": cluster.name,
+        "devices": list(cluster.device_names),
+        "ops": {name: int(d) for name, d in zip(graph.op_names, placement.device_of_op.tolist())},
+        "modules": module_devices(graph, placement),
+        "stages": contiguous_stages(graph, placement),
+        "schedule": {"name": schedule, "microbatches": int(microbatches)},
+        "predicted": _time_entry(predicted, cluster),
+        "measured": _time_entry(measured, cluster),
+        "provenance": {
+            "method": method,
+            "run": run,
+            "seed": int(seed),
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "placer_version": __version__,
+        },
+    }
+
+
+def write_json_atomic(path: str | Path, doc: Mapping[str, Any]) -> Path:
+    """Write sorted-key JSON through a temporary file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def save_placement(path: str | Path, graph: OpGraph, cluster: Cluster, placement: Placement, **kw: Any) -> Path:
+    """Write a placement JSON (see :func:`placement_to_json` for the keyword arguments)."""
+    return write_json_atomic(path, placement_to_json(graph, cluster, placement, **kw))
+
+
+@dataclass(frozen=True)
+class LoadedPlacement:
+    placement: Placement
+    doc: dict[str, Any]
+
+
+def validate_document(doc: Any) -> None:
+    """Check a placement document against the JSON Schema; one-line ``ValueError`` on failure."""
+    import jsonschema
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    try:
+        jsonschema.validate(doc, schema)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        raise ValueError(f"placement JSON invalid at {where}: {e.message.splitlines()[0]}") from None
+
+
+def load_placement(path: str | Path, graph: OpGraph | None = None, cluster: Cluster | None = None) -> LoadedPlacement:
+    """Read a placement JSON; with ``graph``/``cluster``, check it belongs to them (hash, op and device names)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read placement file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return placement_from_document(doc, graph, cluster, where=str(path))
+
+
+def placement_from_document(doc: Any, graph: OpGraph | None = None, cluster: Cluster | None = None, *,
+                            where: str = "placement") -> LoadedPlacement:
+    validate_document(doc)
+    devices = doc["devices"]
+    for name, d in doc["ops"].items():
+        if d >= len(devices):
+            raise ValueError(f"{where}: op {name!r} is on device {d}, but only {len(devices)} devices are listed")
+    if cluster is not None and list(cluster.device_names) != list(devices):
+        raise ValueError(f"{where}: devices {devices} do not match cluster {cluster.name!r} {list(cluster.device_names)}")
+    if graph is None:
+        return LoadedPlacement(Placement(np.array(list(doc["ops"].values()), dtype=np.int64)), doc)
+    if doc["graph"]["hash"] != graph.content_hash:
+        raise ValueError(f"{where}: made for graph {doc['graph']['name']!r} ({doc['graph']['hash']}), "
+                         f"not {graph.name!r} ({graph.content_hash})")
+    missing = [n for n in graph.op_names if n not in doc["ops"]]
+    if missing:
+        raise ValueError(f"{where}: no device for op {missing[0]!r} ({len(missing)} ops missing)")
+    extra = set(doc["ops"]) - set(graph.op_names)
+    if extra:
+        raise ValueError(f"{where}: unknown op {sorted(extra)[0]!r} not in graph {graph.name!r}")
+    placement = Placement(np.array([doc["ops"][n] for n in graph.op_names], dtype=np.int64))
+    if cluster is not None:
+        placement.validate(graph, cluster)
+    return LoadedPlacement(placement, doc)
