@@ -15,7 +15,6 @@ from typing import Callable
 from rich.console import Console
 
 console = Console()
-err_console = Console(stderr=True)
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
 
@@ -150,6 +149,177 @@ def cmd_graph_show(args: argparse.Namespace) -> None:
         console.print(top)
 
 
+# ---------------------------------------------------------------------------------------------- cluster
+@command("cluster")
+def _cluster_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="show presets or calibrate this machine's workers")
+    csub = p.add_subparsers(dest="cluster_cmd", required=True)
+    s = csub.add_parser("show", help="devices and links of a preset or cluster JSON")
+    s.add_argument("cluster", help="preset name (cpu-2, cpu+2gpu, cpu+4gpu, v100x8-nvlink, h100x8) or JSON file")
+    s.set_defaults(func=cmd_cluster_show)
+    c = csub.add_parser("calibrate", help="measure link latency/bandwidth and device speed between gloo workers")
+    c.add_argument("--devices", type=int, default=2)
+    c.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
+    c.add_argument("--repeats", type=int, default=20)
+    c.add_argument("--out", required=True, help="output cluster JSON")
+    c.set_defaults(func=cmd_cluster_calibrate)
+
+
+def print_cluster(cluster) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"cluster {cluster.name}  ({cluster.meta.get('source', '')})")
+    for col in ("device", "kind", "memory GiB", "speed"):
+        t.add_column(col)
+    for d in cluster.devices:
+        t.add_row(d.name, d.kind, f"{d.memory_bytes / (1 << 30):.1f}", f"{d.speed:.2f}")
+    console.print(t)
+    links = Table(title="links (latency µs / bandwidth GB/s)")
+    links.add_column("from \\ to")
+    for d in cluster.devices:
+        links.add_column(d.name)
+    for i, a in enumerate(cluster.devices):
+        links.add_row(a.name, *["—" if i == j else f"{cluster.latency_s[i, j] * 1e6:.0f} / "
+                                f"{cluster.bandwidth_Bps[i, j] / 1e9:.2f}" for j in range(cluster.num_devices)])
+    console.print(links)
+
+
+def cmd_cluster_show(args: argparse.Namespace) -> None:
+    from placer.cluster import get_cluster
+
+    print_cluster(get_cluster(args.cluster))
+
+
+def cmd_cluster_calibrate(args: argparse.Namespace) -> None:
+    from placer.calibrate import calibrate_cluster
+
+    with console.status(f"calibrating {args.devices} gloo workers…"):
+        cluster = calibrate_cluster(args.devices, repeats=args.repeats, threads_per_device=args.threads)
+    cluster.save(args.out)
+    print_cluster(cluster)
+    console.print(f"wrote {args.out}")
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+@command("baseline")
+def _baseline_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("baseline", help="place a graph with a classic method and simulate it")
+    p.add_argument("--graph", required=True, help="graph JSON or shipped benchmark graph (rnnlm, nmt-paper, …)")
+    p.add_argument("--cluster", required=True, help="preset or cluster JSON")
+    p.add_argument("--method", required=True, help="single, scotch, mincut, metis, expert, m-topo, m-etf, m-sct, "
+                                                   "heft, pipedream-dp, random, round-robin")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", default="none", help="none, gpipe, 1f1b, interleaved-1f1b")
+    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--out", help="write the placement JSON here")
+    p.set_defaults(func=cmd_baseline)
+
+
+def cmd_baseline(args: argparse.Namespace) -> None:
+    from placer import baselines
+    from placer.bounds import efficiency
+    from placer.cluster import get_cluster
+    from placer.export import save_placement
+    from placer.sim import simulate
+
+    graph, cluster = load_graph_arg(args.graph), get_cluster(args.cluster)
+    placement = baselines.place(args.method, graph, cluster, seed=args.seed)
+    result = simulate(graph, cluster, placement, schedule=args.schedule, microbatches=args.microbatches)
+    if result.ok:
+        console.print(f"{args.method} on {cluster.name}: step {result.step_time_s * 1e3:.2f} ms (sim), "
+                      f"efficiency {efficiency(result, graph, cluster):.2f}, ops per device "
+                      f"{[int(x) for x in __import__('numpy').bincount(placement.device_of_op, minlength=cluster.num_devices)]}")
+    else:
+        console.print(f"{args.method} on {cluster.name}: {result.failure}")
+    if args.out:
+        save_placement(args.out, graph, cluster, placement, method=args.method, seed=args.seed,
+                       schedule=args.schedule, microbatches=args.microbatches, predicted=result)
+        console.print(f"wrote {args.out}")
+
+
+@command("compare")
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="ColocRL's table: every method on every graph and cluster")
+    p.add_argument("--graphs", default="rnnlm-paper,nmt-paper,inception_v3-paper",
+                   help="comma list of graph JSONs or shipped graphs")
+    p.add_argument("--clusters", default="cpu+2gpu,cpu+4gpu", help="comma list of presets or cluster JSONs")
+    p.add_argument("--methods", help="comma list of baselines (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", default="none")
+    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--runs-dir", default="runs")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    import time
+
+    from placer.compare import compare
+
+    graphs = [load_graph_arg(g) for g in args.graphs.split(",") if g]
+    out_dir = Path(args.runs_dir) / f"compare__{time.strftime('%Y%m%d-%H%M%S')}"
+    table = compare(graphs, [c for c in args.clusters.split(",") if c],
+                    methods=args.methods.split(",") if args.methods else None, seed=args.seed,
+                    schedule=args.schedule, microbatches=args.microbatches, out_dir=out_dir)
+    console.print(table.to_rich())
+    console.print(f"wrote {out_dir}/compare.md and compare.csv")
+
+
+# ---------------------------------------------------------------------------------------------- show
+@command("show")
+def _show_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("show", help="summarise a placement JSON or a step result; draw its timeline")
+    p.add_argument("path", help="placement.json (re-simulated) or a StepResult JSON")
+    p.add_argument("--graph", help="graph JSON or shipped graph (default: from the placement's graph name)")
+    p.add_argument("--cluster", help="cluster preset or JSON (default: the placement's cluster)")
+    p.add_argument("--timeline", help="write a Gantt PNG here")
+    p.add_argument("--trace", help="write a Perfetto/Chrome trace JSON here")
+    p.set_defaults(func=cmd_show)
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    import json
+
+    from placer.result import StepResult
+
+    try:
+        doc = json.loads(Path(args.path).read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read {args.path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{args.path} is not valid JSON: {e}") from None
+    if isinstance(doc, dict) and doc.get("schema") == "placer.placement/v1":
+        from placer.cluster import get_cluster
+        from placer.export import placement_from_document
+        from placer.sim import simulate
+
+        graph = load_graph_arg(args.graph or doc["graph"]["name"])
+        cluster = get_cluster(args.cluster or doc.get("cluster", ""))
+        placement = placement_from_document(doc, graph, cluster, where=args.path).placement
+        result = simulate(graph, cluster, placement, schedule=doc["schedule"]["name"],
+                          microbatches=doc["schedule"]["microbatches"], timeline=True)
+        title = f"{graph.name} on {cluster.name}: {doc['provenance']['method']}"
+    elif isinstance(doc, dict) and "step_time_s" in doc:
+        result = StepResult.from_json(doc)
+        title = f"{result.source} step"
+    else:
+        raise ValueError(f"{args.path} is neither a placement JSON nor a step result")
+    console.print(f"{title}: step {result.step_time_s * 1e3:.2f} ms ({result.source}), schedule {result.schedule} "
+                  f"x{result.microbatches}" if result.ok else f"{title}: failed — {result.failure}")
+    for d, busy, mem in zip(result.devices, result.busy_s, result.peak_memory_bytes):
+        console.print(f"  {d}: busy {busy * 1e3:.2f} ms, peak memory {mem / 1e6:.1f} MB")
+    if args.timeline:
+        from placer.timeline import plot_gantt
+
+        plot_gantt(result, args.timeline, title=title)
+        console.print(f"wrote {args.timeline}")
+    if args.trace:
+        from placer.timeline import to_chrome_trace
+
+        to_chrome_trace(result, args.trace)
+        console.print(f"wrote {args.trace}")
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="placer", description="Reinforcement-learning device placement for PyTorch.")
@@ -168,14 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        err_console.print("placer: interrupted")
+        sys.stderr.write("placer: interrupted\n")
         return 130
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         if args.verbose:
             raise
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        err_console.print(f"placer: error: {msg.splitlines()[0] if msg else type(e).__name__}", markup=False,
-                          highlight=False)
+        # plain write, not rich: rich would wrap a long message over several lines
+        sys.stderr.write(f"placer: error: {msg.splitlines()[0] if msg else type(e).__name__}\n")
         return 2
     return 0
 

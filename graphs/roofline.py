@@ -1,0 +1,125 @@
+"""Roofline estimates of op costs on GPUs that are not present (labelled ``estimated``).
+
+Williams, Waterman & Patterson, "Roofline: an insightful visual performance model for multicore architectures"
+(CACM 2009): an op is bound either by arithmetic or by memory traffic. Per op, on GPU ``g``::
+
+    fwd_s = launch_s + max(flops / (peak_flops * eff), bytes_touched / (bandwidth * eff))
+    bwd_s = 2 * launch_s + max(2 * flops / (peak_flops * eff), 2 * bytes_touched / (bandwidth * eff))
+
+``bytes_touched`` = input bytes (sum of incoming edge bytes) + output bytes + the bytes of the parameters the
+op reads (every call of a shared module reads its weights, although ``param_bytes`` counts them once); the
+backward of a matmul-like op is two matmuls of the forward's size (input and weight gradients), hence 2×.
+``flops`` come from profiling (:func:`graphs.profile.profile` fills them with ``FlopCounterMode``); on an
+unprofiled graph (all FLOPs 0) the estimate is bandwidth-only and a warning is logged.
+
+Zero-cost ops (``input``, ``get_attr``, ``getitem``, shape queries and pure views) cost 0: they launch no
+kernel. An op gets no backward when a measured cost set says its backward is 0 (no gradient flows through it),
+or when its kind never has one (the zero-cost kinds). Fp32 throughput without tensor cores is used because the
+models train in fp32 and PyTorch leaves TF32 matmuls off by default.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from graphs.ir import OpCosts, OpGraph, Provenance
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GpuSpec", "GPUS", "estimate", "with_estimates", "ZERO_COST_KINDS"]
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuSpec:
+    """Peak rates of one GPU, from its datasheet, plus an achievable fraction."""
+
+    name: str
+    """Short name, also the cost-set key (``K80``...)."""
+    peak_flops: float
+    """Peak fp32 FLOP/s (boost clock, no tensor cores)."""
+    bandwidth_Bps: float
+    """Peak device-memory bandwidth, bytes/s."""
+    launch_s: float
+    """Per-kernel launch and framework overhead, seconds."""
+    efficiency: float
+    """Fraction of both peaks that real kernels reach (an assumption, not a datasheet number)."""
+    memory_bytes: int
+    """Device memory, bytes."""
+
+
+GPUS: dict[str, GpuSpec] = {
+    # Tesla K80 datasheet (NVIDIA, 2014): 2 × GK210, 8.73 TFLOP/s fp32 with GPU Boost, 480 GB/s, 24 GB GDDR5 for
+    # the board. ColocRL's "GPU" is one GK210 die: half of each. Kepler-era launch + TF op overhead ~10 us.
+    "K80": GpuSpec(name="K80", peak_flops=4.37e12, bandwidth_Bps=240e9, launch_s=10e-6, efficiency=0.5,
+                   memory_bytes=12 * GiB),
+    # Tesla V100 SXM2 datasheet (NVIDIA, 2017): 15.7 TFLOP/s fp32, 900 GB/s HBM2, 16/32 GB.
+    "V100": GpuSpec(name="V100", peak_flops=15.7e12, bandwidth_Bps=900e9, launch_s=5e-6, efficiency=0.7,
+                    memory_bytes=32 * GiB),
+    # A100 80GB SXM4 datasheet (NVIDIA, 2021): 19.5 TFLOP/s fp32 (156 TF32 with tensor cores, unused), 2,039 GB/s.
+    "A100": GpuSpec(name="A100", peak_flops=19.5e12, bandwidth_Bps=2039e9, launch_s=4e-6, efficiency=0.7,
+                    memory_bytes=80 * GiB),
+    # H100 SXM5 datasheet (NVIDIA, 2023): 67 TFLOP/s fp32, 3.35 TB/s HBM3, 80 GB.
+    "H100": GpuSpec(name="H100", peak_flops=67e12, bandwidth_Bps=3.35e12, launch_s=4e-6, efficiency=0.6,
+                    memory_bytes=80 * GiB),
+}
+
+ZERO_COST_KINDS = frozenset({
+    "input", "get_attr", "getitem", "getattr", "size", "dim", "numel", "view", "reshape", "flatten", "unflatten",
+    "squeeze", "unsqueeze", "transpose", "permute", "t", "expand", "expand_as", "view_as", "detach", "alias",
+    "unbind", "split", "chunk", "select", "slice", "_unsafe_view", "sym_size",
+})
+"""Op kinds that launch no kernel (metadata only)."""
+
+
+def _param_read_bytes(graph: OpGraph) -> np.ndarray:
+    """Parameter bytes each op reads: every call of a module reads the weights counted at its first call."""
+    per_module: dict[tuple[str, str], int] = {}
+    for kind, path, nbytes in zip(graph.op_kinds, graph.module_paths, graph.param_bytes):
+        if nbytes > 0 and kind != "get_attr":
+            per_module[(kind, path)] = max(per_module.get((kind, path), 0), int(nbytes))
+    return np.array([per_module.get((k, p), 0) if k != "get_attr" else 0
+                     for k, p in zip(graph.op_kinds, graph.module_paths)], dtype=np.float64)
+
+
+def estimate(graph: OpGraph, gpu: str) -> OpCosts:
+    """Roofline forward/backward times of every op of ``graph`` on ``gpu`` (a key of :data:`GPUS`)."""
+    try:
+        spec = GPUS[gpu]
+    except KeyError:
+        raise ValueError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)}") from None
+    if graph.n and not graph.flops.any():
+        log.warning("graph %s has no FLOPs (not profiled): the %s estimate is bandwidth-only", graph.name, gpu)
+    in_bytes = np.zeros(graph.n)
+    np.add.at(in_bytes, graph.edge_index[1], graph.edge_bytes.astype(np.float64))
+    touched = in_bytes + graph.out_bytes + _param_read_bytes(graph)
+    compute_s = graph.flops / (spec.peak_flops * spec.efficiency)
+    memory_s = touched / (spec.bandwidth_Bps * spec.efficiency)
+    fwd = spec.launch_s + np.maximum(compute_s, memory_s)
+    bwd = 2 * spec.launch_s + 2 * np.maximum(compute_s, memory_s)
+    free = np.array([k in ZERO_COST_KINDS for k in graph.op_kinds], dtype=bool)
+    no_grad = free.copy()
+    measured = [c for c in graph.costs.values() if c.provenance.method == "measured"]
+    if measured:
+        no_grad |= measured[0].bwd_s == 0
+    fwd[free] = 0.0
+    bwd[no_grad] = 0.0
+    prov = Provenance(
+        device=spec.name, threads=0, torch_version=torch.__version__, date=datetime.date.today().isoformat(),
+        method="estimated",
+        note=(f"roofline: peak {spec.peak_flops / 1e12:.2f} TFLOP/s fp32, {spec.bandwidth_Bps / 1e9:.0f} GB/s, "
+              f"efficiency {spec.efficiency}, launch {spec.launch_s * 1e6:.0f} us; backward = 2x forward"),
+    )
+    return OpCosts(fwd_s=fwd, bwd_s=bwd, provenance=prov)
+
+
+def with_estimates(graph: OpGraph, gpus: Sequence[str] = ("K80", "V100", "A100", "H100")) -> OpGraph:
+    """``graph`` plus one estimated cost set per GPU, keyed by the GPU's name."""
+    return graph.replace(costs={**graph.costs, **{g: estimate(graph, g) for g in gpus}})

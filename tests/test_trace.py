@@ -1,0 +1,219 @@
+"""Tracing models to OpGraphs: the op ↔ fx-node contract, unrolling, colocation, errors, build/rebuild."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` factories
+
+from graphs.build import build_graph, load_factory, parse_profile_spec, rebuild_traced  # noqa: E402
+from graphs.ir import OpGraph  # noqa: E402
+from graphs.trace import TraceError, trace_model  # noqa: E402
+from tests import fixtures_models as fm  # noqa: E402
+
+F32 = 4
+
+
+def _trace(factory, **kw):
+    model, inputs, *rest = factory(**kw)
+    return trace_model(model, inputs, rest[0] if rest else None, name=factory.__name__, meta={})
+
+
+def _check_contract(traced):
+    nodes = [n for n in traced.gm.graph.nodes if n.op != "output"]
+    assert traced.graph.op_names == tuple(n.name for n in nodes)  # one op per node, same names, same order
+    for i, node in enumerate(nodes):
+        assert traced.node_of_op(i) is node
+        assert traced.op_index(node.name) == i
+    output = next(n for n in traced.gm.graph.nodes if n.op == "output")
+    assert output.args[0].name == traced.graph.op_names[-1]  # the last op is the loss
+
+
+# ---------------------------------------------------------------------------------------------- MLP, by hand
+
+
+def test_mlp_from_factory_path_matches_hand_worked_graph():
+    g = build_graph("tests.fixtures_models:mlp", profile=None)
+    assert g.name == "mlp"
+    assert g.meta == {"source": {"factory": "tests.fixtures_models:mlp", "seed": 0}, "trace": "fx"}
+    assert g.op_names == ("x", "fc1", "act", "fc2", "mean")
+    assert g.op_kinds == ("input", "Linear", "ReLU", "Linear", "mean")
+    assert g.module_paths == ("", "fc1", "act", "fc2", "")
+    b, i, h, o = fm.MLP_BATCH, fm.MLP_IN, fm.MLP_HIDDEN, fm.MLP_OUT
+    assert g.out_shapes == ((b, i), (b, h), (b, h), (b, o), ())
+    assert g.out_bytes.tolist() == [b * i * F32, b * h * F32, b * h * F32, b * o * F32, F32]
+    assert g.param_bytes.tolist() == [0, (i * h + h) * F32, 0, (h * o + o) * F32, 0]
+    assert g.edge_index.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4]]
+    assert g.edge_bytes.tolist() == [128, 256, 256, 48]
+    assert len(set(g.colocation.tolist())) == 5  # nothing shared
+    assert not g.costs
+
+
+def test_explicit_loss_fn_is_traced_as_last_ops():
+    traced = _trace(fm.mlp_squared_loss)
+    _check_contract(traced)
+    assert traced.graph.op_kinds[-2:] == ("pow", "sum")
+    model, inputs, loss_fn = fm.mlp_squared_loss()
+    traced = trace_model(model, inputs, loss_fn, name="m", meta={})
+    torch.testing.assert_close(traced.gm(*inputs), loss_fn(model(*inputs)))
+
+
+# ---------------------------------------------------------------------------------------------- unrolling
+
+
+def test_unrolled_lstm_ops_colocation_and_tuple_edges():
+    layers, steps, width, batch = 2, 3, 16, 4
+    traced = _trace(fm.lstm, width=width, layers=layers, steps=steps, batch=batch)
+    g = traced.graph
+    _check_contract(traced)
+    cells = [i for i, k in enumerate(g.op_kinds) if k == "LSTMCell"]
+    assert len(cells) == layers * steps
+    assert [g.module_paths[i] for i in cells] == [f"cells.{t % layers}" for t in range(layers * steps)]
+    # every call of one cell shares a group; the two layers are in different groups
+    for layer in range(layers):
+        assert len({int(g.colocation[i]) for i in cells[layer::layers]}) == 1
+    assert g.colocation[cells[0]] != g.colocation[cells[1]]
+    # parameters are counted at the first call only: 4 gates × (W_ih, W_hh, b_ih, b_hh)
+    per_cell = (2 * 4 * width * width + 2 * 4 * width) * F32
+    assert [int(g.param_bytes[i]) for i in cells] == [per_cell, per_cell] + [0] * (len(cells) - 2)
+    heads = [i for i, k in enumerate(g.op_kinds) if k == "Linear"]
+    assert len(heads) == steps and len({int(g.colocation[i]) for i in heads}) == 1
+    # a cell's (h, c) tuple feeds getitem: the edge carries both tensors
+    succ = g.successors()
+    src = cells[0]
+    e = [j for j in range(g.num_edges) if g.edge_index[0, j] == src]
+    assert {g.op_kinds[int(g.edge_index[1, j])] for j in e} == {"getitem"}
+    assert {int(g.edge_bytes[j]) for j in e} == {2 * batch * width * F32}
+    assert g.out_bytes[src] == 2 * batch * width * F32 and g.out_shapes[src] == (batch, width)
+    assert len(succ[src]) == 2
+
+
+def test_get_attr_joins_first_consumer_and_shared_module_calls_share_a_group():
+    traced = _trace(fm.tied)
+    g = traced.graph
+    _check_contract(traced)
+    scale = g.index("scale")
+    assert g.op_kinds[scale] == "get_attr" and g.param_bytes[scale] == 8 * F32 and g.module_paths[scale] == ""
+    first = min(int(d) for s, d in g.edge_index.T if s == scale)
+    assert g.op_kinds[first] == "mul" and g.colocation[scale] == g.colocation[first]
+    fcs = [i for i, k in enumerate(g.op_kinds) if k == "Linear"]
+    assert len(fcs) == 2 and g.colocation[fcs[0]] == g.colocation[fcs[1]]
+    assert g.param_bytes[fcs[0]] == (64 + 8) * F32 and g.param_bytes[fcs[1]] == 0
+    # everything else is a group of its own
+    others = [i for i in range(g.n) if i not in (scale, first, *fcs)]
+    assert len({int(g.colocation[i]) for i in others}) == len(others)
+
+
+def test_benchmark_small_configs_unroll():
+    models = pytest.importorskip("graphs.models")
+    g = build_graph("rnnlm", profile=None)
+    cfg = models.CONFIGS["rnnlm"]["small"]
+    assert g.name == "rnnlm-small" and g.meta["trace"] == "fx"
+    assert g.meta["source"] == {"benchmark": "rnnlm", "config": "small", "overrides": {}, "seed": 0}
+    assert sum(k == "LSTMCell" for k in g.op_kinds) == cfg.layers * cfg.seq_len
+    g2 = build_graph("rnnlm", overrides={"seq_len": 2}, profile=None)
+    assert sum(k == "LSTMCell" for k in g2.op_kinds) == cfg.layers * 2
+    assert g2.meta["source"]["overrides"] == {"seq_len": 2}
+
+
+# ---------------------------------------------------------------------------------------------- export and errors
+
+
+def test_export_fallback_when_fx_fails():
+    traced = _trace(fm.shape_branch)
+    g = traced.graph
+    _check_contract(traced)
+    assert g.meta["trace"] == "export"
+    assert "linear" in g.op_kinds and "mul" in g.op_kinds
+    assert g.module_paths[g.op_kinds.index("linear")] == "fc"
+    assert {g.module_paths[i] for i, k in enumerate(g.op_kinds) if k == "get_attr"} == {"fc"}
+    model, (x,) = fm.shape_branch()
+    traced = trace_model(model, (x,), name="s", meta={})
+    torch.testing.assert_close(traced.gm(x), model(x).mean())
+
+
+def test_untraceable_model_gives_one_line_error_naming_both_tracers():
+    # the model really defeats both tracers on their own
+    model, (x,) = fm.untraceable()
+    with pytest.raises(TraceError):
+        trace_model(model, (x,), name="u", meta={}, method="fx")
+    with pytest.raises(TraceError):
+        trace_model(model, (x,), name="u", meta={}, method="export")
+    with pytest.raises(ValueError) as err:
+        build_graph("tests.fixtures_models:untraceable", profile=None)
+    msg = str(err.value)
+    assert isinstance(err.value, TraceError)
+    assert "\n" not in msg and len(msg) < 600
+    assert msg.startswith("cannot trace model DataBranch: fx: ")
+    assert "control flow" in msg and "; export: " in msg and "fixtures_models.py" in msg
+
+
+def test_model_failing_on_its_inputs_is_a_value_error():
+    model, _ = fm.mlp()
+    with pytest.raises(ValueError, match="fails on its example inputs") as err:
+        trace_model(model, (torch.randn(2, 5),), name="m", meta={})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("path, match", [
+    ("no_colon", "must look like"),
+    ("tests.fixtures_models:", "must look like"),
+    ("tests.no_such_module:mlp", "cannot import module 'tests.no_such_module'"),
+    ("tests.fixtures_models:nope", "has no attribute 'nope'"),
+    ("tests.fixtures_models:NOT_CALLABLE", "is not callable"),
+])
+def test_load_factory_errors(path, match):
+    with pytest.raises(ValueError, match=match) as err:
+        load_factory(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("path, match", [
+    ("tests.fixtures_models:returns_model_only", r"must return \(model, example_inputs\)"),
+    ("tests.fixtures_models:raises", "factory exploded"),
+])
+def test_bad_factories(path, match):
+    with pytest.raises(ValueError, match=match):
+        build_graph(path, profile=None)
+
+
+def test_profile_spec():
+    assert parse_profile_spec("cpu") == ("cpu", 1)
+    assert parse_profile_spec("cpu:3") == ("cpu", 3)
+    assert parse_profile_spec("cuda") == ("cuda", 1)
+    for bad in ("gpu", "cpu:", "cpu:0", "cpu:x"):
+        with pytest.raises(ValueError, match="profile must be|threads must be"):
+            parse_profile_spec(bad)
+
+
+# ---------------------------------------------------------------------------------------------- build / rebuild
+
+
+def test_build_graph_round_trips_and_rebuilds(tmp_path):
+    g = build_graph("tests.fixtures_models:lstm", profile="cpu")
+    assert "cpu" in g.costs
+    path = tmp_path / "g.json"
+    g.save(path)
+    loaded = OpGraph.load(path)
+    assert loaded.content_hash == g.content_hash
+    traced = rebuild_traced(loaded.meta)
+    assert traced.graph.op_names == g.op_names
+    assert traced.graph.replace(meta={}).content_hash == g.replace(costs={}, stash_bytes=np.zeros(g.n),
+                                                                    temp_bytes=np.zeros(g.n), flops=np.zeros(g.n),
+                                                                    meta={}).content_hash
+    # same seed, same parameters: the rebuilt step gives the loss of a second rebuild exactly
+    again = rebuild_traced(loaded.meta)
+    assert traced.gm(*traced.example_inputs).item() == again.gm(*again.example_inputs).item()
+    with pytest.raises(ValueError, match="no 'source'"):
+        rebuild_traced({"trace": "fx"})
+
+
+def test_rebuild_keeps_export_method():
+    g = build_graph("tests.fixtures_models:shape_branch", profile=None)
+    traced = rebuild_traced(g.meta)
+    assert traced.graph.meta["trace"] == "export" and traced.graph.op_names == g.op_names
