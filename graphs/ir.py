@@ -236,11 +236,19 @@ class OpGraph:
         if not self.costs:
             raise ValueError(f"graph {self.name!r} has no op costs; profile it first (placer graph build --profile)")
         if kind is None:
-            return next(iter(self.costs.values()))
+            return self.costs[self.default_cost_kind]
         try:
             return self.costs[kind]
         except KeyError:
             raise KeyError(f"graph {self.name!r} has no costs for device kind {kind!r}; has {sorted(self.costs)}") from None
+
+    @property
+    def default_cost_kind(self) -> str:
+        """The cost set used when none is named: a measured one (``cpu`` first), else the first by name."""
+        if not self.costs:
+            raise ValueError(f"graph {self.name!r} has no op costs; profile it first (placer graph build --profile)")
+        kinds = sorted(self.costs, key=lambda k: (self.costs[k].provenance.method != "measured", k != "cpu", k))
+        return kinds[0]
 
     def depth(self) -> np.ndarray:
         """Topological depth of each op (0 for sources)."""

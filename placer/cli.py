@@ -127,16 +127,16 @@ def cmd_graph_show(args: argparse.Namespace) -> None:
     summary.add_row("parameters", f"{g.param_bytes.sum() / 1e6:.2f} MB")
     summary.add_row("activations stashed for backward", f"{g.stash_bytes.sum() / 1e6:.2f} MB")
     summary.add_row("forward FLOPs", f"{g.flops.sum() / 1e9:.2f} GFLOP")
-    for kind, c in g.costs.items():
-        p = c.provenance
-        summary.add_row(f"[{kind}] fwd + bwd", f"{c.fwd_s.sum() * 1e3:.2f} + {c.bwd_s.sum() * 1e3:.2f} ms "
+    for kind in sorted(g.costs, key=lambda k: k != g.default_cost_kind):
+        c, p = g.costs[kind], g.costs[kind].provenance
+        summary.add_row(f"{kind}: fwd + bwd", f"{c.fwd_s.sum() * 1e3:.2f} + {c.bwd_s.sum() * 1e3:.2f} ms "
                         f"({p.method}, {p.device}, {p.threads} thr, {p.date})")
-        summary.add_row(f"[{kind}] critical path", f"{g.critical_path_s(kind) * 1e3:.2f} ms")
+        summary.add_row(f"{kind}: critical path", f"{g.critical_path_s(kind) * 1e3:.2f} ms")
     if "source" in g.meta:
         summary.add_row("source", str(g.meta["source"]))
     console.print(summary)
     if g.costs:
-        kind = next(iter(g.costs))
+        kind = g.default_cost_kind
         step = g.cost(kind).step_s
         top = Table(title=f"top {args.top} ops by fwd+bwd time on {kind}")
         for col in ("op", "kind", "module", "fwd ms", "bwd ms", "share"):

@@ -1,0 +1,68 @@
+"""Subprocess smoke runs of the `placer` CLI: the commands work and every expected failure is one line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def placer(*args, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "placer.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_graph_build_and_show_user_factory(tmp_path):
+    out = tmp_path / "mlp.json"
+    r = placer("graph", "build", "tests.fixtures_models:mlp", "--profile", "cpu", "--out", out)
+    assert r.returncode == 0, r.stderr
+    g = json.loads(out.read_text())
+    assert g["schema"] == "placer.opgraph/v1" and set(g["costs"]) >= {"cpu", "K80", "H100"}
+    assert g["costs"]["cpu"]["provenance"]["method"] == "measured"
+    assert g["costs"]["K80"]["provenance"]["method"] == "estimated"
+    r = placer("graph", "show", out)
+    assert r.returncode == 0, r.stderr
+    assert "critical path" in r.stdout and "top 10 ops" in r.stdout
+
+
+def test_shipped_graphs_show():
+    for name in ("rnnlm", "nmt", "inception_v3"):
+        r = placer("graph", "show", name, "--top", "3")
+        assert r.returncode == 0, r.stderr
+        assert f"{name}-small" in r.stdout
+
+
+def cyclic_graph(tmp_path):
+    from graphs.data import load_benchmark_graph
+
+    d = load_benchmark_graph("rnnlm").to_json()
+    d["edges"]["src"].append(d["edges"]["dst"][-1])
+    d["edges"]["dst"].append(d["edges"]["src"][0])
+    d["edges"]["bytes"].append(4)
+    d.pop("hash")
+    path = tmp_path / "cyclic.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+@pytest.mark.parametrize("args, match", [
+    (["graph", "show", "{bad"], "is not valid JSON"),
+    (["graph", "show", "CYCLIC"], "goes against the topological order"),
+    (["graph", "build", "nosuch", "--out", "x.json"], "unknown model 'nosuch'"),
+    (["graph", "build", "tests.fixtures_models:untraceable", "--out", "x.json"], "cannot trace"),
+    (["graph", "build", "rnnlm", "--set", "colour=red", "--out", "x.json"], "colour"),
+    (["cluster", "show", "tpu-pod"], "unknown cluster 'tpu-pod'"),
+])
+def test_errors_are_one_line(tmp_path, args, match):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{bad")
+    args = [str(bad) if a == "{bad" else str(cyclic_graph(tmp_path)) if a == "CYCLIC" else a for a in args]
+    r = placer(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("placer: error: ") and match in lines[0], r.stderr
