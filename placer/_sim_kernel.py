@@ -1,0 +1,543 @@
+"""numba kernels shared by :mod:`placer.schedules` (deadlock check, virtual stages) and :mod:`placer.sim`.
+
+Everything here works on flat int64/float64 arrays so one compiled function serves every graph; ``cache=True``
+keeps the compile (a few seconds) out of all but the first process that imports it.
+
+Task encoding (the same as :class:`placer.schedules.Schedule`): device ``d`` runs tasks
+``dev_ptr[d]:dev_ptr[d+1]`` in order; task ``k`` is ``(t_op[k], t_mb[k], t_phase[k])`` with phase 0 = forward,
+1 = backward, 2 = parameter update (``t_op = -1``).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numba as nb
+import numpy as np
+
+FWD, BWD, UPDATE = 0, 1, 2
+
+# sweep() status codes
+OK, DEADLOCK = 0, 1
+
+
+@nb.njit(cache=True)
+def csr(keys: np.ndarray, values: np.ndarray, weights: np.ndarray, n: int):  # pragma: no cover - numba
+    """Compressed rows: ``idx[ptr[i]:ptr[i+1]]`` are the ``values`` whose key is ``i`` (stable)."""
+    order = np.argsort(keys, kind="mergesort")
+    ptr = np.zeros(n + 1, np.int64)
+    for k in range(keys.shape[0]):
+        ptr[keys[k] + 1] += 1
+    for i in range(n):
+        ptr[i + 1] += ptr[i]
+    idx = values[order].copy()
+    w = weights[order].copy()
+    return ptr, idx, w
+
+
+@nb.njit(cache=True)
+def transfer_table(dev, succ_ptr, succ_idx, succ_bytes, num_devices):  # pragma: no cover - numba
+    """One transfer per (producer op, remote device that reads it).
+
+    A tensor read by several ops on one remote device is sent once (TensorFlow's send/recv pairs did the same);
+    its size is the largest edge from that producer to that device. Returns ``tid_of[op, device]`` (-1 when no
+    transfer) and per transfer: producer, source device, destination device, bytes, number of consuming edges.
+    """
+    n = dev.shape[0]
+    e = succ_idx.shape[0]
+    tid_of = np.full((n, num_devices), -1, np.int64)
+    prod = np.empty(e, np.int64)
+    src = np.empty(e, np.int64)
+    dst = np.empty(e, np.int64)
+    nbytes = np.zeros(e, np.int64)
+    ncons = np.zeros(e, np.int64)
+    t_count = 0
+    for p in range(n):
+        dp = dev[p]
+        for k in range(succ_ptr[p], succ_ptr[p + 1]):
+            ds = dev[succ_idx[k]]
+            if ds == dp:
+                continue
+            t = tid_of[p, ds]
+            if t < 0:
+                t = t_count
+                t_count += 1
+                tid_of[p, ds] = t
+                prod[t] = p
+                src[t] = dp
+                dst[t] = ds
+            if succ_bytes[k] > nbytes[t]:
+                nbytes[t] = succ_bytes[k]
+            ncons[t] += 1
+    return tid_of, prod[:t_count], src[:t_count], dst[:t_count], nbytes[:t_count], ncons[:t_count]
+
+
+@nb.njit(cache=True)
+def virtual_chunks(dev, pred_ptr, pred_idx, num_devices):  # pragma: no cover - numba
+    """Chunk level of every op on its device: cut only where a path leaves the device and comes back.
+
+    An op starts a new chunk (level + 1) on its device exactly when a path reaches it from an earlier chunk of the
+    same device through another device (dev0 -> dev1 -> dev0). Chunks play the role of Megatron's virtual
+    pipeline stages. The graph of these chunks can still have a cycle made of separate paths (dev0 -> dev1 by one
+    path, dev1 -> dev0 by another); :func:`chunk_stages` reports it and callers then use :func:`ordered_chunks`.
+    """
+    n = dev.shape[0]
+    level = np.zeros(n, np.int64)
+    anc = np.full((n, num_devices), -1, np.int64)  # highest chunk level of each device among ancestors
+    for i in range(n):
+        d = dev[i]
+        c = 0
+        for j in range(pred_ptr[i], pred_ptr[i + 1]):
+            p = pred_idx[j]
+            if dev[p] == d:
+                if level[p] > c:
+                    c = level[p]
+            elif anc[p, d] >= 0 and anc[p, d] + 1 > c:
+                c = anc[p, d] + 1
+            for q in range(num_devices):
+                if anc[p, q] > anc[i, q]:
+                    anc[i, q] = anc[p, q]
+        level[i] = c
+        anc[i, d] = c
+    return level
+
+
+@nb.njit(cache=True)
+def ordered_chunks(dev, pred_ptr, pred_idx, num_devices):  # pragma: no cover - numba
+    """Chunk level of every op such that the graph of chunks is acyclic by construction.
+
+    Ops are taken in index order; each joins the earliest existing virtual stage of its device that comes no
+    earlier than its same-device inputs and strictly after its other-device inputs, or opens a new virtual stage
+    at the end. Virtual stages are numbered in creation order, so every cross-chunk edge goes to a higher number.
+    """
+    n = dev.shape[0]
+    vs = np.zeros(n, np.int64)
+    owner = np.empty(n, np.int64)
+    count = 0
+    for i in range(n):
+        d = dev[i]
+        lb = 0
+        for j in range(pred_ptr[i], pred_ptr[i + 1]):
+            p = pred_idx[j]
+            need = vs[p] if dev[p] == d else vs[p] + 1
+            if need > lb:
+                lb = need
+        v = lb
+        while v < count and owner[v] != d:
+            v += 1
+        if v >= count:
+            v = count
+            owner[count] = d
+            count += 1
+        vs[i] = v
+    # level = rank of the virtual stage among its device's stages
+    level_of_vs = np.zeros(count, np.int64)
+    seen = np.zeros(num_devices, np.int64)
+    for v in range(count):
+        level_of_vs[v] = seen[owner[v]]
+        seen[owner[v]] += 1
+    level = np.empty(n, np.int64)
+    for i in range(n):
+        level[i] = level_of_vs[vs[i]]
+    return level
+
+
+@nb.njit(cache=True)
+def activation_peaks(dev_ptr, t_op, t_phase, stash_mb, temp_mb):  # pragma: no cover - numba
+    """Peak bytes of stashed activations plus the running op's temporaries, walking each device's order.
+
+    A forward adds its op's per-micro-batch stash, the matching backward frees it, so the peak reflects how many
+    micro-batches the schedule really keeps in flight (GPipe: all M; 1F1B: at most stages - stage).
+    """
+    num_dev = dev_ptr.shape[0] - 1
+    peak = np.zeros(num_dev)
+    for d in range(num_dev):
+        cur = 0.0
+        best = 0.0
+        for k in range(dev_ptr[d], dev_ptr[d + 1]):
+            op = t_op[k]
+            if op < 0:
+                continue
+            if t_phase[k] == 0:
+                cur += stash_mb[op]
+                level = cur + temp_mb[op]
+            else:
+                level = cur + temp_mb[op]
+                cur -= stash_mb[op]
+            if level > best:
+                best = level
+        peak[d] = best
+    return peak
+
+
+@nb.njit(cache=True)
+def sweep(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_idx,
+          tid_of, x_src, x_dst, x_ncons, x_time_s, dur_f, dur_b, upd_s, num_mb, record):  # pragma: no cover
+    """Run every device's task list in order (an in-order executor per device) and time it.
+
+    A task starts when its device is free and its inputs are there: forward of (op, m) waits for forward of its
+    predecessors in micro-batch m (local: finished; remote: transfer arrived); backward waits for its own forward
+    and for the backward of its successors (remote: the gradient transfer arrived). A remote tensor's gradient is
+    sent back once, after the last of its consumers on that device ran its backward. Transfers queue FIFO per
+    directed link; they are issued in the sender's task order, which is also their issue-time order, so
+    processing devices in any order that respects dependencies gives the event-driven answer.
+
+    Returns ``(status, step_s, busy_s[D], critical_path_s, task_start, task_end, x_start[2, T, M],
+    x_end[2, T, M], stuck_task[D])`` (x index 0: activation, 1: gradient); ``status`` is ``DEADLOCK`` when
+    some device waits forever (``stuck_task[d]`` is its blocked task index, -1 if it finished).
+    """
+    num_dev = dev_ptr.shape[0] - 1
+    n = dev.shape[0]
+    num_x = x_src.shape[0]
+    # [..., 0] finish/arrival time (-1: not yet), [..., 1] critical path up to it: one cache line for both
+    opf = np.full((num_mb, n, 2), -1.0)
+    opb = np.full((num_mb, n, 2), -1.0)
+    xf = np.full((num_mb, num_x, 2), -1.0)
+    xb = np.full((num_mb, num_x, 2), -1.0)
+    cp_grad = np.zeros((num_mb, num_x))
+    pend = np.empty((num_mb, num_x), np.int64)
+    for m in range(num_mb):
+        for t in range(num_x):
+            pend[m, t] = x_ncons[t]
+    link_free = np.zeros((num_dev, num_dev))
+    dev_free = np.zeros(num_dev)
+    busy = np.zeros(num_dev)
+    cp_dev = np.zeros(num_dev)
+    n_tasks = dev_ptr[num_dev]
+    if record:
+        task_start = np.full(n_tasks, -1.0)
+        task_end = np.full(n_tasks, -1.0)
+        x_start = np.full((2, num_x, num_mb), -1.0)
+        x_end = np.full((2, num_x, num_mb), -1.0)
+    else:
+        task_start = np.empty(0)
+        task_end = np.empty(0)
+        x_start = np.empty((2, 0, 0))
+        x_end = np.empty((2, 0, 0))
+    ptr = dev_ptr[:num_dev].copy()
+    critical = 0.0
+    # devices to (re)run: a device runs until its next task is blocked, then waits for the device that owes the
+    # missing input and is re-queued only once that device has made progress (not rescanned every round)
+    stack = np.arange(num_dev)[::-1].copy()
+    top = num_dev
+    queued = np.ones(num_dev, np.bool_)
+    waiter = np.zeros((num_dev, num_dev), np.bool_)
+    need = np.zeros(num_dev, np.int64)  # the task (flat index) a waiting device needs done on its blocker
+    pos_f = np.zeros((num_mb, n), np.int64)
+    pos_b = np.zeros((num_mb, n), np.int64)
+    for k in range(n_tasks):
+        if t_phase[k] == 0:
+            pos_f[t_mb[k], t_op[k]] = k
+        elif t_phase[k] == 1:
+            pos_b[t_mb[k], t_op[k]] = k
+    while top > 0:
+        top -= 1
+        d = stack[top]
+        queued[d] = False
+        progressed = False
+        end_k = dev_ptr[d + 1]
+        while ptr[d] < end_k:
+            k = ptr[d]
+            op = t_op[k]
+            m = t_mb[k]
+            ph = t_phase[k]
+            ready = dev_free[d]
+            cp_in = 0.0
+            blocker = -1
+            if ph == 0:
+                for j in range(pred_ptr[op], pred_ptr[op + 1]):
+                    p = pred_idx[j]
+                    if dev[p] == d:
+                        f = opf[m, p, 0]
+                        c = opf[m, p, 1]
+                    else:
+                        t = tid_of[p, d]
+                        f = xf[m, t, 0]
+                        c = xf[m, t, 1]
+                    if f < 0.0:
+                        blocker = dev[p]
+                        need[d] = pos_f[m, p]
+                        break
+                    if f > ready:
+                        ready = f
+                    if c > cp_in:
+                        cp_in = c
+                dur = dur_f[op]
+            elif ph == 1:
+                if opf[m, op, 0] < 0.0:
+                    blocker = d
+                    need[d] = pos_f[m, op]
+                else:
+                    cp_in = opf[m, op, 1]
+                    for j in range(succ_ptr[op], succ_ptr[op + 1]):
+                        s = succ_idx[j]
+                        if dev[s] == d:
+                            f = opb[m, s, 0]
+                            c = opb[m, s, 1]
+                        else:
+                            t = tid_of[op, dev[s]]
+                            f = xb[m, t, 0]
+                            c = xb[m, t, 1]
+                        if f < 0.0:
+                            blocker = dev[s]
+                            need[d] = pos_b[m, s]  # a gradient may also wait for other readers: re-checked then
+                            break
+                        if f > ready:
+                            ready = f
+                        if c > cp_in:
+                            cp_in = c
+                dur = dur_b[op]
+            else:
+                cp_in = cp_dev[d]
+                dur = upd_s[d]
+            if blocker >= 0:
+                waiter[blocker, d] = True
+                break
+            end = ready + dur
+            dev_free[d] = end
+            busy[d] += dur
+            cp_out = cp_in + dur
+            if cp_out > critical:
+                critical = cp_out
+            if record:
+                task_start[k] = ready
+                task_end[k] = end
+            if ph == 0:
+                opf[m, op, 0] = end
+                opf[m, op, 1] = cp_out
+                for q in range(num_dev):
+                    t = tid_of[op, q]
+                    if t < 0:
+                        continue
+                    xs = link_free[d, q]
+                    if end > xs:
+                        xs = end
+                    xe = xs + x_time_s[t]
+                    link_free[d, q] = xe
+                    xf[m, t, 0] = xe
+                    xf[m, t, 1] = cp_out + x_time_s[t]
+                    if record:
+                        x_start[0, t, m] = xs
+                        x_end[0, t, m] = xe
+            elif ph == 1:
+                opb[m, op, 0] = end
+                opb[m, op, 1] = cp_out
+                if cp_out > cp_dev[d]:
+                    cp_dev[d] = cp_out
+                for j in range(pred_ptr[op], pred_ptr[op + 1]):
+                    p = pred_idx[j]
+                    if dev[p] == d:
+                        continue
+                    t = tid_of[p, d]
+                    pend[m, t] -= 1
+                    if cp_out > cp_grad[m, t]:
+                        cp_grad[m, t] = cp_out
+                    if pend[m, t] == 0:  # last local consumer done: send the accumulated gradient back
+                        q = x_src[t]
+                        xs = link_free[d, q]
+                        if end > xs:
+                            xs = end
+                        xe = xs + x_time_s[t]
+                        link_free[d, q] = xe
+                        xb[m, t, 0] = xe
+                        xb[m, t, 1] = cp_grad[m, t] + x_time_s[t]
+                        if record:
+                            x_start[1, t, m] = xs
+                            x_end[1, t, m] = xe
+            ptr[d] = k + 1
+            progressed = True
+        if progressed:
+            for w in range(num_dev):
+                if waiter[d, w] and ptr[d] > need[w]:
+                    waiter[d, w] = False
+                    if not queued[w]:
+                        queued[w] = True
+                        stack[top] = w
+                        top += 1
+    status = OK
+    stuck = np.full(num_dev, -1, np.int64)
+    for d in range(num_dev):
+        if ptr[d] < dev_ptr[d + 1]:
+            status = DEADLOCK
+            stuck[d] = ptr[d]
+    step = 0.0
+    for d in range(num_dev):
+        if dev_free[d] > step:
+            step = dev_free[d]
+    return status, step, busy, critical, task_start, task_end, x_start, x_end, stuck
+
+
+# ---------------------------------------------------------------------- schedule construction
+@nb.njit(cache=True)
+def chunk_stages(dev, level, src, dst, num_devices):  # pragma: no cover - numba
+    """Topological rank of every chunk (ties: lowest first op) and each device's stage (rank of its chunk 0
+    among the devices' first chunks; -1 when unused). Chunk id = device * L + level. ``acyclic`` is False when
+    the chunk graph has a cycle (some chunks then stay unranked)."""
+    n = dev.shape[0]
+    num_levels = 1
+    for i in range(n):
+        if level[i] + 1 > num_levels:
+            num_levels = level[i] + 1
+    num_c = num_devices * num_levels
+    first = np.full(num_c, n, np.int64)
+    for i in range(n):
+        c = dev[i] * num_levels + level[i]
+        if i < first[c]:
+            first[c] = i
+    # chunk edges in compressed rows (duplicates are harmless for Kahn: counted and released alike)
+    indeg = np.zeros(num_c, np.int64)
+    cnt = np.zeros(num_c + 1, np.int64)
+    for e in range(src.shape[0]):
+        a = dev[src[e]] * num_levels + level[src[e]]
+        b = dev[dst[e]] * num_levels + level[dst[e]]
+        if a != b:
+            cnt[a + 1] += 1
+            indeg[b] += 1
+    for c in range(num_c):
+        cnt[c + 1] += cnt[c]
+    fill = cnt[:num_c].copy()
+    adj = np.empty(cnt[num_c], np.int64)
+    for e in range(src.shape[0]):
+        a = dev[src[e]] * num_levels + level[src[e]]
+        b = dev[dst[e]] * num_levels + level[dst[e]]
+        if a != b:
+            adj[fill[a]] = b
+            fill[a] += 1
+    heap = [(np.int64(0), np.int64(0))]
+    heap.pop()
+    for c in range(num_c):
+        if first[c] < n and indeg[c] == 0:
+            heapq.heappush(heap, (first[c], np.int64(c)))
+    rank = np.full(num_c, -1, np.int64)
+    stage = np.full(num_devices, -1, np.int64)
+    r = 0
+    s = 0
+    while len(heap) > 0:
+        _, c = heapq.heappop(heap)
+        rank[c] = r
+        r += 1
+        if c % num_levels == 0:
+            stage[c // num_levels] = s
+            s += 1
+        for j in range(cnt[c], cnt[c + 1]):
+            b = adj[j]
+            indeg[b] -= 1
+            if indeg[b] == 0:
+                heapq.heappush(heap, (first[b], b))
+    acyclic = True
+    for c in range(num_c):
+        if first[c] < n and rank[c] < 0:
+            acyclic = False
+    return stage, rank, acyclic
+
+
+@nb.njit(cache=True)
+def _alternate(blk, k, fwd, bwd, warm):  # pragma: no cover - numba
+    """Write ``warm`` forwards, then forward/backward pairs, then the remaining backwards into ``blk`` from row k."""
+    total = fwd.shape[0]
+    w = min(warm, total)
+    for i in range(w):
+        blk[k, 0], blk[k, 1], blk[k, 2] = fwd[i, 0], fwd[i, 1], 0
+        k += 1
+    for i in range(total - w):
+        blk[k, 0], blk[k, 1], blk[k, 2] = fwd[w + i, 0], fwd[w + i, 1], 0
+        blk[k + 1, 0], blk[k + 1, 1], blk[k + 1, 2] = bwd[i, 0], bwd[i, 1], 1
+        k += 2
+    for i in range(total - w, total):
+        blk[k, 0], blk[k, 1], blk[k, 2] = bwd[i, 0], bwd[i, 1], 1
+        k += 1
+    return k
+
+
+@nb.njit(cache=True)
+def pipeline_blocks(kind, stage, nchunks, num_stages, num_mb):  # pragma: no cover - numba
+    """Per-device block lists ``(microbatch, chunk, phase)``; ``kind`` 0 none, 1 gpipe, 2 1f1b, 3 interleaved.
+
+    none: F(m) B(m) for each m. gpipe: F(0..M-1) then B(0..M-1). 1f1b: ``S - s - 1`` warm-up forwards, then
+    alternate. interleaved (Megatron-LM): forwards in micro-batch groups of ``S``, chunk by chunk
+    (``(m, c)`` for group g, chunk c, m in g); backwards the same with chunks reversed; warm-up
+    ``2 (S - s - 1) + (v - 1) S`` (all forwards when M == S).
+    """
+    num_dev = stage.shape[0]
+    total = 0
+    for d in range(num_dev):
+        if stage[d] >= 0:
+            total += 2 * num_mb * (nchunks[d] if kind == 3 else 1)
+    blk = np.empty((total, 3), np.int64)
+    ptr = np.zeros(num_dev + 1, np.int64)
+    k = 0
+    for d in range(num_dev):
+        if stage[d] >= 0:
+            v = nchunks[d] if kind == 3 else 1
+            fwd = np.empty((num_mb * v, 2), np.int64)
+            bwd = np.empty((num_mb * v, 2), np.int64)
+            i = 0
+            for g0 in range(0, num_mb, num_stages):
+                g1 = min(g0 + num_stages, num_mb)
+                for c in range(v):
+                    for m in range(g0, g1):
+                        fwd[i, 0], fwd[i, 1] = m, c
+                        bwd[i, 0], bwd[i, 1] = m, v - 1 - c
+                        i += 1
+            if kind == 0:
+                for m in range(num_mb):
+                    blk[k, 0], blk[k, 1], blk[k, 2] = m, 0, 0
+                    blk[k + 1, 0], blk[k + 1, 1], blk[k + 1, 2] = m, 0, 1
+                    k += 2
+            elif kind == 1:
+                k = _alternate(blk, k, fwd, bwd, num_mb)
+            elif kind == 2:
+                k = _alternate(blk, k, fwd, bwd, num_stages - stage[d] - 1)
+            else:
+                warm = (num_stages - stage[d] - 1) * 2 + (v - 1) * num_stages
+                if num_mb == num_stages:
+                    warm = num_mb * v
+                k = _alternate(blk, k, fwd, bwd, warm)
+        ptr[d + 1] = k
+    return ptr, blk
+
+
+@nb.njit(cache=True)
+def expand_blocks(blk_ptr, blk, dev, level, num_levels):  # pragma: no cover - numba
+    """Task arrays from block lists: a forward block runs the chunk's ops ascending, a backward block descending;
+    a device with blocks ends with its update task (op -1, micro-batch -1, phase 2)."""
+    num_dev = blk_ptr.shape[0] - 1
+    n = dev.shape[0]
+    num_c = num_dev * num_levels
+    co_ptr = np.zeros(num_c + 1, np.int64)
+    for i in range(n):
+        co_ptr[dev[i] * num_levels + level[i] + 1] += 1
+    for c in range(num_c):
+        co_ptr[c + 1] += co_ptr[c]
+    fill = co_ptr[:num_c].copy()
+    co_ops = np.empty(n, np.int64)
+    for i in range(n):  # ascending op index within each chunk
+        c = dev[i] * num_levels + level[i]
+        co_ops[fill[c]] = i
+        fill[c] += 1
+    total = 0
+    for d in range(num_dev):
+        for b in range(blk_ptr[d], blk_ptr[d + 1]):
+            c = d * num_levels + blk[b, 1]
+            total += co_ptr[c + 1] - co_ptr[c]
+        if blk_ptr[d + 1] > blk_ptr[d]:
+            total += 1
+    t_op = np.empty(total, np.int64)
+    t_mb = np.empty(total, np.int64)
+    t_ph = np.empty(total, np.int64)
+    ptr = np.zeros(num_dev + 1, np.int64)
+    k = 0
+    for d in range(num_dev):
+        for b in range(blk_ptr[d], blk_ptr[d + 1]):
+            c = d * num_levels + blk[b, 1]
+            lo, hi = co_ptr[c], co_ptr[c + 1]
+            for j in range(hi - lo):
+                t_op[k] = co_ops[lo + j] if blk[b, 2] == 0 else co_ops[hi - 1 - j]
+                t_mb[k] = blk[b, 0]
+                t_ph[k] = blk[b, 2]
+                k += 1
+        if blk_ptr[d + 1] > blk_ptr[d]:
+            t_op[k], t_mb[k], t_ph[k] = -1, -1, 2
+            k += 1
+        ptr[d + 1] = k
+    return ptr, t_op, t_mb, t_ph

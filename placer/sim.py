@@ -1,0 +1,320 @@
+"""Discrete-event simulation of one training step of a placed graph.
+
+Model (kept identical to what the engine executes, so fidelity is a direct comparison):
+
+* **Order.** Every device is an in-order executor of its task list from :mod:`placer.schedules` (not a dynamic
+  list scheduler): a task starts when its device is free and its inputs have arrived.
+* **Compute.** Op time on device ``d`` = ``graph.costs[kind].fwd_s`` (or ``bwd_s``) ``/ d.speed`` for the full
+  batch. A micro-batch of ``M`` takes ``o + (t - o) / M`` with ``o = min(t, dispatch overhead)``: tiny
+  micro-batches do not scale linearly, each still pays the per-op dispatch (framework + kernel launch) cost.
+  Overheads per device kind come from ``dispatch_overhead_s=`` (a number or ``{kind: s}``), else
+  ``cluster.meta["dispatch_overhead_s"][kind]``, else the roofline spec's ``launch_s``
+  (:data:`graphs.roofline.GPUS`), else :data:`DISPATCH_OVERHEAD_S`, else :data:`DEFAULT_DISPATCH_OVERHEAD_S`.
+  With ``M = 1`` the overhead changes nothing.
+* **Missing costs.** A device whose kind has no cost set in the graph is a one-line ``ValueError`` naming the
+  kind; pass ``cost_kind="cpu"`` (all devices use that set, still scaled by their ``speed``) or a mapping
+  ``{"K80": "cpu"}`` to substitute on purpose. We do not guess a CPU-to-GPU factor silently.
+* **Transfers.** A tensor read by ops on another device goes through that directed link's FIFO queue once per
+  micro-batch (``latency + bytes / M / bandwidth``; the link is busy for the whole time). Several readers on one
+  device share one transfer (bytes = the largest edge from the producer to that device). The gradient goes back
+  along the same link with the same bytes after the last local reader's backward. Zero-byte edges order tasks
+  but cost nothing (as :meth:`Cluster.transfer_s`). A micro-batch's input data is already on its input op's
+  device (the data loader puts it there), so inputs cost no transfer.
+* **Update.** Each device updates its parameters once per step after its last backward:
+  ``param_bytes x touched / (memory bandwidth x speed)`` plus one dispatch overhead, where ``touched`` is the
+  bytes read and written per parameter byte (:data:`OPTIMIZERS`; Adam reads param, grad, m, v and writes
+  param, m, v: 7). Memory bandwidth per kind: ``memory_bandwidth_Bps=``, else
+  ``cluster.meta["memory_bandwidth_Bps"][kind]``, else the roofline spec (peak x efficiency), else
+  :data:`MEMORY_BANDWIDTH_BPS` (estimates, see the table).
+* **Memory.** Per device: parameters + gradients + optimizer state (``state_copies`` x params) + the stash of
+  every micro-batch in flight, found by walking the device's actual order (a forward adds ``stash / M``, its
+  backward frees it) + the running op's ``temp_bytes / M``. Input ops hold ``max(stash, out_bytes) / M`` (the
+  batch itself). Peak over capacity -> ``oom=True``, ``step_time_s = inf``.
+
+Use :class:`Simulator` in loops (it precomputes arrays once per graph and cluster); :func:`simulate` is a thin
+wrapper that caches one per (graph, cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from placer import _sim_kernel as K
+from placer.placement import Placement
+from placer.result import StepResult, TimelineEvent
+from placer.schedules import PHASES, Schedule, build_schedule, graph_arrays, warn_schedule
+
+if TYPE_CHECKING:
+    from graphs.ir import OpGraph
+    from placer.cluster import Cluster
+
+log = logging.getLogger(__name__)
+
+DISPATCH_OVERHEAD_S: dict[str, float] = {
+    "cpu": 10e-6,   # eager PyTorch op dispatch on one core (~5-15 us measured for tiny ops)
+    "K80": 10e-6,   # TF-era GPU: kernel launch + executor overhead
+    "V100": 6e-6,
+    "A100": 5e-6,
+    "H100": 4e-6,   # CUDA launch ~2-4 us plus framework dispatch
+}
+"""Per-op, per-micro-batch fixed cost by device kind (seconds); the roofline spec's ``launch_s`` wins for GPUs."""
+DEFAULT_DISPATCH_OVERHEAD_S = 5e-6
+"""Used for kinds missing from :data:`DISPATCH_OVERHEAD_S`."""
+
+MEMORY_BANDWIDTH_BPS: dict[str, float] = {
+    "cpu": 10e9,     # one core streaming (a Zen 3 core sustains ~10-20 GB/s; optimizer kernels reach less)
+    "K80": 160e9,    # 240 GB/s peak per GK210 die, ~2/3 sustained
+    "V100": 800e9,   # 900 GB/s HBM2 peak
+    "A100": 1.6e12,
+    "H100": 2.8e12,  # 3.35 TB/s HBM3 peak (SXM)
+}
+"""Sustained memory bandwidth by device kind for the optimizer update (bytes/s, estimates); the roofline spec
+(peak x efficiency) wins for GPUs it knows."""
+DEFAULT_MEMORY_BANDWIDTH_BPS = 100e9
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    state_copies: int
+    """Optimizer state as a multiple of parameter bytes (Adam: m and v)."""
+    touched: int
+    """Bytes read plus written per parameter byte by one update."""
+
+
+OPTIMIZERS: dict[str, Optimizer] = {
+    "sgd": Optimizer(0, 3),        # read p, g; write p
+    "momentum": Optimizer(1, 5),   # read p, g, buf; write p, buf
+    "adam": Optimizer(2, 7),       # read p, g, m, v; write p, m, v
+    "adamw": Optimizer(2, 7),
+}
+
+
+def _roofline_value(kind: str, meta_key: str) -> float | None:
+    try:
+        from graphs.roofline import GPUS
+    except ImportError:  # pragma: no cover - the roofline module is optional for the simulator
+        return None
+    spec = GPUS.get(kind)
+    if spec is None:
+        return None
+    return spec.launch_s if meta_key == "dispatch_overhead_s" else spec.bandwidth_Bps * spec.efficiency
+
+
+def _per_kind(value: float | Mapping[str, float] | None, meta_key: str, cluster: "Cluster", kind: str,
+              table: Mapping[str, float], default: float) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, Mapping) and kind in value:
+        return float(value[kind])
+    meta = cluster.meta.get(meta_key)
+    if isinstance(meta, Mapping) and kind in meta:
+        return float(meta[kind])
+    spec = _roofline_value(kind, meta_key)
+    if spec is not None:
+        return float(spec)
+    return float(table.get(kind, default))
+
+
+def per_microbatch_s(t_s: np.ndarray, overhead_s: np.ndarray | float, microbatches: int) -> np.ndarray:
+    """One micro-batch of an op whose full-batch time is ``t_s``: ``o + (t - o) / M`` with ``o = min(t, overhead)``."""
+    if microbatches == 1:
+        return np.asarray(t_s, dtype=np.float64)
+    o = np.minimum(t_s, overhead_s)
+    return o + (t_s - o) / microbatches
+
+
+class Simulator:
+    """Precomputed arrays for one (graph, cluster); :meth:`run` simulates one placement (thousands per second)."""
+
+    def __init__(self, graph: "OpGraph", cluster: "Cluster", *, cost_kind: str | Mapping[str, str] | None = None,
+                 dispatch_overhead_s: float | Mapping[str, float] | None = None,
+                 memory_bandwidth_Bps: float | Mapping[str, float] | None = None) -> None:
+        """``cost_kind``: cost set to use for every device (a name) or per device kind (``{"K80": "cpu"}``);
+        ``dispatch_overhead_s`` / ``memory_bandwidth_Bps``: overrides (a number, or per device kind)."""
+        self.graph, self.cluster = graph, cluster
+        n, d = graph.n, cluster.num_devices
+        self.kinds: list[str] = []
+        fwd = np.zeros((d, n))
+        bwd = np.zeros((d, n))
+        overhead = np.zeros(d)
+        mem_bw = np.zeros(d)
+        for i, dev in enumerate(cluster.devices):
+            kind = cost_kind if isinstance(cost_kind, str) else (cost_kind or {}).get(dev.kind, dev.kind)
+            if kind not in graph.costs:
+                have = ", ".join(sorted(graph.costs)) or "none"
+                raise ValueError(
+                    f"graph {graph.name!r} has no op costs for device kind {kind!r} (device {dev.name}); it has: "
+                    f"{have}. Profile/estimate that kind, or pass cost_kind= to substitute one on purpose")
+            self.kinds.append(kind)
+            c = graph.costs[kind]
+            fwd[i] = c.fwd_s / dev.speed
+            bwd[i] = c.bwd_s / dev.speed
+            overhead[i] = _per_kind(dispatch_overhead_s, "dispatch_overhead_s", cluster, dev.kind,
+                                    DISPATCH_OVERHEAD_S, DEFAULT_DISPATCH_OVERHEAD_S)
+            mem_bw[i] = _per_kind(memory_bandwidth_Bps, "memory_bandwidth_Bps", cluster, dev.kind,
+                                  MEMORY_BANDWIDTH_BPS, DEFAULT_MEMORY_BANDWIDTH_BPS) * dev.speed
+        self.fwd_s, self.bwd_s, self.overhead_s, self.mem_bw_Bps = fwd, bwd, overhead, mem_bw
+        self._ar = np.arange(n)
+        self.param_bytes = graph.param_bytes.astype(np.float64)
+        stash = graph.stash_bytes.astype(np.float64)
+        is_input = np.array([k == "input" for k in graph.op_kinds], dtype=bool)
+        self.stash_bytes = np.where(is_input, np.maximum(stash, graph.out_bytes), stash)
+        self.temp_bytes = graph.temp_bytes.astype(np.float64)
+        self.memory_bytes = np.array([dev.memory_bytes for dev in cluster.devices], dtype=np.float64)
+        self.latency_s = np.asarray(cluster.latency_s, dtype=np.float64)
+        self.bandwidth_Bps = np.asarray(cluster.bandwidth_Bps, dtype=np.float64)
+        self.arrays = graph_arrays(graph)
+        _, first = np.unique(graph.colocation, return_index=True)
+        _, inverse = np.unique(graph.colocation, return_inverse=True)
+        self._coloc_first = first[inverse]  # first op of each op's colocation group
+        self._warned: set[tuple[str, int, int, str]] = set()
+        self._names = cluster.device_names
+
+    # ------------------------------------------------------------------ helpers
+    def device_array(self, placement: Placement | np.ndarray) -> np.ndarray:
+        """Placement as an int64 array, validated (one-line ``ValueError`` from :meth:`Placement.validate`)."""
+        dev = np.ascontiguousarray(getattr(placement, "device_of_op", placement), dtype=np.int64).reshape(-1)
+        if not dev.flags.writeable:  # Placement arrays are read-only; numba would compile a second specialisation
+            dev = dev.copy()
+        ok = dev.shape[0] == self.graph.n
+        if ok and dev.size:
+            ok = bool(dev.min() >= 0 and dev.max() < self.cluster.num_devices
+                      and (dev[self._coloc_first] == dev).all())
+        if not ok:
+            Placement(dev).validate(self.graph, self.cluster)
+            raise ValueError("invalid placement")  # pragma: no cover - validate() raises first
+        return dev
+
+    def schedule(self, placement: Placement | np.ndarray, name: str = "none", *, microbatches: int = 1,
+                 _checked: bool = False) -> Schedule:
+        """The schedule :meth:`run` would execute (warnings logged once per simulator and situation)."""
+        dev = placement if _checked else self.device_array(placement)
+        sched = build_schedule(name, self.graph, dev, self.cluster.num_devices, microbatches=microbatches, warn=False)
+        key = (sched.name, sched.microbatches, sched.num_stages, sched.note[:40])
+        if key not in self._warned:
+            self._warned.add(key)
+            warn_schedule(sched)
+        return sched
+
+    # ------------------------------------------------------------------ the step
+    def run(self, placement: Placement | np.ndarray, *, schedule: str | Schedule = "none", microbatches: int = 1,
+            optimizer: str = "adam", timeline: bool = False) -> StepResult:
+        """Simulate one training step; OOM gives a failed result, a bad placement a ``ValueError``.
+
+        ``schedule`` is a name from :data:`placer.schedules.SCHEDULES` or a :class:`Schedule` already built for
+        this placement (e.g. the one the engine runs); ``microbatches`` is then taken from it.
+        """
+        dev = self.device_array(placement)
+        if isinstance(schedule, Schedule):
+            sched = schedule
+            if sched.num_devices != self.cluster.num_devices:
+                raise ValueError(f"schedule is for {sched.num_devices} devices, cluster has {self.cluster.num_devices}")
+        else:
+            sched = self.schedule(dev, schedule, microbatches=microbatches, _checked=True)
+        try:
+            opt = OPTIMIZERS[optimizer]
+        except KeyError:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}") from None
+        m = sched.microbatches
+        names = self._names
+        num_dev = self.cluster.num_devices
+
+        # memory first: an OOM placement needs no timing
+        params = np.bincount(dev, weights=self.param_bytes, minlength=num_dev)
+        static = params * (2 + opt.state_copies)
+        act = K.activation_peaks(sched.device_ptr, sched.op, sched.phase, self.stash_bytes / m, self.temp_bytes / m)
+        peak = static + act
+        over = np.flatnonzero(peak > self.memory_bytes)
+        extra: dict[str, Any] = {"schedule_order": sched.order, "stages": sched.num_stages}
+        if sched.note:
+            extra["note"] = sched.note
+        if over.size:
+            i = int(over[0])
+            gib = 1 << 30
+            reason = (f"out of memory on {names[i]}: needs {peak[i] / gib:.2f} GiB (parameters+gradients+optimizer "
+                      f"{static[i] / gib:.2f} GiB, activations+temporaries {act[i] / gib:.2f} GiB) > "
+                      f"{self.memory_bytes[i] / gib:.2f} GiB")
+            return StepResult.failed(reason, source="sim", devices=names, oom_device=i,
+                                     peak_memory_bytes=np.ceil(peak).astype(np.int64), schedule=sched.name,
+                                     microbatches=m, extra=extra)
+
+        dur_f = per_microbatch_s(self.fwd_s[dev, self._ar], self.overhead_s[dev], m)
+        dur_b = per_microbatch_s(self.bwd_s[dev, self._ar], self.overhead_s[dev], m)
+        upd = np.where(params > 0, params * opt.touched / self.mem_bw_Bps + self.overhead_s, 0.0)
+        ga = self.arrays
+        tid_of, prod, src, dst, nbytes, ncons = K.transfer_table(dev, ga.succ_ptr, ga.succ_idx, ga.succ_bytes, num_dev)
+        x_time = np.where(nbytes > 0, self.latency_s[src, dst] + nbytes / m / self.bandwidth_Bps[src, dst], 0.0)
+        status, step, busy, crit, t_start, t_end, x_start, x_end, stuck = K.sweep(
+            sched.device_ptr, sched.op, sched.microbatch, sched.phase, dev, ga.pred_ptr, ga.pred_idx,
+            ga.succ_ptr, ga.succ_idx, tid_of, src, dst, ncons, x_time, dur_f, dur_b, upd, m, timeline)
+        if status != K.OK:  # build_schedule never returns such an order; a hand-made Schedule might
+            d = int(np.flatnonzero(stuck >= 0)[0])
+            k = int(stuck[d])
+            op_name = self.graph.op_names[int(sched.op[k])] if sched.op[k] >= 0 else "update"
+            return StepResult.failed(f"schedule deadlocks: {names[d]} waits forever at {PHASES[int(sched.phase[k])]} "
+                                     f"of {op_name!r}", source="sim", devices=names, schedule=sched.name,
+                                     microbatches=m, extra=extra)
+        # activations one way, their gradients (same size) back
+        moved = (np.bincount(src * num_dev + dst, weights=nbytes, minlength=num_dev * num_dev)
+                 + np.bincount(dst * num_dev + src, weights=nbytes, minlength=num_dev * num_dev))
+        moved = moved.astype(np.int64).reshape(num_dev, num_dev)
+        extra["transfers"] = int(prod.shape[0])
+        extra["update_s"] = [float(x) for x in upd]
+        events: tuple[TimelineEvent, ...] = ()
+        if timeline:
+            events = self._events(sched, prod, src, dst, t_start, t_end, x_start, x_end)
+        return StepResult(step_time_s=float(step), source="sim", devices=names, busy_s=busy,
+                          peak_memory_bytes=np.ceil(peak).astype(np.int64), bytes_moved=moved,
+                          critical_path_s=float(crit), schedule=sched.name, microbatches=m, timeline=events,
+                          extra=extra)
+
+    def _events(self, sched: Schedule, prod: np.ndarray, src: np.ndarray, dst: np.ndarray, t_start: np.ndarray,
+                t_end: np.ndarray, x_start: np.ndarray, x_end: np.ndarray) -> tuple[TimelineEvent, ...]:
+        names, ops = self._names, self.graph.op_names
+        out = []
+        dev_of_task = sched.device_of_task()
+        for k in range(sched.num_tasks):
+            op = int(sched.op[k])
+            phase: Any = PHASES[int(sched.phase[k])]
+            out.append(TimelineEvent(track=names[dev_of_task[k]], op=ops[op] if op >= 0 else "update",
+                                     microbatch=int(sched.microbatch[k]), phase=phase,
+                                     start_s=float(t_start[k]), end_s=float(t_end[k])))
+        for direction in (0, 1):
+            for t, m in zip(*np.nonzero(x_end[direction] > x_start[direction])):
+                a, b = (src[t], dst[t]) if direction == 0 else (dst[t], src[t])
+                label = ops[prod[t]] if direction == 0 else f"grad:{ops[prod[t]]}"
+                out.append(TimelineEvent(track=f"{names[a]}->{names[b]}", op=label, microbatch=int(m), phase="send",
+                                         start_s=float(x_start[direction, t, m]), end_s=float(x_end[direction, t, m])))
+        out.sort(key=lambda e: (e.start_s, e.track))
+        return tuple(out)
+
+
+_SIMS: "weakref.WeakKeyDictionary[OpGraph, weakref.WeakKeyDictionary[Cluster, dict[str, Simulator]]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def get_simulator(graph: "OpGraph", cluster: "Cluster", *, cost_kind: str | Mapping[str, str] | None = None,
+                  dispatch_overhead_s: float | Mapping[str, float] | None = None) -> Simulator:
+    """A cached :class:`Simulator` for this graph and cluster object."""
+    per_cluster = _SIMS.setdefault(graph, weakref.WeakKeyDictionary())
+    cache = per_cluster.setdefault(cluster, {})
+    as_key = lambda v: sorted(v.items()) if isinstance(v, Mapping) else v  # noqa: E731
+    key = repr((as_key(cost_kind), as_key(dispatch_overhead_s)))
+    sim = cache.get(key)
+    if sim is None:
+        sim = cache[key] = Simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
+    return sim
+
+
+def simulate(graph: "OpGraph", cluster: "Cluster", placement: Placement | np.ndarray, *,
+             schedule: str | Schedule = "none", microbatches: int = 1, optimizer: str = "adam",
+             cost_kind: str | Mapping[str, str] | None = None,
+             dispatch_overhead_s: float | Mapping[str, float] | None = None, timeline: bool = False) -> StepResult:
+    """Simulate one training step of ``graph`` placed by ``placement`` on ``cluster`` (see the module docstring)."""
+    sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
+    return sim.run(placement, schedule=schedule, microbatches=microbatches, optimizer=optimizer, timeline=timeline)
