@@ -261,7 +261,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     table = compare(graphs, [c for c in args.clusters.split(",") if c],
                     methods=args.methods.split(",") if args.methods else None, seed=args.seed,
                     schedule=args.schedule, microbatches=args.microbatches, out_dir=out_dir)
-    console.print(table.to_rich())
+    # Markdown, not a rich table: the table has ~18 columns and must stay readable in any terminal width
+    print(table.to_markdown())
     console.print(f"wrote {out_dir}/compare.md and compare.csv")
 
 
