@@ -266,6 +266,72 @@ def cmd_compare(args: argparse.Namespace) -> None:
     console.print(f"wrote {out_dir}/compare.md and compare.csv")
 
 
+# ---------------------------------------------------------------------------------------------- train
+@command("train")
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    from placer.train import add_train_arguments
+
+    p = sub.add_parser("train", help="train an RL placement policy (writes runs/{graph}__{policy}__{algo}__{seed}__{ts}/)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from placer.train import config_from_args, train
+
+    result = train(config_from_args(args))
+    best = result.measured if result.measured is not None and result.measured.ok else result.predicted
+    console.print(f"best step {best.step_time_s * 1e3:.2f} ms ({best.source}) after {result.samples} samples, "
+                  f"{result.updates} updates, {result.elapsed_s:.0f} s; reference "
+                  f"{result.reference_step_time_s * 1e3:.2f} ms")
+    for name, t in sorted(result.baselines.items(), key=lambda kv: kv[1]):
+        console.print(f"  {name:>14}: {t * 1e3:.2f} ms (sim)")
+    console.print(f"run folder: {result.run_dir} (placement.json, learning_curve.png, TensorBoard events)")
+
+
+# ---------------------------------------------------------------------------------------------- run
+@command("run")
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="execute a placement for real (one worker process per device) and time it")
+    p.add_argument("placement", help="placement JSON")
+    p.add_argument("--graph", help="graph JSON or shipped graph (default: the placement's graph name)")
+    p.add_argument("--cluster", help="cluster preset or JSON (default: the placement's cluster)")
+    p.add_argument("--schedule", help="override the placement's schedule (none, gpipe, 1f1b, interleaved-1f1b)")
+    p.add_argument("--microbatches", type=int, help="override the placement's micro-batch count")
+    p.add_argument("--steps", type=int, default=20, help="measured steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before the measurement counts as failed")
+    p.add_argument("--timeline", help="timeline PNG (default: beside the placement, *_timeline.png)")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from placer.cluster import get_cluster
+    from placer.engine import EngineConfig, measure
+    from placer.export import load_placement
+    from placer.sim import simulate
+    from placer.timeline import plot_gantt, to_chrome_trace
+
+    doc = load_placement(args.placement).doc
+    graph = load_graph_arg(args.graph or doc["graph"]["name"])
+    cluster = get_cluster(args.cluster or doc.get("cluster", ""))
+    placement = load_placement(args.placement, graph, cluster).placement
+    schedule = args.schedule or doc["schedule"]["name"]
+    micro = args.microbatches or doc["schedule"]["microbatches"]
+    with console.status(f"measuring {args.steps} steps on {cluster.num_devices} workers…"):
+        result = measure(graph, cluster, placement, schedule=schedule, microbatches=micro, steps=args.steps,
+                         warmup=args.warmup, config=EngineConfig(timeout_s=args.timeout))
+    predicted = simulate(graph, cluster, placement, schedule=schedule, microbatches=micro)
+    if not result.ok:
+        raise RuntimeError(f"measurement failed: {result.failure}")
+    console.print(f"measured step {result.step_time_s * 1e3:.2f} ms (median of {args.steps}, {schedule} x{micro}); "
+                  f"simulator predicted {predicted.step_time_s * 1e3:.2f} ms")
+    stem = Path(args.timeline) if args.timeline else Path(args.placement).with_name(Path(args.placement).stem + "_timeline.png")
+    plot_gantt(result, stem, title=f"{graph.name} on {cluster.name} ({schedule} x{micro}, measured)")
+    to_chrome_trace(result, stem.with_suffix(".trace.json"))
+    console.print(f"wrote {stem} and {stem.with_suffix('.trace.json')}")
+
+
 # ---------------------------------------------------------------------------------------------- show
 @command("show")
 def _show_parser(sub: argparse._SubParsersAction) -> None:
