@@ -23,6 +23,21 @@ from placer.placement import Placement
 from placer.result import StepResult
 
 SCHEMA = "placer.placement/v1"
+
+# Loaders for trainers live in placer.loaders; re-exported here as the issue's public names.
+def apply(model: Any, placement: Any, **kw: Any) -> Any:
+    """Single-process model parallel: see :func:`placer.loaders.apply`."""
+    from placer.loaders import apply as _apply
+
+    return _apply(model, placement, **kw)
+
+
+def pipeline_stages(model: Any, placement: Any, rank: int, **kw: Any) -> Any:
+    """The ``torch.distributed.pipelining`` stage of ``rank``: see :func:`placer.loaders.pipeline_stages`."""
+    from placer.loaders import pipeline_stages as _stages
+
+    return _stages(model, placement, rank, **kw)
+
 SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "placement.schema.json"
 
 
@@ -41,16 +56,25 @@ def module_devices(graph: OpGraph, placement: Placement) -> dict[str, int]:
 
 
 def contiguous_stages(graph: OpGraph, placement: Placement) -> list[dict[str, Any]] | None:
-    """Stages ``[{device, first_op, last_op}]`` if each device holds one contiguous run of ops, else None."""
-    dev = placement.device_of_op
+    """Stages ``[{device, first_op, last_op}]`` if each device holds one contiguous run of ops, else None.
+
+    Input placeholders and parameter reads (``input``/``get_attr`` ops) do not break contiguity: a pipeline feeds
+    every model input to the first stage and reads parameters where they are used (:mod:`placer.loaders`).
+    Stage ``i`` covers every op from its ``first_op`` up to the op before stage ``i+1``'s ``first_op``.
+    """
     if graph.n == 0:
         return None
-    cuts = np.flatnonzero(dev[1:] != dev[:-1]) + 1
-    starts = np.concatenate([[0], cuts])
-    ends = np.concatenate([cuts, [graph.n]]) - 1
-    devs = dev[starts]
+    movable = np.array([k in ("input", "get_attr") for k in graph.op_kinds], dtype=bool)
+    idx = np.flatnonzero(~movable)
+    if idx.size == 0:
+        return None
+    dev = placement.device_of_op[idx]
+    cut = np.flatnonzero(dev[1:] != dev[:-1]) + 1
+    devs = dev[np.concatenate([[0], cut])]
     if len(set(devs.tolist())) != len(devs):
         return None
+    starts = np.concatenate([[0], idx[cut]])
+    ends = np.concatenate([idx[cut] - 1, [graph.n - 1]])
     return [{"device": int(d), "first_op": graph.op_names[s], "last_op": graph.op_names[e]}
             for d, s, e in zip(devs, starts, ends)]
 
