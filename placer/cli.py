@@ -14,7 +14,7 @@ from typing import Callable
 
 from rich.console import Console
 
-console = Console()
+console = Console(soft_wrap=True)  # no hard wraps: paths and error lines stay whole
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
 
@@ -330,6 +330,36 @@ def cmd_run(args: argparse.Namespace) -> None:
     plot_gantt(result, stem, title=f"{graph.name} on {cluster.name} ({schedule} x{micro}, measured)")
     to_chrome_trace(result, stem.with_suffix(".trace.json"))
     console.print(f"wrote {stem} and {stem.with_suffix('.trace.json')}")
+
+
+# ---------------------------------------------------------------------------------------------- demo
+@command("demo")
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="end to end: graph -> baselines -> RL -> real engine -> table + placement.json")
+    p.add_argument("--graph", default="nmt", help="shipped benchmark graph (small config) or graph JSON")
+    p.add_argument("--build", action="store_true", help="trace and profile the model afresh")
+    p.add_argument("--cluster", default="cpu-2")
+    p.add_argument("--budget", type=parse_size, default=180.0, help="RL training time (default 3m)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=10, help="engine steps per measurement")
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--no-real", action="store_true", help="simulator only")
+    p.add_argument("--runs-dir", default="runs")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from placer.demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(graph=args.graph, build=args.build, cluster=args.cluster, budget_s=args.budget,
+                                 seed=args.seed, runs_dir=args.runs_dir, steps=args.steps,
+                                 microbatches=args.microbatches, real=not args.no_real),
+                      say=console.print)
+    print()
+    print(result.table_markdown)
+    console.print(f"best: {result.best_method} at {result.best_step_time_s * 1e3:.2f} ms; demo took {result.wall_s:.0f} s")
+    for what, path in result.files.items():
+        console.print(f"  {what:>15}: {path}")
 
 
 # ---------------------------------------------------------------------------------------------- show
