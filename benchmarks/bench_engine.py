@@ -1,0 +1,140 @@
+"""Engine benchmarks: overhead over eager PyTorch, GPipe speed-up on 2 devices, warm measurements per second.
+
+Prints, at the end (ratios measured within this one run)::
+
+    figure: engine_overhead = R                      # single-device engine step / eager step, same core, 1 thread
+    figure: gpipe_speedup_2dev = R                   # 2-device GPipe M=8 throughput / 1-device throughput
+    figure: measured_placements_per_s[rnnlm] = R     # warm Measurer, random placements of RNNLM small
+
+* ``engine_overhead``: RNNLM in its paper widths (hidden = embedding 1500, vocabulary 10k, batch 64, 2 layers)
+  unrolled over ``--rnnlm-steps`` time steps (default 10 instead of 35, to keep the run short; the per-op
+  overhead share is the same). Eager = ``loss = model(*inputs); loss.backward(); sgd.step()`` on the original
+  module in this process, pinned to core 0 with 1 thread; engine = one worker pinned to core 0 with 1 thread
+  (cluster ``cpu-2`` restricted to ``cpu:0``), SGD, median of ``--steps`` steps after warm-up. Target <= 1.10.
+* ``gpipe_speedup_2dev``: ``placer.engine.toy:chain_bench`` (8 equal Linear(512)+tanh layers, batch 2048), the
+  first 4 layers on ``cpu:0`` and the rest on ``cpu:1``, GPipe with 8 micro-batches, against the whole model on
+  one worker with 1 micro-batch (plain training). Target >= 1.6 (the bubble bounds it by D M / (M + D - 1) = 1.78).
+* ``measured_placements_per_s[rnnlm]``: RNNLM ``small``; random placements measured back to back by one warm
+  :class:`Measurer` with its defaults (``steps=5, warmup=2``), including planning and result assembly.
+  Target >= 2.
+
+Run: ``python3 benchmarks/bench_engine.py`` (about 2-3 minutes). Other jobs on the 2 cores distort everything,
+the GPipe figure most (a worker sharing its core with another busy process runs ~3x slower); the load average at
+the start is printed for that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from graphs.build import build_graph  # noqa: E402
+from graphs.models import build_model  # noqa: E402
+from placer.cluster import get_cluster  # noqa: E402
+from placer.engine import EngineConfig, Measurer  # noqa: E402
+from placer.placement import Placement  # noqa: E402
+
+
+def eager_step_s(name: str, config: str, overrides: dict, *, steps: int, warmup: int) -> float:
+    """Median eager training step of a benchmark model in this process (core 0, one thread)."""
+    old_aff = os.sched_getaffinity(0)
+    old_threads = torch.get_num_threads()
+    os.sched_setaffinity(0, {sorted(old_aff)[0]})
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model, inputs, _ = build_model(name, config, seed=0, **overrides)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        samples = []
+        for s in range(warmup + steps):
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = model(*inputs)
+            loss.backward()
+            opt.step()
+            if s >= warmup:
+                samples.append(time.perf_counter() - t)
+        return float(statistics.median(samples))
+    finally:
+        torch.set_num_threads(old_threads)
+        os.sched_setaffinity(0, old_aff)
+
+
+def engine_overhead(args: argparse.Namespace) -> float:
+    overrides = {"seq_len": args.rnnlm_steps}
+    graph = build_graph("rnnlm", config="paper", overrides=overrides, profile=None)
+    one = get_cluster("cpu-2").subset([0], name="cpu-1")
+    with Measurer(graph, one, config=EngineConfig(threads_per_device=1, timeout_s=900)) as m:
+        res = m.measure(Placement.single(graph), steps=args.steps, warmup=1)
+    if not res.ok:
+        raise SystemExit(f"engine run failed: {res.failure}")
+    eager = eager_step_s("rnnlm", "paper", overrides, steps=args.steps, warmup=1)
+    print(f"rnnlm paper (seq_len={args.rnnlm_steps}, {graph.n} ops): engine {res.step_time_s:.3f} s, "
+          f"eager {eager:.3f} s per step (samples engine {[round(x, 3) for x in res.extra['samples_s']]})")
+    return res.step_time_s / eager
+
+
+def gpipe_speedup(args: argparse.Namespace) -> float:
+    graph = build_graph("placer.engine.toy:chain_bench", profile=None)
+    layers = [i for i, k in enumerate(graph.op_kinds) if k == "Linear"]
+    cut = layers[len(layers) // 2]  # first op of layer 5
+    two = Placement(np.array([0 if i < cut or name == "target" else 1 for i, name in enumerate(graph.op_names)]))
+    with Measurer(graph, get_cluster("cpu-2"), config=EngineConfig(threads_per_device=1, timeout_s=900)) as m:
+        single = m.measure(Placement.single(graph, 0), steps=args.steps, warmup=1)
+        single_m8 = m.measure(Placement.single(graph, 0), schedule="gpipe", microbatches=8, steps=args.steps,
+                              warmup=1)
+        piped = m.measure(two, schedule="gpipe", microbatches=8, steps=args.steps, warmup=1)
+    for r in (single, single_m8, piped):
+        if not r.ok:
+            raise SystemExit(f"engine run failed: {r.failure}")
+    print(f"chain_bench: 1 device {single.step_time_s:.3f} s (M=8 on 1 device: {single_m8.step_time_s:.3f} s), "
+          f"2-device GPipe M=8 {piped.step_time_s:.3f} s; busy {np.round(piped.busy_s, 3).tolist()}")
+    return single.step_time_s / piped.step_time_s
+
+
+def placements_per_s(args: argparse.Namespace) -> float:
+    graph = build_graph("rnnlm", config="small", profile=None)
+    rng = np.random.default_rng(0)
+    groups = int(graph.colocation.max()) + 1
+    with Measurer(graph, get_cluster("cpu-2")) as m:
+        assert m.measure(Placement.single(graph)).ok  # start the workers outside the timed loop
+        t = time.perf_counter()
+        done = 0
+        while time.perf_counter() - t < args.seconds:
+            pl = Placement(rng.integers(0, 2, groups)[graph.colocation])
+            res = m.measure(pl)
+            if not res.ok:
+                raise SystemExit(f"engine run failed: {res.failure}")
+            done += 1
+        return done / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=3, help="measured steps per configuration")
+    ap.add_argument("--rnnlm-steps", type=int, default=10, help="unrolled time steps of the paper-width RNNLM")
+    ap.add_argument("--seconds", type=float, default=10.0, help="duration of the placements-per-second loop")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (anything near or above 1 means other jobs compete)")
+    overhead = engine_overhead(args)
+    speedup = gpipe_speedup(args)
+    rate = placements_per_s(args)
+    print(f"figure: engine_overhead = {overhead:.3f}")
+    print(f"figure: gpipe_speedup_2dev = {speedup:.3f}")
+    print(f"figure: measured_placements_per_s[rnnlm] = {rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()
