@@ -111,6 +111,18 @@ def _cores_for(devices: Sequence[str], threads: int, pin: bool) -> tuple[list[tu
     return out, per
 
 
+def _alive(proc: Any) -> bool:
+    """A worker that can still answer: running, and not a zombie the parent has yet to reap."""
+    if not proc.is_alive():
+        return False
+    try:
+        import psutil
+
+        return psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:  # noqa: BLE001 - gone between the two checks
+        return False
+
+
 class Measurer:
     """Warm workers measuring many placements of one graph on one cluster (see the module docstring).
 
@@ -287,8 +299,8 @@ class Measurer:
             raise ValueError(f"unknown fault {fault!r}")
         tasks, order = device_tasks(self.graph, placement, len(self.devices), schedule=schedule,
                                     microbatches=microbatches)
-        if self._procs and not all(p.is_alive() for p in self._procs):  # one died while idle: start afresh
-            dead = [self.devices[r] for r, p in enumerate(self._procs) if not p.is_alive()]
+        if self._procs and not all(_alive(p) for p in self._procs):  # one died while idle: start afresh
+            dead = [self.devices[r] for r, p in enumerate(self._procs) if not _alive(p)]
             log.warning("engine worker(s) %s died while idle; restarting workers", ", ".join(dead))
             self._kill()
             self.restarts += 1
