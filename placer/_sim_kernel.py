@@ -173,6 +173,18 @@ def activation_peaks(dev_ptr, t_op, t_phase, stash_mb, temp_mb):  # pragma: no c
 @nb.njit(cache=True)
 def sweep(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_idx,
           tid_of, x_src, x_dst, x_ncons, x_time_s, dur_f, dur_b, upd_s, num_mb, record):  # pragma: no cover
+    """:func:`sweep_costed` without per-message or per-step overheads (the schedules' deadlock check)."""
+    num_dev = dev_ptr.shape[0] - 1
+    zero = np.zeros(num_dev)
+    return sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_idx, tid_of, x_src,
+                        x_dst, x_ncons, x_time_s, dur_f, dur_b, upd_s, num_mb, record, zero, zero,
+                        np.zeros(x_src.shape[0], np.bool_), np.ones(x_src.shape[0], np.bool_), zero)
+
+
+@nb.njit(cache=True)
+def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_idx,
+                 tid_of, x_src, x_dst, x_ncons, x_time_s, dur_f, dur_b, upd_s, num_mb, record,
+                 send_o, recv_o, x_msg, x_grad, start_s):  # pragma: no cover
     """Run every device's task list in order (an in-order executor per device) and time it.
 
     A task starts when its device is free and its inputs are there: forward of (op, m) waits for forward of its
@@ -181,6 +193,15 @@ def sweep(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_
     sent back once, after the last of its consumers on that device ran its backward. Transfers queue FIFO per
     directed link; they are issued in the sender's task order, which is also their issue-time order, so
     processing devices in any order that respects dependencies gives the event-driven answer.
+
+    Per-message CPU costs (gloo's send/recv work runs on the worker's own core): a task that posts ``s``
+    messages (activations after a forward, gradients after a backward) keeps its device busy ``s x send_o[d]``
+    longer and the messages leave at its end; a task whose device sat idle waiting for a message that it is the
+    first to use (per transfer and micro-batch) is preceded by one ``recv_o[d]``: waking a blocked worker.
+    Only transfers with ``x_msg[t]`` (non-empty tensors) are messages; only those with ``x_grad[t]`` (the value
+    depends on a parameter, so autograd produces its gradient) send a gradient back: for the others the
+    producer's backward does not wait and nothing moves. Device ``d`` is free from ``start_s[d]``
+    on (a fixed start-up cost of multi-device steps, see :mod:`placer.sim`); it counts as busy time.
 
     Returns ``(status, step_s, busy_s[D], critical_path_s, task_start, task_end, x_start[2, T, M],
     x_end[2, T, M], stuck_task[D])`` (x index 0: activation, 1: gradient); ``status`` is ``DEADLOCK`` when
@@ -195,13 +216,16 @@ def sweep(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_
     xf = np.full((num_mb, num_x, 2), -1.0)
     xb = np.full((num_mb, num_x, 2), -1.0)
     cp_grad = np.zeros((num_mb, num_x))
+    got_f = np.zeros((num_mb, num_x), np.bool_)  # activation message already paid for by a consumer
+    got_b = np.zeros((num_mb, num_x), np.bool_)  # gradient message already paid for
+    zero_t = np.empty(num_x + 1, np.int64)  # transfers whose gradient a backward task sends
     pend = np.empty((num_mb, num_x), np.int64)
     for m in range(num_mb):
         for t in range(num_x):
             pend[m, t] = x_ncons[t]
     link_free = np.zeros((num_dev, num_dev))
-    dev_free = np.zeros(num_dev)
-    busy = np.zeros(num_dev)
+    dev_free = start_s.copy()
+    busy = start_s.copy()
     cp_dev = np.zeros(num_dev)
     n_tasks = dev_ptr[num_dev]
     if record:
@@ -244,6 +268,9 @@ def sweep(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_
             ready = dev_free[d]
             cp_in = 0.0
             blocker = -1
+            n_recv = 0
+            n_send = 0
+            n_zero = 0
             if ph == 0:
                 for j in range(pred_ptr[op], pred_ptr[op + 1]):
                     p = pred_idx[j]
@@ -262,6 +289,18 @@ def sweep(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_
                         ready = f
                     if c > cp_in:
                         cp_in = c
+                if blocker < 0 and recv_o[d] > 0.0 and ready > dev_free[d]:
+                    for j in range(pred_ptr[op], pred_ptr[op + 1]):
+                        p = pred_idx[j]
+                        if dev[p] != d:
+                            t = tid_of[p, d]
+                            if x_msg[t] and not got_f[m, t] and xf[m, t, 0] > dev_free[d]:
+                                got_f[m, t] = True
+                                n_recv = 1
+                for q in range(num_dev):
+                    t = tid_of[op, q]
+                    if t >= 0 and x_msg[t]:
+                        n_send += 1
                 dur = dur_f[op]
             elif ph == 1:
                 if opf[m, op, 0] < 0.0:
@@ -286,6 +325,25 @@ def sweep(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_
                             ready = f
                         if c > cp_in:
                             cp_in = c
+                    if blocker < 0:
+                        if recv_o[d] > 0.0 and ready > dev_free[d]:
+                            for j in range(succ_ptr[op], succ_ptr[op + 1]):
+                                s = succ_idx[j]
+                                if dev[s] != d:
+                                    t = tid_of[op, dev[s]]
+                                    if x_msg[t] and x_grad[t] and not got_b[m, t] and xb[m, t, 0] > dev_free[d]:
+                                        got_b[m, t] = True
+                                        n_recv = 1
+                        # gradients of received values whose last local consumer this is go back now
+                        for j in range(pred_ptr[op], pred_ptr[op + 1]):
+                            p = pred_idx[j]
+                            if dev[p] == d:
+                                continue
+                            t = tid_of[p, d]
+                            pend[m, t] -= 1
+                            if pend[m, t] == 0:
+                                zero_t[n_zero] = t
+                                n_zero += 1
                 dur = dur_b[op]
             else:
                 cp_in = cp_dev[d]
@@ -293,6 +351,11 @@ def sweep(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_
             if blocker >= 0:
                 waiter[blocker, d] = True
                 break
+            if ph == 1:
+                for z in range(n_zero):
+                    if x_msg[zero_t[z]] and x_grad[zero_t[z]]:
+                        n_send += 1
+            dur += n_recv * recv_o[d] + n_send * send_o[d]
             end = ready + dur
             dev_free[d] = end
             busy[d] += dur
@@ -329,21 +392,25 @@ def sweep(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_
                     if dev[p] == d:
                         continue
                     t = tid_of[p, d]
-                    pend[m, t] -= 1
                     if cp_out > cp_grad[m, t]:
                         cp_grad[m, t] = cp_out
-                    if pend[m, t] == 0:  # last local consumer done: send the accumulated gradient back
-                        q = x_src[t]
-                        xs = link_free[d, q]
-                        if end > xs:
-                            xs = end
-                        xe = xs + x_time_s[t]
-                        link_free[d, q] = xe
-                        xb[m, t, 0] = xe
-                        xb[m, t, 1] = cp_grad[m, t] + x_time_s[t]
-                        if record:
-                            x_start[1, t, m] = xs
-                            x_end[1, t, m] = xe
+                for z in range(n_zero):  # last local consumer done: send the accumulated gradient back
+                    t = zero_t[z]
+                    if not x_grad[t]:  # no gradient exists: the producer's backward need not wait
+                        xb[m, t, 0] = end
+                        xb[m, t, 1] = cp_grad[m, t]
+                        continue
+                    q = x_src[t]
+                    xs = link_free[d, q]
+                    if end > xs:
+                        xs = end
+                    xe = xs + x_time_s[t]
+                    link_free[d, q] = xe
+                    xb[m, t, 0] = xe
+                    xb[m, t, 1] = cp_grad[m, t] + x_time_s[t]
+                    if record:
+                        x_start[1, t, m] = xs
+                        x_end[1, t, m] = xe
             ptr[d] = k + 1
             progressed = True
         if progressed:

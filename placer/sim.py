@@ -20,6 +20,13 @@ Model (kept identical to what the engine executes, so fidelity is a direct compa
   along the same link with the same bytes after the last local reader's backward. Zero-byte edges order tasks
   but cost nothing (as :meth:`Cluster.transfer_s`). A micro-batch's input data is already on its input op's
   device (the data loader puts it there), so inputs cost no transfer.
+* **Machine overheads** (0 unless ``cluster.meta`` declares them, a number or ``{kind: s}``; ``placer cluster
+  calibrate`` measures them on the engine, see :func:`placer.calibrate.engine_message_costs`). A task that
+  posts ``s`` messages keeps its device ``s x send_overhead_s`` longer (gloo's send work runs on the worker's
+  own core); a task whose device sat idle waiting for a message pays ``recv_overhead_s`` once before it runs
+  (waking the blocked worker); a step whose tasks span several devices starts ``step_overhead_s`` late on
+  each of them (start barrier and receive posting). Only values that depend on a parameter send a gradient
+  back (autograd makes none for inputs and targets); a graph without parameters counts every value.
 * **Update.** Each device updates its parameters once per step after its last backward:
   ``param_bytes x touched / (memory bandwidth x speed)`` plus one dispatch overhead, where ``touched`` is the
   bytes read and written per parameter byte (:data:`OPTIMIZERS`; Adam reads param, grad, m, v and writes
@@ -120,6 +127,16 @@ def _per_kind(value: float | Mapping[str, float] | None, meta_key: str, cluster:
     return float(table.get(kind, default))
 
 
+def _meta_per_kind(cluster: "Cluster", key: str, kind: str) -> float:
+    """``cluster.meta[key]`` as seconds for device kind ``kind``: a number, ``{kind: s}``, or absent (0)."""
+    v = cluster.meta.get(key, 0.0)
+    if isinstance(v, Mapping):
+        v = v.get(kind, 0.0)
+    if not isinstance(v, (int, float)) or not v >= 0:
+        raise ValueError(f"cluster {cluster.name!r}: meta {key} must be a number >= 0 (or {{kind: number}}), got {v!r}")
+    return float(v)
+
+
 def per_microbatch_s(t_s: np.ndarray, overhead_s: np.ndarray | float, microbatches: int) -> np.ndarray:
     """One micro-batch of an op whose full-batch time is ``t_s``: ``o + (t - o) / M`` with ``o = min(t, overhead)``."""
     if microbatches == 1:
@@ -159,6 +176,15 @@ class Simulator:
             mem_bw[i] = _per_kind(memory_bandwidth_Bps, "memory_bandwidth_Bps", cluster, dev.kind,
                                   MEMORY_BANDWIDTH_BPS, DEFAULT_MEMORY_BANDWIDTH_BPS) * dev.speed
         self.fwd_s, self.bwd_s, self.overhead_s, self.mem_bw_Bps = fwd, bwd, overhead, mem_bw
+        # per-message CPU costs and the multi-device step constant: 0 unless the cluster declares them
+        self.send_overhead_s = np.array([_meta_per_kind(cluster, "send_overhead_s", dv.kind)
+                                         for dv in cluster.devices])
+        self.recv_overhead_s = np.array([_meta_per_kind(cluster, "recv_overhead_s", dv.kind)
+                                         for dv in cluster.devices])
+        step_o = cluster.meta.get("step_overhead_s", 0.0)
+        if not isinstance(step_o, (int, float)) or not step_o >= 0:
+            raise ValueError(f"cluster {cluster.name!r}: meta step_overhead_s must be a number >= 0, got {step_o!r}")
+        self.step_overhead_s = float(step_o)
         self._ar = np.arange(n)
         self.param_bytes = graph.param_bytes.astype(np.float64)
         stash = graph.stash_bytes.astype(np.float64)
@@ -169,6 +195,14 @@ class Simulator:
         self.latency_s = np.asarray(cluster.latency_s, dtype=np.float64)
         self.bandwidth_Bps = np.asarray(cluster.bandwidth_Bps, dtype=np.float64)
         self.arrays = graph_arrays(graph)
+        # autograd makes a gradient only for values that depend on a parameter (inputs, targets, shapes: none);
+        # a graph without parameters (hand-made cost graphs) counts every value as trainable
+        needs = self.param_bytes > 0 if self.param_bytes.any() else np.ones(n, dtype=bool)
+        pp, pi = self.arrays.pred_ptr, self.arrays.pred_idx
+        for i in range(n):
+            if not needs[i] and pp[i + 1] > pp[i]:
+                needs[i] = bool(needs[pi[pp[i]:pp[i + 1]]].any())
+        self.needs_grad = needs
         _, first = np.unique(graph.colocation, return_index=True)
         _, inverse = np.unique(graph.colocation, return_inverse=True)
         self._coloc_first = first[inverse]  # first op of each op's colocation group
@@ -249,9 +283,14 @@ class Simulator:
         ga = self.arrays
         tid_of, prod, src, dst, nbytes, ncons = K.transfer_table(dev, ga.succ_ptr, ga.succ_idx, ga.succ_bytes, num_dev)
         x_time = np.where(nbytes > 0, self.latency_s[src, dst] + nbytes / m / self.bandwidth_Bps[src, dst], 0.0)
-        status, step, busy, crit, t_start, t_end, x_start, x_end, stuck = K.sweep(
+        msg = nbytes > 0
+        # a step that spans devices starts late on each of them (see the module docstring)
+        used = np.diff(sched.device_ptr) > 0
+        start = np.where(used, self.step_overhead_s, 0.0) if used.sum() > 1 else np.zeros(num_dev)
+        status, step, busy, crit, t_start, t_end, x_start, x_end, stuck = K.sweep_costed(
             sched.device_ptr, sched.op, sched.microbatch, sched.phase, dev, ga.pred_ptr, ga.pred_idx,
-            ga.succ_ptr, ga.succ_idx, tid_of, src, dst, ncons, x_time, dur_f, dur_b, upd, m, timeline)
+            ga.succ_ptr, ga.succ_idx, tid_of, src, dst, ncons, x_time, dur_f, dur_b, upd, m, timeline,
+            self.send_overhead_s, self.recv_overhead_s, msg, self.needs_grad[prod], start)
         if status != K.OK:  # build_schedule never returns such an order; a hand-made Schedule might
             d = int(np.flatnonzero(stuck >= 0)[0])
             k = int(stuck[d])
@@ -259,9 +298,10 @@ class Simulator:
             return StepResult.failed(f"schedule deadlocks: {names[d]} waits forever at {PHASES[int(sched.phase[k])]} "
                                      f"of {op_name!r}", source="sim", devices=names, schedule=sched.name,
                                      microbatches=m, extra=extra)
-        # activations one way, their gradients (same size) back
-        moved = (np.bincount(src * num_dev + dst, weights=nbytes, minlength=num_dev * num_dev)
-                 + np.bincount(dst * num_dev + src, weights=nbytes, minlength=num_dev * num_dev))
+        # activations one way, their gradients (same size) back where autograd makes one
+        dd = num_dev * num_dev
+        moved = (np.bincount(src * num_dev + dst, weights=nbytes, minlength=dd)
+                 + np.bincount(dst * num_dev + src, weights=nbytes * self.needs_grad[prod], minlength=dd))
         moved = moved.astype(np.int64).reshape(num_dev, num_dev)
         extra["transfers"] = int(prod.shape[0])
         extra["update_s"] = [float(x) for x in upd]

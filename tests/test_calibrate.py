@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from placer.calibrate import calibrate_cluster, fit_link
+from placer.calibrate import calibrate_cluster, chain_message_costs, fit_link
+from placer.sim import Simulator
 
 
 def test_fit_recovers_latency_and_bandwidth():
@@ -37,11 +38,44 @@ def test_bad_arguments():
 def test_two_gloo_workers():
     t0 = time.monotonic()
     c = calibrate_cluster(2, sizes_bytes=(1 << 10, 1 << 20, 1 << 22), repeats=5, matmul_n=128, matmul_iters=5,
-                          timeout_s=60)
-    assert time.monotonic() - t0 < 30
+                          timeout_s=60, engine_steps=3)
+    assert time.monotonic() - t0 < 60
     assert c.device_names == ("cpu:0", "cpu:1")
     assert c.latency_s[0, 1] > 0 and c.latency_s[0, 1] == c.latency_s[1, 0] and c.latency_s[0, 1] < 0.05
     assert c.bandwidth_Bps[0, 1] > 1e6
     assert all(d.speed > 0 for d in c.devices)
     assert c.meta["source"] == "calibrated" and "0-1" in c.meta["one_way_median_s"]
+    assert c.meta["blocking_one_way_median_s"]["0-1"] > 0
+    # the engine's message and step costs land in meta, where the simulator reads them
+    for key in ("send_overhead_s", "recv_overhead_s"):
+        assert 0 <= c.meta[key]["cpu"] < 0.05
+    assert 0 <= c.meta["step_overhead_s"] < 0.5
+    assert c.meta["engine_chain"]["placements"]["alternate"]["messages"] > 0
+    sim = Simulator(_tiny_graph(), c)
+    assert sim.send_overhead_s.tolist() == [c.meta["send_overhead_s"]["cpu"]] * 2
     assert not multiprocessing.active_children()
+
+
+def _tiny_graph():
+    from graphs.ir import OpGraph
+
+    return OpGraph.build(name="t", ops=[dict(name="a", fwd_s=1.0, bwd_s=1.0)], edges=[])
+
+
+def test_chain_message_costs_hand_worked():
+    # single 0.5 ms. Wire: 50 us + 500 B at 10 MB/s = 100 us; send: (busy alternate - busy single) / 20 messages
+    # = (1.0 - 0.5) / 20 = 25 us, so 125 us per message. Unexplained per split: 2.45 - 3 x 0.125 = 2.075,
+    # 3.5 - 10 x 0.125 = 2.25, 5.0 - 20 x 0.125 = 2.5 ms -> step overhead = the median, 2.25 ms
+    ms = 1e-3
+    got = {"single": dict(step_s=0.5 * ms, busy_s=0.5 * ms, messages=0, bytes=0, first_task_s=0.0),
+           "halves": dict(step_s=2.95 * ms, busy_s=0.6 * ms, messages=3, bytes=1500, first_task_s=2.0 * ms),
+           "quarters": dict(step_s=4.0 * ms, busy_s=0.8 * ms, messages=10, bytes=5000, first_task_s=0.1 * ms),
+           "alternate": dict(step_s=5.5 * ms, busy_s=1.0 * ms, messages=20, bytes=10_000, first_task_s=3.0 * ms)}
+    out = chain_message_costs(got, latency_s=50e-6, bandwidth_Bps=10e6)
+    assert out["send_overhead_s"] == pytest.approx(25e-6)
+    assert out["per_message_s"] == pytest.approx(125e-6)
+    assert out["step_overhead_s"] == pytest.approx(2.25 * ms)
+    assert out["recv_overhead_s"] == 0.0
+    # a wire slower than the steps allow: nothing is left for the fixed cost, clamped at 0
+    out = chain_message_costs(got, latency_s=1e-3, bandwidth_Bps=10e6)
+    assert out["step_overhead_s"] == 0.0 and out["send_overhead_s"] == pytest.approx(25e-6)

@@ -466,3 +466,61 @@ def test_kernel_matches_time_ordered_reference(case, name, m, overhead):
     for (d, t), s0 in starts.items():
         if t.phase != "update":
             assert got[(c.devices[d].name, g.op_names[t.op], t.microbatch, t.phase)] == pytest.approx(s0, abs=1e-9)
+
+
+# ---------------------------------------------------------------------- machine overheads (cluster.meta)
+def overhead_cluster(d: int, **meta: float) -> Cluster:
+    devs = [Device(name=f"cpu:{i}", kind="cpu", memory_bytes=GiB) for i in range(d)]
+    return Cluster.uniform("over", devs, bandwidth_Bps=1e6, latency_s=0.5, meta=meta)
+
+
+def test_send_recv_and_step_overheads_on_a_chain():
+    # a, b on dev0, c on dev1; 1 MB edges: a transfer is 0.5 + 1 = 1.5 s. Overheads: both devices start at 1.0
+    # (multi-device step); b posts its message (+0.25) -> ends 4.25, arrives 5.75; dev1 waited, so it pays a
+    # wake-up (+0.125): c fwd 5.875-8.875, c bwd + grad send 8.875-15.125, arrives 16.625; dev0 waited: +0.125,
+    # b bwd 16.75-20.75, a bwd -22.75. Without overheads the same step is 21 s.
+    g = chain3(edge_bytes=1_000_000)
+    c = overhead_cluster(2, send_overhead_s=0.25, recv_overhead_s={"cpu": 0.125}, step_overhead_s=1.0)
+    r = run(g, c, [0, 0, 1], timeline=True)
+    assert r.step_time_s == pytest.approx(22.75)
+    assert r.busy_s.tolist() == pytest.approx([10.375, 10.375])
+    assert r.critical_path_s >= 21.0
+    fwd_c = [e for e in r.timeline if e.op == "c" and e.phase == "fwd"][0]
+    assert (fwd_c.start_s, fwd_c.end_s) == pytest.approx((5.75, 8.875))
+    # one device: no message, no start-up cost
+    assert run(g, c, [0, 0, 0]).step_time_s == pytest.approx(18.0)
+    # a cluster that declares nothing keeps the plain model
+    assert run(g, overhead_cluster(2), [0, 0, 1]).step_time_s == pytest.approx(21.0)
+
+
+def test_wake_up_cost_only_when_the_receiver_waited():
+    # a (dev0) -> c (dev1) <- b (dev1, 5 s): a's message (send 0.25, latency 0.5) is there at 1.75, long before
+    # dev1 finishes b at 5: c runs 5-6 with no wake-up. Backward: c 6-7 then its gradient to a (+0.25 = 7.25),
+    # arriving 7.75; b 7.25-8.25; dev0 idle since 1.25, so a pays the wake-up: 7.75 + 0.125 + 1 = 8.875.
+    ops = [dict(name="a", fwd_s=1.0, bwd_s=1.0), dict(name="b", fwd_s=5.0, bwd_s=1.0),
+           dict(name="c", fwd_s=1.0, bwd_s=1.0)]
+    g = OpGraph.build(name="fork", ops=ops, edges=[("a", "c", 1), ("b", "c", 1)])
+    c = overhead_cluster(2, send_overhead_s=0.25, recv_overhead_s=0.125)
+    r = run(g, c, [0, 1, 1], timeline=True)
+    fwd_c = [e for e in r.timeline if e.op == "c" and e.phase == "fwd"][0]
+    assert (fwd_c.start_s, fwd_c.end_s) == pytest.approx((5.0, 6.0))
+    assert r.step_time_s == pytest.approx(8.875)
+    assert r.busy_s.tolist() == pytest.approx([2.25 + 0.125, 8.25])
+
+
+def test_no_gradient_message_for_values_without_parameters_upstream():
+    # x (an input: no parameter upstream) -> w (has parameters) on the other device: the activation moves,
+    # no gradient comes back (autograd makes none), so no bytes back and no send cost after w's backward
+    ops = [dict(name="x", fwd_s=1.0, bwd_s=0.0), dict(name="w", fwd_s=1.0, bwd_s=1.0, param_bytes=8)]
+    g = OpGraph.build(name="inp", ops=ops, edges=[("x", "w", 1_000_000)])
+    c = overhead_cluster(2, send_overhead_s=0.25)
+    sim = Simulator(g, c, dispatch_overhead_s=0.0, memory_bandwidth_Bps=1e30)
+    r = sim.run(np.array([0, 1]), optimizer="sgd")
+    assert r.bytes_moved.tolist() == [[0, 1_000_000], [0, 0]]
+    # x 0-1 (+0.25 send) -> arrives 2.75; w fwd 2.75-3.75, bwd 3.75-4.75, no send
+    assert r.step_time_s == pytest.approx(4.75)
+
+
+def test_bad_overhead_meta_is_one_line():
+    with pytest.raises(ValueError, match="send_overhead_s"):
+        Simulator(chain3(), overhead_cluster(2, send_overhead_s=-1.0))
