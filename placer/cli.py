@@ -270,15 +270,23 @@ def cmd_compare(args: argparse.Namespace) -> None:
 @command("train")
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     from placer.train import add_train_arguments
+    from placer.train_multi import add_multi_arguments
 
     p = sub.add_parser("train", help="train an RL placement policy (writes runs/{graph}__{policy}__{algo}__{seed}__{ts}/)")
     add_train_arguments(p)
+    add_multi_arguments(p)
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from placer.train import config_from_args, train
 
+    if getattr(args, "graphs", None) or getattr(args, "random_dags", None):
+        from placer.train_multi import multi_config_from_args, train_multi
+
+        multi = train_multi(multi_config_from_args(args))
+        console.print(f"multi-graph run folder: {multi.run_dir}")
+        return
     result = train(config_from_args(args))
     best = result.measured if result.measured is not None and result.measured.ok else result.predicted
     console.print(f"best step {best.step_time_s * 1e3:.2f} ms ({best.source}) after {result.samples} samples, "
@@ -287,6 +295,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     for name, t in sorted(result.baselines.items(), key=lambda kv: kv[1]):
         console.print(f"  {name:>14}: {t * 1e3:.2f} ms (sim)")
     console.print(f"run folder: {result.run_dir} (placement.json, learning_curve.png, TensorBoard events)")
+
+
+# ---------------------------------------------------------------------------------------------- place
+@command("place")
+def _place_parser(sub: argparse._SubParsersAction) -> None:
+    from placer.place import add_place_arguments
+
+    p = sub.add_parser("place", help="place a graph zero-shot with a trained policy (no training)")
+    add_place_arguments(p)
+    p.set_defaults(func=cmd_place)
+
+
+def cmd_place(args: argparse.Namespace) -> None:
+    from placer.place import run_place
+
+    run_place(args)
 
 
 # ---------------------------------------------------------------------------------------------- run

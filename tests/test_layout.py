@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP = {"placer.train", "placer.compare", "placer.cli", "placer.demo"}
+TOP = {"placer.train", "placer.train_multi", "placer.place", "placer.compare", "placer.cli", "placer.demo"}
 LEVEL = {"graphs": 0, "placer": 1, "envs": 2, "policies": 3}
 
 

@@ -1,0 +1,111 @@
+"""Part 2 of the RL benchmark (issue 7): the GNN and hierarchical policies, PPO, and zero-shot placement.
+
+Extends ``benchmarks/bench_rl.py`` (same graphs, cluster ``cpu+4gpu``, simulated reward, same helpers). For each
+graph G in rnnlm, nmt, inception_v3 and each policy family F in ``seq2seq+reinforce`` (the part-1 reference),
+``gnn+reinforce``, ``gnn+ppo``, ``hierarchical+reinforce``, train for ``--budget`` seconds and print::
+
+    figure: rl_vs_best_classic[G|F] = R     F's step time / best of Scotch, MinCut, Expert
+    figure: time_to_2pct_s[G|F] = S         training seconds until F's best was within 2% of its final best
+
+then, leave-one-out (Placeto): train one GNN (REINFORCE) on the other two graphs plus ``--random-dags`` random
+layered DAGs for ``--budget`` seconds, place G zero-shot (the policy's greedy placement and ``--zs-samples - 1``
+samples, best by simulation) and print::
+
+    figure: zero_shot_ratio[G] = R          zero-shot step time / the gnn+reinforce run trained on G  (target <= 1.10)
+
+Run: ``python3 benchmarks/bench_rl_part2.py [--budget 300] [--quick] [--graphs rnnlm,nmt] [--families ...]``.
+Timings are noisy on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_rl import MODELS, load, ratio  # noqa: E402
+from placer.place import place_zero_shot  # noqa: E402
+from placer.train import CLASSIC, TrainConfig, train  # noqa: E402
+from placer.train_multi import MultiTrainConfig, train_multi  # noqa: E402
+
+FAMILIES = {
+    "seq2seq+reinforce": dict(policy="seq2seq", algo="reinforce"),
+    "gnn+reinforce": dict(policy="gnn", algo="reinforce"),
+    # PPO rollouts are whole episodes of G steps each; a few per update keep an update to seconds
+    "gnn+ppo": dict(policy="gnn", algo="ppo", samples_per_update=4, lr=3e-4, entropy_coef=0.01),
+    "hierarchical+reinforce": dict(policy="hierarchical", algo="reinforce"),
+}
+
+
+def bench_family(model: str, family: str, args: argparse.Namespace) -> float:
+    """Train one family on one graph; prints its figures and returns its best simulated step time."""
+    graph, config = load(model, args.data_dir)
+    res = train(TrainConfig(graph=graph, cluster="cpu+4gpu", budget_s=args.budget, seed=args.seed,
+                            runs_dir=args.runs_dir, progress=False, **FAMILIES[family]))
+    rl = res.predicted.step_time_s
+    r_c, best_c = ratio(rl, res.baselines, CLASSIC)
+    print(f"# {model}-{config} {family}: {rl:.5g} s (best classic {best_c} {res.baselines.get(best_c, math.nan):.5g}"
+          f" s); {res.samples} samples, {res.updates} updates in {res.elapsed_s:.0f} s; run {res.run_dir.name}")
+    print(f"figure: rl_vs_best_classic[{model}|{family}] = {r_c:.3f}")
+    print(f"figure: time_to_2pct_s[{model}|{family}] = {res.time_to_within(0.02):.0f}", flush=True)
+    return rl
+
+
+def bench_zero_shot(model: str, trained_s: float, models: list[str], args: argparse.Namespace) -> None:
+    graph, config = load(model, args.data_dir)
+    others = [str(ROOT / "graphs" / "data" / f"{m}-{load(m, args.data_dir)[1]}.json") for m in MODELS
+              if m != model]
+    others = [p for p in others if Path(p).exists()]
+    res = train_multi(MultiTrainConfig(graphs=tuple(others), random_dags=args.random_dags, cluster="cpu+4gpu",
+                                       policy="gnn", algo="reinforce", budget_s=args.budget, seed=args.seed,
+                                       runs_dir=args.runs_dir))
+    zs = place_zero_shot(res.run_dir, graph, "cpu+4gpu", samples=args.zs_samples, seed=args.seed)
+    t = zs.predicted.step_time_s if zs.predicted.ok else math.inf
+    print(f"# {model}-{config} zero-shot from {res.run_dir.name} ({res.rounds} rounds on "
+          f"{', '.join(Path(p).stem for p in others)} + {args.random_dags} random DAGs): {t:.5g} s in "
+          f"{zs.elapsed_s:.1f} s; trained on {model}: {trained_s:.5g} s")
+    print(f"figure: zero_shot_ratio[{model}] = {t / trained_s:.3f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=300.0, help="training seconds per run (default 300)")
+    ap.add_argument("--graphs", default=",".join(MODELS))
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma list of policy families")
+    ap.add_argument("--no-zero-shot", action="store_true")
+    ap.add_argument("--random-dags", type=int, default=4)
+    ap.add_argument("--zs-samples", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 15 s per run")
+    ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench_rl_part2"))
+    ap.add_argument("--data-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.budget = 15.0
+    logging.basicConfig(level=logging.WARNING)
+    models = [m for m in args.graphs.split(",") if m]
+    families = [f for f in args.families.split(",") if f]
+    for m in models:
+        if m not in MODELS:
+            ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    for f in families:
+        if f not in FAMILIES:
+            ap.error(f"unknown family {f!r}; choose from {', '.join(FAMILIES)}")
+    for m in models:
+        best = {f: bench_family(m, f, args) for f in families}
+        if not args.no_zero_shot:
+            trained = best.get("gnn+reinforce") or bench_family(m, "gnn+reinforce", args)
+            bench_zero_shot(m, trained, models, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

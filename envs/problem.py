@@ -1,0 +1,229 @@
+"""The static description of one placement problem: a grouped graph on a cluster.
+
+Built once per (graph, cluster, number of groups) and shared by the environment (observations, masks, rewards)
+and the policies (``env.problem``), so both see exactly the same groups, features and memory model.
+
+Groups come from :func:`graphs.grouping.group_ops` (ColocRL's co-location heuristics, Mirhoseini et al. 2017,
+section 3.2) and are renumbered by their first op, so group ``g`` is the ``g``-th group in the graph's topological
+op order; the environment places them in that order. The coarse graph of :func:`graphs.grouping.contract` (one
+node per run of consecutive same-group ops) is kept for simulators that want it (``sim_graph="coarse"``); the
+default reward simulates the op graph itself (see :mod:`envs.rewards`).
+
+Features are scale-free (times and bytes relative to the graph's own mean, then ``log1p``) so that one policy can
+read graphs of very different sizes; the column layout is in :data:`NODE_STATIC_FEATURES` and
+:data:`DEVICE_STATIC_FEATURES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from graphs.grouping import contract, group_ops, op_weights
+from graphs.ir import OpGraph
+from placer.cluster import Cluster
+from placer.placement import Placement
+
+log = logging.getLogger(__name__)
+
+KIND_BUCKETS = 64
+"""Op kinds are hashed (crc32) into this many ids, so an unseen kind in a new graph still has an embedding."""
+
+PARAM_COPIES = 4
+"""Resident copies per parameter byte while training with Adam: weights, gradient, two moments (as the simulator
+and the baselines count them)."""
+
+NODE_STATIC_FEATURES = ("fwd", "bwd", "bytes_in", "bytes_out", "param_bytes", "mem_vs_capacity", "depth",
+                        "position", "num_ops", "is_source", "is_sink")
+"""Static per-group feature columns (see :func:`build_problem`); per-device times follow in the observation."""
+
+DEVICE_STATIC_FEATURES = ("present", "throughput", "capacity_vs_need", "is_cpu")
+"""Static per-device feature columns; the environment appends the dynamic load columns."""
+
+EDGE_FEATURES = ("bytes", "transfer_vs_compute")
+"""Per group-edge feature columns."""
+
+
+def kind_id(kind: str) -> int:
+    """Stable id of an op kind in ``[1, KIND_BUCKETS)`` (0 is padding); the same in every process."""
+    return 1 + zlib.crc32(kind.encode()) % (KIND_BUCKETS - 1)
+
+
+def _rel(x: np.ndarray) -> np.ndarray:
+    """``log1p(x / mean(x))``: scale-free, 0 for zero entries, ~0.7 for an average one."""
+    x = np.asarray(x, dtype=np.float64)
+    m = x.mean() if x.size else 0.0
+    return np.log1p(x / m) if m > 0 else np.zeros_like(x)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PlacementProblem:
+    """Everything static about placing ``graph``'s groups on ``cluster`` (numpy; policies convert once)."""
+
+    graph: OpGraph
+    """The full op graph (placements are expanded to it for export and for the engine)."""
+    cluster: Cluster
+    group_of_op: np.ndarray
+    """``(n,)`` group of each op; groups numbered in the order the environment places them."""
+    coarse: OpGraph
+    """The simulator's graph: runs of same-group ops; ``coarse.colocation`` is the group id."""
+    kinds: tuple[str, ...]
+    """Op kind of each group's heaviest op (ColocRL's "op type" input)."""
+    kind_ids: np.ndarray
+    """``(G,)`` :func:`kind_id` of :attr:`kinds`."""
+    node_features: np.ndarray
+    """``(G, len(NODE_STATIC_FEATURES))`` float32 static features."""
+    node_device_time: np.ndarray
+    """``(G, D)`` float32: ``log1p`` of each group's forward+backward time on each device over the mean group time
+    on the fastest device."""
+    edge_index: np.ndarray
+    """``(2, E)`` directed group edges (producer group, consumer group), no self-loops, no duplicates."""
+    edge_bytes: np.ndarray
+    """``(E,)`` bytes carried by each group edge."""
+    edge_features: np.ndarray
+    """``(E, len(EDGE_FEATURES))`` float32."""
+    time_s: np.ndarray
+    """``(G, D)`` forward+backward seconds of each group on each device."""
+    mem_bytes: np.ndarray
+    """``(G,)`` resident bytes of each group: parameters x :data:`PARAM_COPIES` + activations stashed for backward."""
+    capacity_bytes: np.ndarray
+    """``(D,)`` device memory."""
+    device_features: np.ndarray
+    """``(D, len(DEVICE_STATIC_FEATURES))`` float32 static device features."""
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.kind_ids.shape[0])
+
+    @property
+    def num_devices(self) -> int:
+        return self.cluster.num_devices
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.edge_index.shape[1])
+
+    def expand(self, device_of_group: Sequence[int] | np.ndarray) -> Placement:
+        """The op-level placement of a per-group one."""
+        return Placement.from_groups(self.group_of_op, device_of_group)
+
+    def coarse_devices(self, device_of_group: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The per-node device array of :attr:`coarse` for a per-group placement."""
+        return np.asarray(device_of_group, dtype=np.int64)[self.coarse.colocation]
+
+    def project(self, placement: Placement) -> np.ndarray:
+        """A per-group placement from an op-level one: each group goes where most of its compute was put."""
+        w = op_weights(self.graph) + 1e-12
+        votes = np.zeros((self.num_groups, self.num_devices))
+        np.add.at(votes, (self.group_of_op, placement.device_of_op), w)
+        return votes.argmax(axis=1).astype(np.int64)
+
+
+def build_problem(graph: OpGraph, cluster: Cluster, num_groups: int) -> PlacementProblem:
+    """Group ``graph`` into at most ``num_groups`` groups and compute every static feature (module docstring)."""
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    if graph.n == 0:
+        raise ValueError(f"graph {graph.name!r} has no ops")
+    raw = group_ops(graph, num_groups)
+    # renumber groups by their first op: group g is placed at step g, in topological op order
+    _, first = np.unique(raw, return_index=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    group_of_op = rank[raw]
+    coarse = contract(graph, group_of_op)
+    g_num, d_num = int(group_of_op.max()) + 1, cluster.num_devices
+
+    # ---- compute per device (the simulator's op times: profiled kind / speed)
+    op_t = np.zeros((graph.n, d_num))
+    for d, dev in enumerate(cluster.devices):
+        if dev.kind not in graph.costs:
+            raise ValueError(f"graph {graph.name!r} has no op costs for device kind {dev.kind!r} ({dev.name}); "
+                             f"it has: {', '.join(sorted(graph.costs)) or 'none'}")
+        op_t[:, d] = graph.costs[dev.kind].step_s / dev.speed
+    time_s = np.zeros((g_num, d_num))
+    np.add.at(time_s, group_of_op, op_t)
+    fastest = int(np.argmin(time_s.sum(axis=0)))
+    kind0 = cluster.devices[fastest].kind
+    c0 = graph.costs[kind0]
+    fwd = np.bincount(group_of_op, weights=c0.fwd_s, minlength=g_num)
+    bwd = np.bincount(group_of_op, weights=c0.bwd_s, minlength=g_num)
+    mean_t = time_s[:, fastest].mean()
+    node_device_time = np.log1p(time_s / mean_t) if mean_t > 0 else np.zeros_like(time_s)
+
+    # ---- memory (the simulator's model with Adam and no micro-batching; inputs hold their batch)
+    is_input = np.array([k == "input" for k in graph.op_kinds])
+    stash = np.where(is_input, np.maximum(graph.stash_bytes, graph.out_bytes), graph.stash_bytes)
+    mem = np.bincount(group_of_op, weights=graph.param_bytes * PARAM_COPIES + stash, minlength=g_num)
+    mem = np.ceil(mem).astype(np.int64)
+    capacity = np.array([dev.memory_bytes for dev in cluster.devices], dtype=np.int64)
+
+    # ---- group edges: a producer's tensor reaches each consumer group once
+    src, dst = graph.edge_index
+    gs, gd = group_of_op[src], group_of_op[dst]
+    cross = gs != gd
+    per_producer: dict[tuple[int, int], int] = {}
+    for s_op, d_grp, nbytes in zip(src[cross].tolist(), gd[cross].tolist(), graph.edge_bytes[cross].tolist()):
+        per_producer[(s_op, d_grp)] = max(per_producer.get((s_op, d_grp), 0), nbytes)
+    group_edges: dict[tuple[int, int], int] = {}
+    for (s_op, d_grp), nbytes in per_producer.items():
+        key = (int(group_of_op[s_op]), d_grp)
+        group_edges[key] = group_edges.get(key, 0) + nbytes
+    keys = sorted(group_edges)
+    edge_index = np.array([[k[0] for k in keys], [k[1] for k in keys]], dtype=np.int64).reshape(2, -1)
+    edge_bytes = np.array([group_edges[k] for k in keys], dtype=np.int64)
+    bytes_in = np.bincount(edge_index[1], weights=edge_bytes, minlength=g_num)
+    bytes_out = np.bincount(edge_index[0], weights=edge_bytes, minlength=g_num)
+    off = ~np.eye(d_num, dtype=bool)
+    mean_bw = float(cluster.bandwidth_Bps[off].mean()) if d_num > 1 else 1e12
+    transfer_s = edge_bytes / mean_bw
+    edge_features = np.stack([_rel(edge_bytes), np.log1p(transfer_s / mean_t if mean_t > 0 else transfer_s)],
+                             axis=1).astype(np.float32).reshape(-1, len(EDGE_FEATURES))
+
+    # ---- per-group static features
+    depth_op = graph.depth()
+    depth = np.full(g_num, np.iinfo(np.int64).max)
+    np.minimum.at(depth, group_of_op, depth_op)
+    num_ops = np.bincount(group_of_op, minlength=g_num)
+    weights = op_weights(graph)
+    heaviest = np.full(g_num, -1)
+    for i in range(graph.n):
+        g = group_of_op[i]
+        if heaviest[g] < 0 or weights[i] > weights[heaviest[g]]:
+            heaviest[g] = i
+    kinds = tuple(graph.op_kinds[h] for h in heaviest)
+    has_in = np.bincount(edge_index[1], minlength=g_num) > 0
+    has_out = np.bincount(edge_index[0], minlength=g_num) > 0
+    node_features = np.stack([
+        _rel(fwd), _rel(bwd), _rel(bytes_in), _rel(bytes_out), _rel(np.bincount(
+            group_of_op, weights=graph.param_bytes, minlength=g_num)),
+        np.minimum(mem / capacity.max(), 4.0),
+        depth / max(1, depth.max()),
+        np.arange(g_num) / max(1, g_num - 1),
+        _rel(num_ops),
+        (~has_in).astype(np.float64),
+        (~has_out).astype(np.float64),
+    ], axis=1).astype(np.float32)
+
+    # ---- per-device static features
+    total = time_s.sum(axis=0)
+    throughput = np.where(total > 0, 1.0 / np.maximum(total, 1e-30), 1.0)
+    device_features = np.stack([
+        np.ones(d_num),
+        throughput / throughput.max(),
+        np.minimum(capacity / max(1, mem.sum()), 10.0),
+        np.array([dev.kind.lower() == "cpu" for dev in cluster.devices], dtype=np.float64),
+    ], axis=1).astype(np.float32)
+
+    log.debug("problem %s on %s: %d ops -> %d groups (%d coarse nodes), %d group edges", graph.name, cluster.name,
+              graph.n, g_num, coarse.n, len(keys))
+    return PlacementProblem(
+        graph=graph, cluster=cluster, group_of_op=group_of_op, coarse=coarse, kinds=kinds,
+        kind_ids=np.array([kind_id(k) for k in kinds], dtype=np.int64), node_features=node_features,
+        node_device_time=node_device_time.astype(np.float32), edge_index=edge_index, edge_bytes=edge_bytes,
+        edge_features=edge_features, time_s=time_s, mem_bytes=mem, capacity_bytes=capacity,
+        device_features=device_features)

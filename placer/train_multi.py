@@ -1,0 +1,207 @@
+"""Train one placement policy on several graphs at once (Placeto, Addanki et al., NeurIPS 2019, section 5).
+
+Placeto trains a single GNN policy on a family of graphs so that it can place graphs it never saw. Here the
+family is the named benchmark graphs (``rnnlm``, ``nmt`` ... or graph JSON files) plus ``random_dags`` random
+layered DAGs (:func:`envs.synthetic.layered_dag`, sizes drawn from the seed), so the policy sees variety.
+
+Each graph gets its own environment and algorithm instance (its own reward normalisation, REINFORCE baseline or
+PPO critic); the policy's weights are shared, and for REINFORCE so is one Adam optimizer. A round updates every
+graph once, in order. The run folder ``runs/multi-{k}__{policy}__{algo}__{seed}__{ts}/`` has ``config.json``
+(with the same ``policy`` / ``hidden`` / ``num_groups`` / ``policy_options`` keys as a single-graph run, so
+:mod:`placer.place` reads both), ``checkpoint.pt`` (``policy`` weights, written atomically every
+``checkpoint_every_s`` and at the end), TensorBoard ``charts/best_step_time_s/<graph>`` and
+``charts/reward/<graph>``, and ``placement_<graph>.json`` with each graph's best placement. Resuming a
+multi-graph run is not supported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from envs.placement_env import PlacementEnv, resolve_cluster, resolve_graph
+from envs.synthetic import layered_dag
+from graphs.ir import OpGraph
+from placer.export import save_placement, write_json_atomic
+from policies import make_algo, make_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class MultiTrainConfig:
+    """A multi-graph training run; written resolved to ``config.json``."""
+
+    graphs: tuple[str, ...] = ("rnnlm", "nmt")
+    """Benchmark names or graph JSON paths."""
+    random_dags: int = 0
+    """How many random layered DAGs to add (sizes and costs drawn from ``seed``)."""
+    graph_config: str = "small"
+    """Benchmark configuration for bare names: ``small`` or ``paper``."""
+    cluster: str = "cpu+4gpu"
+    """Cluster preset or JSON path."""
+    policy: str = "gnn"
+    """Policy name; it must not depend on the graph's size (``gnn``)."""
+    algo: str = "reinforce"
+    """``reinforce`` or ``ppo``."""
+    budget_s: float = 600.0
+    """Training wall time in seconds."""
+    max_rounds: int | None = None
+    """Stop after this many rounds (one update per graph each)."""
+    seed: int = 0
+    """Seeds the policy, the sampling and the random DAGs."""
+    num_groups: int = 256
+    """At most this many groups per graph."""
+    reference: str = "expert"
+    """Baseline normalising each graph's reward."""
+    samples_per_update: int = 16
+    """Placements per update per graph."""
+    lr: float = 3e-3
+    """Adam learning rate."""
+    entropy_coef: float = 0.01
+    """Entropy bonus weight."""
+    hidden: int = 64
+    """Policy width."""
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    """Extra policy keyword arguments (e.g. ``{"layers": 2}``)."""
+    checkpoint_every_s: float = 60.0
+    """Seconds between checkpoints."""
+    runs_dir: str = "runs"
+    """Where run folders go."""
+    torch_threads: int = 1
+    """``torch.set_num_threads`` for the policy (small networks run fastest on one thread)."""
+    run_name: str | None = None
+    """Folder name (``None``: ``multi-{k}__{policy}__{algo}__{seed}__{YYYYmmdd-HHMMSS}``)."""
+
+    def __post_init__(self) -> None:
+        if not self.graphs and self.random_dags < 1:
+            raise ValueError("multi-graph training needs at least one graph (--graphs or --random-dags)")
+        if self.random_dags < 0:
+            raise ValueError(f"random_dags must be >= 0, got {self.random_dags}")
+        if not self.budget_s > 0:
+            raise ValueError(f"budget must be positive, got {self.budget_s} s")
+
+
+@dataclass(kw_only=True)
+class MultiTrainResult:
+    run_dir: Path
+    best_step_time_s: dict[str, float]
+    """Best simulated step time found per graph."""
+    reference_step_time_s: dict[str, float]
+    rounds: int
+    elapsed_s: float
+
+
+def random_graphs(count: int, seed: int) -> list[OpGraph]:
+    """``count`` layered DAGs of 3-8 layers x 2-6 ops, drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return [layered_dag(int(rng.integers(3, 9)), int(rng.integers(2, 7)), seed=int(rng.integers(1 << 30)))
+            for _ in range(count)]
+
+
+def train_multi(config: MultiTrainConfig) -> MultiTrainResult:
+    """Train ``config.policy`` on every graph in turn (module docstring)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from policies import ALGOS, POLICIES
+
+    for what, name, known in (("policy", config.policy, POLICIES), ("algorithm", config.algo, ALGOS)):
+        if name not in known:
+            raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(sorted(known))}")
+    cluster = resolve_cluster(config.cluster)
+    graphs = [resolve_graph(g, config=config.graph_config) for g in config.graphs]
+    graphs += random_graphs(config.random_dags, config.seed)
+    names = [g.name for g in graphs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"graph names repeat: {', '.join(names)}")
+    run_dir = Path(config.runs_dir) / (config.run_name or f"multi-{len(graphs)}__{config.policy}__{config.algo}__"
+                                                          f"{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    while run_dir.exists():
+        run_dir = run_dir.with_name(run_dir.name + "_")
+    run_dir.mkdir(parents=True)
+    config = dataclasses.replace(config, run_name=run_dir.name)
+    doc = dataclasses.asdict(config)
+    doc.update(graphs=list(config.graphs), graph_names=names, multi=True)
+    write_json_atomic(run_dir / "config.json", doc)
+
+    torch.set_num_threads(max(1, config.torch_threads))
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    envs = [PlacementEnv(g, cluster, num_groups=config.num_groups, reference=config.reference) for g in graphs]
+    try:
+        policy = make_policy(config.policy, envs[0].problem, hidden=config.hidden, **config.policy_options)
+        algos = [make_algo(config.algo, policy, env, samples_per_update=config.samples_per_update, lr=config.lr,
+                           entropy_coef=config.entropy_coef, seed=config.seed + i) for i, env in enumerate(envs)]
+        if config.algo == "reinforce":  # one optimizer for the shared weights
+            for a in algos[1:]:
+                a.optimizer = algos[0].optimizer
+        writer = SummaryWriter(log_dir=str(run_dir))
+        best = {n: math.inf for n in names}
+        best_groups: dict[str, np.ndarray] = {}
+        ckpt = run_dir / "checkpoint.pt"
+
+        def checkpoint() -> None:
+            tmp = ckpt.with_name(".checkpoint.pt.tmp")
+            torch.save({"version": 1, "policy": policy.state_dict(), "best": best, "rounds": rounds}, tmp)
+            os.replace(tmp, ckpt)
+            for g, env in zip(graphs, envs):
+                if g.name in best_groups:
+                    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in g.name)
+                    save_placement(run_dir / f"placement_{safe}.json", g, cluster,
+                                   env.problem.expand(best_groups[g.name]), method=f"rl:{config.policy}+"
+                                   f"{config.algo}+multi", seed=config.seed, run=run_dir.name)
+
+        t0 = time.perf_counter()
+        last_ckpt = t0
+        rounds = samples = 0
+        while time.perf_counter() - t0 < config.budget_s and (config.max_rounds is None
+                                                               or rounds < config.max_rounds):
+            for g, env, algo in zip(graphs, envs, algos):
+                stats = algo.update()
+                samples += len(stats.rewards)
+                times = np.asarray(stats.step_times_s, dtype=np.float64)
+                if len(times) and np.isfinite(times).any():
+                    i = int(np.argmin(times))
+                    if times[i] < best[g.name]:
+                        best[g.name], best_groups[g.name] = float(times[i]), np.asarray(stats.placements[i]).copy()
+                writer.add_scalar(f"charts/best_step_time_s/{g.name}", best[g.name], samples)
+                writer.add_scalar(f"charts/reward/{g.name}", float(np.mean(stats.rewards)), samples)
+            rounds += 1
+            if time.perf_counter() - last_ckpt >= config.checkpoint_every_s:
+                checkpoint()
+                last_ckpt = time.perf_counter()
+        checkpoint()
+        writer.close()
+        return MultiTrainResult(run_dir=run_dir, best_step_time_s=best,
+                                reference_step_time_s={g.name: e.reference_time_s for g, e in zip(graphs, envs)},
+                                rounds=rounds, elapsed_s=time.perf_counter() - t0)
+    finally:
+        for env in envs:
+            env.close()
+
+
+def add_multi_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--graphs`` and ``--random-dags`` for ``placer train`` (the other options come from
+    :func:`placer.train.add_train_arguments`)."""
+    parser.add_argument("--graphs", help="train one policy on these comma-separated graphs (Placeto-style)")
+    parser.add_argument("--random-dags", type=int, default=0, help="add this many random layered DAGs")
+
+
+def multi_config_from_args(args: argparse.Namespace) -> MultiTrainConfig:
+    """A :class:`MultiTrainConfig` from ``placer train``'s options (with :func:`add_multi_arguments`)."""
+    graphs = tuple(g.strip() for g in (args.graphs or "").split(",") if g.strip())
+    return MultiTrainConfig(
+        graphs=graphs, random_dags=args.random_dags, graph_config=args.graph_config, cluster=args.cluster,
+        policy=args.policy, algo=args.algo, budget_s=args.budget, max_rounds=args.max_updates, seed=args.seed,
+        num_groups=args.num_groups, reference=args.reference, samples_per_update=args.samples_per_update,
+        lr=args.lr, entropy_coef=args.entropy_coef, hidden=args.hidden, runs_dir=args.runs_dir)

@@ -1,0 +1,256 @@
+"""A graph-neural-network placement policy (Placeto, Addanki et al., NeurIPS 2019; GDP, Zhou et al., 2019).
+
+GraphSAGE message passing (Hamilton et al., NeurIPS 2017) over the *group* graph embeds every group from its
+static, scale-free features (:data:`envs.problem.NODE_STATIC_FEATURES` plus the mean and the largest of its
+per-device time columns). As in Placeto, messages flow separately along the data edges and against them (a
+group's producers and its consumers matter differently), and every layer is residual with a layer norm.
+
+A per-group device head then scores each device ``d`` for the group ``t`` being placed from
+
+- the group's embedding and the mean embedding of the graph;
+- the pair features :data:`PAIR_FEATURES`: the group's time on ``d``, ``d``'s static features, the compute and
+  memory already placed on ``d`` (the environment's load columns), and the share of the traffic between the
+  group and its already-placed neighbours (producers or consumers) that those on ``d`` carry (the communication
+  a choice would save).
+
+The head is shared across devices, so the policy has no parameter that depends on the number of groups, edges
+or devices: one set of weights places any graph on any cluster (what zero-shot placement needs).
+
+The same network serves two algorithms:
+
+- :class:`GNNPolicy` implements :class:`policies.base.PlacementPolicy` for REINFORCE: the graph is embedded once
+  per problem and the head is applied autoregressively, tracking loads, memory and neighbours for ``S`` samples;
+- :class:`GNNExtractor` is a stable-baselines3 ``BaseFeaturesExtractor`` reading the environment's padded ``Dict``
+  observation (batched, with int arrays arriving as float32 and ``current_group`` one-hot or as an index with an
+  extra dimension) for sb3-contrib's ``MaskablePPO`` (:mod:`policies.ppo`). It computes the same pair features
+  from the observation, so both views give the same logits for the same partial placement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import Tensor, nn
+from torch_geometric.nn import SAGEConv
+
+from envs.problem import DEVICE_STATIC_FEATURES, NODE_STATIC_FEATURES, PlacementProblem
+from policies.base import MemoryMask, PlacementPolicy, PolicyInput, PolicySample, masked_categorical, register_policy
+
+NS = len(NODE_STATIC_FEATURES)
+NODE_IN = NS + 2
+"""Encoder input: the static group features, then the mean and the largest per-device time (any device count)."""
+PAIR_FEATURES = ("time_on_device", *DEVICE_STATIC_FEATURES, "compute_load", "memory_used", "input_bytes_here")
+"""Per (group, device) features of the device head."""
+PAIR_DIM = len(PAIR_FEATURES)
+
+
+def node_inputs(static: Tensor, device_time: Tensor, present: Tensor) -> Tensor:
+    """``(..., NODE_IN)`` encoder inputs from ``(..., NS)`` static features and ``(..., Dm)`` device-time columns
+    of which ``present`` ``(..., Dm)`` (broadcastable) marks the real devices."""
+    present = present.to(device_time.dtype)
+    mean = (device_time * present).sum(-1, keepdim=True) / present.sum(-1, keepdim=True).clamp_min(1.0)
+    top = device_time.masked_fill(present <= 0, float("-inf")).amax(-1, keepdim=True).clamp_min(0.0)
+    return torch.cat([static, mean, top], dim=-1)
+
+
+class GraphEncoder(nn.Module):
+    """``layers`` residual GraphSAGE layers, each summing a pass along the edges and one against them."""
+
+    def __init__(self, *, in_dim: int = NODE_IN, hidden: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        if hidden < 1 or layers < 0:
+            raise ValueError(f"GraphEncoder needs hidden >= 1 and layers >= 0, got {hidden}, {layers}")
+        self.inp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
+        self.fwd = nn.ModuleList(SAGEConv(hidden, hidden, aggr="mean") for _ in range(layers))
+        self.bwd = nn.ModuleList(SAGEConv(hidden, hidden, aggr="mean") for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(layers))
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        """Node embeddings ``(N, hidden)`` of ``x`` ``(N, in_dim)`` over directed edges ``(2, E)``."""
+        h = self.inp(x)
+        rev = edge_index.flip(0)
+        for fwd, bwd, norm in zip(self.fwd, self.bwd, self.norms):
+            h = norm(h + torch.relu(fwd(h, edge_index) + bwd(h, rev)))
+        return h
+
+
+class DeviceHead(nn.Module):
+    """Scores every device for one group: an MLP over [group embedding, graph embedding, pair features]."""
+
+    def __init__(self, *, hidden: int = 64, logit_clip: float = 5.0) -> None:
+        super().__init__()
+        self.logit_clip = logit_clip
+        self.mlp = nn.Sequential(nn.Linear(2 * hidden + PAIR_DIM, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, node_h: Tensor, graph_h: Tensor, pair: Tensor) -> Tensor:
+        """``(B, D)`` logits from ``(B, H)``, ``(B, H)`` and ``(B, D, PAIR_DIM)``."""
+        d = pair.shape[1]
+        z = torch.cat([node_h.unsqueeze(1).expand(-1, d, -1), graph_h.unsqueeze(1).expand(-1, d, -1), pair], dim=-1)
+        logits = self.mlp(z).squeeze(-1)
+        # the hierarchical planner's clipping keeps early policies from collapsing on one device
+        return self.logit_clip * torch.tanh(logits / self.logit_clip) if self.logit_clip > 0 else logits
+
+
+class GNNPolicy(PlacementPolicy):
+    """GraphSAGE encoder + shared device head (module docstring); no size-dependent parameters."""
+
+    def __init__(self, *, hidden: int = 64, layers: int = 3, logit_clip: float = 5.0,
+                 temperature: float = 1.0) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.hidden, self.temperature = hidden, temperature
+        self.encoder = GraphEncoder(hidden=hidden, layers=layers)
+        self.head = DeviceHead(hidden=hidden, logit_clip=logit_clip)
+
+    def embed(self, inp: PolicyInput) -> tuple[Tensor, Tensor]:
+        """Group embeddings ``(G, H)`` and the graph's mean embedding ``(H,)``."""
+        d = inp.num_devices
+        x = node_inputs(inp.node_features[:, :NS], inp.node_features[:, NS:NS + d],
+                        torch.ones(d, device=inp.node_features.device))
+        h = self.encoder(x, inp.edge_index)
+        return h, h.mean(dim=0)
+
+    @staticmethod
+    def _neighbours(inp: PolicyInput) -> list[tuple[Tensor, Tensor]]:
+        """Per group ``t``: its neighbour groups placed before it (producers and consumers ``< t``) and the weights
+        (``log1p`` bytes over the mean) of the edges joining them."""
+        if "gnn_neighbours" not in inp.cache:
+            src, dst = inp.edge_index
+            w = inp.edge_features[:, 0] if inp.edge_features.numel() else torch.zeros(0)
+            out = []
+            for g in range(inp.num_groups):
+                prod, cons = (dst == g) & (src < g), (src == g) & (dst < g)
+                out.append((torch.cat([src[prod], dst[cons]]), torch.cat([w[prod], w[cons]])))
+            inp.cache["gnn_neighbours"] = out
+        return inp.cache["gnn_neighbours"]
+
+    def _decode(self, inp: PolicyInput, num_samples: int, *, actions: Tensor | None, greedy: bool,
+                generator: torch.Generator | None) -> PolicySample:
+        h, pool = self.embed(inp)
+        s, g, d = num_samples, inp.num_groups, inp.num_devices
+        dt = h.dtype
+        memory = MemoryMask(inp, s)
+        load = torch.zeros(s, d, dtype=dt, device=h.device)
+        device_total = inp.time_s.sum(dim=0).clamp_min(1e-30)
+        capacity = inp.capacity_bytes
+        dev = inp.device_features.to(dt).unsqueeze(0).expand(s, -1, -1)
+        dev_time = inp.node_features[:, NS:NS + d]
+        rows = torch.arange(s, device=h.device)
+        chosen = torch.zeros(s, g, dtype=torch.int64, device=h.device)
+        neighbours = self._neighbours(inp)
+        pool_s = pool.unsqueeze(0).expand(s, -1)
+        logps, ents = [], []
+        for t in range(g):
+            src, w = neighbours[t]
+            if src.numel():
+                here = torch.nn.functional.one_hot(chosen[:, src], d).to(dt)  # (S, k, D)
+                affinity = (w.to(dt)[None, :, None] * here).sum(1) / w.sum().clamp_min(1e-8)
+            else:
+                affinity = torch.zeros(s, d, dtype=dt, device=h.device)
+            pair = torch.cat([dev_time[t].expand(s, d).unsqueeze(-1), dev, load.unsqueeze(-1),
+                              (memory.used / capacity).to(dt).unsqueeze(-1), affinity.unsqueeze(-1)], dim=-1)
+            logits = self.head(h[t].expand(s, -1), pool_s, pair) / self.temperature
+            a, lp, ent = masked_categorical(logits, memory.mask(t), actions=None if actions is None else actions[:, t],
+                                            greedy=greedy, generator=generator)
+            memory.place(t, a)
+            load = load.index_put((rows, a), (inp.time_s[t, a] / device_total[a]).to(dt), accumulate=True)
+            chosen[:, t] = a
+            logps.append(lp)
+            ents.append(ent)
+        return PolicySample(chosen, torch.stack(logps, dim=1).sum(dim=1), torch.stack(ents, dim=1).sum(dim=1))
+
+    def sample(self, inp: PolicyInput, num_samples: int, *, greedy: bool = False,
+               generator: torch.Generator | None = None) -> PolicySample:
+        return self._decode(inp, num_samples, actions=None, greedy=greedy, generator=generator)
+
+    def log_prob(self, inp: PolicyInput, actions: Tensor) -> PolicySample:
+        actions = torch.as_tensor(actions, dtype=torch.int64)
+        if actions.dim() != 2 or actions.shape[1] != inp.num_groups:
+            raise ValueError(f"actions must be (S, {inp.num_groups}), got {tuple(actions.shape)}")
+        return self._decode(inp, actions.shape[0], actions=actions, greedy=False, generator=None)
+
+
+@register_policy("gnn")
+def make_gnn(problem: PlacementProblem, **hparams: Any) -> GNNPolicy:
+    """The GNN policy (hyperparameters: see :class:`GNNPolicy`). ``problem`` is not needed: the same weights fit
+    every problem."""
+    return GNNPolicy(**hparams)
+
+
+# ============================================================================================== SB3 extractor
+def current_index(current: Tensor, num_groups: int) -> Tensor:
+    """``(B,)`` int64 current group from SB3's view of a ``Discrete(num_groups)`` entry: one-hot ``(B, Gm)`` (what
+    ``preprocess_obs`` makes), one-hot with an extra dimension ``(B, 1, Gm)``, or an index ``(B,)`` / ``(B, 1)``."""
+    b = current.shape[0]
+    flat = current.reshape(b, -1)
+    if flat.shape[1] == num_groups:
+        return flat.argmax(dim=1)
+    if flat.shape[1] == 1:
+        return flat[:, 0].round().long()
+    raise ValueError(f"current_group of shape {tuple(current.shape)} fits neither an index nor a one-hot of "
+                     f"{num_groups} groups")
+
+
+class GNNExtractor(BaseFeaturesExtractor):
+    """SB3 features extractor over :class:`envs.placement_env.PlacementEnv` observations (module docstring).
+
+    Features: ``[group embedding (H), graph embedding (H), device logits (Dm)]``; the last ``Dm`` are the shared
+    device head's logits, which :class:`policies.ppo.GNNMaskablePolicy` uses directly as the action logits, so the
+    PPO policy is the same function as :class:`GNNPolicy`. ``network`` may be an existing :class:`GNNPolicy`
+    whose encoder and head are then shared (the trainer checkpoints them as "the policy").
+    """
+
+    def __init__(self, observation_space: spaces.Dict, *, hidden: int = 64, layers: int = 3,
+                 network: GNNPolicy | None = None) -> None:
+        self.max_groups = int(observation_space["node_mask"].shape[0])
+        self.max_devices = int(observation_space["action_mask"].shape[0])
+        self.max_edges = int(observation_space["edge_mask"].shape[0])
+        self.node_dim = int(observation_space["node_features"].shape[0]) // self.max_groups
+        if self.node_dim != NS + 2 * self.max_devices + 2:
+            raise ValueError(f"observation has {self.node_dim} node columns; expected {NS + 2 * self.max_devices + 2}")
+        net = network if network is not None else GNNPolicy(hidden=hidden, layers=layers)
+        super().__init__(observation_space, features_dim=2 * net.hidden + self.max_devices)
+        self.net = net
+
+    def forward(self, obs: dict[str, Tensor]) -> Tensor:
+        gm, dm, em = self.max_groups, self.max_devices, self.max_edges
+        b = obs["node_mask"].shape[0]
+        x = obs["node_features"].reshape(b, gm, self.node_dim).float()
+        node_mask = obs["node_mask"].reshape(b, gm) > 0.5
+        ei = obs["edge_index"].reshape(b, 2, em).round().long()
+        ew = obs["edge_features"].reshape(b, em, -1)[..., 0].float()
+        edge_mask = obs["edge_mask"].reshape(b, em) > 0.5
+        dev = obs["device_features"].reshape(b, dm, -1).float()
+        cur = current_index(obs["current_group"], gm)
+        rows = torch.arange(b, device=x.device)
+
+        # ---- embed every graph of the batch as one disjoint union (padding nodes have no edges)
+        present = dev[:, :, 0]
+        xin = node_inputs(x[..., :NS], x[..., NS:NS + dm], present.unsqueeze(1))
+        offset = (rows * gm).view(b, 1)
+        src, dst = ei[:, 0] + offset, ei[:, 1] + offset
+        edges = torch.stack([src[edge_mask], dst[edge_mask]])
+        h = self.net.encoder(xin.reshape(b * gm, -1), edges).reshape(b, gm, -1)
+        nm = node_mask.to(h.dtype).unsqueeze(-1)
+        pool = (h * nm).sum(1) / nm.sum(1).clamp_min(1.0)
+        h_cur = h[rows, cur]
+
+        # ---- pair features of the current group, from the observation (same columns as GNNPolicy tracks)
+        placed = x[..., NS + dm:NS + 2 * dm]  # (B, Gm, Dm) one-hot of placed groups
+        # neighbours of the current group that are placed already, on either end of an edge
+        affinity = torch.zeros(b, dm, dtype=x.dtype, device=x.device)
+        norm = torch.zeros(b, 1, dtype=x.dtype, device=x.device)
+        for me, other in ((1, 0), (0, 1)):
+            other_dev = placed.gather(1, ei[:, other].unsqueeze(-1).expand(-1, -1, dm))  # (B, Em, Dm)
+            w = ew * (edge_mask & (ei[:, me] == cur.view(b, 1)))
+            affinity = affinity + (w.unsqueeze(-1) * other_dev).sum(1)
+            norm = norm + (w.unsqueeze(-1) * other_dev).sum((1, 2)).unsqueeze(1)
+        affinity = affinity / norm.clamp_min(1e-8)
+        pair = torch.cat([x[rows, cur, NS:NS + dm].unsqueeze(-1), dev, affinity.unsqueeze(-1)], dim=-1)
+        logits = self.net.head(h_cur, pool, pair) / self.net.temperature
+        logits = logits.masked_fill(present <= 0, -1e4)  # padding devices (the env masks them too)
+        return torch.cat([h_cur, pool, logits], dim=1)

@@ -1,0 +1,153 @@
+"""GNN policy: interface, agreement with its SB3 extractor, permutation equivariance, learning with REINFORCE."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from envs.placement_env import PlacementEnv
+from envs.synthetic import layered_dag, two_chains
+from placer.cluster import Cluster, Device
+from policies import PolicyInput, make_algo, make_policy
+from policies.gnn import NS, GNNExtractor, GNNPolicy, current_index
+
+
+def pair(bandwidth_Bps: float = 1e9) -> Cluster:
+    return Cluster.uniform("pair", [Device(name=f"cpu:{i}", kind="cpu", memory_bytes=1 << 34) for i in range(2)],
+                           bandwidth_Bps=bandwidth_Bps, latency_s=1e-4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batch(obs_list: list[dict]) -> dict[str, torch.Tensor]:
+    """Observations as SB3 hands them to an extractor: float32 batches, Discrete one-hot."""
+    out = {}
+    for k in obs_list[0]:
+        if k == "current_group":
+            continue
+        out[k] = torch.as_tensor(np.stack([o[k] for o in obs_list]), dtype=torch.float32)
+    return out
+
+
+def test_sample_log_prob_and_greedy():
+    env = PlacementEnv(layered_dag(3, 3, seed=0), "cpu+4gpu", num_groups=8)
+    torch.manual_seed(0)
+    policy = make_policy("gnn", env.problem, hidden=16, layers=2).eval()
+    inp = PolicyInput.from_problem(env.problem)
+    s = policy.sample(inp, 6, generator=torch.Generator().manual_seed(0))
+    assert s.actions.shape == (6, env.num_groups) and s.log_prob.shape == (6,)
+    assert 0 <= int(s.actions.min()) and int(s.actions.max()) < 5
+    again = policy.log_prob(inp, s.actions)
+    assert torch.allclose(again.log_prob, s.log_prob, atol=1e-5)
+    assert torch.allclose(again.entropy, s.entropy, atol=1e-5)
+    assert float(s.entropy.detach().max()) <= env.num_groups * np.log(5) + 1e-4
+    assert torch.equal(policy.sample(inp, 1, greedy=True).actions.expand(3, -1),
+                       policy.sample(inp, 3, greedy=True).actions)
+    with pytest.raises(ValueError, match="actions must be"):
+        policy.log_prob(inp, s.actions[:, :2])
+
+
+def test_extractor_logits_equal_the_policy_logits_along_an_episode():
+    # the PPO view (observations) and the REINFORCE view (tracked state) must compute the same function
+    env = PlacementEnv(layered_dag(3, 4, seed=2), "cpu+4gpu", num_groups=10)
+    torch.manual_seed(1)
+    policy = GNNPolicy(hidden=16, layers=2).eval()
+    ext = GNNExtractor(env.observation_space, network=policy).eval()
+    inp = PolicyInput.from_problem(env.problem)
+    placement = policy.sample(inp, 1, generator=torch.Generator().manual_seed(3)).actions[0]
+    lp_policy = policy.log_prob(inp, placement[None]).log_prob
+    obs, _ = env.reset(seed=0)
+    total = torch.zeros(())
+    dm = env.max_devices
+    for t, a in enumerate(placement.tolist()):
+        b = batch([obs])
+        b["current_group"] = torch.nn.functional.one_hot(torch.tensor([obs["current_group"]]), env.max_groups).float()
+        with torch.no_grad():
+            logits = ext(b)[0, -dm:]
+        mask = torch.as_tensor(env.action_masks())
+        total = total + torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=0)[a]
+        obs, *_ = env.step(a)
+    assert float(total) == pytest.approx(float(lp_policy), abs=1e-4)
+
+
+def test_current_group_in_every_sb3_shape():
+    one_hot = torch.nn.functional.one_hot(torch.tensor([2, 0]), 5).float()
+    for form in (one_hot, one_hot.unsqueeze(1), torch.tensor([2.0, 0.0]), torch.tensor([[2.0], [0.0]])):
+        assert current_index(form, 5).tolist() == [2, 0]
+    with pytest.raises(ValueError, match="fits neither"):
+        current_index(torch.zeros(2, 3), 5)
+
+
+def test_extractor_is_invariant_to_renumbering_the_nodes():
+    env = PlacementEnv(layered_dag(3, 4, seed=5), "cpu+4gpu", num_groups=12, max_groups=14, max_edges=40)
+    obs, _ = env.reset(seed=0)
+    for a in (1, 2, 0, 3):  # a partial placement, so placement columns and loads are non-trivial
+        obs, *_ = env.step(a)
+    torch.manual_seed(2)
+    ext = GNNExtractor(env.observation_space, hidden=16, layers=3).eval()
+    gm, em = env.max_groups, env.max_edges
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(gm)  # new index of old node i is perm[i]; padding nodes move too
+    nf = obs["node_features"].reshape(gm, -1)
+    nf2 = np.empty_like(nf)
+    nf2[perm] = nf
+    nm2 = np.empty_like(obs["node_mask"])
+    nm2[perm] = obs["node_mask"]
+    ei = obs["edge_index"].reshape(2, em)
+    emask = obs["edge_mask"]
+    eorder = rng.permutation(em)  # reorder the edge list as well
+    ei2 = np.where(emask > 0, perm[ei], 0)[:, eorder]
+    obs2 = dict(obs, node_features=nf2.reshape(-1), node_mask=nm2, edge_index=ei2.reshape(-1),
+                edge_features=obs["edge_features"].reshape(em, -1)[eorder].reshape(-1), edge_mask=emask[eorder],
+                current_group=int(perm[obs["current_group"]]))
+    b = batch([obs, obs2])
+    b["current_group"] = torch.tensor([[obs["current_group"]], [obs2["current_group"]]], dtype=torch.float32)
+    with torch.no_grad():
+        out = ext(b)
+        # node embeddings are equivariant: embedding of old node i == embedding of new node perm[i]
+        h1 = ext.net.encoder(torch.as_tensor(np.concatenate([nf[:, :NS], nf[:, NS:NS + 2]], 1)),
+                             torch.as_tensor(ei[:, emask > 0]))
+        h2 = ext.net.encoder(torch.as_tensor(np.concatenate([nf2[:, :NS], nf2[:, NS:NS + 2]], 1)),
+                             torch.as_tensor(ei2[:, emask[eorder] > 0]))
+    assert torch.allclose(h1, h2[torch.as_tensor(perm)], atol=1e-5)
+    assert torch.allclose(out[0], out[1], atol=1e-5)
+    assert not torch.allclose(out[0], ext(dict(b, current_group=torch.tensor([[0.0], [0.0]])))[0], atol=1e-3)
+
+
+def test_one_set_of_weights_places_any_graph_and_cluster():
+    torch.manual_seed(0)
+    policy = GNNPolicy(hidden=8, layers=1)
+    for graph, cluster in ((layered_dag(2, 2, seed=1), pair()), (layered_dag(4, 5, seed=2), "cpu+4gpu")):
+        env = PlacementEnv(graph, cluster, num_groups=16)
+        s = policy.sample(PolicyInput.from_problem(env.problem), 2)
+        assert s.actions.shape == (2, env.num_groups) and int(s.actions.max()) < env.num_devices
+
+
+def test_reinforce_with_gnn_learns_one_chain_per_device():
+    env = PlacementEnv(two_chains(4), pair(), num_groups=64)
+    best = env.evaluate([0, 1] * 4)[0]
+    rng = np.random.default_rng(0)
+    random_mean = np.mean([env.evaluate(rng.integers(0, 2, 8))[0] for _ in range(400)])
+    torch.manual_seed(0)
+    policy = make_policy("gnn", env.problem, hidden=16, layers=2)
+    algo = make_algo("reinforce", policy, env, samples_per_update=16, lr=2e-2, entropy_coef=0.01, seed=0)
+    stats = [algo.update() for _ in range(60)]
+    late = np.mean([s.rewards.mean() for s in stats[-5:]])
+    assert late > random_mean + 0.2, (late, random_mean)
+    assert max(s.rewards.max() for s in stats) == pytest.approx(best)
+    assert stats[-1].entropy < stats[0].entropy
+
+
+def test_extractor_rejects_a_foreign_observation_space():
+    space = spaces.Dict({"node_mask": spaces.Box(0, 1, (4,)), "action_mask": spaces.Box(0, 1, (2,)),
+                         "edge_mask": spaces.Box(0, 1, (3,)), "node_features": spaces.Box(0, 1, (4 * 5,))})
+    with pytest.raises(ValueError, match="node columns"):
+        GNNExtractor(space)

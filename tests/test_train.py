@@ -1,0 +1,164 @@
+"""placer.train: run folder artefacts, resume, CLI options, the compare hook."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from envs.synthetic import layered_dag
+from placer.cluster import get_cluster
+from placer.export import load_placement
+from placer.placement import Placement
+from placer.train import TrainConfig, add_train_arguments, config_from_args, train, train_and_place
+
+TAGS = {"charts/best_step_time_s", "charts/mean_step_time_s", "charts/reward", "charts/entropy",
+        "charts/samples_per_s", "losses/policy", "baseline/expert_step_time_s", "baseline/heft_step_time_s"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(tmp_path, **kw) -> TrainConfig:
+    base = dict(graph=layered_dag(3, 3, seed=11), cluster="cpu+4gpu", budget_s=120.0, max_updates=4,
+                samples_per_update=8, hidden=16, num_groups=8, runs_dir=str(tmp_path), progress=False,
+                checkpoint_every_s=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_train_writes_every_artefact(tmp_path):
+    res = train(tiny(tmp_path))
+    run = res.run_dir
+    assert run.parent == tmp_path and run.name.startswith("layered-3x3-s11__seq2seq__reinforce__0__")
+    for name in ("config.json", "graph.json", "cluster.json", "checkpoint.pt", "placement.json",
+                 "learning_curve.png"):
+        assert (run / name).exists(), name
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["run_name"] == run.name and cfg["graph"] == "layered-3x3-s11" and cfg["samples_per_update"] == 8
+    assert (run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    doc = load_placement(run / "placement.json", layered_dag(3, 3, seed=11), get_cluster("cpu+4gpu"))
+    assert doc.placement == res.placement
+    assert doc.doc["predicted"]["step_time_s"] == pytest.approx(res.predicted.step_time_s)
+    assert doc.doc["provenance"]["method"] == "rl:seq2seq+reinforce"
+    assert res.updates == 4 and res.samples == 32 and len(res.history) == 4
+    assert res.best_step_time_s == pytest.approx(res.predicted.step_time_s)  # reward simulates the op graph
+    bests = [h["best_step_time_s"] for h in res.history]
+    assert bests == sorted(bests, reverse=True)
+    tags = scalars(run)
+    assert TAGS <= set(tags), TAGS - set(tags)
+    assert tags["charts/best_step_time_s"][-1] == (32, pytest.approx(res.best_step_time_s))
+    assert tags["baseline/expert_step_time_s"][0][1] == pytest.approx(res.baselines["expert"])
+
+
+def test_resume_continues_the_run_exactly(tmp_path):
+    straight = train(tiny(tmp_path / "a", max_updates=4))
+    first = train(tiny(tmp_path / "b", max_updates=2))
+    resumed = train(TrainConfig(resume=first.run_dir.name, runs_dir=str(tmp_path / "b"), max_updates=4,
+                                progress=False, checkpoint_every_s=0.0))
+    assert resumed.run_dir == first.run_dir
+    assert (resumed.updates, resumed.samples) == (4, 32)
+    # RNG, optimizer and baseline were restored: the same trajectory as the uninterrupted run
+    key = lambda r: [(h["samples"], h["best_step_time_s"], h["mean_step_time_s"]) for h in r.history]  # noqa: E731
+    assert key(resumed) == key(straight)
+    doc = load_placement(resumed.run_dir / "placement.json")
+    assert doc.placement == resumed.placement
+    steps = [s for s, _ in scalars(resumed.run_dir)["charts/best_step_time_s"]]
+    assert steps == [8, 16, 24, 32]
+
+
+def test_warm_start_is_labelled_and_starts_from_the_baseline(tmp_path):
+    res = train(tiny(tmp_path, warm_start="heft", max_updates=1))
+    doc = json.loads((res.run_dir / "placement.json").read_text())
+    assert doc["provenance"]["method"] == "rl:seq2seq+reinforce+warm:heft"
+    # the first batch already samples around HEFT's placement
+    assert res.history[0]["best_step_time_s"] <= res.baselines["heft"] * 1.25
+    with pytest.raises(ValueError, match="warm start 'nope'"):
+        train(tiny(tmp_path / "bad", warm_start="nope"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bad_names_fail_before_a_run_folder_exists(tmp_path):
+    for kw, msg in (({"policy": "nope"}, "unknown policy"), ({"algo": "nope"}, "unknown algorithm"),
+                    ({"reward": "nope"}, "unknown reward backend"), ({"budget_s": 0}, "budget")):
+        with pytest.raises(ValueError, match=msg):
+            train(tiny(tmp_path, **kw))
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="cannot resume"):
+        train(TrainConfig(resume="missing", runs_dir=str(tmp_path), progress=False))
+
+
+def test_cli_options_build_the_config():
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["--graph", "nmt", "--cluster", "cpu+4gpu", "--budget", "2m", "--reward", "sim+real",
+                              "--seed", "3", "--samples-per-update", "8", "--no-progress"])
+    cfg = config_from_args(args)
+    assert (cfg.graph, cfg.cluster, cfg.budget_s, cfg.reward, cfg.seed, cfg.samples_per_update, cfg.progress) == (
+        "nmt", "cpu+4gpu", 120.0, "sim+real", 3, 8, False)
+    assert cfg.policy == "seq2seq" and cfg.algo == "reinforce"
+    with pytest.raises(ValueError, match="--graph"):
+        config_from_args(parser.parse_args([]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--budget", "soon"])
+
+
+def test_train_and_place_gives_a_valid_placement(tmp_path):
+    g = layered_dag(3, 3, seed=12)
+    placement, result = train_and_place(g, "cpu+4gpu", budget_s=60, seed=1, runs_dir=str(tmp_path),
+                                        max_updates=2, samples_per_update=4, hidden=16)
+    assert isinstance(placement, Placement)
+    placement.validate(g, get_cluster("cpu+4gpu"))
+    assert result.ok and result.source == "sim" and np.isfinite(result.step_time_s)
+
+
+class _FakeMeasurer:
+    """Stands in for the engine: 'measures' the simulated step plus 1 ms."""
+
+    def __init__(self, graph, cluster, *, timeout_s):
+        from placer.sim import Simulator
+
+        self.sim = Simulator(graph, cluster)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def measure(self, placement, *, schedule, microbatches, steps, warmup):
+        import dataclasses
+
+        r = self.sim.run(placement)
+        return dataclasses.replace(r, step_time_s=r.step_time_s + 1e-3, source="engine")
+
+
+def test_sim_real_run_reports_the_best_measured_placement(tmp_path, monkeypatch):
+    import envs.rewards as rewards
+
+    monkeypatch.setattr(rewards, "load_measurer_class", lambda: _FakeMeasurer)
+    g = layered_dag(3, 3, seed=11)
+    g = g.replace(meta={**g.meta, "source": {"factory": "fake:fake"}})
+    res = train(tiny(tmp_path, graph=g, reward="sim+real", top_k_real=3, max_updates=3))
+    assert res.measured is not None and res.measured.source == "engine"
+    assert res.measured.step_time_s == pytest.approx(res.predicted.step_time_s + 1e-3)
+    doc = json.loads((res.run_dir / "placement.json").read_text())
+    assert doc["measured"]["source"] == "engine:cpu+4gpu"
+    assert doc["measured"]["step_time_s"] == pytest.approx(res.measured.step_time_s)
+    tags = scalars(res.run_dir)
+    assert {"real/best_step_time_s", "real/top1_step_time_s"} <= set(tags)

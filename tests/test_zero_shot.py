@@ -1,0 +1,128 @@
+"""Zero-shot placement (Placeto): multi-graph training, then ``placer place`` on graphs the policy never saw."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from envs.placement_env import PlacementEnv
+from envs.synthetic import layered_dag, two_chains
+from placer.cluster import Cluster, Device, get_cluster
+from placer.export import load_placement
+from placer.place import add_place_arguments, place_zero_shot, run_place
+from placer.train import TrainConfig, train
+from placer.train_multi import MultiTrainConfig, add_multi_arguments, multi_config_from_args, train_multi
+
+
+def pair() -> Cluster:
+    return Cluster.uniform("pair", [Device(name=f"cpu:{i}", kind="cpu", memory_bytes=1 << 34) for i in range(2)],
+                           bandwidth_Bps=1e9, latency_s=1e-4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chains_run(tmp_path_factory):
+    """A GNN trained with REINFORCE on two chains of 4 ops and one random DAG (never on longer chains)."""
+    tmp = tmp_path_factory.mktemp("zs")
+    two_chains(4).save(tmp / "chains4.json")
+    pair().save(tmp / "pair.json")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped: set up before the autouse fixture
+    torch.manual_seed(0)
+    res = train_multi(MultiTrainConfig(
+        graphs=(str(tmp / "chains4.json"),), random_dags=1, cluster=str(tmp / "pair.json"), policy="gnn",
+        algo="reinforce", max_rounds=60, samples_per_update=16, lr=2e-2, hidden=16, policy_options={"layers": 2},
+        num_groups=64, runs_dir=str(tmp), reference="single", seed=0))
+    torch.set_num_threads(threads)
+    return tmp, res
+
+
+def test_multi_graph_run_writes_its_folder(chains_run):
+    tmp, res = chains_run
+    assert res.rounds == 60 and len(res.best_step_time_s) == 2
+    assert res.run_dir.name.startswith("multi-2__gnn__reinforce__0__")
+    for name in ("config.json", "checkpoint.pt", "placement_two-chains-4.json"):
+        assert (res.run_dir / name).exists(), name
+    # it solved the training graph: one chain per device
+    env = PlacementEnv(two_chains(4), pair(), num_groups=64, reference="single")
+    assert res.best_step_time_s["two-chains-4"] == pytest.approx(env.evaluate([0, 1] * 4)[1].step_time_s)
+
+
+def test_zero_shot_places_a_longer_chain_pair_optimally(chains_run):
+    tmp, res = chains_run
+    graph = two_chains(7)  # never seen: 14 groups instead of 8
+    zs = place_zero_shot(res.run_dir, graph, pair())
+    env = PlacementEnv(graph, pair(), num_groups=64, reference="single")
+    optimum = env.evaluate([0, 1] * 7)[1].step_time_s
+    rng = np.random.default_rng(0)
+    random_mean = np.mean([env.evaluate(rng.integers(0, 2, 14))[1].step_time_s for _ in range(200)])
+    assert zs.predicted.ok and zs.method == "rl:gnn+reinforce+zero-shot"
+    assert zs.predicted.step_time_s < random_mean
+    assert zs.predicted.step_time_s == pytest.approx(optimum, rel=0.02)
+
+
+def test_placer_place_cli_writes_a_valid_placement_for_an_unseen_graph_and_cluster(chains_run, capsys):
+    tmp, res = chains_run
+    graph = layered_dag(4, 3, seed=99)  # unseen, on a cluster with 5 devices instead of 2
+    graph.save(tmp / "unseen.json")
+    parser = argparse.ArgumentParser()
+    add_place_arguments(parser)
+    args = parser.parse_args(["--policy-from", res.run_dir.name, "--runs-dir", str(tmp), "--graph",
+                              str(tmp / "unseen.json"), "--cluster", "cpu+4gpu", "--out", str(tmp / "p.json"),
+                              "--samples", "4"])
+    out = run_place(args)
+    doc = load_placement(tmp / "p.json", graph, get_cluster("cpu+4gpu"))
+    assert doc.placement == out.placement and doc.doc["provenance"]["method"] == "rl:gnn+reinforce+zero-shot"
+    assert doc.doc["predicted"]["step_time_s"] == pytest.approx(out.predicted.step_time_s)
+    assert "placed layered-4x3-s99 on cpu+4gpu" in capsys.readouterr().out
+
+
+def test_zero_shot_from_a_single_graph_ppo_run(tmp_path):
+    run = train(TrainConfig(graph=layered_dag(3, 3, seed=11), cluster="cpu+4gpu", policy="gnn", algo="ppo",
+                            budget_s=60.0, max_updates=1, samples_per_update=2, hidden=8, num_groups=8,
+                            runs_dir=str(tmp_path), progress=False, baselines=("expert",)))
+    zs = place_zero_shot(run.run_dir, layered_dag(3, 5, seed=12), "cpu+4gpu")
+    assert zs.placement.device_of_op.shape == (16,) and zs.method == "rl:gnn+ppo+zero-shot"
+
+
+def test_bad_runs_and_mismatched_policies_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="no trained run 'nope'"):
+        place_zero_shot("nope", layered_dag(2, 2), pair(), runs_dir=tmp_path)
+    run = train(TrainConfig(graph=layered_dag(2, 2, seed=1), cluster="cpu+4gpu", policy="seq2seq",
+                            budget_s=60.0, max_updates=1, samples_per_update=2, hidden=8, num_groups=4,
+                            runs_dir=str(tmp_path), progress=False, baselines=("expert",)))
+    with pytest.raises(ValueError, match="does not fit") as e:
+        place_zero_shot(run.run_dir, layered_dag(2, 2), pair())  # seq2seq's head is sized for 5 devices
+    assert "\n" not in str(e.value)
+
+
+def test_graphs_option_parses_into_a_multi_config():
+    from placer.train import add_train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    add_multi_arguments(parser)
+    cfg = multi_config_from_args(parser.parse_args(["--graphs", "rnnlm, nmt", "--random-dags", "3", "--policy",
+                                                    "gnn", "--algo", "ppo", "--max-updates", "2"]))
+    assert cfg.graphs == ("rnnlm", "nmt") and cfg.random_dags == 3 and cfg.algo == "ppo" and cfg.max_rounds == 2
+    with pytest.raises(ValueError, match="at least one graph"):
+        MultiTrainConfig(graphs=(), random_dags=0)
+
+
+def test_multi_graph_ppo_shares_one_gnn(tmp_path):
+    res = train_multi(MultiTrainConfig(graphs=(), random_dags=2, cluster="cpu+4gpu", policy="gnn", algo="ppo",
+                                       max_rounds=2, samples_per_update=2, hidden=8, policy_options={"layers": 1},
+                                       num_groups=16, runs_dir=str(tmp_path), seed=1))
+    assert res.rounds == 2 and all(np.isfinite(list(res.best_step_time_s.values())))
+    zs = place_zero_shot(res.run_dir, layered_dag(3, 2, seed=5), "cpu+4gpu")
+    assert zs.predicted.ok and zs.method == "rl:gnn+ppo+zero-shot"
