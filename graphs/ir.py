@@ -20,6 +20,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
+from graphs.jsonio import read_json, write_json_atomic
+
 SCHEMA = "placer.opgraph/v1"
 
 
@@ -346,24 +348,12 @@ class OpGraph:
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
-        tmp.replace(path)
+        write_json_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "OpGraph":
         """Read a graph JSON file; any problem is a one-line ``ValueError``."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ValueError(f"cannot read graph file {path}: {e.strerror}") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        d = read_json(path, "graph")
         try:
             return cls.from_json(d)
         except ValueError as e:

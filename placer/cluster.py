@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from graphs.jsonio import read_json, write_json_atomic
+
 SCHEMA = "placer.cluster/v1"
 GiB = 1 << 30
 
@@ -130,20 +132,11 @@ class Cluster:
             raise ValueError(f"malformed cluster JSON: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
-        tmp.replace(path)
+        write_json_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "Cluster":
-        try:
-            d = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise ValueError(f"cannot read cluster file {path}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        d = read_json(path, "cluster")
         try:
             return cls.from_json(d)
         except ValueError as e:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from graphs.ir import OpGraph
+from graphs.jsonio import read_json, write_json_atomic
 from placer.cluster import Cluster
 from placer.placement import Placement
 from placer.result import StepResult
@@ -126,16 +127,6 @@ def placement_to_json(
     }
 
 
-def write_json_atomic(path: str | Path, doc: Mapping[str, Any]) -> Path:
-    """Write sorted-key JSON through a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
-
-
 def save_placement(path: str | Path, graph: OpGraph, cluster: Cluster, placement: Placement, **kw: Any) -> Path:
     """Write a placement JSON (see :func:`placement_to_json` for the keyword arguments)."""
     return write_json_atomic(path, placement_to_json(graph, cluster, placement, **kw))
@@ -161,13 +152,7 @@ def validate_document(doc: Any) -> None:
 
 def load_placement(path: str | Path, graph: OpGraph | None = None, cluster: Cluster | None = None) -> LoadedPlacement:
     """Read a placement JSON; with ``graph``/``cluster``, check it belongs to them (hash, op and device names)."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except OSError as e:
-        raise ValueError(f"cannot read placement file {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    doc = read_json(path, "placement")
     return placement_from_document(doc, graph, cluster, where=str(path))
 
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from graphs.models._common import build_seeded
+
 __all__ = [
     "InceptionV3Config", "InceptionV3", "PAPER", "SMALL", "MIN_IMAGE_SIZE", "SMALL_IMAGE_SIZE", "build",
     "layer_of_module",
@@ -299,13 +301,7 @@ def example_inputs(config: InceptionV3Config, generator: torch.Generator) -> tup
 
 def build(config: InceptionV3Config, *, seed: int = 0) -> tuple[InceptionV3, tuple[Tensor, ...], None]:
     """The model (training mode), its example inputs, and ``None`` (the loss is computed inside ``forward``)."""
-    generator = torch.Generator().manual_seed(seed)
-    # Meta-device construction + local generator: the global RNG is neither used nor changed.
-    with torch.device("meta"):
-        model = InceptionV3(config)
-    model = model.to_empty(device="cpu")
-    model.init_parameters(generator)
-    return model, example_inputs(config, generator), None
+    return build_seeded(InceptionV3, config, example_inputs, seed)
 
 
 def layer_of_module(path: str) -> int | None:  # noqa: ARG001 - same signature as the recurrent models

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from graphs.models._common import build_seeded
+
 __all__ = ["NMTConfig", "NMT", "LuongAttention", "PAPER", "SMALL", "build", "layer_of_module",
            "expert_layer_of_module"]
 
@@ -177,13 +179,7 @@ def example_inputs(config: NMTConfig, generator: torch.Generator) -> tuple[Tenso
 
 def build(config: NMTConfig, *, seed: int = 0) -> tuple[NMT, tuple[Tensor, ...], None]:
     """The model (training mode), its example inputs, and ``None`` (the loss is computed inside ``forward``)."""
-    generator = torch.Generator().manual_seed(seed)
-    # Meta-device construction + local generator: the global RNG is neither used nor changed.
-    with torch.device("meta"):
-        model = NMT(config)
-    model = model.to_empty(device="cpu")
-    model.init_parameters(generator)
-    return model, example_inputs(config, generator), None
+    return build_seeded(NMT, config, example_inputs, seed)
 
 
 def layer_of_module(path: str) -> int | None:

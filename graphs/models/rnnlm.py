@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from graphs.models._common import build_seeded
+
 __all__ = ["RNNLMConfig", "RNNLM", "PAPER", "SMALL", "build", "layer_of_module", "expert_layer_of_module"]
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)(?:\.|$)")
@@ -130,14 +132,7 @@ def example_inputs(config: RNNLMConfig, generator: torch.Generator) -> tuple[Ten
 
 def build(config: RNNLMConfig, *, seed: int = 0) -> tuple[RNNLM, tuple[Tensor, ...], None]:
     """The model (training mode), its example inputs, and ``None`` (the loss is computed inside ``forward``)."""
-    generator = torch.Generator().manual_seed(seed)
-    # Built on the meta device and initialised from a local generator: no default init consumes (or changes)
-    # the global RNG, and the parameters depend on ``seed`` alone.
-    with torch.device("meta"):
-        model = RNNLM(config)
-    model = model.to_empty(device="cpu")
-    model.init_parameters(generator)
-    return model, example_inputs(config, generator), None
+    return build_seeded(RNNLM, config, example_inputs, seed)
 
 
 def layer_of_module(path: str) -> int | None:
