@@ -386,6 +386,37 @@ def cmd_demo(args: argparse.Namespace) -> None:
         console.print(f"  {what:>15}: {path}")
 
 
+# ---------------------------------------------------------------------------------------------- export
+@command("export")
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run's (or a file's) placement for a trainer")
+    p.add_argument("source", help="a run folder (its placement.json) or a placement JSON")
+    p.add_argument("--format", choices=("json", "torch"), default="json",
+                   help="json: the validated placement JSON; torch: a torch.save'd dict of module -> device name")
+    p.add_argument("--out", required=True, help="output file")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from placer.export import load_placement
+    from graphs.jsonio import write_json_atomic
+
+    src = Path(args.source)
+    path = src / "placement.json" if src.is_dir() else src
+    doc = load_placement(path).doc
+    if args.format == "json":
+        write_json_atomic(args.out, doc)
+    else:
+        import torch
+
+        devices = doc["devices"]
+        torch.save({"schema": doc["schema"], "graph": doc["graph"], "devices": devices,
+                    "modules": {m: devices[d] for m, d in doc["modules"].items()},
+                    "ops": {o: devices[d] for o, d in doc["ops"].items()},
+                    "stages": doc["stages"], "schedule": doc["schedule"]}, args.out)
+    console.print(f"wrote {args.out} ({args.format}) from {path}")
+
+
 # ---------------------------------------------------------------------------------------------- show
 @command("show")
 def _show_parser(sub: argparse._SubParsersAction) -> None:

@@ -66,3 +66,21 @@ def test_errors_are_one_line(tmp_path, args, match):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("placer: error: ") and match in lines[0], r.stderr
+
+
+def test_baseline_then_export_json_and_torch(tmp_path):
+    import torch
+
+    placement = tmp_path / "p.json"
+    r = placer("baseline", "--graph", "rnnlm", "--cluster", "cpu-2", "--method", "expert", "--out", placement)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(placement.read_text())["modules"]["layers.1"] == 1
+    r = placer("export", placement, "--format", "json", "--out", tmp_path / "copy.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "copy.json").read_text()) == json.loads(placement.read_text())
+    r = placer("export", placement, "--format", "torch", "--out", tmp_path / "p.pt")
+    assert r.returncode == 0, r.stderr
+    d = torch.load(tmp_path / "p.pt")
+    assert d["modules"]["layers.0"] == "cpu:0" and d["modules"]["layers.1"] == "cpu:1"
+    r = placer("export", tmp_path / "missing", "--out", tmp_path / "x.json")
+    assert r.returncode == 2 and r.stderr.startswith("placer: error: cannot read placement file")
