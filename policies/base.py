@@ -134,6 +134,25 @@ class PlacementPolicy(nn.Module):
         raise NotImplementedError
 
 
+class AutoregressivePolicy(PlacementPolicy):
+    """A policy that decodes one group at a time: sampling and scoring share one ``_decode`` (teacher-forced
+    when ``actions`` is given), so the two can never disagree."""
+
+    def _decode(self, inp: PolicyInput, num_samples: int, *, actions: Tensor | None, greedy: bool,
+                generator: torch.Generator | None) -> PolicySample:
+        raise NotImplementedError
+
+    def sample(self, inp: PolicyInput, num_samples: int, *, greedy: bool = False,
+               generator: torch.Generator | None = None) -> PolicySample:
+        return self._decode(inp, num_samples, actions=None, greedy=greedy, generator=generator)
+
+    def log_prob(self, inp: PolicyInput, actions: Tensor) -> PolicySample:
+        actions = torch.as_tensor(actions, dtype=torch.int64)
+        if actions.dim() != 2 or actions.shape[1] != inp.num_groups:
+            raise ValueError(f"actions must be (S, {inp.num_groups}), got {tuple(actions.shape)}")
+        return self._decode(inp, actions.shape[0], actions=actions, greedy=False, generator=None)
+
+
 def imitate(policy: PlacementPolicy, inp: PolicyInput, actions: Tensor, *, max_steps: int = 300, lr: float = 3e-3,
             target_nll: float = 0.1) -> tuple[int, float]:
     """Behaviour cloning as a warm start: raise ``log p(actions)`` (``(K, G)`` placements to imitate) with Adam

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
 
 from envs.problem import DEVICE_STATIC_FEATURES, NODE_STATIC_FEATURES, PlacementProblem
-from policies.base import MemoryMask, PlacementPolicy, PolicyInput, PolicySample, masked_categorical, register_policy
+from policies.base import (AutoregressivePolicy, MemoryMask, PolicyInput, PolicySample, masked_categorical,
+                           register_policy)
 
 NS = len(NODE_STATIC_FEATURES)
 NODE_IN = NS + 2
@@ -94,7 +95,7 @@ class DeviceHead(nn.Module):
         return self.logit_clip * torch.tanh(logits / self.logit_clip) if self.logit_clip > 0 else logits
 
 
-class GNNPolicy(PlacementPolicy):
+class GNNPolicy(AutoregressivePolicy):
     """GraphSAGE encoder + shared device head (module docstring); no size-dependent parameters."""
 
     def __init__(self, *, hidden: int = 64, layers: int = 3, logit_clip: float = 5.0,
@@ -163,15 +164,6 @@ class GNNPolicy(PlacementPolicy):
             ents.append(ent)
         return PolicySample(chosen, torch.stack(logps, dim=1).sum(dim=1), torch.stack(ents, dim=1).sum(dim=1))
 
-    def sample(self, inp: PolicyInput, num_samples: int, *, greedy: bool = False,
-               generator: torch.Generator | None = None) -> PolicySample:
-        return self._decode(inp, num_samples, actions=None, greedy=greedy, generator=generator)
-
-    def log_prob(self, inp: PolicyInput, actions: Tensor) -> PolicySample:
-        actions = torch.as_tensor(actions, dtype=torch.int64)
-        if actions.dim() != 2 or actions.shape[1] != inp.num_groups:
-            raise ValueError(f"actions must be (S, {inp.num_groups}), got {tuple(actions.shape)}")
-        return self._decode(inp, actions.shape[0], actions=actions, greedy=False, generator=None)
 
 
 @register_policy("gnn")

@@ -25,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from envs.problem import KIND_BUCKETS, PlacementProblem
-from policies.base import MemoryMask, PlacementPolicy, PolicyInput, PolicySample, masked_categorical, register_policy
+from policies.base import (AutoregressivePolicy, MemoryMask, PolicyInput, PolicySample, masked_categorical,
+                           register_policy)
 
 
-class Seq2SeqPolicy(PlacementPolicy):
+class Seq2SeqPolicy(AutoregressivePolicy):
     """Encoder-decoder over groups (module docstring). Sizes: ``hidden`` LSTM units, ``embed`` embedding width."""
 
     def __init__(self, *, node_dim: int, num_devices: int, hidden: int = 64, embed: int = 32,
@@ -125,15 +126,6 @@ class Seq2SeqPolicy(PlacementPolicy):
         return PolicySample(torch.stack(chosen, dim=1), torch.stack(logps, dim=1).sum(dim=1),
                             torch.stack(ents, dim=1).sum(dim=1))
 
-    def sample(self, inp: PolicyInput, num_samples: int, *, greedy: bool = False,
-               generator: torch.Generator | None = None) -> PolicySample:
-        return self._decode(inp, num_samples, actions=None, greedy=greedy, generator=generator)
-
-    def log_prob(self, inp: PolicyInput, actions: Tensor) -> PolicySample:
-        actions = torch.as_tensor(actions, dtype=torch.int64)
-        if actions.dim() != 2 or actions.shape[1] != inp.num_groups:
-            raise ValueError(f"actions must be (S, {inp.num_groups}), got {tuple(actions.shape)}")
-        return self._decode(inp, actions.shape[0], actions=actions, greedy=False, generator=None)
 
 
 @register_policy("seq2seq")
