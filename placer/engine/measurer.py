@@ -286,6 +286,17 @@ class Measurer:
         return StepResult.failed(reason, source="engine", devices=self.devices, oom_device=oom_device,
                                  schedule=schedule, microbatches=microbatches)
 
+    def _root_cause(self, reason: str) -> str:
+        """When a peer reports a broken connection because another worker died, name the dead worker instead."""
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for r, p in enumerate(self._procs):
+                if not _alive(p):
+                    p.join(0.1)
+                    return f"worker {self.devices[r]} crashed (exit code {p.exitcode})"
+            time.sleep(0.05)
+        return reason
+
     def _run(self, placement: Any, *, schedule: str, microbatches: int, steps: int, warmup: int, update: bool,
              collect: bool, timeout_s: float | None, fault: str | None,
              backend: str | None) -> tuple[StepResult, list[dict[str, Any]]]:
@@ -315,6 +326,7 @@ class Measurer:
                "schedule": schedule}
         replies = self._broadcast(cmd, self.config.timeout_s if timeout_s is None else timeout_s, "measure")
         if isinstance(replies, str):
+            replies = self._root_cause(replies)
             log.warning("engine measurement failed (%s); restarting workers", replies)
             self._kill()
             self.restarts += 1
