@@ -133,7 +133,7 @@ class PlacementEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, graph: OpGraph | str | Path | None = None, cluster: Cluster | str | Path | None = None, *,
-                 num_groups: int = 32, reward_backend: str = "sim", reference: str | float = "expert",
+                 num_groups: int = 128, reward_backend: str = "sim", reference: str | float = "expert",
                  incremental: bool = False, schedule: str = "none", microbatches: int = 1, sim_graph: str = "full",
                  failure_penalty: float | None = None, max_groups: int | None = None,
                  max_devices: int | None = None, max_edges: int | None = None, graph_config: str = "small",

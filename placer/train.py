@@ -79,8 +79,10 @@ class TrainConfig:
     """Reward backend: ``sim``, ``real`` (engine) or ``sim+real`` (sim reward, top-k re-measured by the engine)."""
     seed: int = 0
     """Seeds the policy's initialisation, the sampling generator and the global RNGs."""
-    num_groups: int = 256
-    """At most this many groups (ColocRL's co-location grouping; graphs with fewer natural groups keep them)."""
+    num_groups: int = 128
+    """At most this many groups (ColocRL's co-location grouping; graphs with fewer natural groups keep them:
+    RNNLM-paper has 40, NMT-paper 110). Inception-V3 (314 natural groups) in 540 s: 256 groups reach 0.525 s,
+    128 groups 0.487 s (fewer decisions, 2.7x the samples per second)."""
     reference: str = "expert"
     """Baseline whose step time normalises the reward (``-sqrt(t / t_ref)``)."""
     incremental: bool = False
