@@ -12,19 +12,7 @@ from envs.synthetic import layered_dag, two_chains
 from placer.cluster import Cluster, Device
 from policies import PolicyInput, make_algo, make_policy
 from policies.gnn import NS, GNNExtractor, GNNPolicy, current_index
-
-
-def pair(bandwidth_Bps: float = 1e9) -> Cluster:
-    return Cluster.uniform("pair", [Device(name=f"cpu:{i}", kind="cpu", memory_bytes=1 << 34) for i in range(2)],
-                           bandwidth_Bps=bandwidth_Bps, latency_s=1e-4)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
 
 
 def batch(obs_list: list[dict]) -> dict[str, torch.Tensor]:

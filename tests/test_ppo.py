@@ -14,19 +14,7 @@ from placer.export import load_placement
 from placer.train import TrainConfig, train
 from policies import make_algo, make_policy
 from policies.ppo import MaskablePPOAlgo, PPOConfig
-
-
-def pair(bandwidth_Bps: float = 1e9, memory: tuple[int, int] = (1 << 34, 1 << 34)) -> Cluster:
-    return Cluster.uniform("pair", [Device(name=f"cpu:{i}", kind="cpu", memory_bytes=m) for i, m in enumerate(memory)],
-                           bandwidth_Bps=bandwidth_Bps, latency_s=1e-4)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
 
 
 def test_ppo_learns_one_chain_per_device():
