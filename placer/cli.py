@@ -69,6 +69,16 @@ def load_graph_arg(text: str, *, config: str = "small"):
     return load_benchmark_graph(text, config=config)
 
 
+def placed_from_document(doc: dict, where: str, graph_arg: str | None, cluster_arg: str | None):
+    """(graph, cluster, placement) of a placement JSON document; ``--graph``/``--cluster`` override its names."""
+    from placer.cluster import get_cluster
+    from placer.export import placement_from_document
+
+    graph = load_graph_arg(graph_arg or doc["graph"]["name"])
+    cluster = get_cluster(cluster_arg or doc.get("cluster", ""))
+    return graph, cluster, placement_from_document(doc, graph, cluster, where=str(where)).placement
+
+
 # ---------------------------------------------------------------------------------------------- graph
 @command("graph")
 def _graph_parser(sub: argparse._SubParsersAction) -> None:
@@ -330,16 +340,14 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from placer.cluster import get_cluster
     from placer.engine import EngineConfig, measure
-    from placer.export import load_placement
     from placer.sim import simulate
     from placer.timeline import plot_gantt, to_chrome_trace
 
-    doc = load_placement(args.placement).doc
-    graph = load_graph_arg(args.graph or doc["graph"]["name"])
-    cluster = get_cluster(args.cluster or doc.get("cluster", ""))
-    placement = load_placement(args.placement, graph, cluster).placement
+    from graphs.jsonio import read_json
+
+    doc = read_json(args.placement, "placement")
+    graph, cluster, placement = placed_from_document(doc, args.placement, args.graph, args.cluster)
     schedule = args.schedule or doc["schedule"]["name"]
     micro = args.microbatches or doc["schedule"]["microbatches"]
     with console.status(f"measuring {args.steps} steps on {cluster.num_devices} workers…"):
@@ -430,24 +438,14 @@ def _show_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    import json
-
+    from graphs.jsonio import read_json
     from placer.result import StepResult
 
-    try:
-        doc = json.loads(Path(args.path).read_text())
-    except OSError as e:
-        raise ValueError(f"cannot read {args.path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{args.path} is not valid JSON: {e}") from None
+    doc = read_json(args.path, "placement or result")
     if isinstance(doc, dict) and doc.get("schema") == "placer.placement/v1":
-        from placer.cluster import get_cluster
-        from placer.export import placement_from_document
         from placer.sim import simulate
 
-        graph = load_graph_arg(args.graph or doc["graph"]["name"])
-        cluster = get_cluster(args.cluster or doc.get("cluster", ""))
-        placement = placement_from_document(doc, graph, cluster, where=args.path).placement
+        graph, cluster, placement = placed_from_document(doc, args.path, args.graph, args.cluster)
         result = simulate(graph, cluster, placement, schedule=doc["schedule"]["name"],
                           microbatches=doc["schedule"]["microbatches"], timeline=True)
         title = f"{graph.name} on {cluster.name}: {doc['provenance']['method']}"
