@@ -12,7 +12,8 @@ For each graph G in rnnlm, nmt, inception_v3 (the ``paper`` config from ``graphs
 All step times are simulated on the full op graph. The policy learns from scratch; with ``--warm-start best`` it
 first imitates the best baseline's placement (behaviour cloning, :func:`policies.base.imitate`) and the figures
 are printed as ``rl_warm_vs_best_classic[G]`` etc., so the two are never confused. With ``--real`` it also trains on the ``small`` configs on
-``cpu-2`` with ``--reward sim+real`` and measures, with the engine in one warm session, the RL placement and
+``cpu-2`` with ``--reward sim+real`` (which first calibrates the simulator on this machine's workers, see
+``TrainConfig.calibrate``; the baselines below place on that calibrated cluster too) and measures, with the engine in one warm session, the RL placement and
 Single, Scotch, MinCut and Expert (interleaved rounds, median of each)::
 
     figure: rl_real_vs_best_classic[G] = R   measured RL / best measured of Single, Scotch, MinCut, Expert
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from graphs.data import available, load_benchmark_graph  # noqa: E402
-from placer.cluster import get_cluster  # noqa: E402
+from placer.cluster import Cluster, get_cluster  # noqa: E402
 from placer.train import ALGORITHMIC, CLASSIC, TrainConfig, train  # noqa: E402
 
 MODELS = ("rnnlm", "nmt", "inception_v3")
@@ -90,6 +91,7 @@ def bench_real(model: str, args: argparse.Namespace) -> None:
     res = train(TrainConfig(graph=graph, cluster=cluster, budget_s=args.real_budget, seed=args.seed,
                             reward=args.real_reward, real_every_s=max(30.0, args.real_budget / 4),
                             runs_dir=args.runs_dir, progress=not args.no_progress, **args.overrides))
+    cluster = Cluster.load(res.run_dir / "cluster.json")  # calibrated by train() for an engine reward on cpu-2
     placements = {"rl": res.placement}
     for m in REAL_CLASSIC:
         try:

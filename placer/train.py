@@ -31,7 +31,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -141,6 +141,13 @@ class TrainConfig:
     """``sim+real``: how many of the best simulated placements the engine re-measures."""
     real_every_s: float = 120.0
     """``sim+real``: seconds between periodic re-measurements (and once at the end)."""
+    calibrate: str = "auto"
+    """Calibrate the simulator against this machine's workers before training (:func:`placer.calibrate.calibrate_cluster`):
+    ``auto`` does it when the reward uses the engine (``real``/``sim+real``) and the cluster is an uncalibrated
+    all-CPU preset (``cpu-2``), so the simulated reward and the measured one describe the same machine (the
+    ``cpu-2`` preset's guessed link and no per-message cost made ``sim+real`` on RNNLM-small prefer 2-device
+    splits measuring 3x slower than Single); ``always`` / ``never`` force it. The calibrated cluster is saved as the
+    run's ``cluster.json``, so a resume reuses it."""
     engine_timeout_s: float = 120.0
     """Seconds an engine measurement may take before it counts as failed."""
     torch_threads: int = 1
@@ -322,6 +329,28 @@ def _check_names(config: TrainConfig) -> None:
                          f"({', '.join(config.baselines)})")
 
 
+def needs_calibration(cluster: Cluster, config: TrainConfig) -> bool:
+    """Whether :attr:`TrainConfig.calibrate` asks to measure ``cluster``'s workers before training."""
+    if config.calibrate not in ("auto", "always", "never"):
+        raise ValueError(f"calibrate must be auto, always or never, got {config.calibrate!r}")
+    if config.calibrate != "auto":
+        return config.calibrate == "always"
+    return (config.reward in ("real", "sim+real") and cluster.meta.get("source") != "calibrated"
+            and cluster.num_devices >= 2 and all(d.kind == "cpu" for d in cluster.devices))
+
+
+def maybe_calibrate(cluster: Cluster, config: TrainConfig) -> Cluster:
+    """``cluster``, or the same devices calibrated on this machine (see :attr:`TrainConfig.calibrate`)."""
+    if not needs_calibration(cluster, config):
+        return cluster
+    from placer.calibrate import calibrate_cluster  # noqa: PLC0415 - spawns workers; only when asked
+
+    log.info("calibrating %d CPU workers so the simulated reward matches the engine ...", cluster.num_devices)
+    measured = calibrate_cluster(cluster.num_devices, name=f"{cluster.name}-calibrated")
+    return dataclasses.replace(measured, devices=tuple(
+        dataclasses.replace(dev, name=orig.name) for dev, orig in zip(measured.devices, cluster.devices)))
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training run; see the module docstring for what it writes."""
     _check_names(config)
@@ -336,7 +365,7 @@ def train(config: TrainConfig) -> TrainResult:
         cluster = Cluster.load(run_dir / "cluster.json")
     else:
         graph = resolve_graph(config.graph, config=config.graph_config)
-        cluster = resolve_cluster(config.cluster)
+        cluster = maybe_calibrate(resolve_cluster(config.cluster), config)
         run_dir = Path(config.runs_dir) / (config.run_name or _run_name(graph, config))
         while run_dir.exists():  # two runs started in the same second
             run_dir = run_dir.with_name(run_dir.name + "_")
@@ -591,6 +620,30 @@ def rl_placer(graph: OpGraph, cluster: Cluster, *, seed: int, budget_s: float | 
     return train_and_place(graph, cluster, budget_s=600.0 if budget_s is None else budget_s, seed=seed)[0]
 
 
+def family_placer(family: str, *, runs_dir: str = "runs", **overrides: Any) -> Callable[..., Placement]:
+    """A :class:`placer.compare.ExtraPlacer` that trains ``family`` (``policy+algo``, e.g. ``gnn+ppo``; a bare
+    policy name means REINFORCE) on each graph and cluster of the comparison and returns its best placement."""
+    from policies import ALGOS, POLICIES
+
+    policy, _, algo = family.partition("+")
+    algo = algo or "reinforce"
+    if policy not in POLICIES or algo not in ALGOS:
+        raise ValueError(f"unknown policy family {family!r}; use POLICY+ALGO with a policy in "
+                         f"{', '.join(sorted(POLICIES))} and an algorithm in {', '.join(sorted(ALGOS))}")
+
+    def place(graph: OpGraph, cluster: Cluster, *, seed: int, budget_s: float | None) -> Placement:
+        return train_and_place(graph, cluster, budget_s=600.0 if budget_s is None else budget_s, seed=seed,
+                               runs_dir=runs_dir, policy=policy, algo=algo, **overrides)[0]
+
+    return place
+
+
+def family_column(family: str) -> str:
+    """Column title of a policy family in ``placer compare``: ColocRL's ``RL`` for seq2seq+REINFORCE."""
+    policy, _, algo = family.partition("+")
+    return "RL" if (policy, algo or "reinforce") == ("seq2seq", "reinforce") else f"RL:{policy}+{algo or 'reinforce'}"
+
+
 def parse_duration(text: str) -> float:
     """``90s`` / ``10m`` / ``1h`` / ``30`` (seconds) -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600}
@@ -616,9 +669,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-updates", type=int, default=None, help="stop after this many updates")
     parser.add_argument("--reward", choices=("sim", "real", "sim+real"), default=d.reward,
                         help="reward backend (default %(default)s)")
+    parser.add_argument("--calibrate", choices=("auto", "always", "never"), default=d.calibrate,
+                        help="measure this machine's workers first so the simulator matches the engine (auto: for "
+                             "real/sim+real on an uncalibrated CPU preset; default %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this folder (or name under --runs-dir)")
     parser.add_argument("--runs-dir", default=d.runs_dir, help="where run folders go (default %(default)s)")
+    parser.add_argument("--run-name", default=None,
+                        help="run folder name (default {graph}__{policy}__{algo}__{seed}__{timestamp})")
     parser.add_argument("--num-groups", type=int, default=d.num_groups, help="at most this many groups")
     parser.add_argument("--reference", default=d.reference, help="baseline normalising the reward")
     parser.add_argument("--incremental", action="store_true", help="Placeto-style incremental env rewards")
@@ -651,8 +709,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError("placer train needs --graph (or --resume RUN)")
     return TrainConfig(
         graph=args.graph or "", graph_config=args.graph_config, cluster=args.cluster, policy=args.policy,
-        algo=args.algo, budget_s=args.budget, max_updates=args.max_updates, reward=args.reward, seed=args.seed,
-        resume=args.resume, runs_dir=args.runs_dir, num_groups=args.num_groups, reference=args.reference,
+        algo=args.algo, budget_s=args.budget, max_updates=args.max_updates, reward=args.reward,
+        calibrate=args.calibrate, seed=args.seed,
+        resume=args.resume, runs_dir=args.runs_dir, run_name=args.run_name, num_groups=args.num_groups,
+        reference=args.reference,
         incremental=args.incremental, schedule=args.schedule, microbatches=args.microbatches,
         samples_per_update=args.samples_per_update, lr=args.lr, entropy_coef=args.entropy_coef,
         baseline=args.baseline, top_fraction=args.top_fraction, baseline_decay=args.baseline_decay,

@@ -162,3 +162,31 @@ def test_sim_real_run_reports_the_best_measured_placement(tmp_path, monkeypatch)
     assert doc["measured"]["step_time_s"] == pytest.approx(res.measured.step_time_s)
     tags = scalars(res.run_dir)
     assert {"real/best_step_time_s", "real/top1_step_time_s"} <= set(tags)
+
+
+def test_engine_rewards_calibrate_an_uncalibrated_cpu_preset(monkeypatch):
+    import dataclasses
+
+    import placer.calibrate as calibrate
+    from placer.cluster import get_cluster
+    from placer.train import maybe_calibrate, needs_calibration
+
+    cpu2, gpus = get_cluster("cpu-2"), get_cluster("cpu+4gpu")
+    assert needs_calibration(cpu2, TrainConfig(reward="sim+real"))
+    assert needs_calibration(cpu2, TrainConfig(reward="real"))
+    assert not needs_calibration(cpu2, TrainConfig(reward="sim"))
+    assert not needs_calibration(gpus, TrainConfig(reward="sim+real"))  # not this machine's workers
+    assert not needs_calibration(cpu2, TrainConfig(reward="real", calibrate="never"))
+    assert needs_calibration(cpu2, TrainConfig(reward="sim", calibrate="always"))
+    with pytest.raises(ValueError, match="calibrate must be"):
+        needs_calibration(cpu2, TrainConfig(calibrate="sometimes"))
+
+    measured = dataclasses.replace(cpu2, name="cpu-2-calibrated", meta={"source": "calibrated"},
+                                   devices=tuple(dataclasses.replace(d, name=f"w{i}", speed=0.9)
+                                                 for i, d in enumerate(cpu2.devices)))
+    monkeypatch.setattr(calibrate, "calibrate_cluster", lambda n, name=None: measured)
+    got = maybe_calibrate(cpu2, TrainConfig(reward="sim+real"))
+    assert got.meta["source"] == "calibrated" and got.device_names == cpu2.device_names
+    assert [d.speed for d in got.devices] == [0.9, 0.9]
+    assert not needs_calibration(got, TrainConfig(reward="sim+real"))  # a resume does not calibrate again
+    assert maybe_calibrate(cpu2, TrainConfig(reward="sim")) is cpu2
