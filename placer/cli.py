@@ -29,16 +29,12 @@ def command(name: str) -> Callable:
     return deco
 
 
-def parse_size(text: str) -> float:
-    """``10m`` / ``90s`` / ``1h`` / ``30`` (seconds) -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    text = text.strip().lower()
-    try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90s, 10m, 1h)") from None
+def parse_duration(text: str) -> float:
+    """``10m`` / ``90s`` / ``1h`` / ``30`` (seconds) -> seconds (:func:`placer.train.parse_duration`, imported on
+    use so that ``placer --help`` does not load torch)."""
+    from placer.train import parse_duration as parse  # noqa: PLC0415
+
+    return parse(text)
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, int | float | str]:
@@ -258,6 +254,13 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", default="none")
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--train-budget", metavar="DURATION", type=parse_duration,
+                   help="also train RL placers for this long per graph and cluster (e.g. 10m) and add their columns")
+    p.add_argument("--rl", default="seq2seq+reinforce", metavar="FAMILIES",
+                   help="with --train-budget: comma list of POLICY+ALGO families, one column each (default "
+                        "%(default)s, the RL column; e.g. seq2seq+reinforce,gnn+ppo,gnn+reinforce,hierarchical)")
+    p.add_argument("--policy-from", action="append", default=[], metavar="RUN",
+                   help="add a column placing every graph zero-shot with this trained run's policy (repeatable)")
     p.set_defaults(func=cmd_compare)
 
 
@@ -265,12 +268,24 @@ def cmd_compare(args: argparse.Namespace) -> None:
     import time
 
     from placer.compare import compare
+    from placer.place import find_policy_run, zero_shot_placer
+    from placer.train import family_column, family_placer
 
     graphs = [load_graph_arg(g) for g in args.graphs.split(",") if g]
+    extra = {}
+    budget_s = args.train_budget
+    if budget_s:
+        for family in (f for f in args.rl.split(",") if f):
+            extra[family_column(family)] = family_placer(family, runs_dir=args.runs_dir, schedule=args.schedule,
+                                                         microbatches=args.microbatches)
+    for run in args.policy_from:
+        run_dir = find_policy_run(run, args.runs_dir)  # a missing run fails before anything is placed
+        extra[f"zero-shot:{run_dir.name}"] = zero_shot_placer(run_dir, runs_dir=args.runs_dir)
     out_dir = Path(args.runs_dir) / f"compare__{time.strftime('%Y%m%d-%H%M%S')}"
     table = compare(graphs, [c for c in args.clusters.split(",") if c],
                     methods=args.methods.split(",") if args.methods else None, seed=args.seed,
-                    schedule=args.schedule, microbatches=args.microbatches, out_dir=out_dir)
+                    schedule=args.schedule, microbatches=args.microbatches, out_dir=out_dir,
+                    extra=extra, train_budget_s=budget_s)
     # Markdown, not a rich table: the table has ~18 columns and must stay readable in any terminal width
     print(table.to_markdown())
     console.print(f"wrote {out_dir}/compare.md and compare.csv")
@@ -371,7 +386,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--graph", default="nmt", help="shipped benchmark graph (small config) or graph JSON")
     p.add_argument("--build", action="store_true", help="trace and profile the model afresh")
     p.add_argument("--cluster", default="cpu-2")
-    p.add_argument("--budget", type=parse_size, default=180.0, help="RL training time (default 3m)")
+    p.add_argument("--budget", type=parse_duration, default=180.0, help="RL training time (default 3m)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=10, help="engine steps per measurement")
     p.add_argument("--microbatches", type=int, default=4)

@@ -99,6 +99,16 @@ def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Clust
                           elapsed_s=time.perf_counter() - t0)
 
 
+def zero_shot_placer(run: str | Path, *, runs_dir: str | Path = "runs", samples: int = 1):
+    """A :class:`placer.compare.ExtraPlacer` that places every graph of a comparison with ``run``'s policy,
+    without training (``placer compare --policy-from RUN``)."""
+
+    def place(graph: OpGraph, cluster: Cluster, *, seed: int, budget_s: float | None) -> Placement:
+        return place_zero_shot(run, graph, cluster, runs_dir=runs_dir, samples=samples, seed=seed).placement
+
+    return place
+
+
 def add_place_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``placer place`` options."""
     parser.add_argument("--policy-from", required=True, metavar="RUN",

@@ -57,6 +57,8 @@ def cyclic_graph(tmp_path):
     (["graph", "build", "tests.fixtures_models:untraceable", "--out", "x.json"], "cannot trace"),
     (["graph", "build", "rnnlm", "--set", "colour=red", "--out", "x.json"], "colour"),
     (["cluster", "show", "tpu-pod"], "unknown cluster 'tpu-pod'"),
+    (["compare", "--graphs", "rnnlm", "--clusters", "cpu-2", "--train-budget", "5s", "--rl", "lstm+sgd"],
+     "unknown policy family 'lstm+sgd'"),
 ])
 def test_errors_are_one_line(tmp_path, args, match):
     bad = tmp_path / "bad.json"
@@ -84,3 +86,21 @@ def test_baseline_then_export_json_and_torch(tmp_path):
     assert d["modules"]["layers.0"] == "cpu:0" and d["modules"]["layers.1"] == "cpu:1"
     r = placer("export", tmp_path / "missing", "--out", tmp_path / "x.json")
     assert r.returncode == 2 and r.stderr.startswith("placer: error: cannot read placement file")
+
+
+def test_compare_adds_one_column_per_policy_family_and_per_trained_run(tmp_path):
+    runs = tmp_path / "runs"
+    r = placer("train", "--graph", "rnnlm", "--cluster", "cpu-2", "--policy", "gnn", "--budget", "3s",
+               "--max-updates", "2", "--runs-dir", runs, "--no-progress", "--run-name", "gnn_run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = placer("compare", "--graphs", "rnnlm", "--clusters", "cpu-2", "--methods", "single,expert",
+               "--train-budget", "3s", "--rl", "seq2seq+reinforce,gnn+reinforce", "--policy-from", "gnn_run",
+               "--runs-dir", runs, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    header = next(line for line in r.stdout.splitlines() if line.startswith("|"))
+    for col in ("Single", "Expert", "RL", "RL:gnn+reinforce", "zero-shot:gnn_run"):
+        assert f" {col} |" in header, header
+    doc = json.loads(next(runs.glob("compare__*/compare.json")).read_text())
+    assert doc["meta"]["train_budget_s"] == 3.0
+    cells = doc["rows"][0]["cells"]
+    assert all(cells[c]["status"] == "ok" for c in ("RL", "RL:gnn+reinforce", "zero-shot:gnn_run")), cells
