@@ -53,7 +53,8 @@ class PPOConfig:
     minibatches: int = 4
     """Minibatches per epoch at least (the batch size is ``n_steps / minibatches``, rounded down to a divisor)."""
     max_batch_steps: int = 1024
-    """Largest minibatch in steps: the extractor embeds the whole graph once per step, so memory grows with it."""
+    """Largest minibatch in steps (the extractor embeds each distinct graph of a minibatch once, but its pair
+    features and the critic still grow with the minibatch)."""
     gamma: float = 1.0
     """Discount (1: every decision shares the terminal reward)."""
     gae_lambda: float = 0.95

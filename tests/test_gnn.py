@@ -139,3 +139,39 @@ def test_extractor_rejects_a_foreign_observation_space():
                          "edge_mask": spaces.Box(0, 1, (3,)), "node_features": spaces.Box(0, 1, (4 * 5,))})
     with pytest.raises(ValueError, match="node columns"):
         GNNExtractor(space)
+
+
+def test_extractor_batches_and_caches_embeddings_without_changing_outputs():
+    # one encoder pass per distinct graph of a batch, and a rollout reuses it while the weights stay the same
+    envs = [PlacementEnv(layered_dag(3, 4, seed=s), "cpu+4gpu", num_groups=10, max_groups=14, max_edges=40)
+            for s in (5, 6)]
+    obs_list = []
+    for env in envs:
+        obs, _ = env.reset(seed=0)
+        for a in (1, 2, 0):
+            obs_list.append(obs)
+            obs, *_ = env.step(a)
+    torch.manual_seed(3)
+    ext = GNNExtractor(envs[0].observation_space, hidden=16, layers=2)
+
+    def run(obs_rows):
+        b = batch(obs_rows)
+        b["current_group"] = torch.tensor([[o["current_group"]] for o in obs_rows], dtype=torch.float32)
+        return ext(b)
+
+    one_by_one = torch.cat([run([o]) for o in obs_list])  # grad enabled: no cache
+    assert torch.allclose(run(obs_list), one_by_one, atol=1e-6)  # two graphs in one batch
+    assert torch.allclose(run(obs_list[:3]), one_by_one[:3], atol=1e-6)  # one graph: a single encoder pass
+    with torch.no_grad():
+        assert torch.allclose(run(obs_list[:1]), one_by_one[:1], atol=1e-6)
+        assert ext._cached is not None
+        assert torch.allclose(run(obs_list[1:2]), one_by_one[1:2], atol=1e-6)  # cached embedding
+        assert torch.allclose(run(obs_list[3:4]), one_by_one[3:4], atol=1e-6)  # another graph: recomputed
+    # a gradient step changes the weights: the cache must not serve the old embedding
+    loss = run(obs_list[:3]).square().sum()
+    loss.backward()
+    torch.optim.SGD(ext.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        cached_now = run(obs_list[3:4])
+    assert torch.allclose(cached_now, run(obs_list[3:4]).detach(), atol=1e-6)
+    assert not torch.allclose(cached_now, one_by_one[3:4], atol=1e-4)
