@@ -85,11 +85,14 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
     from placer.export import save_placement, write_json_atomic
     from placer.sim import simulate
     from placer.timeline import plot_gantt, to_chrome_trace
-    from placer.train import TrainConfig, train
+    from placer.train import TrainConfig, maybe_calibrate, needs_calibration, train
 
     t0 = time.perf_counter()
     graph = _load_graph(config)
     cluster = get_cluster(config.cluster)
+    if needs_calibration(cluster, uses_engine=config.real):
+        say(f"      calibrating {cluster.name}'s workers (links, core speed, per-message cost) for the simulator…")
+        cluster = maybe_calibrate(cluster, uses_engine=config.real)
     out_dir = Path(config.runs_dir) / f"demo__{graph.name}__{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     say(f"[1/4] graph {graph.name}: {graph.n} ops, {graph.param_bytes.sum() / 1e6:.2f} MB parameters; "

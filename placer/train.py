@@ -329,23 +329,24 @@ def _check_names(config: TrainConfig) -> None:
                          f"({', '.join(config.baselines)})")
 
 
-def needs_calibration(cluster: Cluster, config: TrainConfig) -> bool:
-    """Whether :attr:`TrainConfig.calibrate` asks to measure ``cluster``'s workers before training."""
-    if config.calibrate not in ("auto", "always", "never"):
-        raise ValueError(f"calibrate must be auto, always or never, got {config.calibrate!r}")
-    if config.calibrate != "auto":
-        return config.calibrate == "always"
-    return (config.reward in ("real", "sim+real") and cluster.meta.get("source") != "calibrated"
-            and cluster.num_devices >= 2 and all(d.kind == "cpu" for d in cluster.devices))
+def needs_calibration(cluster: Cluster, *, mode: str = "auto", uses_engine: bool = True) -> bool:
+    """Whether to measure ``cluster``'s workers before use (:attr:`TrainConfig.calibrate`): ``always``,
+    ``never``, or ``auto`` = the engine will measure (``uses_engine``) on an uncalibrated all-CPU cluster."""
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"calibrate must be auto, always or never, got {mode!r}")
+    if mode != "auto":
+        return mode == "always"
+    return (uses_engine and cluster.meta.get("source") != "calibrated" and cluster.num_devices >= 2
+            and all(d.kind == "cpu" for d in cluster.devices))
 
 
-def maybe_calibrate(cluster: Cluster, config: TrainConfig) -> Cluster:
-    """``cluster``, or the same devices calibrated on this machine (see :attr:`TrainConfig.calibrate`)."""
-    if not needs_calibration(cluster, config):
+def maybe_calibrate(cluster: Cluster, *, mode: str = "auto", uses_engine: bool = True) -> Cluster:
+    """``cluster``, or the same devices calibrated on this machine (see :func:`needs_calibration`)."""
+    if not needs_calibration(cluster, mode=mode, uses_engine=uses_engine):
         return cluster
     from placer.calibrate import calibrate_cluster  # noqa: PLC0415 - spawns workers; only when asked
 
-    log.info("calibrating %d CPU workers so the simulated reward matches the engine ...", cluster.num_devices)
+    log.info("calibrating %d CPU workers so the simulator matches the engine ...", cluster.num_devices)
     measured = calibrate_cluster(cluster.num_devices, name=f"{cluster.name}-calibrated")
     return dataclasses.replace(measured, devices=tuple(
         dataclasses.replace(dev, name=orig.name) for dev, orig in zip(measured.devices, cluster.devices)))
@@ -365,7 +366,8 @@ def train(config: TrainConfig) -> TrainResult:
         cluster = Cluster.load(run_dir / "cluster.json")
     else:
         graph = resolve_graph(config.graph, config=config.graph_config)
-        cluster = maybe_calibrate(resolve_cluster(config.cluster), config)
+        cluster = maybe_calibrate(resolve_cluster(config.cluster), mode=config.calibrate,
+                                  uses_engine=config.reward in ("real", "sim+real"))
         run_dir = Path(config.runs_dir) / (config.run_name or _run_name(graph, config))
         while run_dir.exists():  # two runs started in the same second
             run_dir = run_dir.with_name(run_dir.name + "_")

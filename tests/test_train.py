@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from envs.synthetic import layered_dag
-from placer.cluster import get_cluster
+from placer.cluster import Cluster, get_cluster
 from placer.export import load_placement
 from placer.placement import Placement
 from placer.train import TrainConfig, add_train_arguments, config_from_args, train, train_and_place
@@ -164,7 +164,7 @@ def test_sim_real_run_reports_the_best_measured_placement(tmp_path, monkeypatch)
     assert {"real/best_step_time_s", "real/top1_step_time_s"} <= set(tags)
 
 
-def test_engine_rewards_calibrate_an_uncalibrated_cpu_preset(monkeypatch):
+def test_engine_rewards_calibrate_an_uncalibrated_cpu_preset(monkeypatch, tmp_path):
     import dataclasses
 
     import placer.calibrate as calibrate
@@ -172,21 +172,32 @@ def test_engine_rewards_calibrate_an_uncalibrated_cpu_preset(monkeypatch):
     from placer.train import maybe_calibrate, needs_calibration
 
     cpu2, gpus = get_cluster("cpu-2"), get_cluster("cpu+4gpu")
-    assert needs_calibration(cpu2, TrainConfig(reward="sim+real"))
-    assert needs_calibration(cpu2, TrainConfig(reward="real"))
-    assert not needs_calibration(cpu2, TrainConfig(reward="sim"))
-    assert not needs_calibration(gpus, TrainConfig(reward="sim+real"))  # not this machine's workers
-    assert not needs_calibration(cpu2, TrainConfig(reward="real", calibrate="never"))
-    assert needs_calibration(cpu2, TrainConfig(reward="sim", calibrate="always"))
+    assert needs_calibration(cpu2)
+    assert not needs_calibration(cpu2, uses_engine=False)
+    assert not needs_calibration(gpus)  # not this machine's workers
+    assert not needs_calibration(cpu2, mode="never")
+    assert needs_calibration(cpu2, mode="always", uses_engine=False)
     with pytest.raises(ValueError, match="calibrate must be"):
-        needs_calibration(cpu2, TrainConfig(calibrate="sometimes"))
+        needs_calibration(cpu2, mode="sometimes")
 
     measured = dataclasses.replace(cpu2, name="cpu-2-calibrated", meta={"source": "calibrated"},
                                    devices=tuple(dataclasses.replace(d, name=f"w{i}", speed=0.9)
                                                  for i, d in enumerate(cpu2.devices)))
-    monkeypatch.setattr(calibrate, "calibrate_cluster", lambda n, name=None: measured)
-    got = maybe_calibrate(cpu2, TrainConfig(reward="sim+real"))
+    calls = []
+    monkeypatch.setattr(calibrate, "calibrate_cluster", lambda n, name=None: calls.append(n) or measured)
+    got = maybe_calibrate(cpu2)
     assert got.meta["source"] == "calibrated" and got.device_names == cpu2.device_names
     assert [d.speed for d in got.devices] == [0.9, 0.9]
-    assert not needs_calibration(got, TrainConfig(reward="sim+real"))  # a resume does not calibrate again
-    assert maybe_calibrate(cpu2, TrainConfig(reward="sim")) is cpu2
+    assert not needs_calibration(got)  # a calibrated cluster is used as it is
+    assert maybe_calibrate(cpu2, uses_engine=False) is cpu2
+
+    # train(): a sim reward does not calibrate; sim+real does, and the run's cluster.json is what it simulated
+    import envs.rewards as rewards
+
+    monkeypatch.setattr(rewards, "load_measurer_class", lambda: _FakeMeasurer)
+    g = layered_dag(3, 3, seed=11)
+    g = g.replace(meta={**g.meta, "source": {"factory": "fake:fake"}})
+    res = train(tiny(tmp_path, graph=g, cluster="cpu-2", max_updates=1))
+    assert calls == [2] and Cluster.load(res.run_dir / "cluster.json").meta["source"] == "preset"
+    res = train(tiny(tmp_path, graph=g, cluster="cpu-2", reward="sim+real", top_k_real=2, max_updates=1))
+    assert calls == [2, 2] and Cluster.load(res.run_dir / "cluster.json").meta["source"] == "calibrated"
