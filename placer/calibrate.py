@@ -33,11 +33,14 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from placer.cluster import Cluster, Device
+
+if TYPE_CHECKING:
+    from graphs.ir import OpGraph
 
 log = logging.getLogger(__name__)
 
@@ -359,3 +362,38 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
                        for k, v in fits.items()))
     return Cluster(name=name or f"cpu-{num_devices}-calibrated", devices=tuple(devices), bandwidth_Bps=bw,
                    latency_s=lat, meta=meta)
+
+
+def engine_op_costs(graph: "OpGraph", measurer: Any, *, device: int = 0, steps: int = 10, warmup: int = 3,
+                    kind: str = "cpu") -> "OpGraph":
+    """``graph`` with its ``kind`` op costs replaced by the per-op times the engine itself spends on them.
+
+    The profile of :mod:`graphs.profile` replays each op alone, with Python between replays, which over-counts
+    the many ~20-50 us ops of a small graph by 20-50% against the whole step (see the README's limits). Here
+    ``measurer`` (a warm :class:`placer.engine.Measurer` on ``graph``) runs the whole graph on one ``device``
+    and the forward and backward time of every op is read off the engine's timeline of its median step, in
+    context (warm caches, the executor's own per-op cost included). Ops with no event (no backward) cost 0.
+    """
+    from graphs.ir import OpCosts, Provenance  # noqa: PLC0415
+    from placer.placement import Placement  # noqa: PLC0415
+
+    res = measurer.measure(Placement.single(graph, device), steps=steps, warmup=warmup)
+    if not res.ok:
+        raise RuntimeError(f"engine op costs: the single-device run failed: {res.failure}")
+    index = {name: i for i, name in enumerate(graph.op_names)}
+    fwd, bwd = np.zeros(graph.n), np.zeros(graph.n)
+    for e in res.timeline:
+        i = index.get(e.op)
+        if i is None or e.phase not in ("fwd", "bwd") or "->" in e.track:
+            continue
+        (fwd if e.phase == "fwd" else bwd)[i] += e.end_s - e.start_s
+    import torch  # noqa: PLC0415
+
+    old = graph.costs.get(kind)
+    note = (f"engine in situ: per-op task times of the median of {steps} single-device steps on "
+            f"{res.devices[device]} (step {res.step_time_s * 1e3:.3f} ms, ops {float((fwd + bwd).sum()) * 1e3:.3f} ms)"
+            + (f"; replaced {old.provenance.method} costs of {old.provenance.date}" if old is not None else ""))
+    prov = Provenance(device=kind, threads=old.provenance.threads if old is not None else 1,
+                      torch_version=torch.__version__, date=_dt.date.today().isoformat(), method="measured",
+                      note=note)
+    return graph.with_costs(kind, OpCosts(fwd_s=fwd, bwd_s=bwd, provenance=prov))

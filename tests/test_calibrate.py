@@ -79,3 +79,39 @@ def test_chain_message_costs_hand_worked():
     # a wire slower than the steps allow: nothing is left for the fixed cost, clamped at 0
     out = chain_message_costs(got, latency_s=1e-3, bandwidth_Bps=10e6)
     assert out["step_overhead_s"] == 0.0 and out["send_overhead_s"] == pytest.approx(25e-6)
+
+
+def test_engine_op_costs_read_the_single_device_timeline():
+    import numpy as np
+
+    from envs.synthetic import layered_dag
+    from placer.calibrate import engine_op_costs
+    from placer.result import StepResult, TimelineEvent
+
+    g = layered_dag(2, 3, seed=1)
+
+    class FakeMeasurer:  # what a Measurer returns for Single: one fwd and one bwd event per op, plus the rest
+        def __init__(self, ok=True):
+            self.ok = ok
+
+        def measure(self, placement, *, steps, warmup):
+            assert set(placement.device_of_op.tolist()) == {0}
+            if not self.ok:
+                return StepResult.failed("worker cpu:0 crashed", source="engine", devices=("cpu:0", "cpu:1"))
+            ev = [TimelineEvent(track="cpu:0", op=name, microbatch=0, phase=phase, start_s=0.0,
+                                end_s=(i + 1) * (1e-3 if phase == "fwd" else 2e-3))
+                  for i, name in enumerate(g.op_names) for phase in ("fwd", "bwd")]
+            ev.append(TimelineEvent(track="cpu:0", op="update", microbatch=-1, phase="update", start_s=0, end_s=1))
+            ev.append(TimelineEvent(track="cpu:0->cpu:1", op=g.op_names[0], microbatch=0, phase="send",
+                                    start_s=0, end_s=5))
+            return StepResult(step_time_s=1.0, source="engine", devices=("cpu:0", "cpu:1"), busy_s=np.ones(2),
+                              peak_memory_bytes=np.zeros(2), bytes_moved=np.zeros((2, 2)), timeline=tuple(ev))
+
+    got = engine_op_costs(g, FakeMeasurer())
+    cost = got.cost("cpu")
+    assert np.allclose(cost.fwd_s, 1e-3 * np.arange(1, g.n + 1))
+    assert np.allclose(cost.bwd_s, 2e-3 * np.arange(1, g.n + 1))
+    assert cost.provenance.method == "measured" and "engine in situ" in cost.provenance.note
+    assert got.op_names == g.op_names and got.default_cost_kind == "cpu"
+    with pytest.raises(RuntimeError, match="single-device run failed: worker cpu:0 crashed"):
+        engine_op_costs(g, FakeMeasurer(ok=False))
