@@ -90,30 +90,32 @@ def gpipe_speedup(args: argparse.Namespace) -> float:
     layers = [i for i, k in enumerate(graph.op_kinds) if k == "Linear"]
     cut = layers[len(layers) // 2]  # first op of layer 5
     two = Placement(np.array([0 if i < cut or name == "target" else 1 for i, name in enumerate(graph.op_names)]))
+    ratios: list[float] = []
     one_s: list[float] = []
     piped_s: list[float] = []
     busy = []
     with Measurer(graph, get_cluster("cpu-2"), config=EngineConfig(threads_per_device=1, timeout_s=900)) as m:
-        # Alternate the two configurations so that a slow spell of the (virtual) machine hits both alike, and
-        # pool every measured step: a 3-step median swung the ratio between 1.33 and 1.72 here.
+        # Alternate the two configurations and take the median of the per-round ratios, so that a slow spell of
+        # the (virtual) machine hits both sides of a ratio alike: one 3-step median swung it from 1.33 to 1.72.
         for _ in range(args.rounds):
             single = m.measure(Placement.single(graph, 0), steps=args.steps, warmup=1)
             piped = m.measure(two, schedule="gpipe", microbatches=8, steps=args.steps, warmup=1)
             for r in (single, piped):
                 if not r.ok:
                     raise SystemExit(f"engine run failed: {r.failure}")
-            one_s += single.extra["samples_s"]
-            piped_s += piped.extra["samples_s"]
+            ratios.append(single.step_time_s / piped.step_time_s)
+            one_s.append(single.step_time_s)
+            piped_s.append(piped.step_time_s)
             busy.append(piped.busy_s)
     one, two_dev = statistics.median(one_s), statistics.median(piped_s)
     stage_s = np.median(busy, axis=0)
     # GPipe's bound for these stages: the slower stage's work plus its share of the bubble, (M + D - 1) / M
     bound = one / (float(stage_s.max()) * (8 + 2 - 1) / 8)
     print(f"chain_bench ({args.rounds} rounds x {args.steps} steps): 1 device {one:.3f} s, 2-device GPipe M=8 "
-          f"{two_dev:.3f} s; median busy per device {np.round(stage_s, 3).tolist()} s (stage 2 also holds the "
-          f"loss and stage 1's first layer needs no input gradient), so GPipe's bound for these stages is "
-          f"{bound:.3f} (1.78 for equal stages)")
-    return one / two_dev
+          f"{two_dev:.3f} s (medians); per-round speed-ups {[round(x, 3) for x in ratios]}; median busy per "
+          f"device {np.round(stage_s, 3).tolist()} s (stage 2 also holds the loss and stage 1's first layer needs "
+          f"no input gradient), so GPipe's bound for these stages is {bound:.3f} (1.78 for equal stages)")
+    return float(statistics.median(ratios))
 
 
 def placements_per_s(args: argparse.Namespace) -> float:
@@ -136,7 +138,7 @@ def placements_per_s(args: argparse.Namespace) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3, help="measured steps per configuration")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating single/GPipe rounds (GPipe figure)")
+    ap.add_argument("--rounds", type=int, default=7, help="alternating single/GPipe rounds (GPipe figure)")
     ap.add_argument("--rnnlm-steps", type=int, default=10, help="unrolled time steps of the paper-width RNNLM")
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of the placements-per-second loop")
     args = ap.parse_args(argv)
