@@ -63,7 +63,7 @@ def test_extractor_logits_equal_the_policy_logits_along_an_episode():
         mask = torch.as_tensor(env.action_masks())
         total = total + torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=0)[a]
         obs, *_ = env.step(a)
-    assert float(total) == pytest.approx(float(lp_policy), abs=1e-4)
+    assert float(total) == pytest.approx(float(lp_policy.detach()), abs=1e-4)
 
 
 def test_current_group_in_every_sb3_shape():
