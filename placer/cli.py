@@ -303,10 +303,21 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _is_multi_run(args: argparse.Namespace) -> bool:
+    """``--resume RUN`` of a multi-graph run (its config.json says so)."""
+    if not args.resume:
+        return False
+    import json
+
+    from placer.train import find_run
+
+    return bool(json.loads((find_run(args.resume, args.runs_dir) / "config.json").read_text()).get("multi"))
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from placer.train import config_from_args, train
 
-    if getattr(args, "graphs", None) or getattr(args, "random_dags", None):
+    if getattr(args, "graphs", None) or getattr(args, "random_dags", None) or _is_multi_run(args):
         from placer.train_multi import multi_config_from_args, train_multi
 
         multi = train_multi(multi_config_from_args(args))

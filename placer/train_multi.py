@@ -10,8 +10,9 @@ graph once, in order. The run folder ``runs/multi-{k}__{policy}__{algo}__{seed}_
 (with the same ``policy`` / ``hidden`` / ``num_groups`` / ``policy_options`` keys as a single-graph run, so
 :mod:`placer.place` reads both), ``checkpoint.pt`` (``policy`` weights, written atomically every
 ``checkpoint_every_s`` and at the end), TensorBoard ``charts/best_step_time_s/<graph>`` and
-``charts/reward/<graph>``, and ``placement_<graph>.json`` with each graph's best placement. Resuming a
-multi-graph run is not supported.
+``charts/reward/<graph>``, and ``placement_<graph>.json`` with each graph's best placement. ``--resume RUN`` continues a killed run from its last
+checkpoint (policy, every algorithm's optimizer/baseline state, the RNGs, the best placements and the counters;
+the budget counts across resumes, as for a single-graph run).
 """
 
 from __future__ import annotations
@@ -82,14 +83,38 @@ class MultiTrainConfig:
     """``torch.set_num_threads`` for the policy (small networks run fastest on one thread)."""
     run_name: str | None = None
     """Folder name (``None``: ``multi-{k}__{policy}__{algo}__{seed}__{YYYYmmdd-HHMMSS}``)."""
+    resume: str | None = None
+    """A multi-graph run folder (path, or name under ``runs_dir``) to continue; its ``config.json`` is reused except
+    :data:`RESUME_OVERRIDES`."""
 
     def __post_init__(self) -> None:
-        if not self.graphs and self.random_dags < 1:
+        if not self.graphs and self.random_dags < 1 and not self.resume:
             raise ValueError("multi-graph training needs at least one graph (--graphs or --random-dags)")
         if self.random_dags < 0:
             raise ValueError(f"random_dags must be >= 0, got {self.random_dags}")
         if not self.budget_s > 0:
             raise ValueError(f"budget must be positive, got {self.budget_s} s")
+
+
+RESUME_OVERRIDES = ("budget_s", "max_rounds", "checkpoint_every_s")
+"""Fields a resumed multi-graph run takes from the new config."""
+
+
+def _resumed_config(config: MultiTrainConfig) -> tuple[MultiTrainConfig, Path]:
+    """The saved config of the run named by ``config.resume`` (with :data:`RESUME_OVERRIDES`) and its folder."""
+    import json
+
+    from placer.train import find_run
+
+    run_dir = find_run(str(config.resume), config.runs_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    if not saved.get("multi"):
+        raise ValueError(f"{run_dir.name} is a single-graph run; resume it without --graphs")
+    fields = {f.name for f in dataclasses.fields(MultiTrainConfig)}
+    kept = {k: v for k, v in saved.items() if k in fields and k not in RESUME_OVERRIDES}
+    kept.update(graphs=tuple(kept.get("graphs", ())), resume=str(run_dir),
+                **{k: getattr(config, k) for k in RESUME_OVERRIDES})
+    return MultiTrainConfig(**kept), run_dir
 
 
 @dataclass(kw_only=True)
@@ -118,18 +143,25 @@ def train_multi(config: MultiTrainConfig) -> MultiTrainResult:
     for what, name, known in (("policy", config.policy, POLICIES), ("algorithm", config.algo, ALGOS)):
         if name not in known:
             raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(sorted(known))}")
+    resume_dir = None
+    if config.resume:
+        config, resume_dir = _resumed_config(config)
     cluster = resolve_cluster(config.cluster)
     graphs = [resolve_graph(g, config=config.graph_config) for g in config.graphs]
-    graphs += random_graphs(config.random_dags, config.seed)
+    graphs += random_graphs(config.random_dags, config.seed)  # the same DAGs again on resume: drawn from the seed
     names = [g.name for g in graphs]
     if len(set(names)) != len(names):
         raise ValueError(f"graph names repeat: {', '.join(names)}")
-    run_dir = Path(config.runs_dir) / (config.run_name or f"multi-{len(graphs)}__{config.policy}__{config.algo}__"
-                                                          f"{config.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-    while run_dir.exists():
-        run_dir = run_dir.with_name(run_dir.name + "_")
-    run_dir.mkdir(parents=True)
-    config = dataclasses.replace(config, run_name=run_dir.name)
+    if resume_dir is not None:
+        run_dir = resume_dir
+    else:
+        run_dir = Path(config.runs_dir) / (config.run_name or f"multi-{len(graphs)}__{config.policy}__"
+                                                              f"{config.algo}__{config.seed}__"
+                                                              f"{time.strftime('%Y%m%d-%H%M%S')}")
+        while run_dir.exists():
+            run_dir = run_dir.with_name(run_dir.name + "_")
+        run_dir.mkdir(parents=True)
+        config = dataclasses.replace(config, run_name=run_dir.name)
     doc = dataclasses.asdict(config)
     doc.update(graphs=list(config.graphs), graph_names=names, multi=True)
     write_json_atomic(run_dir / "config.json", doc)
@@ -145,14 +177,33 @@ def train_multi(config: MultiTrainConfig) -> MultiTrainResult:
         if config.algo == "reinforce":  # one optimizer for the shared weights
             for a in algos[1:]:
                 a.optimizer = algos[0].optimizer
-        writer = SummaryWriter(log_dir=str(run_dir))
         best = {n: math.inf for n in names}
         best_groups: dict[str, np.ndarray] = {}
         ckpt = run_dir / "checkpoint.pt"
+        rounds = samples = 0
+        elapsed_before = 0.0
+        if resume_dir is not None and ckpt.exists():
+            state = torch.load(ckpt, weights_only=False)
+            if "algos" not in state:
+                raise ValueError(f"{run_dir.name}: its checkpoint predates resumable multi-graph runs")
+            policy.load_state_dict(state["policy"])
+            for algo, algo_state in zip(algos, state["algos"]):
+                algo.load_state_dict(algo_state)
+            torch.set_rng_state(state["rng"]["torch"])
+            np.random.set_state(state["rng"]["numpy"])
+            best.update(state["best"])
+            best_groups.update(state["best_groups"])
+            rounds, samples, elapsed_before = state["rounds"], state["samples"], state["elapsed_s"]
+            log.info("resuming %s at round %d (%d samples, %.0f s)", run_dir.name, rounds, samples, elapsed_before)
+        # on resume, TensorBoard drops what the killed run logged after its last checkpoint
+        writer = SummaryWriter(log_dir=str(run_dir), purge_step=samples + 1 if samples else None)
 
         def checkpoint() -> None:
             tmp = ckpt.with_name(".checkpoint.pt.tmp")
-            torch.save({"version": 1, "policy": policy.state_dict(), "best": best, "rounds": rounds}, tmp)
+            torch.save({"version": 2, "policy": policy.state_dict(), "algos": [a.state_dict() for a in algos],
+                        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+                        "best": best, "best_groups": best_groups, "rounds": rounds, "samples": samples,
+                        "elapsed_s": elapsed_before + time.perf_counter() - t0}, tmp)
             os.replace(tmp, ckpt)
             for g, env in zip(graphs, envs):
                 if g.name in best_groups:
@@ -163,9 +214,8 @@ def train_multi(config: MultiTrainConfig) -> MultiTrainResult:
 
         t0 = time.perf_counter()
         last_ckpt = t0
-        rounds = samples = 0
-        while time.perf_counter() - t0 < config.budget_s and (config.max_rounds is None
-                                                               or rounds < config.max_rounds):
+        while (elapsed_before + time.perf_counter() - t0 < config.budget_s
+               and (config.max_rounds is None or rounds < config.max_rounds)):
             for g, env, algo in zip(graphs, envs, algos):
                 stats = algo.update()
                 samples += len(stats.rewards)
@@ -184,7 +234,7 @@ def train_multi(config: MultiTrainConfig) -> MultiTrainResult:
         writer.close()
         return MultiTrainResult(run_dir=run_dir, best_step_time_s=best,
                                 reference_step_time_s={g.name: e.reference_time_s for g, e in zip(graphs, envs)},
-                                rounds=rounds, elapsed_s=time.perf_counter() - t0)
+                                rounds=rounds, elapsed_s=elapsed_before + time.perf_counter() - t0)
     finally:
         for env in envs:
             env.close()
@@ -204,4 +254,5 @@ def multi_config_from_args(args: argparse.Namespace) -> MultiTrainConfig:
         graphs=graphs, random_dags=args.random_dags, graph_config=args.graph_config, cluster=args.cluster,
         policy=args.policy, algo=args.algo, budget_s=args.budget, max_rounds=args.max_updates, seed=args.seed,
         num_groups=args.num_groups, reference=args.reference, samples_per_update=args.samples_per_update,
-        lr=args.lr, entropy_coef=args.entropy_coef, hidden=args.hidden, runs_dir=args.runs_dir)
+        lr=args.lr, entropy_coef=args.entropy_coef, hidden=args.hidden, runs_dir=args.runs_dir,
+        run_name=args.run_name, resume=args.resume)

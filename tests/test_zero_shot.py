@@ -126,3 +126,35 @@ def test_multi_graph_ppo_shares_one_gnn(tmp_path):
     assert res.rounds == 2 and all(np.isfinite(list(res.best_step_time_s.values())))
     zs = place_zero_shot(res.run_dir, layered_dag(3, 2, seed=5), "cpu+4gpu")
     assert zs.predicted.ok and zs.method == "rl:gnn+ppo+zero-shot"
+
+
+def test_a_resumed_multi_graph_run_continues_where_it_stopped(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    common = dict(graphs=(), random_dags=2, cluster="cpu+4gpu", policy="gnn", algo="reinforce", samples_per_update=4,
+                  hidden=8, policy_options={"layers": 1}, num_groups=16, seed=3)
+    straight = train_multi(MultiTrainConfig(**common, max_rounds=4, runs_dir=str(tmp_path / "a")))
+    first = train_multi(MultiTrainConfig(**common, max_rounds=2, runs_dir=str(tmp_path / "b")))
+    assert first.rounds == 2
+    again = train_multi(MultiTrainConfig(graphs=(), resume=first.run_dir.name, max_rounds=4,
+                                         runs_dir=str(tmp_path / "b")))
+    assert again.run_dir == first.run_dir and again.rounds == 4
+    # the same weights, RNG streams and best placements as a run that was never stopped
+    a = torch.load(straight.run_dir / "checkpoint.pt", weights_only=False)
+    b = torch.load(again.run_dir / "checkpoint.pt", weights_only=False)
+    assert a["samples"] == b["samples"] and a["best"] == b["best"]
+    for k, v in a["policy"].items():
+        assert torch.equal(v, b["policy"][k]), k
+    with pytest.raises(ValueError, match="single-graph run"):
+        run = train(TrainConfig(graph=layered_dag(2, 2), cluster="cpu+4gpu", policy="gnn", max_updates=1,
+                                samples_per_update=2, hidden=8, num_groups=8, runs_dir=str(tmp_path), progress=False))
+        train_multi(MultiTrainConfig(graphs=(), resume=str(run.run_dir), runs_dir=str(tmp_path)))
+    # the CLI's --resume finds out that the run is a multi-graph one
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "placer.cli", "train", "--resume", str(first.run_dir), "--max-updates",
+                        "5", "--budget", "1m"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr
+    assert torch.load(first.run_dir / "checkpoint.pt", weights_only=False)["rounds"] == 5
