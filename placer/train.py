@@ -492,7 +492,7 @@ def _train_loop(config: TrainConfig, run_dir: Path, graph: OpGraph, cluster: Clu
         backend = env.backend
         if not isinstance(backend, SimRealBackend):
             return
-        top = backend.remeasure_top(config.top_k_real)
+        top = backend.remeasure_top(config.top_k_real, rounds=3 if final else 0)
         ok = [r for r in top if r.real.ok]
         for i, r in enumerate(top):
             writer.add_scalar(f"real/top{i + 1}_step_time_s", r.real.step_time_s if r.real.ok else float("nan"),

@@ -261,6 +261,41 @@ def test_sim_real_keeps_the_top_k_and_remeasures_them(monkeypatch):
     env.close()
 
 
+class _DriftingMeasurer(_FakeMeasurer):
+    """The machine's speed drifts: the first measurement of the run is 2x fast, then 1.0x, 1.2x, 1.0x, 1.2x ..."""
+
+    n = 0
+
+    def measure(self, placement, *, schedule, microbatches, steps, warmup):
+        import dataclasses
+
+        r = super().measure(placement, schedule=schedule, microbatches=microbatches, steps=steps, warmup=warmup)
+        _DriftingMeasurer.n += 1
+        n = _DriftingMeasurer.n
+        factor = 0.5 if n == 1 else (1.0 if n % 2 == 0 else 1.2)
+        return dataclasses.replace(r, step_time_s=r.step_time_s / 1.1 * factor)
+
+
+def test_final_remeasure_reports_the_median_of_interleaved_rounds(monkeypatch):
+    import envs.rewards as rewards
+
+    _DriftingMeasurer.n = 0
+    monkeypatch.setattr(rewards, "load_measurer_class", lambda: _DriftingMeasurer)
+    g = layered_dag(3, 3, seed=7)
+    g = g.replace(meta={**g.meta, "source": {"factory": "fake:fake"}})
+    env = PlacementEnv(g, "cpu+4gpu", num_groups=6, reward_backend="sim+real")
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        env.evaluate(rng.integers(0, 5, env.num_groups))
+    first = env.backend.remeasure_top(2)  # one measurement each; the first one caught the fast spell
+    assert first[0].real.step_time_s == pytest.approx(0.5 * first[0].sim.step_time_s)
+    final = env.backend.remeasure_top(2, rounds=2)  # 3 measurements each now: the median is not the lucky one
+    assert _DriftingMeasurer.n == 2 + 2 * 2
+    for r in final:
+        assert r.real.step_time_s >= 0.99 * r.sim.step_time_s, r.real.step_time_s / r.sim.step_time_s
+    env.close()
+
+
 def test_unknown_backend_and_missing_source_are_one_line_errors():
     p = build_problem(layered_dag(2, 2), get_cluster("cpu-2"), 4)
     with pytest.raises(ValueError, match="unknown reward backend"):
