@@ -374,6 +374,8 @@ def engine_op_costs(graph: "OpGraph", measurer: Any, *, device: int = 0, steps: 
     and the forward and backward time of every op is read off the engine's timeline of its median step, in
     context (warm caches, the executor's own per-op cost included). Ops with no event (no backward) cost 0.
     """
+    import torch  # noqa: PLC0415
+
     from graphs.ir import OpCosts, Provenance  # noqa: PLC0415
     from placer.placement import Placement  # noqa: PLC0415
 
@@ -387,8 +389,6 @@ def engine_op_costs(graph: "OpGraph", measurer: Any, *, device: int = 0, steps: 
         if i is None or e.phase not in ("fwd", "bwd") or "->" in e.track:
             continue
         (fwd if e.phase == "fwd" else bwd)[i] += e.end_s - e.start_s
-    import torch  # noqa: PLC0415
-
     old = graph.costs.get(kind)
     note = (f"engine in situ: per-op task times of the median of {steps} single-device steps on "
             f"{res.devices[device]} (step {res.step_time_s * 1e3:.3f} ms, ops {float((fwd + bwd).sum()) * 1e3:.3f} ms)"

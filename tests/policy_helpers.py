@@ -1,4 +1,5 @@
-"""Shared pieces of the policy tests: a two-CPU cluster and a one-thread fixture (small nets run fastest so)."""
+"""Shared pieces of the policy and training tests: a two-CPU cluster, a one-thread fixture (small nets run fastest
+so) and a stand-in for the engine's Measurer."""
 
 import pytest
 import torch
@@ -17,3 +18,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class SimMeasurer:
+    """Stands in for :class:`placer.engine.Measurer` (patch ``envs.rewards.load_measurer_class``): 'measures' the
+    simulated step times ``scale`` plus ``offset_s``, and counts its calls per class."""
+
+    scale = 1.0
+    offset_s = 0.0
+    calls = 0
+
+    def __init__(self, graph, cluster, *, timeout_s):
+        from placer.sim import Simulator
+
+        self.sim = Simulator(graph, cluster)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def measure(self, placement, *, schedule, microbatches, steps, warmup):
+        import dataclasses
+
+        type(self).calls += 1
+        r = self.sim.run(placement)
+        return dataclasses.replace(r, step_time_s=r.step_time_s * self.scale + self.offset_s, source="engine")

@@ -16,16 +16,11 @@ from envs.problem import build_problem
 from envs.rewards import SimRealBackend, engine_available, make_backend
 from envs.synthetic import layered_dag, two_chains
 from graphs.ir import OpGraph
-from placer.cluster import Cluster, Device, get_cluster
-from placer.result import StepResult
+from placer.cluster import get_cluster
+from tests.policy_helpers import SimMeasurer, pair
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
-
-
-def pair(bandwidth_Bps: float = 1e9, memory: tuple[int, int] = (1 << 34, 1 << 34)) -> Cluster:
-    return Cluster.uniform("pair", [Device(name=f"cpu:{i}", kind="cpu", memory_bytes=m) for i, m in enumerate(memory)],
-                           bandwidth_Bps=bandwidth_Bps, latency_s=1e-4)
 
 
 def rollout(env: gymnasium.Env, seed: int) -> list:
@@ -216,27 +211,11 @@ def test_masks_keep_groups_off_devices_that_would_overflow():
 
 
 # ---------------------------------------------------------------------------------------------- backends
-class _FakeMeasurer:
-    """Stands in for the engine: 'measures' 10% slower than simulated, counts calls."""
+class _FakeMeasurer(SimMeasurer):
+    """'Measures' 10% slower than simulated."""
 
+    scale = 1.1
     calls = 0
-
-    def __init__(self, graph, cluster, *, timeout_s):
-        from placer.sim import Simulator
-
-        self.sim = Simulator(graph, cluster)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def measure(self, placement, *, schedule, microbatches, steps, warmup):
-        _FakeMeasurer.calls += 1
-        r = self.sim.run(placement)
-        return StepResult(step_time_s=r.step_time_s * 1.1, source="engine", devices=r.devices, busy_s=r.busy_s,
-                          peak_memory_bytes=r.peak_memory_bytes, bytes_moved=r.bytes_moved)
 
 
 def test_sim_real_keeps_the_top_k_and_remeasures_them(monkeypatch):
@@ -261,25 +240,21 @@ def test_sim_real_keeps_the_top_k_and_remeasures_them(monkeypatch):
     env.close()
 
 
-class _DriftingMeasurer(_FakeMeasurer):
+class _DriftingMeasurer(SimMeasurer):
     """The machine's speed drifts: the first measurement of the run is 2x fast, then 1.0x, 1.2x, 1.0x, 1.2x ..."""
 
-    n = 0
+    calls = 0
 
     def measure(self, placement, *, schedule, microbatches, steps, warmup):
-        import dataclasses
-
-        r = super().measure(placement, schedule=schedule, microbatches=microbatches, steps=steps, warmup=warmup)
-        _DriftingMeasurer.n += 1
-        n = _DriftingMeasurer.n
-        factor = 0.5 if n == 1 else (1.0 if n % 2 == 0 else 1.2)
-        return dataclasses.replace(r, step_time_s=r.step_time_s / 1.1 * factor)
+        n = type(self).calls + 1
+        self.scale = 0.5 if n == 1 else (1.0 if n % 2 == 0 else 1.2)
+        return super().measure(placement, schedule=schedule, microbatches=microbatches, steps=steps, warmup=warmup)
 
 
 def test_final_remeasure_reports_the_median_of_interleaved_rounds(monkeypatch):
     import envs.rewards as rewards
 
-    _DriftingMeasurer.n = 0
+    _DriftingMeasurer.calls = 0
     monkeypatch.setattr(rewards, "load_measurer_class", lambda: _DriftingMeasurer)
     g = layered_dag(3, 3, seed=7)
     g = g.replace(meta={**g.meta, "source": {"factory": "fake:fake"}})
@@ -290,7 +265,7 @@ def test_final_remeasure_reports_the_median_of_interleaved_rounds(monkeypatch):
     first = env.backend.remeasure_top(2)  # one measurement each; the first one caught the fast spell
     assert first[0].real.step_time_s == pytest.approx(0.5 * first[0].sim.step_time_s)
     final = env.backend.remeasure_top(2, rounds=2)  # 3 measurements each now: the median is not the lucky one
-    assert _DriftingMeasurer.n == 2 + 2 * 2
+    assert _DriftingMeasurer.calls == 2 + 2 * 2
     for r in final:
         assert r.real.step_time_s >= 0.99 * r.sim.step_time_s, r.real.step_time_s / r.sim.step_time_s
     env.close()

@@ -14,6 +14,7 @@ from placer.cluster import Cluster, get_cluster
 from placer.export import load_placement
 from placer.placement import Placement
 from placer.train import TrainConfig, add_train_arguments, config_from_args, train, train_and_place
+from tests.policy_helpers import SimMeasurer
 
 TAGS = {"charts/best_step_time_s", "charts/mean_step_time_s", "charts/reward", "charts/entropy",
         "charts/samples_per_s", "losses/policy", "baseline/expert_step_time_s", "baseline/heft_step_time_s"}
@@ -127,25 +128,10 @@ def test_train_and_place_gives_a_valid_placement(tmp_path):
     assert result.ok and result.source == "sim" and np.isfinite(result.step_time_s)
 
 
-class _FakeMeasurer:
-    """Stands in for the engine: 'measures' the simulated step plus 1 ms."""
+class _FakeMeasurer(SimMeasurer):
+    """'Measures' the simulated step plus 1 ms."""
 
-    def __init__(self, graph, cluster, *, timeout_s):
-        from placer.sim import Simulator
-
-        self.sim = Simulator(graph, cluster)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def measure(self, placement, *, schedule, microbatches, steps, warmup):
-        import dataclasses
-
-        r = self.sim.run(placement)
-        return dataclasses.replace(r, step_time_s=r.step_time_s + 1e-3, source="engine")
+    offset_s = 1e-3
 
 
 def test_sim_real_run_reports_the_best_measured_placement(tmp_path, monkeypatch):

@@ -10,24 +10,12 @@ import torch
 
 from envs.placement_env import PlacementEnv
 from envs.synthetic import layered_dag, two_chains
-from placer.cluster import Cluster, Device, get_cluster
+from placer.cluster import get_cluster
 from placer.export import load_placement
 from placer.place import add_place_arguments, place_zero_shot, run_place
 from placer.train import TrainConfig, train
 from placer.train_multi import MultiTrainConfig, add_multi_arguments, multi_config_from_args, train_multi
-
-
-def pair() -> Cluster:
-    return Cluster.uniform("pair", [Device(name=f"cpu:{i}", kind="cpu", memory_bytes=1 << 34) for i in range(2)],
-                           bandwidth_Bps=1e9, latency_s=1e-4)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
 
 
 @pytest.fixture(scope="module")
