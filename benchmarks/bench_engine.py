@@ -41,28 +41,36 @@ import torch  # noqa: E402
 
 from graphs.build import build_graph  # noqa: E402
 from graphs.models import build_model  # noqa: E402
-from placer.cluster import get_cluster  # noqa: E402
+from placer.cluster import Cluster, Device, GiB, get_cluster  # noqa: E402
 from placer.engine import EngineConfig, Measurer  # noqa: E402
 from placer.placement import Placement  # noqa: E402
 
 
-def eager_step_s(name: str, config: str, overrides: dict, *, steps: int, warmup: int) -> float:
-    """Median eager training step of a benchmark model in this process (core 0, one thread)."""
+def eager_step_s(name: str, config: str, overrides: dict, *, steps: int, warmup: int, device: str = "cpu") -> float:
+    """Median eager training step of a benchmark model in this process (CPU: core 0, one thread)."""
     old_aff = os.sched_getaffinity(0)
     old_threads = torch.get_num_threads()
-    os.sched_setaffinity(0, {sorted(old_aff)[0]})
-    torch.set_num_threads(1)
+    cuda = device.startswith("cuda")
+    if not cuda:
+        os.sched_setaffinity(0, {sorted(old_aff)[0]})
+        torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
         model, inputs, _ = build_model(name, config, seed=0, **overrides)
+        model = model.to(device)
+        inputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs]
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         samples = []
         for s in range(warmup + steps):
+            if cuda:
+                torch.cuda.synchronize()
             t = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss = model(*inputs)
             loss.backward()
             opt.step()
+            if cuda:
+                torch.cuda.synchronize()
             if s >= warmup:
                 samples.append(time.perf_counter() - t)
         return float(statistics.median(samples))
@@ -82,6 +90,22 @@ def engine_overhead(args: argparse.Namespace) -> float:
     eager = eager_step_s("rnnlm", "paper", overrides, steps=args.steps, warmup=1)
     print(f"rnnlm paper (seq_len={args.rnnlm_steps}, {graph.n} ops): engine {res.step_time_s:.3f} s, "
           f"eager {eager:.3f} s per step (samples engine {[round(x, 3) for x in res.extra['samples_s']]})")
+    return res.step_time_s / eager
+
+
+def engine_overhead_cuda(args: argparse.Namespace) -> float:
+    """The same ratio on ``cuda:0`` (a lent GPU): one NCCL worker against eager PyTorch on the same GPU."""
+    overrides = {"seq_len": args.rnnlm_steps}
+    graph = build_graph("rnnlm", config="paper", overrides=overrides, profile=None)
+    gpu = Cluster.uniform("cuda-1", [Device(name="cuda:0", kind="cuda", memory_bytes=64 * GiB)],
+                          bandwidth_Bps=1e12, latency_s=1e-6)
+    with Measurer(graph, gpu, config=EngineConfig(timeout_s=900)) as m:
+        res = m.measure(Placement.single(graph), steps=max(args.steps, 10), warmup=3)
+    if not res.ok:
+        raise SystemExit(f"engine run on cuda:0 failed: {res.failure}")
+    eager = eager_step_s("rnnlm", "paper", overrides, steps=max(args.steps, 10), warmup=3, device="cuda:0")
+    print(f"rnnlm paper on {torch.cuda.get_device_name(0)} (seq_len={args.rnnlm_steps}, {graph.n} ops): engine "
+          f"{res.step_time_s * 1e3:.2f} ms, eager {eager * 1e3:.2f} ms per step")
     return res.step_time_s / eager
 
 
@@ -141,8 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=7, help="alternating single/GPipe rounds (GPipe figure)")
     ap.add_argument("--rnnlm-steps", type=int, default=10, help="unrolled time steps of the paper-width RNNLM")
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of the placements-per-second loop")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: only the engine overhead, on cuda:0 (figure engine_overhead[cuda])")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.device == "cuda":
+        print(f"figure: engine_overhead[cuda] = {engine_overhead_cuda(args):.3f}")
+        return
     print(f"load average at start: {os.getloadavg()[0]:.2f} (anything near or above 1 means other jobs compete)")
     overhead = engine_overhead(args)
     speedup = gpipe_speedup(args)

@@ -36,6 +36,7 @@ import contextlib
 import datetime
 import logging
 import operator
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -53,10 +54,17 @@ from graphs.trace import TracedModel, buffers_restored, record_values, value_byt
 
 log = logging.getLogger(__name__)
 
-__all__ = ["profile", "measure_step_s", "cpu_model_name"]
+__all__ = ["profile", "measure_step_s", "cpu_model_name", "gpu_kind"]
 
 _INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                   operator.ipow, operator.imod, operator.iand, operator.ior, operator.ixor}
+
+
+def gpu_kind(device_name: str) -> str:
+    """Cost-set key of a CUDA device from its name: the model number (``NVIDIA H200`` -> ``H200``,
+    ``Tesla V100-SXM2-16GB`` -> ``V100``), so a cluster's ``Device(kind="H200")`` finds measured costs."""
+    m = re.search(r"\b([A-Z]{1,2}\d{1,4}[A-Z]?)\b", device_name.replace("-", " "))
+    return m.group(1) if m else re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") or "cuda"
 
 
 def cpu_model_name() -> str:
@@ -367,7 +375,8 @@ def _check_device(device: str) -> torch.device:
 
 def profile(traced: TracedModel, *, device: str = "cpu", threads: int = 1, warmup: int = 3, repeats: int = 10,
             progress: bool = False, clock: str = "wall") -> OpGraph:
-    """The traced graph with measured ``costs["cpu"]`` (or ``costs["cuda"]``), stash/temp bytes and FLOPs.
+    """The traced graph with measured ``costs["cpu"]`` (on CUDA ``costs[gpu_kind(name)]``, e.g. ``costs["H200"]``),
+    stash/temp bytes and FLOPs.
 
     ``threads`` sets ``torch.set_num_threads`` for the measurement (restored afterwards). ``clock="thread"``
     (CPU, one thread only) times with the calling thread's CPU time instead of wall time: immune to other
@@ -395,7 +404,7 @@ def profile(traced: TracedModel, *, device: str = "cpu", threads: int = 1, warmu
         fwd_s, bwd_s = _timed_passes(replays, sources, timer, warmup=warmup, repeats=repeats, advance=advance)
         del replays, sources
     if dev.type == "cuda":
-        kind, name = "cuda", f"cuda:{torch.cuda.get_device_name(dev)}"
+        kind, name = gpu_kind(torch.cuda.get_device_name(dev)), f"cuda:{torch.cuda.get_device_name(dev)}"
         note = f"{name}; "
     else:
         kind, name = "cpu", "cpu"

@@ -69,6 +69,9 @@ GPUS: dict[str, GpuSpec] = {
     # H100 SXM5 datasheet (NVIDIA, 2023): 67 TFLOP/s fp32, 3.35 TB/s HBM3, 80 GB.
     "H100": GpuSpec(name="H100", peak_flops=67e12, bandwidth_Bps=3.35e12, launch_s=4e-6, efficiency=0.6,
                     memory_bytes=80 * GiB),
+    # H200 SXM datasheet (NVIDIA, 2024): the H100's compute (67 TFLOP/s fp32) with 4.8 TB/s HBM3e, 141 GB.
+    "H200": GpuSpec(name="H200", peak_flops=67e12, bandwidth_Bps=4.8e12, launch_s=4e-6, efficiency=0.6,
+                    memory_bytes=140 * GiB),
 }
 
 ZERO_COST_KINDS = frozenset({
@@ -120,6 +123,8 @@ def estimate(graph: OpGraph, gpu: str) -> OpCosts:
     return OpCosts(fwd_s=fwd, bwd_s=bwd, provenance=prov)
 
 
-def with_estimates(graph: OpGraph, gpus: Sequence[str] = ("K80", "V100", "A100", "H100")) -> OpGraph:
-    """``graph`` plus one estimated cost set per GPU, keyed by the GPU's name."""
-    return graph.replace(costs={**graph.costs, **{g: estimate(graph, g) for g in gpus}})
+def with_estimates(graph: OpGraph, gpus: Sequence[str] = ("K80", "V100", "A100", "H100", "H200")) -> OpGraph:
+    """``graph`` plus one estimated cost set per GPU, keyed by the GPU's name; a cost set measured on that GPU
+    is kept, not replaced by an estimate."""
+    measured = {k for k, c in graph.costs.items() if c.provenance.method == "measured"}
+    return graph.replace(costs={**graph.costs, **{g: estimate(graph, g) for g in gpus if g not in measured}})

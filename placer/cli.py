@@ -161,7 +161,7 @@ def _cluster_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="show presets or calibrate this machine's workers")
     csub = p.add_subparsers(dest="cluster_cmd", required=True)
     s = csub.add_parser("show", help="devices and links of a preset or cluster JSON")
-    s.add_argument("cluster", help="preset name (cpu-2, cpu+2gpu, cpu+4gpu, v100x8-nvlink, h100x8) or JSON file")
+    s.add_argument("cluster", help="preset name (cpu-2, cpu+2gpu, cpu+4gpu, v100x8-nvlink, h100x8, h200x8) or JSON file")
     s.set_defaults(func=cmd_cluster_show)
     c = csub.add_parser("calibrate", help="measure link latency/bandwidth and device speed between gloo workers")
     c.add_argument("--devices", type=int, default=2)

@@ -218,6 +218,15 @@ def _h100x8() -> Cluster:
                            meta={"source": "preset", "note": "HGX H100, NVLink 4 via NVSwitch"})
 
 
+@register_preset("h200x8")
+def _h200x8() -> Cluster:
+    # Op costs: the ``H200`` cost set, measured on a lent H200 where a graph has one (graphs/data), else the
+    # roofline estimate. Links as the HGX H100 (same NVLink 4 / NVSwitch).
+    devs = [Device(name=f"cuda:{i}", kind="H200", memory_bytes=140 * GiB) for i in range(8)]
+    return Cluster.uniform("h200x8", devs, bandwidth_Bps=400e9, latency_s=5e-6,
+                           meta={"source": "preset", "note": "HGX H200, NVLink 4 via NVSwitch"})
+
+
 def get_cluster(name_or_path: str | Path) -> Cluster:
     """A preset by name, or a cluster JSON file; a clear ``ValueError`` otherwise."""
     key = str(name_or_path)

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` factories
 
 from graphs.ir import OpGraph  # noqa: E402
-from graphs.profile import measure_step_s, profile  # noqa: E402
+from graphs.profile import gpu_kind, measure_step_s, profile  # noqa: E402
 from graphs.roofline import GPUS, estimate, with_estimates  # noqa: E402
 from graphs.trace import trace_model  # noqa: E402
 from tests import fixtures_models as fm  # noqa: E402
@@ -165,7 +165,7 @@ def test_roofline_hand_worked():
 def test_roofline_on_profiled_model(mlp_profiled):
     _, g = mlp_profiled
     g = with_estimates(g)
-    assert set(g.costs) == {"cpu", "K80", "V100", "A100", "H100"}
+    assert set(g.costs) == {"cpu", "K80", "V100", "A100", "H100", "H200"}
     for name in ("K80", "H100"):
         c = g.costs[name]
         assert c.provenance.method == "estimated"
@@ -178,3 +178,32 @@ def test_roofline_on_profiled_model(mlp_profiled):
     k80 = GPUS["K80"]
     assert lstm.param_bytes[cells[-1]] == 0
     assert c.fwd_s[cells[-1]] > k80.launch_s + lstm.param_bytes[cells[1]] / (k80.bandwidth_Bps * k80.efficiency)
+
+
+@pytest.mark.parametrize("name,kind", [("NVIDIA H200", "H200"), ("NVIDIA H100 80GB HBM3", "H100"),
+                                       ("Tesla V100-SXM2-16GB", "V100"), ("NVIDIA A100-SXM4-80GB", "A100"),
+                                       ("Tesla K80", "K80"), ("NVIDIA L4", "L4"), ("Some Card", "Some_Card")])
+def test_gpu_cost_sets_are_named_after_the_card(name, kind):
+    assert gpu_kind(name) == kind
+
+
+def test_measured_gpu_costs_survive_estimates_and_merge_checks_ops(tmp_path, monkeypatch):
+    """The shipped graphs carry H200 costs measured on a lent GPU: a later roofline pass keeps them, and a merge
+    of costs traced from other ops is refused."""
+    import graphs.data.__main__ as data_main
+    from graphs.data import load_benchmark_graph
+
+    g = load_benchmark_graph("rnnlm")
+    assert g.costs["H200"].provenance.method == "measured"
+    assert g.costs["H200"].provenance.device.startswith("cuda:")
+    kept = with_estimates(g).costs["H200"]
+    np.testing.assert_array_equal(kept.fwd_s, g.costs["H200"].fwd_s)
+    assert with_estimates(g).costs["H100"].provenance.method == "estimated"
+
+    monkeypatch.setattr(data_main, "DATA_DIR", tmp_path)
+    g.save(tmp_path / "rnnlm-small.json")
+    entry = {"op_names": list(g.op_names), "kind": "X9", "costs": g.costs["cpu"].to_json(), "step_s": [1e-3, 2e-3]}
+    data_main.merge({"rnnlm-small": entry})
+    assert "X9" in OpGraph.load(tmp_path / "rnnlm-small.json").costs
+    with pytest.raises(SystemExit, match="other ops"):
+        data_main.merge({"rnnlm-small": {**entry, "op_names": entry["op_names"][:-1]}})

@@ -55,9 +55,10 @@ class BNNet(nn.Module):
 
 
 class Chain(nn.Module):
-    def __init__(self, width: int, depth: int) -> None:
+    def __init__(self, width: int, depth: int, in_width: int | None = None) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        widths = [in_width or width] + [width] * (depth - 1)
+        self.layers = nn.ModuleList(nn.Linear(w, width) for w in widths)
 
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
         for layer in self.layers:
@@ -84,5 +85,10 @@ def chain_bench() -> tuple[nn.Module, tuple[Tensor, ...], None]:
     """8 layers of width 512, batch 2048: the balanced pipeline of the GPipe benchmark. A micro-batch of 256
     is still compute-bound (1 MB weights stay in cache: 8 micro-batches cost ~3% more than one full batch on
     this CPU, against ~25% at width 1024), each layer takes ~1.5 ms forward per micro-batch, and a transfer is
-    512 kB (~0.3 ms), so the pipeline's own limits (bubble, transfers) are what the benchmark sees."""
-    return Chain(512, 8), (torch.randn(2048, 512), torch.randn(2048, 512)), None
+    512 kB (~0.3 ms), so the pipeline's own limits (bubble, transfers) are what the benchmark sees.
+
+    Balanced means equal work on both halves: the first layer computes no input gradient (its input is data),
+    so it takes a 768-wide input, making its forward plus weight gradient (2 x 1.5 units) cost what a hidden
+    layer's forward plus both gradients (3 x 1 unit) do. With 512 inputs the first stage was ~8% lighter, which
+    capped GPipe at ~1.58 on its own."""
+    return Chain(512, 8, in_width=768), (torch.randn(2048, 768), torch.randn(2048, 512)), None
