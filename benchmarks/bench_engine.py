@@ -11,7 +11,7 @@ Prints, at the end (ratios measured within this one run)::
   overhead share is the same). Eager = ``loss = model(*inputs); loss.backward(); sgd.step()`` on the original
   module in this process, pinned to core 0 with 1 thread; engine = one worker pinned to core 0 with 1 thread
   (cluster ``cpu-2`` restricted to ``cpu:0``), SGD, median of ``--steps`` steps after warm-up. Target <= 1.10.
-* ``gpipe_speedup_2dev``: ``placer.engine.toy:chain_bench`` (8 equal Linear(512)+tanh layers, batch 2048), the
+* ``gpipe_speedup_2dev``: ``placer.engine.toy:chain_bench`` (8 Linear(512)+tanh layers, batch 4096, balanced), the
   first 4 layers on ``cpu:0`` and the rest on ``cpu:1``, GPipe with 8 micro-batches, against the whole model on
   one worker with 1 micro-batch (plain training). Target >= 1.6 (the bubble bounds it by D M / (M + D - 1) = 1.78).
 * ``measured_placements_per_s[rnnlm]``: RNNLM ``small``; random placements measured back to back by one warm
@@ -137,8 +137,8 @@ def gpipe_speedup(args: argparse.Namespace) -> float:
     bound = one / (float(stage_s.max()) * (8 + 2 - 1) / 8)
     print(f"chain_bench ({args.rounds} rounds x {args.steps} steps): 1 device {one:.3f} s, 2-device GPipe M=8 "
           f"{two_dev:.3f} s (medians); per-round speed-ups {[round(x, 3) for x in ratios]}; median busy per "
-          f"device {np.round(stage_s, 3).tolist()} s (stage 2 also holds the loss and stage 1's first layer needs "
-          f"no input gradient), so GPipe's bound for these stages is {bound:.3f} (1.78 for equal stages)")
+          f"device {np.round(stage_s, 3).tolist()} s, so GPipe's bound for these stages is {bound:.3f} "
+          f"(1.78 for equal stages with no micro-batching cost)")
     return float(statistics.median(ratios))
 
 

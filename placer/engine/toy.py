@@ -82,13 +82,15 @@ def chain() -> tuple[nn.Module, tuple[Tensor, ...], None]:
 
 
 def chain_bench() -> tuple[nn.Module, tuple[Tensor, ...], None]:
-    """8 layers of width 512, batch 2048: the balanced pipeline of the GPipe benchmark. A micro-batch of 256
-    is still compute-bound (1 MB weights stay in cache: 8 micro-batches cost ~3% more than one full batch on
-    this CPU, against ~25% at width 1024), each layer takes ~1.5 ms forward per micro-batch, and a transfer is
-    512 kB (~0.3 ms), so the pipeline's own limits (bubble, transfers) are what the benchmark sees.
+    """8 layers of width 512, batch 4096: the balanced pipeline of the GPipe benchmark. 1 MB weights stay in
+    cache, so a micro-batch (512 rows at M=8) is still compute-bound, and each layer takes ~3 ms forward per
+    micro-batch against ~50 us of engine work per task and a 1 MB transfer (~0.6 ms), so the pipeline's own limit
+    (the bubble) is what the benchmark sees. With batch 2048 the per-task costs were ~10% of a stage's busy time
+    and GPipe reached 1.48-1.58; with 4096, 1.65-1.69 per round (``benchmarks/bench_engine.py``).
 
-    Balanced means equal work on both halves: the first layer computes no input gradient (its input is data),
-    so it takes a 768-wide input, making its forward plus weight gradient (2 x 1.5 units) cost what a hidden
-    layer's forward plus both gradients (3 x 1 unit) do. With 512 inputs the first stage was ~8% lighter, which
-    capped GPipe at ~1.58 on its own."""
-    return Chain(512, 8, in_width=768), (torch.randn(2048, 768), torch.randn(2048, 512)), None
+    Balanced means equal work on both halves. The first layer computes no input gradient (its input is data) and
+    the second stage also runs the loss, so the first layer takes an 896-wide input: its forward plus weight
+    gradient (2 x 1.75 units) cost a hidden layer's forward plus both gradients (3 x 1 unit) plus the loss's
+    share (~0.5 unit). Median stage busy times measured: 512 inputs [0.152, 0.165] s, 896 inputs [0.322, 0.315] s
+    (batch 4096)."""
+    return Chain(512, 8, in_width=896), (torch.randn(4096, 896), torch.randn(4096, 512)), None
