@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from envs.placement_env import PlacementEnv, resolve_cluster, resolve_graph
-from envs.synthetic import layered_dag
+from envs.synthetic import branch_blocks, layered_dag, recurrent_grid
 from graphs.ir import OpGraph
 from placer.export import save_placement, write_json_atomic
 from policies import make_algo, make_policy
@@ -128,10 +128,18 @@ class MultiTrainResult:
 
 
 def random_graphs(count: int, seed: int) -> list[OpGraph]:
-    """``count`` layered DAGs of 3-8 layers x 2-6 ops, drawn from ``seed``."""
+    """``count`` random graphs drawn from ``seed``, the three families of :mod:`envs.synthetic` in turn: layered
+    DAGs of 3-8 layers x 2-6 ops, recurrent grids of 2-4 layers x 8-30 steps, and 3-10 Inception-like blocks."""
     rng = np.random.default_rng(seed)
-    return [layered_dag(int(rng.integers(3, 9)), int(rng.integers(2, 7)), seed=int(rng.integers(1 << 30)))
-            for _ in range(count)]
+    out: list[OpGraph] = []
+    for i in range(count):
+        sizes = rng.integers(3, 9), rng.integers(2, 7), rng.integers(2, 5), rng.integers(8, 31), rng.integers(3, 11)
+        s = int(rng.integers(1 << 30))
+        family = i % 3
+        out.append(layered_dag(int(sizes[0]), int(sizes[1]), seed=s) if family == 0 else
+                   recurrent_grid(int(sizes[2]), int(sizes[3]), seed=s) if family == 1 else
+                   branch_blocks(int(sizes[4]), seed=s))
+    return out
 
 
 def train_multi(config: MultiTrainConfig) -> MultiTrainResult:

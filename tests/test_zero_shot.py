@@ -146,3 +146,25 @@ def test_a_resumed_multi_graph_run_continues_where_it_stopped(tmp_path):
                        env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert r.returncode == 0, r.stderr
     assert torch.load(first.run_dir / "checkpoint.pt", weights_only=False)["rounds"] == 5
+
+
+def test_random_training_graphs_cover_three_families_reproducibly():
+    from envs.synthetic import branch_blocks, recurrent_grid
+    from placer.train_multi import random_graphs
+
+    graphs = random_graphs(6, seed=3)
+    families = [g.meta["synthetic"]["generator"] for g in graphs]
+    assert families == ["layered_dag", "recurrent_grid", "branch_blocks"] * 2
+    assert [g.content_hash() for g in random_graphs(6, seed=3)] == [g.content_hash() for g in graphs]
+    g = recurrent_grid(3, 5, seed=1)
+    cells0 = [i for i, name in enumerate(g.op_names) if name.startswith("cell0_")]
+    assert len(cells0) == 5 and len(set(g.colocation[cells0].tolist())) == 1  # one layer's calls share weights
+    assert (g.param_bytes[cells0[1:]] == 0).all() and g.param_bytes[cells0[0]] > 0
+    assert len(np.unique(g.colocation)) == 6  # embedding, 3 cells, projection, loss
+    succ = g.successors()
+    assert g.index("cell2_4") in succ[g.index("cell2_3")] and g.index("cell2_4") in succ[g.index("cell1_4")]
+    b = branch_blocks(4, seed=2)
+    cats = [i for i, k in enumerate(b.op_kinds) if k == "cat"]
+    assert len(cats) == 4 and all(len(b.predecessors()[i]) >= 2 for i in cats)
+    with pytest.raises(ValueError, match="n_layers >= 1"):
+        recurrent_grid(0, 3)
