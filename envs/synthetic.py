@@ -1,11 +1,17 @@
-"""Random layered DAGs with ``cpu`` and ``K80`` costs: training graphs for the RL placer when no profiled graph is
+"""Random op graphs with ``cpu`` and ``K80`` costs: training graphs for the RL placer when no profiled graph is
 at hand, and (Placeto, Addanki et al., NeurIPS 2019, section 5) a source of graph variety for policies meant to
-place unseen graphs.
+place unseen graphs. Three families, each shaped like a kind of network a placer meets:
 
-A graph has ``n_layers`` layers of ``width`` ops, then one ``loss`` op. Every op of layer ``l + 1`` reads one to
-three ops of layer ``l`` and every op of layer ``l`` is read at least once, so each layer is a wavefront that
-several devices can run in parallel. Costs, sizes and the GPU speed-up of each op are drawn from
-``numpy.random.default_rng(seed)``; the same arguments always give the same graph (and the same content hash).
+* :func:`layered_dag` — ``n_layers`` layers of ``width`` ops, then one ``loss`` op. Every op of layer ``l + 1``
+  reads one to three ops of layer ``l`` and every op of layer ``l`` is read at least once, so each layer is a
+  wavefront that several devices can run in parallel.
+* :func:`recurrent_grid` — a stacked recurrent network unrolled over time (RNNLM/NMT-like): cell ``(l, t)`` reads
+  cell ``(l, t - 1)`` and cell ``(l - 1, t)``; the calls of one layer's cell share its weights, so they form one
+  colocation group, as do the per-step embedding and output projection.
+* :func:`branch_blocks` — blocks of parallel branches joined by a concatenation (Inception-like).
+
+Costs, sizes and the GPU speed-up of each op are drawn from ``numpy.random.default_rng(seed)``; the same arguments
+always give the same graph (and the same content hash).
 """
 
 from __future__ import annotations
@@ -62,17 +68,114 @@ def layered_dag(n_layers: int, width: int, seed: int = 0, *, mean_fwd_s: float =
     edges += [(f"l{n_layers - 1}_{w}", "loss") for w in range(width)]
     edges = sorted(set(edges), key=lambda e: (_op_index(e[1], width), _op_index(e[0], width)))
 
-    fwd_all = np.append(fwd, 1e-5)
-    bwd_all = np.append(bwd, 1e-5)
-    prov = dict(threads=0, torch_version="", date="", method="estimated", note=f"synthetic layered_dag seed={seed}")
-    costs = {
-        "cpu": OpCosts(fwd_s=fwd_all, bwd_s=bwd_all, provenance=Provenance(device="cpu", **prov)),
-        "K80": OpCosts(fwd_s=fwd_all / np.append(speedup, 1.0), bwd_s=bwd_all / np.append(speedup, 1.0),
-                       provenance=Provenance(device="K80", **prov)),
-    }
-    return OpGraph.build(name=f"layered-{n_layers}x{width}-s{seed}", ops=ops, edges=edges, costs=costs,
+    return OpGraph.build(name=f"layered-{n_layers}x{width}-s{seed}", ops=ops, edges=edges,
+                         costs=_costs(np.append(fwd, 1e-5), np.append(bwd, 1e-5), np.append(speedup, 1.0),
+                                      f"layered_dag seed={seed}"),
                          meta={"synthetic": {"generator": "layered_dag", "n_layers": n_layers, "width": width,
                                              "seed": seed}})
+
+
+def _costs(fwd_s: np.ndarray, bwd_s: np.ndarray, gpu_speedup: np.ndarray, note: str) -> dict[str, OpCosts]:
+    """``cpu`` costs as drawn and ``K80`` costs ``gpu_speedup`` times faster."""
+    prov = dict(threads=0, torch_version="", date="", method="estimated", note=f"synthetic {note}")
+    return {
+        "cpu": OpCosts(fwd_s=fwd_s, bwd_s=bwd_s, provenance=Provenance(device="cpu", **prov)),
+        "K80": OpCosts(fwd_s=fwd_s / gpu_speedup, bwd_s=bwd_s / gpu_speedup,
+                       provenance=Provenance(device="K80", **prov)),
+    }
+
+
+def recurrent_grid(n_layers: int, steps: int, seed: int = 0, *, mean_fwd_s: float = 1e-3,
+                   mean_out_bytes: float = 4e6) -> OpGraph:
+    """A stacked recurrent network unrolled over ``steps`` time steps (see the module docstring).
+
+    Per step: an embedding lookup, ``n_layers`` cells and an output projection; then one ``loss`` reads every
+    projection. Each of those modules has one forward time for all steps (drawn per graph, +-10% per call), its
+    parameters are counted at its first call, and its calls share a colocation group. Cells and projections get
+    GPU speed-ups of 8-15x, the embedding lookup 1.5-3x.
+    """
+    if n_layers < 1 or steps < 1:
+        raise ValueError(f"recurrent_grid needs n_layers >= 1 and steps >= 1, got {n_layers} x {steps}")
+    rng = np.random.default_rng(seed)
+    cell_s = rng.lognormal(np.log(mean_fwd_s) - 0.5, 0.5, n_layers)
+    mods = {"emb": (float(cell_s.mean() * rng.uniform(0.02, 0.1)), rng.uniform(1.5, 3.0), "Embedding",
+                    int(rng.uniform(10, 80) * 1e6))}
+    for layer in range(n_layers):
+        mods[f"cell{layer}"] = (float(cell_s[layer]), rng.uniform(8.0, 15.0), "LSTMCell", int(rng.uniform(4, 40) * 1e6))
+    mods["proj"] = (float(cell_s.mean() * rng.uniform(0.5, 3.0)), rng.uniform(8.0, 15.0), "Linear",
+                    int(rng.uniform(10, 80) * 1e6))
+    hidden_bytes = int(max(1024, rng.lognormal(np.log(mean_out_bytes) - 0.5, 0.5)))
+    logits_bytes = int(hidden_bytes * rng.uniform(2.0, 10.0))
+    ops: list[dict] = []
+    edges: list[tuple[str, str]] = []
+    first: dict[str, int] = {}
+    fwd, speedup = [], []
+    for t in range(steps):
+        names = {"emb": f"emb_{t}", "proj": f"proj_{t}", **{f"cell{l}": f"cell{l}_{t}" for l in range(n_layers)}}
+        for mod in ("emb", *[f"cell{l}" for l in range(n_layers)], "proj"):
+            base_s, gpu_x, kind, params = mods[mod]
+            out = logits_bytes if mod == "proj" else hidden_bytes
+            new = mod not in first
+            first.setdefault(mod, len(ops))
+            ops.append({"name": names[mod], "kind": kind, "module": mod, "out_bytes": out,
+                        "param_bytes": params if new else 0, "stash_bytes": out, "colocation": first[mod],
+                        "flops": base_s * 1e10})
+            fwd.append(base_s * rng.uniform(0.9, 1.1))
+            speedup.append(gpu_x)
+        edges.append((f"emb_{t}", f"cell0_{t}"))
+        for layer in range(n_layers):
+            if t:
+                edges.append((f"cell{layer}_{t - 1}", f"cell{layer}_{t}"))
+            if layer:
+                edges.append((f"cell{layer - 1}_{t}", f"cell{layer}_{t}"))
+        edges.append((f"cell{n_layers - 1}_{t}", f"proj_{t}"))
+        edges.append((f"proj_{t}", "loss"))
+    ops.append({"name": "loss", "kind": "loss", "module": "loss", "out_bytes": 4, "stash_bytes": 0, "flops": 0.0})
+    fwd_s = np.append(fwd, 1e-5)
+    return OpGraph.build(name=f"recurrent-{n_layers}x{steps}-s{seed}", ops=ops, edges=edges,
+                         costs=_costs(fwd_s, fwd_s * 2.0, np.append(speedup, 1.0), f"recurrent_grid seed={seed}"),
+                         meta={"synthetic": {"generator": "recurrent_grid", "n_layers": n_layers, "steps": steps,
+                                             "seed": seed}})
+
+
+def branch_blocks(n_blocks: int, seed: int = 0, *, mean_fwd_s: float = 1e-3, mean_out_bytes: float = 4e6) -> OpGraph:
+    """A stem, ``n_blocks`` blocks of 2-4 parallel branches (chains of 1-3 convolutions) each joined by a
+    concatenation, then a classifier and the ``loss`` (see the module docstring)."""
+    if n_blocks < 1:
+        raise ValueError(f"branch_blocks needs n_blocks >= 1, got {n_blocks}")
+    rng = np.random.default_rng(seed)
+    ops: list[dict] = []
+    edges: list[tuple[str, str]] = []
+    fwd, speedup = [], []
+
+    def add(name: str, kind: str, inputs: list[str], weight: float, out_bytes: float) -> str:
+        conv = kind in ("Conv2d", "Linear")
+        fwd.append(weight * mean_fwd_s * rng.lognormal(-0.5, 1.0) if conv else 0.05 * mean_fwd_s)
+        speedup.append(rng.uniform(6.0, 15.0) if conv else rng.uniform(2.0, 4.0))
+        ops.append({"name": name, "kind": kind, "module": name, "out_bytes": int(max(1024, out_bytes)),
+                    "param_bytes": int(rng.uniform(0.2, 8.0) * 1e6) if conv else 0,
+                    "stash_bytes": int(max(1024, out_bytes)), "flops": fwd[-1] * 1e10})
+        edges.extend((src, name) for src in inputs)
+        return name
+
+    size = mean_out_bytes * rng.lognormal(0.0, 0.5)
+    x = add("stem", "Conv2d", [], 2.0, size)
+    for b in range(n_blocks):
+        ends = []
+        for br in range(int(rng.integers(2, 5))):
+            y = x
+            for k in range(int(rng.integers(1, 4))):
+                y = add(f"b{b}_{br}_{k}", "Conv2d", [y], 1.0, size * rng.uniform(0.2, 0.6))
+            ends.append(y)
+        x = add(f"b{b}_cat", "cat", ends, 0.0, size)
+    x = add("fc", "Linear", [x], 0.5, 4096)
+    ops.append({"name": "loss", "kind": "loss", "module": "loss", "out_bytes": 4, "stash_bytes": 0, "flops": 0.0})
+    edges.append((x, "loss"))
+    fwd_s = np.append(fwd, 1e-5)
+    bwd_s = fwd_s * np.append(rng.uniform(1.5, 2.5, len(fwd)), 1.0)
+    return OpGraph.build(name=f"branchy-{n_blocks}-s{seed}", ops=ops, edges=edges,
+                         costs=_costs(fwd_s, bwd_s, np.append(speedup, 1.0), f"branch_blocks seed={seed}"),
+                         meta={"synthetic": {"generator": "branch_blocks", "n_blocks": n_blocks, "seed": seed}})
 
 
 def _op_index(name: str, width: int) -> int:

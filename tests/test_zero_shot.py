@@ -155,7 +155,7 @@ def test_random_training_graphs_cover_three_families_reproducibly():
     graphs = random_graphs(6, seed=3)
     families = [g.meta["synthetic"]["generator"] for g in graphs]
     assert families == ["layered_dag", "recurrent_grid", "branch_blocks"] * 2
-    assert [g.content_hash() for g in random_graphs(6, seed=3)] == [g.content_hash() for g in graphs]
+    assert [g.content_hash for g in random_graphs(6, seed=3)] == [g.content_hash for g in graphs]
     g = recurrent_grid(3, 5, seed=1)
     cells0 = [i for i, name in enumerate(g.op_names) if name.startswith("cell0_")]
     assert len(cells0) == 5 and len(set(g.colocation[cells0].tolist())) == 1  # one layer's calls share weights
