@@ -8,7 +8,8 @@ graph G in rnnlm, nmt, inception_v3 and each policy family F in ``seq2seq+reinfo
     figure: time_to_2pct_s[G|F] = S         training seconds until F's best was within 2% of its final best
 
 then, leave-one-out (Placeto): train one GNN (REINFORCE) on the other two graphs plus ``--random-dags`` random
-layered DAGs for ``--budget`` seconds, place G zero-shot (the policy's greedy placement and ``--zs-samples - 1``
+graphs (layered DAGs, unrolled recurrent grids and Inception-like branch blocks in turn; see
+:func:`placer.train_multi.random_graphs`) for ``--budget`` seconds, place G zero-shot (the policy's greedy placement and ``--zs-samples - 1``
 samples, best by simulation) and print::
 
     figure: zero_shot_ratio[G] = R          zero-shot step time / the gnn+reinforce run trained on G  (target <= 1.10)
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graphs", default=",".join(MODELS))
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma list of policy families")
     ap.add_argument("--no-zero-shot", action="store_true")
-    ap.add_argument("--random-dags", type=int, default=4)
+    ap.add_argument("--random-dags", type=int, default=6,
+                    help="random training graphs for zero-shot: layered, recurrent and Inception-like in turn")
     ap.add_argument("--zs-samples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: 15 s per run")

@@ -86,13 +86,13 @@ def _costs(fwd_s: np.ndarray, bwd_s: np.ndarray, gpu_speedup: np.ndarray, note: 
 
 
 def recurrent_grid(n_layers: int, steps: int, seed: int = 0, *, mean_fwd_s: float = 1e-3,
-                   mean_out_bytes: float = 4e6) -> OpGraph:
+                   mean_out_bytes: float = 4e6, gpu_speedup: tuple[float, float] = (8.0, 15.0)) -> OpGraph:
     """A stacked recurrent network unrolled over ``steps`` time steps (see the module docstring).
 
     Per step: an embedding lookup, ``n_layers`` cells and an output projection; then one ``loss`` reads every
     projection. Each of those modules has one forward time for all steps (drawn per graph, +-10% per call), its
     parameters are counted at its first call, and its calls share a colocation group. Cells and projections get
-    GPU speed-ups of 8-15x, the embedding lookup 1.5-3x.
+    GPU speed-ups drawn from ``gpu_speedup``, the embedding lookup 1.5-3x.
     """
     if n_layers < 1 or steps < 1:
         raise ValueError(f"recurrent_grid needs n_layers >= 1 and steps >= 1, got {n_layers} x {steps}")
@@ -101,8 +101,9 @@ def recurrent_grid(n_layers: int, steps: int, seed: int = 0, *, mean_fwd_s: floa
     mods = {"emb": (float(cell_s.mean() * rng.uniform(0.02, 0.1)), rng.uniform(1.5, 3.0), "Embedding",
                     int(rng.uniform(10, 80) * 1e6))}
     for layer in range(n_layers):
-        mods[f"cell{layer}"] = (float(cell_s[layer]), rng.uniform(8.0, 15.0), "LSTMCell", int(rng.uniform(4, 40) * 1e6))
-    mods["proj"] = (float(cell_s.mean() * rng.uniform(0.5, 3.0)), rng.uniform(8.0, 15.0), "Linear",
+        mods[f"cell{layer}"] = (float(cell_s[layer]), rng.uniform(*gpu_speedup), "LSTMCell",
+                                int(rng.uniform(4, 40) * 1e6))
+    mods["proj"] = (float(cell_s.mean() * rng.uniform(0.5, 3.0)), rng.uniform(*gpu_speedup), "Linear",
                     int(rng.uniform(10, 80) * 1e6))
     hidden_bytes = int(max(1024, rng.lognormal(np.log(mean_out_bytes) - 0.5, 0.5)))
     logits_bytes = int(hidden_bytes * rng.uniform(2.0, 10.0))
@@ -138,9 +139,11 @@ def recurrent_grid(n_layers: int, steps: int, seed: int = 0, *, mean_fwd_s: floa
                                              "seed": seed}})
 
 
-def branch_blocks(n_blocks: int, seed: int = 0, *, mean_fwd_s: float = 1e-3, mean_out_bytes: float = 4e6) -> OpGraph:
+def branch_blocks(n_blocks: int, seed: int = 0, *, mean_fwd_s: float = 1e-3, mean_out_bytes: float = 4e6,
+                  gpu_speedup: tuple[float, float] = (6.0, 15.0)) -> OpGraph:
     """A stem, ``n_blocks`` blocks of 2-4 parallel branches (chains of 1-3 convolutions) each joined by a
-    concatenation, then a classifier and the ``loss`` (see the module docstring)."""
+    concatenation, then a classifier and the ``loss`` (see the module docstring). Convolutions get GPU speed-ups
+    drawn from ``gpu_speedup``, concatenations 2-4x."""
     if n_blocks < 1:
         raise ValueError(f"branch_blocks needs n_blocks >= 1, got {n_blocks}")
     rng = np.random.default_rng(seed)
@@ -151,7 +154,7 @@ def branch_blocks(n_blocks: int, seed: int = 0, *, mean_fwd_s: float = 1e-3, mea
     def add(name: str, kind: str, inputs: list[str], weight: float, out_bytes: float) -> str:
         conv = kind in ("Conv2d", "Linear")
         fwd.append(weight * mean_fwd_s * rng.lognormal(-0.5, 1.0) if conv else 0.05 * mean_fwd_s)
-        speedup.append(rng.uniform(6.0, 15.0) if conv else rng.uniform(2.0, 4.0))
+        speedup.append(rng.uniform(*gpu_speedup) if conv else rng.uniform(2.0, 4.0))
         ops.append({"name": name, "kind": kind, "module": name, "out_bytes": int(max(1024, out_bytes)),
                     "param_bytes": int(rng.uniform(0.2, 8.0) * 1e6) if conv else 0,
                     "stash_bytes": int(max(1024, out_bytes)), "flops": fwd[-1] * 1e10})

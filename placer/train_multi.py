@@ -129,7 +129,12 @@ class MultiTrainResult:
 
 def random_graphs(count: int, seed: int) -> list[OpGraph]:
     """``count`` random graphs drawn from ``seed``, the three families of :mod:`envs.synthetic` in turn: layered
-    DAGs of 3-8 layers x 2-6 ops, recurrent grids of 2-4 layers x 8-30 steps, and 3-10 Inception-like blocks."""
+    DAGs of 3-8 layers x 2-6 ops, recurrent grids of 2-4 layers x 8-30 steps, and 3-10 Inception-like blocks.
+
+    Tensor sizes and GPU speed-ups keep the generators' defaults. Tried: drawing them per graph (mean output
+    0.5-16 MB, GPU speed-ups up to 5-40x): Inception-V3's zero-shot ratio went from 1.30 to 1.24 and RNNLM's from
+    1.03 to 2.71 (``benchmarks/bench_rl_part2.py``'s zero-shot step, 180 s each), so it was left out.
+    """
     rng = np.random.default_rng(seed)
     out: list[OpGraph] = []
     for i in range(count):
