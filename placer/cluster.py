@@ -213,6 +213,7 @@ def _v100x8() -> Cluster:
 
 @register_preset("h100x8")
 def _h100x8() -> Cluster:
+    # Op costs: the ``H100`` cost set, measured on a lent H100 for the shipped graphs, else the roofline estimate.
     devs = [Device(name=f"cuda:{i}", kind="H100", memory_bytes=80 * GiB) for i in range(8)]
     return Cluster.uniform("h100x8", devs, bandwidth_Bps=400e9, latency_s=5e-6,
                            meta={"source": "preset", "note": "HGX H100, NVLink 4 via NVSwitch"})
