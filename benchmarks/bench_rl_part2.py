@@ -5,6 +5,7 @@ graph G in rnnlm, nmt, inception_v3 and each policy family F in ``seq2seq+reinfo
 ``gnn+reinforce``, ``gnn+ppo``, ``hierarchical+reinforce``, train for ``--budget`` seconds and print::
 
     figure: rl_vs_best_classic[G|F] = R     F's step time / best of Scotch, MinCut, Expert
+    figure: rl_vs_best_algorithmic[G|F] = R F's step time / best of m-ETF, m-SCT, HEFT
     figure: time_to_2pct_s[G|F] = S         training seconds until F's best was within 2% of its final best
 
 then, leave-one-out (Placeto): train one GNN (REINFORCE) on the other two graphs plus ``--random-dags`` random
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_rl import MODELS, load, ratio  # noqa: E402
 from placer.place import place_zero_shot  # noqa: E402
-from placer.train import CLASSIC, TrainConfig, train  # noqa: E402
+from placer.train import ALGORITHMIC, CLASSIC, TrainConfig, train  # noqa: E402
 from placer.train_multi import MultiTrainConfig, train_multi  # noqa: E402
 
 FAMILIES = {
@@ -53,9 +54,12 @@ def bench_family(model: str, family: str, args: argparse.Namespace) -> float:
                             runs_dir=args.runs_dir, progress=False, **FAMILIES[family]))
     rl = res.predicted.step_time_s
     r_c, best_c = ratio(rl, res.baselines, CLASSIC)
+    r_a, best_a = ratio(rl, res.baselines, ALGORITHMIC)
     print(f"# {model}-{config} {family}: {rl:.5g} s (best classic {best_c} {res.baselines.get(best_c, math.nan):.5g}"
           f" s); {res.samples} samples, {res.updates} updates in {res.elapsed_s:.0f} s; run {res.run_dir.name}")
     print(f"figure: rl_vs_best_classic[{model}|{family}] = {r_c:.3f}")
+    print(f"figure: rl_vs_best_algorithmic[{model}|{family}] = {r_a:.3f}  (best {best_a} "
+          f"{res.baselines.get(best_a, math.nan):.5g} s)")
     print(f"figure: time_to_2pct_s[{model}|{family}] = {res.time_to_within(0.02):.0f}", flush=True)
     return rl
 

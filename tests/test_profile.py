@@ -188,7 +188,7 @@ def test_gpu_cost_sets_are_named_after_the_card(name, kind):
 
 
 def test_measured_gpu_costs_survive_estimates_and_merge_checks_ops(tmp_path, monkeypatch):
-    """The shipped graphs carry H200 costs measured on a lent GPU: a later roofline pass keeps them, and a merge
+    """The shipped graphs carry H100/H200 costs measured on lent GPUs: a later roofline pass keeps them, and a merge
     of costs traced from other ops is refused."""
     import graphs.data.__main__ as data_main
     from graphs.data import load_benchmark_graph
@@ -198,7 +198,7 @@ def test_measured_gpu_costs_survive_estimates_and_merge_checks_ops(tmp_path, mon
     assert g.costs["H200"].provenance.device.startswith("cuda:")
     kept = with_estimates(g).costs["H200"]
     np.testing.assert_array_equal(kept.fwd_s, g.costs["H200"].fwd_s)
-    assert with_estimates(g).costs["H100"].provenance.method == "estimated"
+    assert with_estimates(g).costs["A100"].provenance.method == "estimated"
 
     monkeypatch.setattr(data_main, "DATA_DIR", tmp_path)
     g.save(tmp_path / "rnnlm-small.json")
