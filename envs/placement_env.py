@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections import OrderedDict
@@ -393,6 +394,17 @@ class PlacementEnv(gym.Env):
                     "placement": self._placement.copy(), "result": res,
                     "reference_step_time_s": self.reference_time_s}
         return self._obs(), float(reward), terminated, False, info
+
+    def replica(self) -> "PlacementEnv":
+        """Another environment for the same problem, for a vectorised rollout (SB3 ``DummyVecEnv``): it shares
+        everything static (problem, observation arrays, reward reference, simulator and result cache) and has
+        its own episode state, made fresh by its ``reset``. Simulated rewards only: an engine-backed
+        environment owns worker processes and cannot be shared."""
+        if self.reward_backend != "sim":
+            raise ValueError(f"replica() needs the sim reward backend, not {self.reward_backend!r}")
+        twin = copy.copy(self)
+        twin.reset()
+        return twin
 
     def close(self) -> None:
         backend = getattr(self, "backend", None)

@@ -46,6 +46,10 @@ class PPOConfig:
 
     samples_per_update: int = 16
     """Complete episodes (placements) per rollout."""
+    n_envs: int = 8
+    """Environments stepped together (SB3 ``DummyVecEnv`` of :meth:`PlacementEnv.replica`), so each policy
+    forward pass decides for that many episodes at once; the largest divisor of ``samples_per_update`` up to
+    this is used, and 1 with an engine-backed reward."""
     lr: float = 1e-3
     """Adam learning rate."""
     n_epochs: int = 4
@@ -73,8 +77,8 @@ class PPOConfig:
     """Seed of MaskablePPO (sampling, environment seeding)."""
 
     def __post_init__(self) -> None:
-        if min(self.samples_per_update, self.n_epochs, self.minibatches, self.max_batch_steps) < 1:
-            raise ValueError("samples_per_update, n_epochs, minibatches and max_batch_steps must be >= 1")
+        if min(self.samples_per_update, self.n_envs, self.n_epochs, self.minibatches, self.max_batch_steps) < 1:
+            raise ValueError("samples_per_update, n_envs, n_epochs, minibatches and max_batch_steps must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0.0 < self.gamma <= 1.0:
@@ -153,13 +157,18 @@ class MaskablePPOAlgo:
 
         self.policy, self.env = policy, env
         self.config = cfg = config or PPOConfig()
-        self.n_steps = cfg.samples_per_update * env.num_groups
+        self.n_steps = cfg.samples_per_update * env.num_groups  # per rollout, all environments together
+        n_envs = 1
+        if env.reward_backend == "sim":
+            n_envs = max(k for k in range(1, min(cfg.n_envs, cfg.samples_per_update) + 1)
+                         if cfg.samples_per_update % k == 0)
         batch = max(1, min(cfg.max_batch_steps, self.n_steps // cfg.minibatches))
         while self.n_steps % batch:  # a divisor, so SB3 never truncates a minibatch
             batch -= 1
-        self.venv = DummyVecEnv([lambda: env])
+        envs = [env] + [env.replica() for _ in range(n_envs - 1)]
+        self.venv = DummyVecEnv([lambda e=e: e for e in envs])
         self.model = MaskablePPO(
-            _policy_class(), self.venv, learning_rate=cfg.lr, n_steps=self.n_steps, batch_size=batch,
+            _policy_class(), self.venv, learning_rate=cfg.lr, n_steps=self.n_steps // n_envs, batch_size=batch,
             n_epochs=cfg.n_epochs, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range,
             ent_coef=cfg.entropy_coef, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
             device="cpu", verbose=0,

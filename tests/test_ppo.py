@@ -42,9 +42,24 @@ def test_maskable_ppo_never_picks_a_masked_device():
                            PPOConfig(samples_per_update=4, n_epochs=1, seed=0), check_masks=True)
     stats = [algo.update() for _ in range(3)]
     c = algo.collector
+    assert algo.venv.num_envs == 4  # the 4 episodes of a rollout run side by side, in replicas of env
+    assert len({id(e) for e in algo.venv.envs}) == 4 and all(e.problem is env.problem for e in algo.venv.envs)
     assert c.decisions == 3 * 4 * env.num_groups and c.constrained > 0  # the mask did rule devices out
     assert c.masked_picks == 0
     assert all(r.ok for s in stats for r in s.results)  # so no placement ran out of memory
+
+
+def test_replicas_keep_their_own_episodes():
+    env = PlacementEnv(layered_dag(2, 3, seed=1), "cpu+4gpu", num_groups=6)
+    env.reset(seed=0)
+    twin = env.replica()
+    env.step(1)
+    assert twin._t == 0 and twin._placement.sum() == 0 and env._t == 1
+    obs_env, obs_twin = env._obs(), twin._obs()
+    assert not np.array_equal(obs_env["node_features"], obs_twin["node_features"])
+    env.reward_backend = "real"  # (an engine-backed env owns worker processes)
+    with pytest.raises(ValueError, match="sim reward"):
+        env.replica()
 
 
 def _rewards(seed: int) -> list[np.ndarray]:
