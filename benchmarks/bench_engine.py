@@ -79,33 +79,26 @@ def eager_step_s(name: str, config: str, overrides: dict, *, steps: int, warmup:
         os.sched_setaffinity(0, old_aff)
 
 
-def engine_overhead(args: argparse.Namespace) -> float:
+def engine_overhead(args: argparse.Namespace, device: str = "cpu") -> float:
+    """Engine step / eager step of the paper-width RNNLM: on ``cpu`` one worker pinned to core 0 with 1 thread;
+    on ``cuda`` (a lent GPU) one NCCL worker on ``cuda:0`` against eager PyTorch on the same GPU."""
     overrides = {"seq_len": args.rnnlm_steps}
     graph = build_graph("rnnlm", config="paper", overrides=overrides, profile=None)
-    one = get_cluster("cpu-2").subset([0], name="cpu-1")
-    with Measurer(graph, one, config=EngineConfig(threads_per_device=1, timeout_s=900)) as m:
-        res = m.measure(Placement.single(graph), steps=args.steps, warmup=1)
+    if device == "cuda":
+        one = Cluster.uniform("cuda-1", [Device(name="cuda:0", kind="cuda", memory_bytes=64 * GiB)],
+                              bandwidth_Bps=1e12, latency_s=1e-6)
+        config, steps, warmup, where = EngineConfig(timeout_s=900), max(args.steps, 10), 3, "cuda:0"
+    else:
+        one = get_cluster("cpu-2").subset([0], name="cpu-1")
+        config, steps, warmup, where = EngineConfig(threads_per_device=1, timeout_s=900), args.steps, 1, "cpu"
+    with Measurer(graph, one, config=config) as m:
+        res = m.measure(Placement.single(graph), steps=steps, warmup=warmup)
     if not res.ok:
-        raise SystemExit(f"engine run failed: {res.failure}")
-    eager = eager_step_s("rnnlm", "paper", overrides, steps=args.steps, warmup=1)
-    print(f"rnnlm paper (seq_len={args.rnnlm_steps}, {graph.n} ops): engine {res.step_time_s:.3f} s, "
-          f"eager {eager:.3f} s per step (samples engine {[round(x, 3) for x in res.extra['samples_s']]})")
-    return res.step_time_s / eager
-
-
-def engine_overhead_cuda(args: argparse.Namespace) -> float:
-    """The same ratio on ``cuda:0`` (a lent GPU): one NCCL worker against eager PyTorch on the same GPU."""
-    overrides = {"seq_len": args.rnnlm_steps}
-    graph = build_graph("rnnlm", config="paper", overrides=overrides, profile=None)
-    gpu = Cluster.uniform("cuda-1", [Device(name="cuda:0", kind="cuda", memory_bytes=64 * GiB)],
-                          bandwidth_Bps=1e12, latency_s=1e-6)
-    with Measurer(graph, gpu, config=EngineConfig(timeout_s=900)) as m:
-        res = m.measure(Placement.single(graph), steps=max(args.steps, 10), warmup=3)
-    if not res.ok:
-        raise SystemExit(f"engine run on cuda:0 failed: {res.failure}")
-    eager = eager_step_s("rnnlm", "paper", overrides, steps=max(args.steps, 10), warmup=3, device="cuda:0")
-    print(f"rnnlm paper on {torch.cuda.get_device_name(0)} (seq_len={args.rnnlm_steps}, {graph.n} ops): engine "
-          f"{res.step_time_s * 1e3:.2f} ms, eager {eager * 1e3:.2f} ms per step")
+        raise SystemExit(f"engine run on {where} failed: {res.failure}")
+    eager = eager_step_s("rnnlm", "paper", overrides, steps=steps, warmup=warmup, device=where)
+    print(f"rnnlm paper on {where} (seq_len={args.rnnlm_steps}, {graph.n} ops): engine {res.step_time_s * 1e3:.2f} "
+          f"ms, eager {eager * 1e3:.2f} ms per step (engine samples "
+          f"{[round(x * 1e3, 2) for x in res.extra.get('samples_s', [])]} ms)")
     return res.step_time_s / eager
 
 
@@ -170,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.device == "cuda":
-        print(f"figure: engine_overhead[cuda] = {engine_overhead_cuda(args):.3f}")
+        print(f"figure: engine_overhead[cuda] = {engine_overhead(args, device='cuda'):.3f}")
         return
     print(f"load average at start: {os.getloadavg()[0]:.2f} (anything near or above 1 means other jobs compete)")
     overhead = engine_overhead(args)

@@ -83,14 +83,15 @@ def chain() -> tuple[nn.Module, tuple[Tensor, ...], None]:
 
 def chain_bench() -> tuple[nn.Module, tuple[Tensor, ...], None]:
     """8 layers of width 512, batch 4096: the balanced pipeline of the GPipe benchmark. 1 MB weights stay in
-    cache, so a micro-batch (512 rows at M=8) is still compute-bound, and each layer takes ~3 ms forward per
-    micro-batch against ~50 us of engine work per task and a 1 MB transfer (~0.6 ms), so the pipeline's own limit
-    (the bubble) is what the benchmark sees. With batch 2048 the per-task costs were ~10% of a stage's busy time
-    and GPipe reached 1.48-1.58; with 4096, 1.65-1.69 per round (``benchmarks/bench_engine.py``).
+    cache, so a micro-batch (512 rows at M=8) is still compute-bound (a layer's forward is ~3 ms per micro-batch:
+    the measured 0.62 s single-device step over 8 layers x 3 passes x 8 micro-batches), and the pipeline's own
+    limit (the bubble) is what the benchmark sees. With batch 2048 the two stages' busy times summed to ~10% more
+    than the single-device step (per-task engine work and transfers) and GPipe reached 1.48-1.58; with 4096 the
+    excess is ~3% and GPipe 1.56-1.76 per round, median 1.64-1.66 (``benchmarks/bench_engine.py``).
 
     Balanced means equal work on both halves. The first layer computes no input gradient (its input is data) and
     the second stage also runs the loss, so the first layer takes an 896-wide input: its forward plus weight
-    gradient (2 x 1.75 units) cost a hidden layer's forward plus both gradients (3 x 1 unit) plus the loss's
-    share (~0.5 unit). Median stage busy times measured: 512 inputs [0.152, 0.165] s, 896 inputs [0.322, 0.315] s
-    (batch 4096)."""
+    gradient (2 x 1.75 units) cost a hidden layer's forward plus both gradients (3 x 1 unit) plus an estimated
+    0.5 unit for the loss. The measured median stage busy times confirm it: 512 inputs [0.152, 0.165] s (batch
+    2048), 896 inputs [0.322, 0.315] and [0.325, 0.324] s (batch 4096)."""
     return Chain(512, 8, in_width=896), (torch.randn(4096, 896), torch.randn(4096, 512)), None
