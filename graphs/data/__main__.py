@@ -25,7 +25,7 @@ from graphs.build import rebuild_traced
 from graphs.data import DATA_DIR
 from graphs.grouping import group_ops
 from graphs.ir import OpCosts, OpGraph
-from graphs.profile import measure_step_s, profile
+from graphs.profile import gpu_kind, measure_step_s, profile
 from graphs.roofline import GPUS, estimate, with_estimates
 
 MODELS = ("rnnlm", "nmt", "inception_v3")
@@ -75,8 +75,7 @@ def profile_cuda(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             traced = _trace(model, config)
             graph = profile(traced, device="cuda", warmup=warmup, repeats=repeats, clock="wall")
-            measured = [k for k, c in graph.costs.items() if c.provenance.device.startswith("cuda:")]
-            kind = measured[0]
+            kind = gpu_kind(torch.cuda.get_device_name())
             c = graph.cost(kind)
             fwd_s, bwd_s = measure_step_s(traced, device="cuda", warmup=warmup, repeats=repeats)
             line = (f"{graph.name} [{kind}]: ops={graph.n} per_op_fwd+bwd_ms={c.fwd_s.sum() * 1e3:.3f}+"
