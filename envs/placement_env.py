@@ -13,7 +13,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.problem import DEVICE_STATIC_FEATURES, EDGE_FEATURES, NODE_STATIC_FEATURES, PlacementProblem, build_problem
+from envs.problem import (DEVICE_STATIC_FEATURES, EDGE_FEATURES, NODE_STATIC_FEATURES, FinishEstimate,
+                          PlacementProblem, build_problem)
 from envs.rewards import RewardBackend, make_backend
 from graphs.ir import OpGraph
 from placer.cluster import Cluster, get_cluster
@@ -30,7 +31,7 @@ DEFAULT_FAILURE_FACTOR = 100.0
 ``-sqrt(100) = -10`` (the hierarchical planner's TF code charged 100 s per failure, with step times around 1 s)."""
 REFERENCE_FALLBACKS = ("expert", "single", "heft", "m-etf", "round-robin")
 """Tried in order when the requested reference placement fails (OOM) or does not apply to the cluster."""
-DEVICE_DYNAMIC_FEATURES = ("compute_load", "memory_used")
+DEVICE_DYNAMIC_FEATURES = ("compute_load", "memory_used", "finish_estimate")
 """Dynamic per-device columns appended to :data:`envs.problem.DEVICE_STATIC_FEATURES` in the observation."""
 FEATURE_MAX = 1e3
 """Upper bound of the feature boxes (features are ``log1p`` of ratios or fractions; values are clipped to it)."""
@@ -100,9 +101,10 @@ class PlacementEnv(gym.Env):
     - ``edge_index`` ``Box(2, Em)`` int64: group edges (producer, consumer); padding entries are ``0 -> 0``.
     - ``edge_features`` ``Box(Em, 2)`` float32: ``log1p`` bytes over the mean, transfer time over the mean group time.
     - ``edge_mask`` ``Box(Em,)`` float32: 1 for real edges.
-    - ``device_features`` ``Box(Dm, 6)`` float32: present, relative throughput on this graph, memory over the
+    - ``device_features`` ``Box(Dm, 7)`` float32: present, relative throughput on this graph, memory over the
       graph's total need, is-CPU, then the current per-device load (compute placed so far over the device's
-      time for the whole graph; memory used over capacity).
+      time for the whole graph; memory used over capacity) and when the current group would finish there
+      (:class:`envs.problem.FinishEstimate`: ``log1p`` of the delay over the best device, in mean group times).
     - ``current_group`` ``Discrete(Gm)``: the group this step places (the last group once the episode is over).
     - ``action_mask`` ``Box(Dm,)`` int8: same as :meth:`action_masks`.
 
@@ -196,6 +198,8 @@ class PlacementEnv(gym.Env):
         self._phi = 0.0
         self._mem_used = np.zeros(p.num_devices)
         self._time_used = np.zeros(p.num_devices)
+        self._finish = FinishEstimate(p)
+        self._estimates: tuple[int, np.ndarray] = (-1, np.zeros((1, p.num_devices)))
         if seed is not None:
             self.reset(seed=seed)
 
@@ -312,7 +316,8 @@ class PlacementEnv(gym.Env):
         self._edge_features[:e] = p.edge_features
         self._edge_mask = np.zeros(em, dtype=np.float32)
         self._edge_mask[:e] = 1
-        self._device_static = np.zeros((dm, len(DEVICE_STATIC_FEATURES) + 2), dtype=np.float32)
+        self._device_static = np.zeros((dm, len(DEVICE_STATIC_FEATURES) + len(DEVICE_DYNAMIC_FEATURES)),
+                                       dtype=np.float32)
         self._device_static[:d, :len(DEVICE_STATIC_FEATURES)] = p.device_features
         self._device_total_s = np.maximum(p.time_s.sum(axis=0), 1e-30)
 
@@ -325,6 +330,8 @@ class PlacementEnv(gym.Env):
         ns = len(DEVICE_STATIC_FEATURES)
         dev[:d, ns] = self._time_used / self._device_total_s
         dev[:d, ns + 1] = self._mem_used / self.problem.capacity_bytes
+        if self._t < self.num_groups:
+            dev[:d, ns + 2] = self._finish.feature(self._current_estimates())[0]
         return {
             "node_features": np.minimum(nf, FEATURE_MAX).reshape(-1),
             "node_mask": self._node_mask.copy(),
@@ -335,6 +342,12 @@ class PlacementEnv(gym.Env):
             "current_group": cur,
             "action_mask": self.action_masks().astype(np.int8),
         }
+
+    def _current_estimates(self) -> np.ndarray:
+        """``(1, D)`` finish estimates of the current group (computed once per step)."""
+        if self._estimates[0] != self._t:
+            self._estimates = (self._t, self._finish.estimates(self._t, self._placement[None]))
+        return self._estimates[1]
 
     def action_masks(self) -> np.ndarray:
         """Boolean ``(max_devices,)``: devices that can take the current group without overflowing memory
@@ -357,6 +370,8 @@ class PlacementEnv(gym.Env):
         self._phi = 0.0
         self._mem_used = np.zeros(self.num_devices)
         self._time_used = np.zeros(self.num_devices)
+        self._finish = FinishEstimate(self.problem)
+        self._estimates = (-1, np.zeros((1, self.num_devices)))
         self._node_features = self._node_static.copy()
         return self._obs(), {}
 
@@ -371,6 +386,7 @@ class PlacementEnv(gym.Env):
         self._placement[g] = a
         self._mem_used[a] += self.problem.mem_bytes[g]
         self._time_used[a] += self.problem.time_s[g, a]
+        self._finish.place(g, np.array([a]), self._current_estimates())
         self._node_features[g, self._col_place + a] = 1.0
         self._node_features[g, self._col_placed] = 1.0
         self._t += 1

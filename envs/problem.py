@@ -94,6 +94,12 @@ class PlacementProblem:
     """``(D,)`` device memory."""
     device_features: np.ndarray
     """``(D, len(DEVICE_STATIC_FEATURES))`` float32 static device features."""
+    mean_group_s: float
+    """Mean forward+backward seconds of a group on the fastest device (the unit of the time features)."""
+    transfer_s_per_byte: np.ndarray
+    """``(D, D)`` seconds per byte from device i to j (``1 / bandwidth``; 0 on the diagonal)."""
+    latency_s: np.ndarray
+    """``(D, D)`` link latency (0 on the diagonal)."""
 
     @property
     def num_groups(self) -> int:
@@ -221,9 +227,58 @@ def build_problem(graph: OpGraph, cluster: Cluster, num_groups: int) -> Placemen
 
     log.debug("problem %s on %s: %d ops -> %d groups (%d coarse nodes), %d group edges", graph.name, cluster.name,
               graph.n, g_num, coarse.n, len(keys))
+    eye = np.eye(d_num, dtype=bool)
     return PlacementProblem(
         graph=graph, cluster=cluster, group_of_op=group_of_op, coarse=coarse, kinds=kinds,
         kind_ids=np.array([kind_id(k) for k in kinds], dtype=np.int64), node_features=node_features,
         node_device_time=node_device_time.astype(np.float32), edge_index=edge_index, edge_bytes=edge_bytes,
         edge_features=edge_features, time_s=time_s, mem_bytes=mem, capacity_bytes=capacity,
-        device_features=device_features)
+        device_features=device_features, mean_group_s=float(mean_t),
+        transfer_s_per_byte=np.where(eye, 0.0, 1.0 / np.maximum(cluster.bandwidth_Bps, 1e-30)),
+        latency_s=np.where(eye, 0.0, cluster.latency_s))
+
+
+class FinishEstimate:
+    """When would the group being placed finish on each device? A list-schedule estimate (as HEFT and ETF
+    compute it), tracked for ``S`` partial placements at once; the policies' ``finish_estimate`` feature.
+
+    Groups are placed in order. Group ``t`` on device ``d`` can start once ``d`` is free (every group placed on
+    ``d`` before it has finished) and every producer group already placed has finished and, when on another
+    device, sent its output (latency + bytes / bandwidth, counted twice: the activation and its gradient); it then
+    runs its forward+backward time on ``d``. The estimate ignores the backward pass's reverse order and link
+    contention: it is a feature for the policy, not a simulator.
+    """
+
+    def __init__(self, problem: PlacementProblem, samples: int = 1) -> None:
+        self.problem = problem
+        self.finish_s = np.zeros((samples, problem.num_groups))
+        self.free_s = np.zeros((samples, problem.num_devices))
+        src, dst = problem.edge_index
+        keep = src < dst  # producers placed before the consumer
+        order = np.argsort(dst[keep], kind="stable")
+        self._src, self._bytes = src[keep][order], problem.edge_bytes[keep][order].astype(np.float64)
+        self._bounds = np.searchsorted(dst[keep][order], np.arange(problem.num_groups + 1))
+
+    def estimates(self, t: int, device_of_group: np.ndarray) -> np.ndarray:
+        """``(S, D)`` finish time of group ``t`` on each device, given the devices ``(S, >= t)`` of groups ``< t``."""
+        p = self.problem
+        lo, hi = self._bounds[t], self._bounds[t + 1]
+        ready = np.zeros_like(self.free_s)
+        if hi > lo:
+            src = self._src[lo:hi]
+            where = np.asarray(device_of_group)[:, src]  # (S, k)
+            send = 2.0 * (p.latency_s[where] + self._bytes[lo:hi, None] * p.transfer_s_per_byte[where])  # (S,k,D)
+            ready = (self.finish_s[:, src, None] + send).max(axis=1)
+        return np.maximum(ready, self.free_s) + p.time_s[t]
+
+    def place(self, t: int, device: np.ndarray, estimates: np.ndarray) -> None:
+        """Record that group ``t`` went to ``device`` ``(S,)``; ``estimates`` is what :meth:`estimates` returned."""
+        rows = np.arange(self.finish_s.shape[0])
+        end = estimates[rows, device]
+        self.finish_s[:, t] = end
+        self.free_s[rows, device] = end
+
+    def feature(self, estimates: np.ndarray) -> np.ndarray:
+        """``log1p`` of each device's delay over the earliest finish, in mean group times (0 for the best)."""
+        late = estimates - estimates.min(axis=1, keepdims=True)
+        return np.log1p(late / self.problem.mean_group_s) if self.problem.mean_group_s > 0 else np.zeros_like(late)

@@ -49,6 +49,8 @@ class PolicyInput:
     """``(G,)`` float64 resident bytes per group."""
     capacity_bytes: Tensor
     """``(D,)`` float64 device memory."""
+    problem: PlacementProblem | None = None
+    """The problem itself, for policies that track a schedule estimate (:class:`envs.problem.FinishEstimate`)."""
     cache: dict[str, Any] = field(default_factory=dict)
     """Per-policy derived tensors (e.g. neighbour tables), computed once per input."""
 
@@ -74,6 +76,7 @@ class PolicyInput:
             time_s=torch.as_tensor(problem.time_s, **f64),
             mem_bytes=torch.as_tensor(problem.mem_bytes, **f64),
             capacity_bytes=torch.as_tensor(problem.capacity_bytes, **f64),
+            problem=problem,
         )
 
 

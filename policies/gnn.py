@@ -9,9 +9,10 @@ A per-group device head then scores each device ``d`` for the group ``t`` being 
 
 - the group's embedding and the mean embedding of the graph;
 - the pair features :data:`PAIR_FEATURES`: the group's time on ``d``, ``d``'s static features, the compute and
-  memory already placed on ``d`` (the environment's load columns), and the share of the traffic between the
-  group and its already-placed neighbours (producers or consumers) that those on ``d`` carry (the communication
-  a choice would save).
+  memory already placed on ``d`` (the environment's load columns), when the group would finish on ``d`` given
+  the groups placed so far (a list-schedule estimate, :class:`envs.problem.FinishEstimate`, as HEFT and ETF
+  rank devices), and the share of the traffic between the group and its already-placed neighbours (producers or
+  consumers) that those on ``d`` carry (the communication a choice would save).
 
 The head is shared across devices, so the policy has no parameter that depends on the number of groups, edges
 or devices: one set of weights places any graph on any cluster (what zero-shot placement needs).
@@ -30,20 +31,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
 
-from envs.problem import DEVICE_STATIC_FEATURES, NODE_STATIC_FEATURES, PlacementProblem
+from envs.problem import DEVICE_STATIC_FEATURES, NODE_STATIC_FEATURES, FinishEstimate, PlacementProblem
 from policies.base import (AutoregressivePolicy, MemoryMask, PolicyInput, PolicySample, masked_categorical,
                            register_policy)
 
 NS = len(NODE_STATIC_FEATURES)
 NODE_IN = NS + 2
 """Encoder input: the static group features, then the mean and the largest per-device time (any device count)."""
-PAIR_FEATURES = ("time_on_device", *DEVICE_STATIC_FEATURES, "compute_load", "memory_used", "input_bytes_here")
+PAIR_FEATURES = ("time_on_device", *DEVICE_STATIC_FEATURES, "compute_load", "memory_used", "finish_estimate",
+                 "input_bytes_here")
 """Per (group, device) features of the device head."""
 PAIR_DIM = len(PAIR_FEATURES)
 
@@ -143,6 +146,10 @@ class GNNPolicy(AutoregressivePolicy):
         rows = torch.arange(s, device=h.device)
         chosen = torch.zeros(s, g, dtype=torch.int64, device=h.device)
         neighbours = self._neighbours(inp)
+        if inp.problem is None:
+            raise ValueError("GNNPolicy needs PolicyInput.from_problem(...) (its finish estimates read the problem)")
+        finish = FinishEstimate(inp.problem, s)
+        chosen_np = np.zeros((s, g), dtype=np.int64)
         pool_s = pool.unsqueeze(0).expand(s, -1)
         logps, ents = [], []
         for t in range(g):
@@ -152,14 +159,19 @@ class GNNPolicy(AutoregressivePolicy):
                 affinity = (w.to(dt)[None, :, None] * here).sum(1) / w.sum().clamp_min(1e-8)
             else:
                 affinity = torch.zeros(s, d, dtype=dt, device=h.device)
+            est = finish.estimates(t, chosen_np)
+            late = torch.as_tensor(finish.feature(est), dtype=dt, device=h.device)
             pair = torch.cat([dev_time[t].expand(s, d).unsqueeze(-1), dev, load.unsqueeze(-1),
-                              (memory.used / capacity).to(dt).unsqueeze(-1), affinity.unsqueeze(-1)], dim=-1)
+                              (memory.used / capacity).to(dt).unsqueeze(-1), late.unsqueeze(-1),
+                              affinity.unsqueeze(-1)], dim=-1)
             logits = self.head(h[t].expand(s, -1), pool_s, pair) / self.temperature
             a, lp, ent = masked_categorical(logits, memory.mask(t), actions=None if actions is None else actions[:, t],
                                             greedy=greedy, generator=generator)
             memory.place(t, a)
             load = load.index_put((rows, a), (inp.time_s[t, a] / device_total[a]).to(dt), accumulate=True)
             chosen[:, t] = a
+            chosen_np[:, t] = a.cpu().numpy()
+            finish.place(t, chosen_np[:, t], est)
             logps.append(lp)
             ents.append(ent)
         return PolicySample(chosen, torch.stack(logps, dim=1).sum(dim=1), torch.stack(ents, dim=1).sum(dim=1))

@@ -97,6 +97,14 @@ def test_observation_tracks_the_partial_placement_and_load():
     dev = full["device_features"]
     # device 1 holds group 0's compute: 3 ms of the 12 ms the whole graph takes on it
     assert dev[1, 4] == pytest.approx(0.25) and dev[0, 4] == 0.0
+    # finish estimates, in mean group times (3 ms) over the best device: b0 ends at 3 ms on the idle device 0 and
+    # at 6 ms on device 1, busy with a0 until 3 ms
+    assert dev[:2, 6] == pytest.approx([0.0, math.log1p(1.0)])
+    obs, *_ = env.step(0)
+    dev = unflatten(obs, env.layout)["device_features"]
+    # a1 reads a0 (device 1, done at 3 ms): 6 ms there; on device 0 (free at 3 ms) after a0's 3 MB output and its
+    # gradient cross the 1 GB/s, 0.1 ms link: 3 + 2 x 3.1 + 3 = 12.2 ms
+    assert dev[:2, 6] == pytest.approx([math.log1p(6.2 / 3.0), 0.0], rel=1e-5)
 
 
 def test_same_seed_rollouts_are_equal_and_vector_env_runs():

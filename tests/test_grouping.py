@@ -65,6 +65,22 @@ def test_merging_prefers_module_boundaries():
     assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
 
 
+def test_chain_links_merge_before_parallel_branches_do():
+    # s -> (a1 -> a2), (b1 -> b2) -> j, all in one module; a2 + j is the cheapest neighbour pair, so merging by
+    # module and cost alone would put branch a's end with the join, and the next round branch b's too
+    cost = dict(s=4.0, a1=2.0, a2=0.5, b1=2.0, b2=1.0, j=0.2)
+    ops = [dict(name=n, kind="Conv2d", module="blk", param_bytes=4, fwd_s=c, out_bytes=4) for n, c in cost.items()]
+    edges = [("s", "a1"), ("a1", "a2"), ("a2", "j"), ("s", "b1"), ("b1", "b2"), ("b2", "j")]
+    labels = dict(zip(cost, group_ops(OpGraph.build(name="fork", ops=ops, edges=edges), 4).tolist()))
+    assert labels["a1"] == labels["a2"] and labels["b1"] == labels["b2"]
+    assert len({labels["s"], labels["a1"], labels["b1"], labels["j"]}) == 4
+    # two RNN layers unrolled over time form a chain of classes too, but through one op edge per step: no link
+    # (merging them would serialise the layers' wavefront); the loss still joins the last layer
+    g = unrolled_rnn()
+    cell0, cell1, loss = group_ops(g, 2)[[g.index("cell0_0"), g.index("cell1_0"), g.index("loss")]].tolist()
+    assert cell0 != cell1 and cell1 == loss
+
+
 def test_runs_of_groups():
     assert runs_of_groups(np.array([0, 0, 1, 1, 0, 2, 2])).tolist() == [0, 0, 1, 1, 2, 3, 3]
 

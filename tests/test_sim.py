@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphs.ir import OpCosts, OpGraph, Provenance
-from placer.bounds import critical_path_s, efficiency, lower_bound_s, work_bound_s
+from placer.bounds import colocation_bound_s, critical_path_s, efficiency, lower_bound_s, work_bound_s
 from placer.cluster import Cluster, Device
 from placer.placement import Placement
 from placer.schedules import SCHEDULES, build_schedule
@@ -289,6 +289,20 @@ def test_lower_bound_and_efficiency_hand_values():
     assert critical_path_s(g, c, microbatches=4, dispatch_overhead_s=0.0) == pytest.approx(4.5)
 
 
+def test_colocation_bound_hand_values():
+    # x -> p1, p2 -> y; p1 and p2 share a module (one colocation group) that does 8 of the 12 units of work
+    ops = [dict(name="x", fwd_s=1.0, bwd_s=1.0), dict(name="p1", fwd_s=2.0, bwd_s=2.0, colocation=9),
+           dict(name="p2", fwd_s=2.0, bwd_s=2.0, colocation=9), dict(name="y", fwd_s=1.0, bwd_s=1.0)]
+    g = OpGraph.build(name="shared", ops=ops, edges=[("x", "p1"), ("x", "p2"), ("p1", "y"), ("p2", "y")])
+    c = cluster(2)
+    # critical path x, p1, y forward and back: 8; work 12 / 2 = 6; the group: x's forward before it (1), its own
+    # 8, x's backward after it (1) = 10
+    assert critical_path_s(g, c) == pytest.approx(8.0)
+    assert colocation_bound_s(g, c) == pytest.approx(10.0)
+    assert lower_bound_s(g, c) == pytest.approx(10.0)
+    assert run(g, c, [0, 1, 1, 0]).step_time_s >= 10.0
+
+
 # ---------------------------------------------------------------------- properties
 @st.composite
 def placed_dag(draw):
@@ -297,14 +311,16 @@ def placed_dag(draw):
     edges = draw(st.lists(st.sampled_from(pairs), unique=True, max_size=16)) if pairs else []
     d = draw(st.integers(1, 4))
     t = st.floats(0.0, 5.0, allow_nan=False)
+    # a few ops share a colocation group (the placement below keeps each group on one device)
+    coloc = draw(st.lists(st.integers(0, n - 1), min_size=n, max_size=n))
     ops = [dict(name=f"o{i}", fwd_s=draw(t), bwd_s=draw(t), stash_bytes=draw(st.integers(0, 100)),
-                param_bytes=draw(st.integers(0, 100))) for i in range(n)]
+                param_bytes=draw(st.integers(0, 100)), colocation=coloc[i]) for i in range(n)]
     g = OpGraph.build(name="rand", ops=ops, edges=[(f"o{a}", f"o{b}", draw(st.integers(0, 5000))) for a, b in edges])
     speeds = draw(st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=d, max_size=d))
     c = cluster(d, latency_s=draw(st.sampled_from([0.0, 0.1])), bandwidth_Bps=draw(st.sampled_from([1e3, 1e30])),
                 speeds=speeds)
-    dev = draw(st.lists(st.integers(0, d - 1), min_size=n, max_size=n))
-    return g, c, np.array(dev)
+    dev_of_group = draw(st.lists(st.integers(0, d - 1), min_size=n, max_size=n))
+    return g, c, np.array(dev_of_group)[coloc]
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -315,6 +331,7 @@ def test_never_below_lower_bound_and_every_task_runs_once(case, name, m, overhea
     r = simulate(g, c, dev, schedule=name, microbatches=m, timeline=True, dispatch_overhead_s=overhead)
     assert r.ok
     lb = lower_bound_s(g, c, microbatches=m, dispatch_overhead_s=overhead)
+    assert lb >= colocation_bound_s(g, c, microbatches=m, dispatch_overhead_s=overhead)
     assert r.step_time_s >= lb * (1 - 1e-9) - 1e-12
     assert r.step_time_s >= r.critical_path_s * (1 - 1e-9) - 1e-12
     assert 0 <= efficiency(r, g, c, dispatch_overhead_s=overhead) <= 1 + 1e-9
