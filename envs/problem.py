@@ -11,7 +11,8 @@ default reward simulates the op graph itself (see :mod:`envs.rewards`).
 
 Features are scale-free (times and bytes relative to the graph's own mean, then ``log1p``) so that one policy can
 read graphs of very different sizes; the column layout is in :data:`NODE_STATIC_FEATURES` and
-:data:`DEVICE_STATIC_FEATURES`.
+:data:`DEVICE_STATIC_FEATURES`. :class:`FinishEstimate` adds one dynamic feature that depends on the partial
+placement: when the group being placed would finish on each device (a list-schedule estimate, HEFT/ETF style).
 """
 
 from __future__ import annotations
@@ -242,41 +243,67 @@ class FinishEstimate:
     """When would the group being placed finish on each device? A list-schedule estimate (as HEFT and ETF
     compute it), tracked for ``S`` partial placements at once; the policies' ``finish_estimate`` feature.
 
-    Groups are placed in order. Group ``t`` on device ``d`` can start once ``d`` is free (every group placed on
-    ``d`` before it has finished) and every producer group already placed has finished and, when on another
-    device, sent its output (latency + bytes / bandwidth, counted twice: the activation and its gradient); it then
-    runs its forward+backward time on ``d``. The estimate ignores the backward pass's reverse order and link
-    contention: it is a feature for the policy, not a simulator.
+    It schedules the nodes of the coarse graph (runs of same-group ops), so a group whose calls are spread over
+    time overlaps its producers: the second layer of an unrolled LSTM on another device starts after the first
+    layer's first step, not after its last. Groups are placed in order. Placing group ``t`` on device ``d`` runs
+    its nodes in order on ``d``, from when ``d`` is free (every node placed on it so far has finished); a node
+    starts once its producers have finished, those of other devices plus the transfer of their output (latency +
+    bytes / bandwidth, counted twice: the activation and its gradient). Producers in groups not placed yet are
+    ignored, as are the backward pass's reverse order and link contention: a feature for the policy, not a
+    simulator. A group's estimate is when its last node would finish.
     """
 
     def __init__(self, problem: PlacementProblem, samples: int = 1) -> None:
         self.problem = problem
-        self.finish_s = np.zeros((samples, problem.num_groups))
+        coarse = problem.coarse
+        self.group_of_node = np.asarray(coarse.colocation, dtype=np.int64)
+        self.node_s = np.stack([coarse.costs[dev.kind].step_s / dev.speed for dev in problem.cluster.devices], axis=1)
+        order = np.argsort(self.group_of_node, kind="stable")
+        bounds = np.searchsorted(self.group_of_node[order], np.arange(problem.num_groups + 1))
+        self.nodes = [order[bounds[g]:bounds[g + 1]] for g in range(problem.num_groups)]
+        src, dst = coarse.edge_index
+        by_dst = np.argsort(dst, kind="stable")
+        edge_bounds = np.searchsorted(dst[by_dst], np.arange(coarse.n + 1))
+        self.inputs = [(src[by_dst[edge_bounds[v]:edge_bounds[v + 1]]],
+                        coarse.edge_bytes[by_dst[edge_bounds[v]:edge_bounds[v + 1]]].astype(np.float64))
+                       for v in range(coarse.n)]
+        self.finish_s = np.zeros((samples, coarse.n))
         self.free_s = np.zeros((samples, problem.num_devices))
-        src, dst = problem.edge_index
-        keep = src < dst  # producers placed before the consumer
-        order = np.argsort(dst[keep], kind="stable")
-        self._src, self._bytes = src[keep][order], problem.edge_bytes[keep][order].astype(np.float64)
-        self._bounds = np.searchsorted(dst[keep][order], np.arange(problem.num_groups + 1))
+        self._pending: tuple[int, np.ndarray] | None = None  # (group, (S, nodes, D) finishes) of the last estimate
 
     def estimates(self, t: int, device_of_group: np.ndarray) -> np.ndarray:
         """``(S, D)`` finish time of group ``t`` on each device, given the devices ``(S, >= t)`` of groups ``< t``."""
         p = self.problem
-        lo, hi = self._bounds[t], self._bounds[t + 1]
-        ready = np.zeros_like(self.free_s)
-        if hi > lo:
-            src = self._src[lo:hi]
-            where = np.asarray(device_of_group)[:, src]  # (S, k)
-            send = 2.0 * (p.latency_s[where] + self._bytes[lo:hi, None] * p.transfer_s_per_byte[where])  # (S,k,D)
-            ready = (self.finish_s[:, src, None] + send).max(axis=1)
-        return np.maximum(ready, self.free_s) + p.time_s[t]
+        where_group = np.asarray(device_of_group)
+        free = self.free_s.copy()
+        ends = np.zeros((free.shape[0], len(self.nodes[t]), free.shape[1]))
+        local = {int(v): k for k, v in enumerate(self.nodes[t])}
+        for k, v in enumerate(self.nodes[t]):
+            src, nbytes = self.inputs[v]
+            ready = np.zeros_like(free)
+            for u, b in zip(src.tolist(), nbytes.tolist()):
+                gu = self.group_of_node[u]
+                if gu == t:  # same group: same device, finished by now in this hypothetical run
+                    ready = np.maximum(ready, ends[:, local[u]])
+                elif gu < t:
+                    dev_u = where_group[:, gu]  # (S,)
+                    send = 2.0 * (p.latency_s[dev_u] + b * p.transfer_s_per_byte[dev_u])  # (S, D)
+                    ready = np.maximum(ready, self.finish_s[:, u, None] + send)
+            free = np.maximum(ready, free) + self.node_s[v]
+            ends[:, k] = free
+        self._pending = (t, ends)
+        return free
 
     def place(self, t: int, device: np.ndarray, estimates: np.ndarray) -> None:
-        """Record that group ``t`` went to ``device`` ``(S,)``; ``estimates`` is what :meth:`estimates` returned."""
+        """Record that group ``t`` went to ``device`` ``(S,)``; ``estimates`` is what :meth:`estimates` returned
+        for ``t`` (its per-node finishes are kept from that call)."""
+        if self._pending is None or self._pending[0] != t:
+            raise ValueError(f"place({t}) needs estimates({t}) first")
         rows = np.arange(self.finish_s.shape[0])
-        end = estimates[rows, device]
-        self.finish_s[:, t] = end
-        self.free_s[rows, device] = end
+        ends = self._pending[1]
+        self.finish_s[:, self.nodes[t]] = ends[rows, :, device]
+        self.free_s[rows, device] = estimates[rows, device]
+        self._pending = None
 
     def feature(self, estimates: np.ndarray) -> np.ndarray:
         """``log1p`` of each device's delay over the earliest finish, in mean group times (0 for the best)."""

@@ -12,7 +12,7 @@ import pytest
 
 import envs
 from envs.placement_env import PlacementEnv, unflatten
-from envs.problem import build_problem
+from envs.problem import FinishEstimate, build_problem
 from envs.rewards import SimRealBackend, engine_available, make_backend
 from envs.synthetic import layered_dag, two_chains
 from graphs.ir import OpGraph
@@ -105,6 +105,32 @@ def test_observation_tracks_the_partial_placement_and_load():
     # a1 reads a0 (device 1, done at 3 ms): 6 ms there; on device 0 (free at 3 ms) after a0's 3 MB output and its
     # gradient cross the 1 GB/s, 0.1 ms link: 3 + 2 x 3.1 + 3 = 12.2 ms
     assert dev[:2, 6] == pytest.approx([math.log1p(6.2 / 3.0), 0.0], rel=1e-5)
+
+
+def test_finish_estimate_overlaps_an_unrolled_layer_with_the_one_below():
+    # x -> layer A (3 calls) -> layer B (3 calls), each call reading A's call of its step and B's previous call;
+    # every op 1 ms forward + 1 ms backward, edges carry no bytes (a transfer costs 2 x the 0.1 ms latency)
+    ops = [dict(name="x", kind="Linear", param_bytes=4, fwd_s=1e-3, bwd_s=1e-3)]
+    edges = []
+    for t in range(3):
+        for layer, below in (("a", "x" if t == 0 else f"a{t - 1}"), ("b", f"a{t}")):
+            ops.append(dict(name=f"{layer}{t}", kind="LSTMCell", param_bytes=4 if t == 0 else 0, fwd_s=1e-3,
+                            bwd_s=1e-3, colocation=100 if layer == "a" else 200))
+            edges.append((below, f"{layer}{t}", 0))
+            if layer == "b" and t:
+                edges.append((f"b{t - 1}", f"b{t}", 0))
+    problem = build_problem(OpGraph.build(name="rnn2", ops=ops, edges=edges), pair(), 8)
+    assert problem.num_groups == 3  # x, layer A, layer B
+    est = FinishEstimate(problem)
+    dev = np.zeros((1, 3), dtype=np.int64)
+    for group in (0, 1):  # x, then A, on device 0: A's calls end at 4, 6, 8 ms
+        e = est.estimates(group, dev)
+        est.place(group, dev[:, group], e)
+    # B after A on device 0: 8 + 3 x 2 = 14 ms; on device 1 its calls follow A's step by step: b0 starts at
+    # 4 + 0.2 ms, b2 ends at 10.2 ms (a group-level estimate would wait for all of A: 8.2 + 6 ms)
+    assert est.estimates(2, dev)[0] * 1e3 == pytest.approx([14.0, 10.2])
+    with pytest.raises(ValueError, match="needs estimates"):
+        est.place(1, dev[:, 1], e)
 
 
 def test_same_seed_rollouts_are_equal_and_vector_env_runs():
