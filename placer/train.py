@@ -84,8 +84,8 @@ class TrainConfig:
     RNNLM-paper has 40, NMT-paper 110). Inception-V3 (282 natural groups) with seq2seq in 540 s: 256 groups reach
     0.525 s, 128 groups 0.487 s (fewer decisions, 2.7x the samples per second). But no placement of its 128
     groups matches m-ETF's 0.468 s (a one-group local search from m-ETF's placement stops at 0.495 s), while 180
-    groups express it; GNN + REINFORCE in 180 s: 128 groups 0.491 s, 180 groups 0.480 s
-    (``benchmarks/bench_rl_part2.py`` uses 180)."""
+    groups express it; GNN + REINFORCE in 180 s at 180 groups: 0.482 s (lr 1e-3), 0.475 s (lr 3e-3,
+    ``benchmarks/bench_rl_part2.py``, which uses 180)."""
     reference: str = "expert"
     """Baseline whose step time normalises the reward (``-sqrt(t / t_ref)``)."""
     incremental: bool = False

@@ -49,7 +49,7 @@ class PolicyInput:
     """``(G,)`` float64 resident bytes per group."""
     capacity_bytes: Tensor
     """``(D,)`` float64 device memory."""
-    problem: PlacementProblem | None = None
+    problem: PlacementProblem
     """The problem itself, for policies that track a schedule estimate (:class:`envs.problem.FinishEstimate`)."""
     cache: dict[str, Any] = field(default_factory=dict)
     """Per-policy derived tensors (e.g. neighbour tables), computed once per input."""

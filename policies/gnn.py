@@ -146,8 +146,6 @@ class GNNPolicy(AutoregressivePolicy):
         rows = torch.arange(s, device=h.device)
         chosen = torch.zeros(s, g, dtype=torch.int64, device=h.device)
         neighbours = self._neighbours(inp)
-        if inp.problem is None:
-            raise ValueError("GNNPolicy needs PolicyInput.from_problem(...) (its finish estimates read the problem)")
         finish = FinishEstimate(inp.problem, s)
         chosen_np = np.zeros((s, g), dtype=np.int64)
         pool_s = pool.unsqueeze(0).expand(s, -1)
