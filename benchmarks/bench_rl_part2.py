@@ -11,9 +11,10 @@ seconds (at most ``--num-groups`` groups) and prints::
     figure: time_to_2pct_s[G|F] = S         training seconds until F's best was within 2% of its final best
 
 then, leave-one-out (Placeto): train one GNN (REINFORCE) on the other two graphs plus ``--random-dags`` random
-graphs (layered DAGs, unrolled recurrent grids and Inception-like branch blocks in turn; see
-:func:`placer.train_multi.random_graphs`) for ``--budget`` seconds, place G zero-shot (the policy's greedy placement and ``--zs-samples - 1``
-samples, best by simulation) and print::
+graphs (layered DAGs, unrolled recurrent grids, Inception-like branch blocks and attentional encoder-decoders in
+turn; see :func:`placer.train_multi.random_graphs`) for ``--zs-budget`` seconds, with the finish-estimate column
+hidden from ``--finish-dropout`` of its samples, place G zero-shot (in each view, with and without that column:
+the policy's greedy placement and ``--zs-samples - 1`` samples; best by simulation) and print::
 
     figure: zero_shot_ratio[G] = R          zero-shot step time / the gnn+reinforce run trained on G  (target <= 1.10)
 
@@ -87,8 +88,9 @@ def bench_zero_shot(model: str, trained_s: float, models: list[str], args: argpa
               if m != model]
     others = [p for p in others if Path(p).exists()]
     res = train_multi(MultiTrainConfig(graphs=tuple(others), random_dags=args.random_dags, cluster="cpu+4gpu",
-                                       policy="gnn", algo="reinforce", budget_s=args.budget, seed=args.seed,
-                                       num_groups=args.num_groups, runs_dir=args.runs_dir))
+                                       policy="gnn", algo="reinforce", budget_s=args.zs_budget, seed=args.seed,
+                                       num_groups=args.num_groups, runs_dir=args.runs_dir,
+                                       policy_options={"finish_dropout": args.finish_dropout}))
     zs = place_zero_shot(res.run_dir, graph, "cpu+4gpu", samples=args.zs_samples, seed=args.seed)
     t = zs.predicted.step_time_s if zs.predicted.ok else math.inf
     print(f"# {model}-{config} zero-shot from {res.run_dir.name} ({res.rounds} rounds on "
@@ -103,8 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graphs", default=",".join(MODELS))
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma list of policy families")
     ap.add_argument("--no-zero-shot", action="store_true")
-    ap.add_argument("--random-dags", type=int, default=6,
-                    help="random training graphs for zero-shot: layered, recurrent and Inception-like in turn")
+    ap.add_argument("--random-dags", type=int, default=8,
+                    help="random training graphs for zero-shot: layered, recurrent, Inception-like and "
+                         "encoder-decoder in turn (default 8)")
+    ap.add_argument("--zs-budget", type=float, default=420.0,
+                    help="training seconds of each leave-one-out multi-graph run (default 420: it trains on ten "
+                         "graphs)")
+    ap.add_argument("--finish-dropout", type=float, default=0.5,
+                    help="zero-shot GNN: share of training samples placed with the finish column hidden; "
+                         "placement then tries both views (default 0.5)")
     ap.add_argument("--zs-samples", type=int, default=16)
     ap.add_argument("--num-groups", type=int, default=180,
                     help="at most this many groups per graph, every family and zero-shot (default 180: RNNLM and "
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
-        args.budget = 15.0
+        args.budget = args.zs_budget = 15.0
     logging.basicConfig(level=logging.WARNING)
     models = [m for m in args.graphs.split(",") if m]
     families = [f for f in args.families.split(",") if f]

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from graphs.grouping import contract, group_ops, op_weights
+from envs._finish_kernel import group_finishes, record
 from graphs.ir import OpGraph
 from placer.cluster import Cluster
 from placer.placement import Placement
@@ -240,69 +241,62 @@ def build_problem(graph: OpGraph, cluster: Cluster, num_groups: int) -> Placemen
 
 
 class FinishEstimate:
-    """When would the group being placed finish on each device? A list-schedule estimate (as HEFT and ETF
-    compute it), tracked for ``S`` partial placements at once; the policies' ``finish_estimate`` feature.
+    """When would the group being placed finish on each device? A list-schedule estimate with HEFT's insertion
+    policy, tracked for ``S`` partial placements at once; the policies' ``finish_estimate`` feature.
 
     It schedules the nodes of the coarse graph (runs of same-group ops), so a group whose calls are spread over
     time overlaps its producers: the second layer of an unrolled LSTM on another device starts after the first
     layer's first step, not after its last. Groups are placed in order. Placing group ``t`` on device ``d`` runs
-    its nodes in order on ``d``, from when ``d`` is free (every node placed on it so far has finished); a node
-    starts once its producers have finished, those of other devices plus the transfer of their output (latency +
-    bytes / bandwidth, counted twice: the activation and its gradient). Producers in groups not placed yet are
-    ignored, as are the backward pass's reverse order and link contention: a feature for the policy, not a
-    simulator. A group's estimate is when its last node would finish.
+    its nodes in order on ``d``, each in the earliest idle gap of ``d`` that is long enough and starts once its
+    producers have finished: those of other devices plus the transfer of their output (latency + bytes /
+    bandwidth, counted twice: the activation and its gradient). Gaps matter when groups interleave in time: a
+    per-step op placed after a recurrent layer fits between the layer's steps instead of queueing behind its last
+    one (append-only, a busy device looked free only at its end, so an idle CPU looked best for every small op).
+    Producers in groups not placed yet are ignored, as are the backward pass's reverse order and link
+    contention: a feature for the policy, not a simulator. A group's estimate is when its last node would finish.
+    The loops are numba kernels (:mod:`envs._finish_kernel`).
     """
 
     def __init__(self, problem: PlacementProblem, samples: int = 1) -> None:
         self.problem = problem
         coarse = problem.coarse
         self.group_of_node = np.asarray(coarse.colocation, dtype=np.int64)
-        self.node_s = np.stack([coarse.costs[dev.kind].step_s / dev.speed for dev in problem.cluster.devices], axis=1)
+        self.node_s = np.ascontiguousarray(np.stack(
+            [coarse.costs[dev.kind].step_s / dev.speed for dev in problem.cluster.devices], axis=1), dtype=np.float64)
         order = np.argsort(self.group_of_node, kind="stable")
         bounds = np.searchsorted(self.group_of_node[order], np.arange(problem.num_groups + 1))
-        self.nodes = [order[bounds[g]:bounds[g + 1]] for g in range(problem.num_groups)]
+        self.nodes = [np.ascontiguousarray(order[bounds[g]:bounds[g + 1]], dtype=np.int64)
+                      for g in range(problem.num_groups)]
         src, dst = coarse.edge_index
         by_dst = np.argsort(dst, kind="stable")
-        edge_bounds = np.searchsorted(dst[by_dst], np.arange(coarse.n + 1))
-        self.inputs = [(src[by_dst[edge_bounds[v]:edge_bounds[v + 1]]],
-                        coarse.edge_bytes[by_dst[edge_bounds[v]:edge_bounds[v + 1]]].astype(np.float64))
-                       for v in range(coarse.n)]
+        self.in_ptr = np.searchsorted(dst[by_dst], np.arange(coarse.n + 1)).astype(np.int64)
+        self.in_src = np.ascontiguousarray(src[by_dst], dtype=np.int64)
+        self.in_bytes = np.ascontiguousarray(coarse.edge_bytes[by_dst], dtype=np.float64)
+        self.latency_s = np.ascontiguousarray(problem.latency_s, dtype=np.float64)
+        self.s_per_byte = np.ascontiguousarray(problem.transfer_s_per_byte, dtype=np.float64)
+        d = problem.num_devices
         self.finish_s = np.zeros((samples, coarse.n))
-        self.free_s = np.zeros((samples, problem.num_devices))
+        self.starts = np.zeros((samples, d, coarse.n))  # busy intervals of each device, sorted
+        self.ends = np.zeros((samples, d, coarse.n))
+        self.count = np.zeros((samples, d), dtype=np.int64)
         self._pending: tuple[int, np.ndarray] | None = None  # (group, (S, nodes, D) finishes) of the last estimate
 
     def estimates(self, t: int, device_of_group: np.ndarray) -> np.ndarray:
         """``(S, D)`` finish time of group ``t`` on each device, given the devices ``(S, >= t)`` of groups ``< t``."""
-        p = self.problem
-        where_group = np.asarray(device_of_group)
-        free = self.free_s.copy()
-        ends = np.zeros((free.shape[0], len(self.nodes[t]), free.shape[1]))
-        local = {int(v): k for k, v in enumerate(self.nodes[t])}
-        for k, v in enumerate(self.nodes[t]):
-            src, nbytes = self.inputs[v]
-            ready = np.zeros_like(free)
-            for u, b in zip(src.tolist(), nbytes.tolist()):
-                gu = self.group_of_node[u]
-                if gu == t:  # same group: same device, finished by now in this hypothetical run
-                    ready = np.maximum(ready, ends[:, local[u]])
-                elif gu < t:
-                    dev_u = where_group[:, gu]  # (S,)
-                    send = 2.0 * (p.latency_s[dev_u] + b * p.transfer_s_per_byte[dev_u])  # (S, D)
-                    ready = np.maximum(ready, self.finish_s[:, u, None] + send)
-            free = np.maximum(ready, free) + self.node_s[v]
-            ends[:, k] = free
+        where_group = np.ascontiguousarray(device_of_group, dtype=np.int64)
+        ends = group_finishes(t, self.nodes[t], self.node_s, self.in_ptr, self.in_src, self.in_bytes,
+                              self.group_of_node, where_group, self.finish_s, self.latency_s, self.s_per_byte,
+                              self.starts, self.ends, self.count)
         self._pending = (t, ends)
-        return free
+        return ends.max(axis=1) if ends.shape[1] else np.zeros((where_group.shape[0], self.node_s.shape[1]))
 
     def place(self, t: int, device: np.ndarray, estimates: np.ndarray) -> None:
         """Record that group ``t`` went to ``device`` ``(S,)``; ``estimates`` is what :meth:`estimates` returned
         for ``t`` (its per-node finishes are kept from that call)."""
         if self._pending is None or self._pending[0] != t:
             raise ValueError(f"place({t}) needs estimates({t}) first")
-        rows = np.arange(self.finish_s.shape[0])
-        ends = self._pending[1]
-        self.finish_s[:, self.nodes[t]] = ends[rows, :, device]
-        self.free_s[rows, device] = estimates[rows, device]
+        record(self.nodes[t], self.node_s, np.ascontiguousarray(device, dtype=np.int64), self._pending[1],
+               self.finish_s, self.starts, self.ends, self.count)
         self._pending = None
 
     def feature(self, estimates: np.ndarray) -> np.ndarray:

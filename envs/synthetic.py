@@ -1,14 +1,17 @@
 """Random op graphs with ``cpu`` and ``K80`` costs: training graphs for the RL placer when no profiled graph is
 at hand, and (Placeto, Addanki et al., NeurIPS 2019, section 5) a source of graph variety for policies meant to
-place unseen graphs. Three families, each shaped like a kind of network a placer meets:
+place unseen graphs. Four families, each shaped like a kind of network a placer meets:
 
 * :func:`layered_dag` — ``n_layers`` layers of ``width`` ops, then one ``loss`` op. Every op of layer ``l + 1``
   reads one to three ops of layer ``l`` and every op of layer ``l`` is read at least once, so each layer is a
   wavefront that several devices can run in parallel.
-* :func:`recurrent_grid` — a stacked recurrent network unrolled over time (RNNLM/NMT-like): cell ``(l, t)`` reads
+* :func:`recurrent_grid` — a stacked recurrent network unrolled over time (RNNLM-like): cell ``(l, t)`` reads
   cell ``(l, t - 1)`` and cell ``(l - 1, t)``; the calls of one layer's cell share its weights, so they form one
   colocation group, as do the per-step embedding and output projection.
 * :func:`branch_blocks` — blocks of parallel branches joined by a concatenation (Inception-like).
+* :func:`seq2seq_grid` — an attentional encoder-decoder (NMT-like): an encoder grid, a decoder grid that starts
+  from the encoder's last states, and per target step an attention over the encoder outputs, a heavy shared
+  output projection and a loss term.
 
 Costs, sizes and the GPU speed-up of each op are drawn from ``numpy.random.default_rng(seed)``; the same arguments
 always give the same graph (and the same content hash).
@@ -85,6 +88,52 @@ def _costs(fwd_s: np.ndarray, bwd_s: np.ndarray, gpu_speedup: np.ndarray, note: 
     }
 
 
+class _ModuleCalls:
+    """Builds a graph of calls of named modules: a module's calls share one colocation group (unless it is
+    ``shared=False``) and one forward time (drawn once, +-10% per call), its parameters count at its first call."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.modules: dict[str, tuple[float, float, str, int, int, bool]] = {}
+        self.ops: list[dict] = []
+        self.edges: list[tuple[str, str]] = []
+        self.fwd: list[float] = []
+        self.speedup: list[float] = []
+        self.first: dict[str, int] = {}
+
+    def module(self, name: str, fwd_s: float, gpu_x: float, kind: str, param_bytes: int, out_bytes: int,
+               shared: bool = True) -> None:
+        self.modules[name] = (float(fwd_s), float(gpu_x), kind, int(param_bytes), int(out_bytes), shared)
+
+    def call(self, module: str, name: str, inputs: tuple[str, ...] | list[str] = ()) -> str:
+        base_s, gpu_x, kind, params, out, shared = self.modules[module]
+        new = module not in self.first
+        self.first.setdefault(module, len(self.ops))
+        op = {"name": name, "kind": kind, "module": module, "out_bytes": out,
+              "param_bytes": params if new else 0, "stash_bytes": out, "flops": base_s * 1e10}
+        if shared:
+            op["colocation"] = self.first[module]
+        self.ops.append(op)
+        self.fwd.append(base_s * self.rng.uniform(0.9, 1.1))
+        self.speedup.append(gpu_x)
+        self.edges.extend((src, name) for src in inputs)
+        return name
+
+    def to_loss(self, op: str) -> None:
+        """``op`` feeds the final ``loss`` op (which :meth:`build` adds)."""
+        self.edges.append((op, "loss"))
+
+    def build(self, name: str, meta: dict) -> OpGraph:
+        """The graph, with the ``loss`` op last; backward is twice the forward."""
+        self.ops.append({"name": "loss", "kind": "loss", "module": "loss", "out_bytes": 4, "stash_bytes": 0,
+                         "flops": 0.0})
+        fwd_s = np.append(self.fwd, 1e-5)
+        return OpGraph.build(name=name, ops=self.ops, edges=self.edges,
+                             costs=_costs(fwd_s, fwd_s * 2.0, np.append(self.speedup, 1.0),
+                                          f"{meta['generator']} seed={meta['seed']}"),
+                             meta={"synthetic": meta})
+
+
 def recurrent_grid(n_layers: int, steps: int, seed: int = 0, *, mean_fwd_s: float = 1e-3,
                    mean_out_bytes: float = 4e6, gpu_speedup: tuple[float, float] = (8.0, 15.0)) -> OpGraph:
     """A stacked recurrent network unrolled over ``steps`` time steps (see the module docstring).
@@ -97,46 +146,85 @@ def recurrent_grid(n_layers: int, steps: int, seed: int = 0, *, mean_fwd_s: floa
     if n_layers < 1 or steps < 1:
         raise ValueError(f"recurrent_grid needs n_layers >= 1 and steps >= 1, got {n_layers} x {steps}")
     rng = np.random.default_rng(seed)
+    g = _ModuleCalls(rng)
     cell_s = rng.lognormal(np.log(mean_fwd_s) - 0.5, 0.5, n_layers)
-    mods = {"emb": (float(cell_s.mean() * rng.uniform(0.02, 0.1)), rng.uniform(1.5, 3.0), "Embedding",
-                    int(rng.uniform(10, 80) * 1e6))}
-    for layer in range(n_layers):
-        mods[f"cell{layer}"] = (float(cell_s[layer]), rng.uniform(*gpu_speedup), "LSTMCell",
-                                int(rng.uniform(4, 40) * 1e6))
-    mods["proj"] = (float(cell_s.mean() * rng.uniform(0.5, 3.0)), rng.uniform(*gpu_speedup), "Linear",
-                    int(rng.uniform(10, 80) * 1e6))
+    emb = (float(cell_s.mean() * rng.uniform(0.02, 0.1)), rng.uniform(1.5, 3.0), "Embedding",
+           int(rng.uniform(10, 80) * 1e6))
+    cells = [(float(cell_s[layer]), rng.uniform(*gpu_speedup), "LSTMCell", int(rng.uniform(4, 40) * 1e6))
+             for layer in range(n_layers)]
+    proj = (float(cell_s.mean() * rng.uniform(0.5, 3.0)), rng.uniform(*gpu_speedup), "Linear",
+            int(rng.uniform(10, 80) * 1e6))
     hidden_bytes = int(max(1024, rng.lognormal(np.log(mean_out_bytes) - 0.5, 0.5)))
     logits_bytes = int(hidden_bytes * rng.uniform(2.0, 10.0))
-    ops: list[dict] = []
-    edges: list[tuple[str, str]] = []
-    first: dict[str, int] = {}
-    fwd, speedup = [], []
+    g.module("emb", *emb, hidden_bytes)
+    for layer in range(n_layers):
+        g.module(f"cell{layer}", *cells[layer], hidden_bytes)
+    g.module("proj", *proj, logits_bytes)
     for t in range(steps):
-        names = {"emb": f"emb_{t}", "proj": f"proj_{t}", **{f"cell{l}": f"cell{l}_{t}" for l in range(n_layers)}}
-        for mod in ("emb", *[f"cell{l}" for l in range(n_layers)], "proj"):
-            base_s, gpu_x, kind, params = mods[mod]
-            out = logits_bytes if mod == "proj" else hidden_bytes
-            new = mod not in first
-            first.setdefault(mod, len(ops))
-            ops.append({"name": names[mod], "kind": kind, "module": mod, "out_bytes": out,
-                        "param_bytes": params if new else 0, "stash_bytes": out, "colocation": first[mod],
-                        "flops": base_s * 1e10})
-            fwd.append(base_s * rng.uniform(0.9, 1.1))
-            speedup.append(gpu_x)
-        edges.append((f"emb_{t}", f"cell0_{t}"))
+        x = g.call("emb", f"emb_{t}")
         for layer in range(n_layers):
-            if t:
-                edges.append((f"cell{layer}_{t - 1}", f"cell{layer}_{t}"))
-            if layer:
-                edges.append((f"cell{layer - 1}_{t}", f"cell{layer}_{t}"))
-        edges.append((f"cell{n_layers - 1}_{t}", f"proj_{t}"))
-        edges.append((f"proj_{t}", "loss"))
-    ops.append({"name": "loss", "kind": "loss", "module": "loss", "out_bytes": 4, "stash_bytes": 0, "flops": 0.0})
-    fwd_s = np.append(fwd, 1e-5)
-    return OpGraph.build(name=f"recurrent-{n_layers}x{steps}-s{seed}", ops=ops, edges=edges,
-                         costs=_costs(fwd_s, fwd_s * 2.0, np.append(speedup, 1.0), f"recurrent_grid seed={seed}"),
-                         meta={"synthetic": {"generator": "recurrent_grid", "n_layers": n_layers, "steps": steps,
-                                             "seed": seed}})
+            prev = [f"cell{layer}_{t - 1}"] if t else []
+            x = g.call(f"cell{layer}", f"cell{layer}_{t}", [x] + prev if layer == 0 else prev + [x])
+        g.to_loss(g.call("proj", f"proj_{t}", [x]))
+    return g.build(f"recurrent-{n_layers}x{steps}-s{seed}",
+                   {"generator": "recurrent_grid", "n_layers": n_layers, "steps": steps, "seed": seed})
+
+
+def seq2seq_grid(n_layers: int, src_steps: int, tgt_steps: int, seed: int = 0, *, mean_fwd_s: float = 1e-3,
+                 mean_out_bytes: float = 4e6, gpu_speedup: tuple[float, float] = (8.0, 15.0)) -> OpGraph:
+    """An attentional encoder-decoder unrolled over ``src_steps`` and ``tgt_steps`` (NMT-like; see the module
+    docstring): two embeddings, an encoder grid and a decoder grid of ``n_layers`` recurrent cells (decoder layer
+    ``l`` starts from encoder layer ``l``'s last step), the encoder's top outputs stacked into a memory, then per
+    target step an attention (score, softmax and context as separate unshared ops, then a shared combine), an
+    output projection and a loss term. Shared modules' calls form one colocation group each. The projection
+    costs 1-6 cells per call (a large vocabulary), the attention's ops a few percent of a cell.
+    """
+    if n_layers < 1 or src_steps < 1 or tgt_steps < 1:
+        raise ValueError(f"seq2seq_grid needs n_layers, src_steps, tgt_steps >= 1, got {n_layers}, {src_steps}, "
+                         f"{tgt_steps}")
+    rng = np.random.default_rng(seed)
+    g = _ModuleCalls(rng)
+    cell_s = rng.lognormal(np.log(mean_fwd_s) - 0.5, 0.5, 2 * n_layers)
+    mean_cell = float(cell_s.mean())
+    hidden_bytes = int(max(1024, rng.lognormal(np.log(mean_out_bytes) - 0.5, 0.5)))
+    for side in ("src", "tgt"):
+        g.module(f"emb_{side}", mean_cell * rng.uniform(0.2, 1.0), rng.uniform(1.5, 3.0), "Embedding",
+                 int(rng.uniform(10, 80) * 1e6), hidden_bytes * max(src_steps, tgt_steps))
+    for k, side in enumerate(("enc", "dec")):
+        for layer in range(n_layers):
+            g.module(f"{side}{layer}", cell_s[k * n_layers + layer], rng.uniform(*gpu_speedup), "LSTMCell",
+                     int(rng.uniform(4, 40) * 1e6), hidden_bytes)
+    g.module("memory", mean_cell * 0.02, 2.0, "stack", 0, hidden_bytes * src_steps)
+    for op, kind in (("score", "Linear"), ("combine", "Linear")):
+        g.module(op, mean_cell * rng.uniform(0.05, 0.3), rng.uniform(*gpu_speedup), kind,
+                 int(rng.uniform(1, 8) * 1e6), hidden_bytes)
+    for op, kind in (("weights", "softmax"), ("context", "matmul")):
+        g.module(op, mean_cell * rng.uniform(0.01, 0.05), rng.uniform(2.0, 4.0), kind, 0, hidden_bytes,
+                 shared=False)
+    g.module("proj", mean_cell * rng.uniform(1.0, 6.0), rng.uniform(*gpu_speedup), "Linear",
+             int(rng.uniform(20, 160) * 1e6), int(hidden_bytes * rng.uniform(2.0, 10.0)))
+    g.module("xent", mean_cell * 0.05, 3.0, "loss", 0, 4096)
+    src, tgt = g.call("emb_src", "emb_src"), g.call("emb_tgt", "emb_tgt")
+    top = []
+    for t in range(src_steps):
+        x = src
+        for layer in range(n_layers):
+            x = g.call(f"enc{layer}", f"enc{layer}_{t}", [x] + ([f"enc{layer}_{t - 1}"] if t else []))
+        top.append(x)
+    memory = g.call("memory", "memory", top)
+    for t in range(tgt_steps):
+        x = tgt
+        for layer in range(n_layers):
+            x = g.call(f"dec{layer}", f"dec{layer}_{t}",
+                       [x, f"dec{layer}_{t - 1}" if t else f"enc{layer}_{src_steps - 1}"])
+        score = g.call("score", f"score_{t}", [x])
+        weights = g.call("weights", f"weights_{t}", [score, memory])
+        context = g.call("context", f"context_{t}", [weights, memory])
+        h = g.call("combine", f"combine_{t}", [context, x])
+        g.to_loss(g.call("xent", f"xent_{t}", [g.call("proj", f"proj_{t}", [h])]))
+    return g.build(f"seq2seq-{n_layers}x{src_steps}+{tgt_steps}-s{seed}",
+                   {"generator": "seq2seq_grid", "n_layers": n_layers, "src_steps": src_steps,
+                    "tgt_steps": tgt_steps, "seed": seed})
 
 
 def branch_blocks(n_blocks: int, seed: int = 0, *, mean_fwd_s: float = 1e-3, mean_out_bytes: float = 4e6,

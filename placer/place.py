@@ -81,11 +81,17 @@ def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Clust
     policy.eval()
     inp = PolicyInput.from_problem(problem)
     schedule, microbatches = config.get("schedule", "none"), int(config.get("microbatches", 1))
+    # a GNN trained with finish_dropout has learnt to place with and without its finish column: try both views
+    views = (True, False) if getattr(policy, "finish_dropout", 0.0) > 0 else (None,)
+    found = []
     with torch.no_grad():
-        cands = policy.sample(inp, 1, greedy=True).actions
-        if samples > 1:
-            more = policy.sample(inp, samples - 1, generator=torch.Generator().manual_seed(seed)).actions
-            cands = torch.cat([cands, more])
+        for view in views:
+            if view is not None:
+                policy.finish_feature = view
+            found.append(policy.sample(inp, 1, greedy=True).actions)
+            if samples > 1:
+                found.append(policy.sample(inp, samples - 1, generator=torch.Generator().manual_seed(seed)).actions)
+    cands = torch.cat(found)
     best: tuple[float, np.ndarray, StepResult] | None = None
     for groups in np.unique(cands.numpy(), axis=0):
         res = simulate(graph, cluster, problem.expand(groups), schedule=schedule, microbatches=microbatches)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from envs.placement_env import PlacementEnv, resolve_cluster, resolve_graph
-from envs.synthetic import branch_blocks, layered_dag, recurrent_grid
+from envs.synthetic import branch_blocks, layered_dag, recurrent_grid, seq2seq_grid
 from graphs.ir import OpGraph
 from placer.export import save_placement, write_json_atomic
 from policies import make_algo, make_policy
@@ -128,8 +128,9 @@ class MultiTrainResult:
 
 
 def random_graphs(count: int, seed: int) -> list[OpGraph]:
-    """``count`` random graphs drawn from ``seed``, the three families of :mod:`envs.synthetic` in turn: layered
-    DAGs of 3-8 layers x 2-6 ops, recurrent grids of 2-4 layers x 8-30 steps, and 3-10 Inception-like blocks.
+    """``count`` random graphs drawn from ``seed``, the four families of :mod:`envs.synthetic` in turn: layered
+    DAGs of 3-8 layers x 2-6 ops, recurrent grids of 2-4 layers x 8-30 steps, 3-10 Inception-like blocks, and
+    attentional encoder-decoders of 1-3 layers x 8-30 source and target steps.
 
     Tensor sizes and GPU speed-ups keep the generators' defaults. Tried: drawing them per graph (mean output
     0.5-16 MB, GPU speed-ups up to 5-40x): Inception-V3's zero-shot ratio went from 1.30 to 1.24 and RNNLM's from
@@ -140,10 +141,14 @@ def random_graphs(count: int, seed: int) -> list[OpGraph]:
     for i in range(count):
         sizes = rng.integers(3, 9), rng.integers(2, 7), rng.integers(2, 5), rng.integers(8, 31), rng.integers(3, 11)
         s = int(rng.integers(1 << 30))
-        family = i % 3
-        out.append(layered_dag(int(sizes[0]), int(sizes[1]), seed=s) if family == 0 else
-                   recurrent_grid(int(sizes[2]), int(sizes[3]), seed=s) if family == 1 else
-                   branch_blocks(int(sizes[4]), seed=s))
+        family = i % 4
+        if family == 3:
+            layers, src, tgt = int(rng.integers(1, 4)), int(rng.integers(8, 31)), int(rng.integers(8, 31))
+            out.append(seq2seq_grid(layers, src, tgt, seed=s))
+        else:
+            out.append(layered_dag(int(sizes[0]), int(sizes[1]), seed=s) if family == 0 else
+                       recurrent_grid(int(sizes[2]), int(sizes[3]), seed=s) if family == 1 else
+                       branch_blocks(int(sizes[4]), seed=s))
     return out
 
 
@@ -257,15 +262,24 @@ def add_multi_arguments(parser: argparse.ArgumentParser) -> None:
     """``--graphs`` and ``--random-dags`` for ``placer train`` (the other options come from
     :func:`placer.train.add_train_arguments`)."""
     parser.add_argument("--graphs", help="train one policy on these comma-separated graphs (Placeto-style)")
-    parser.add_argument("--random-dags", type=int, default=0, help="add this many random layered DAGs")
+    parser.add_argument("--random-dags", type=int, default=0,
+                        help="add this many random graphs (layered, recurrent, Inception-like, encoder-decoder)")
+    parser.add_argument("--finish-dropout", type=float, default=0.0,
+                        help="gnn+reinforce: hide the finish-estimate column from this share of the training "
+                             "samples (`placer place` then tries both views; the benchmark uses 0.5)")
 
 
 def multi_config_from_args(args: argparse.Namespace) -> MultiTrainConfig:
     """A :class:`MultiTrainConfig` from ``placer train``'s options (with :func:`add_multi_arguments`)."""
     graphs = tuple(g.strip() for g in (args.graphs or "").split(",") if g.strip())
+    options = {}
+    if args.finish_dropout:
+        if (args.policy, args.algo) != ("gnn", "reinforce"):
+            raise ValueError(f"--finish-dropout needs --policy gnn --algo reinforce, not {args.policy}+{args.algo}")
+        options["finish_dropout"] = args.finish_dropout
     return MultiTrainConfig(
         graphs=graphs, random_dags=args.random_dags, graph_config=args.graph_config, cluster=args.cluster,
         policy=args.policy, algo=args.algo, budget_s=args.budget, max_rounds=args.max_updates, seed=args.seed,
         num_groups=args.num_groups, reference=args.reference, samples_per_update=args.samples_per_update,
         lr=args.lr, entropy_coef=args.entropy_coef, hidden=args.hidden, runs_dir=args.runs_dir,
-        run_name=args.run_name, resume=args.resume)
+        run_name=args.run_name, resume=args.resume, policy_options=options)

@@ -11,8 +11,15 @@ A per-group device head then scores each device ``d`` for the group ``t`` being 
 - the pair features :data:`PAIR_FEATURES`: the group's time on ``d``, ``d``'s static features, the compute and
   memory already placed on ``d`` (the environment's load columns), when the group would finish on ``d`` given
   the groups placed so far (a list-schedule estimate, :class:`envs.problem.FinishEstimate`, as HEFT and ETF
-  rank devices), and the share of the traffic between the group and its already-placed neighbours (producers or
-  consumers) that those on ``d`` carry (the communication a choice would save).
+  rank devices) and whether that estimate is shown, and the share of the traffic between the group and its
+  already-placed neighbours (producers or consumers) that those on ``d`` carry (the communication a choice
+  would save).
+
+``finish_dropout`` hides the finish estimate (and says so in ``finish_shown``) from a share of the training
+samples, so that one policy learns to place both with and without it; :func:`placer.place.place_zero_shot` tries
+both views. The estimate ranks devices well where list scheduling does (Inception-V3) and misleads where it does
+not (NMT, whose output projection is called once per decoder step), and a graph the policy never saw does not say
+which kind it is.
 
 The head is shared across devices, so the policy has no parameter that depends on the number of groups, edges
 or devices: one set of weights places any graph on any cluster (what zero-shot placement needs).
@@ -46,7 +53,7 @@ NS = len(NODE_STATIC_FEATURES)
 NODE_IN = NS + 2
 """Encoder input: the static group features, then the mean and the largest per-device time (any device count)."""
 PAIR_FEATURES = ("time_on_device", *DEVICE_STATIC_FEATURES, "compute_load", "memory_used", "finish_estimate",
-                 "input_bytes_here")
+                 "finish_shown", "input_bytes_here")
 """Per (group, device) features of the device head."""
 PAIR_DIM = len(PAIR_FEATURES)
 
@@ -102,11 +109,16 @@ class GNNPolicy(AutoregressivePolicy):
     """GraphSAGE encoder + shared device head (module docstring); no size-dependent parameters."""
 
     def __init__(self, *, hidden: int = 64, layers: int = 3, logit_clip: float = 5.0,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, finish_dropout: float = 0.0) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.hidden, self.temperature = hidden, temperature
+        if not 0.0 <= finish_dropout < 1.0:
+            raise ValueError(f"finish_dropout must be in [0, 1), got {finish_dropout}")
+        self.hidden, self.temperature, self.finish_dropout = hidden, temperature, finish_dropout
+        self.finish_feature = True
+        """Whether the head sees the ``finish_estimate`` column; False reads it as 0 (a policy trained with
+        ``finish_dropout > 0`` has seen both views; :func:`placer.place.place_zero_shot` tries both)."""
         self.encoder = GraphEncoder(hidden=hidden, layers=layers)
         self.head = DeviceHead(hidden=hidden, logit_clip=logit_clip)
 
@@ -117,6 +129,14 @@ class GNNPolicy(AutoregressivePolicy):
                         torch.ones(d, device=inp.node_features.device))
         h = self.encoder(x, inp.edge_index)
         return h, h.mean(dim=0)
+
+    def finish_keep(self, num_samples: int, *, sampling: bool, generator: torch.Generator | None = None) -> Tensor:
+        """``(S, 1)``: 1 where a sample sees the ``finish_estimate`` column, 0 where it reads 0 — hidden for all
+        when :attr:`finish_feature` is off, and for each training sample with probability ``finish_dropout``."""
+        keep = torch.full((num_samples, 1), float(self.finish_feature))
+        if self.training and sampling and self.finish_dropout > 0:
+            keep = keep.masked_fill(torch.rand(num_samples, 1, generator=generator) < self.finish_dropout, 0.0)
+        return keep
 
     @staticmethod
     def _neighbours(inp: PolicyInput) -> list[tuple[Tensor, Tensor]]:
@@ -147,6 +167,7 @@ class GNNPolicy(AutoregressivePolicy):
         chosen = torch.zeros(s, g, dtype=torch.int64, device=h.device)
         neighbours = self._neighbours(inp)
         finish = FinishEstimate(inp.problem, s)
+        keep = self.finish_keep(s, sampling=actions is None and not greedy, generator=generator).to(h)
         chosen_np = np.zeros((s, g), dtype=np.int64)
         pool_s = pool.unsqueeze(0).expand(s, -1)
         logps, ents = [], []
@@ -158,10 +179,10 @@ class GNNPolicy(AutoregressivePolicy):
             else:
                 affinity = torch.zeros(s, d, dtype=dt, device=h.device)
             est = finish.estimates(t, chosen_np)
-            late = torch.as_tensor(finish.feature(est), dtype=dt, device=h.device)
+            late = torch.as_tensor(finish.feature(est), dtype=dt, device=h.device) * keep
             pair = torch.cat([dev_time[t].expand(s, d).unsqueeze(-1), dev, load.unsqueeze(-1),
                               (memory.used / capacity).to(dt).unsqueeze(-1), late.unsqueeze(-1),
-                              affinity.unsqueeze(-1)], dim=-1)
+                              keep.expand(s, d).unsqueeze(-1), affinity.unsqueeze(-1)], dim=-1)
             logits = self.head(h[t].expand(s, -1), pool_s, pair) / self.temperature
             a, lp, ent = masked_categorical(logits, memory.mask(t), actions=None if actions is None else actions[:, t],
                                             greedy=greedy, generator=generator)
@@ -277,7 +298,9 @@ class GNNExtractor(BaseFeaturesExtractor):
             affinity = affinity + (w.unsqueeze(-1) * other_dev).sum(1)
             norm = norm + (w.unsqueeze(-1) * other_dev).sum((1, 2)).unsqueeze(1)
         affinity = affinity / norm.clamp_min(1e-8)
-        pair = torch.cat([x[rows, cur, NS:NS + dm].unsqueeze(-1), dev, affinity.unsqueeze(-1)], dim=-1)
+        shown = torch.full((b, dm, 1), float(self.net.finish_feature), dtype=x.dtype, device=x.device)
+        dev = torch.cat([dev[..., :-1], dev[..., -1:] * shown], dim=-1)  # the last column is finish_estimate
+        pair = torch.cat([x[rows, cur, NS:NS + dm].unsqueeze(-1), dev, shown, affinity.unsqueeze(-1)], dim=-1)
         logits = self.net.head(h_cur, pool, pair) / self.net.temperature
         logits = logits.masked_fill(present <= 0, -1e4)  # padding devices (the env masks them too)
         return torch.cat([h_cur, pool, logits], dim=1)

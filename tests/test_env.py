@@ -133,6 +133,27 @@ def test_finish_estimate_overlaps_an_unrolled_layer_with_the_one_below():
         est.place(1, dev[:, 1], e)
 
 
+def test_finish_estimate_fills_idle_gaps():
+    # x (1 ms) -> s (4 ms) -> a1, x -> a0, x -> y; a0 and a1 are two calls of one module (1 ms each), y 1 ms
+    # (forward = backward); edges carry no bytes, so a transfer costs 2 x the 0.1 ms latency
+    def op(name, step_ms, **kw):
+        return dict(name=name, kind="Linear", param_bytes=4, fwd_s=step_ms / 2e3, bwd_s=step_ms / 2e3, **kw)
+
+    # (y is listed between a0 and a1, so the coarse graph keeps a0 and a1 apart)
+    ops = [op("x", 1), op("s", 4), op("a0", 1, colocation=7), op("y", 1), op("a1", 1, colocation=7)]
+    edges = [("x", "s", 0), ("x", "a0", 0), ("s", "a1", 0), ("x", "y", 0)]
+    problem = build_problem(OpGraph.build(name="gap", ops=ops, edges=edges), pair(), 8)
+    assert problem.num_groups == 4  # x, s, {a0, a1}, y
+    est = FinishEstimate(problem)
+    dev = np.array([[0, 1, 0, 0]])
+    for group in (0, 1, 2):  # device 0 runs x [0, 1], a0 [1, 2], a1 [5.4, 6.4]; device 1 runs s [1.2, 5.2]
+        e = est.estimates(group, dev)
+        est.place(group, dev[:, group], e)
+    # y fits device 0's gap [2, 5.4]: done at 3 ms (queued after a1 it would be 7.4 ms and device 1 would look
+    # best); on device 1 it waits for s: 5.2 + 1 ms
+    assert est.estimates(3, dev)[0] * 1e3 == pytest.approx([3.0, 6.2])
+
+
 def test_same_seed_rollouts_are_equal_and_vector_env_runs():
     make = lambda: gymnasium.make(envs.ENV_ID, graph=layered_dag(4, 3, seed=2), cluster="cpu+4gpu")  # noqa: E731
     a, b = rollout(make(), 7), rollout(make(), 7)

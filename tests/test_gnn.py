@@ -43,6 +43,32 @@ def test_sample_log_prob_and_greedy():
         policy.log_prob(inp, s.actions[:, :2])
 
 
+def test_finish_view_off_ignores_the_estimate_and_dropout_hides_it_from_some_training_samples(monkeypatch):
+    from envs.problem import FinishEstimate
+
+    env = PlacementEnv(layered_dag(3, 3, seed=0), "cpu+4gpu", num_groups=8)
+    torch.manual_seed(0)
+    policy = make_policy("gnn", env.problem, hidden=16, layers=2, finish_dropout=0.5).eval()
+    inp = PolicyInput.from_problem(env.problem)
+    actions = policy.sample(inp, 4, generator=torch.Generator().manual_seed(1)).actions
+
+    def log_probs(shift):  # the finish column reads `shift` on device 0 and 0 elsewhere
+        monkeypatch.setattr(FinishEstimate, "feature", lambda self, est: np.eye(est.shape[1])[[0] * len(est)] * shift)
+        return policy.log_prob(inp, actions).log_prob
+
+    assert not torch.allclose(log_probs(0.0), log_probs(3.0))
+    policy.finish_feature = False
+    assert torch.equal(log_probs(0.0), log_probs(3.0))
+    assert policy.finish_keep(8, sampling=True).sum() == 0
+    policy.finish_feature = True
+    assert policy.finish_keep(8, sampling=True).sum() == 8  # eval mode: no dropout
+    policy.train()
+    keep = policy.finish_keep(400, sampling=True, generator=torch.Generator().manual_seed(0))
+    assert 150 < keep.sum() < 250 and policy.finish_keep(8, sampling=False).sum() == 8
+    with pytest.raises(ValueError, match="finish_dropout"):
+        make_policy("gnn", env.problem, finish_dropout=1.0)
+
+
 def test_extractor_logits_equal_the_policy_logits_along_an_episode():
     # the PPO view (observations) and the REINFORCE view (tracked state) must compute the same function
     env = PlacementEnv(layered_dag(3, 4, seed=2), "cpu+4gpu", num_groups=10)

@@ -103,6 +103,12 @@ def test_graphs_option_parses_into_a_multi_config():
     cfg = multi_config_from_args(parser.parse_args(["--graphs", "rnnlm, nmt", "--random-dags", "3", "--policy",
                                                     "gnn", "--algo", "ppo", "--max-updates", "2"]))
     assert cfg.graphs == ("rnnlm", "nmt") and cfg.random_dags == 3 and cfg.algo == "ppo" and cfg.max_rounds == 2
+    assert cfg.policy_options == {}
+    cfg = multi_config_from_args(parser.parse_args(["--graphs", "rnnlm", "--policy", "gnn", "--finish-dropout", "0.5"]))
+    assert cfg.policy_options == {"finish_dropout": 0.5}
+    with pytest.raises(ValueError, match="--finish-dropout needs --policy gnn --algo reinforce"):
+        multi_config_from_args(parser.parse_args(["--graphs", "rnnlm", "--policy", "gnn", "--algo", "ppo",
+                                                  "--finish-dropout", "0.5"]))
     with pytest.raises(ValueError, match="at least one graph"):
         MultiTrainConfig(graphs=(), random_dags=0)
 
@@ -148,14 +154,14 @@ def test_a_resumed_multi_graph_run_continues_where_it_stopped(tmp_path):
     assert torch.load(first.run_dir / "checkpoint.pt", weights_only=False)["rounds"] == 5
 
 
-def test_random_training_graphs_cover_three_families_reproducibly():
+def test_random_training_graphs_cover_four_families_reproducibly():
     from envs.synthetic import branch_blocks, recurrent_grid
     from placer.train_multi import random_graphs
 
-    graphs = random_graphs(6, seed=3)
+    graphs = random_graphs(8, seed=3)
     families = [g.meta["synthetic"]["generator"] for g in graphs]
-    assert families == ["layered_dag", "recurrent_grid", "branch_blocks"] * 2
-    assert [g.content_hash for g in random_graphs(6, seed=3)] == [g.content_hash for g in graphs]
+    assert families == ["layered_dag", "recurrent_grid", "branch_blocks", "seq2seq_grid"] * 2
+    assert [g.content_hash for g in random_graphs(8, seed=3)] == [g.content_hash for g in graphs]
     g = recurrent_grid(3, 5, seed=1)
     cells0 = [i for i, name in enumerate(g.op_names) if name.startswith("cell0_")]
     assert len(cells0) == 5 and len(set(g.colocation[cells0].tolist())) == 1  # one layer's calls share weights
@@ -168,3 +174,48 @@ def test_random_training_graphs_cover_three_families_reproducibly():
     assert len(cats) == 4 and all(len(b.predecessors()[i]) >= 2 for i in cats)
     with pytest.raises(ValueError, match="n_layers >= 1"):
         recurrent_grid(0, 3)
+
+
+def test_seq2seq_grid_is_an_attentional_encoder_decoder():
+    from envs.synthetic import seq2seq_grid
+
+    g = seq2seq_grid(2, 4, 3, seed=5)
+    idx, pred = g.index, g.predecessors()
+    group = lambda prefix: {int(g.colocation[i]) for i, n in enumerate(g.op_names) if n.startswith(prefix)}  # noqa
+    # every layer's calls, the attention's score and combine, the projection and the loss terms share weights
+    for prefix in ("enc0_", "enc1_", "dec0_", "dec1_", "score_", "combine_", "proj_", "xent_"):
+        assert len(group(prefix)) == 1, prefix
+    assert len(group("weights_")) == 3 and len(group("context_")) == 3  # per-step softmax and context: unshared
+    assert set(pred[idx("dec1_0")]) == {idx("dec0_0"), idx("enc1_3")}  # decoder layer 1 starts from encoder 1
+    assert set(pred[idx("memory")]) == {idx(f"enc1_{t}") for t in range(4)}  # the top encoder outputs
+    assert set(pred[idx("context_2")]) == {idx("weights_2"), idx("memory")}
+    assert set(pred[idx("proj_2")]) == {idx("combine_2")}
+    assert len(pred[idx("loss")]) == 3
+    assert g.content_hash == seq2seq_grid(2, 4, 3, seed=5).content_hash != seq2seq_grid(2, 4, 3, seed=6).content_hash
+    with pytest.raises(ValueError, match="seq2seq_grid needs"):
+        seq2seq_grid(2, 0, 3)
+
+
+def test_zero_shot_tries_both_finish_views_of_a_dropout_policy(tmp_path, monkeypatch):
+    from policies.gnn import GNNPolicy
+
+    res = train_multi(MultiTrainConfig(graphs=(), random_dags=2, cluster="cpu+4gpu", policy="gnn", algo="reinforce",
+                                       max_rounds=2, samples_per_update=4, hidden=8, num_groups=16,
+                                       runs_dir=str(tmp_path), policy_options={"finish_dropout": 0.5}))
+    seen = []
+    sample = GNNPolicy.sample
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.finish_feature, kwargs.get("greedy", False)))
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(GNNPolicy, "sample", spy)
+    zs = place_zero_shot(res.run_dir, layered_dag(4, 3, seed=9), "cpu+4gpu", samples=3)
+    assert zs.predicted.ok
+    assert seen == [(True, True), (True, False), (False, True), (False, False)]
+    no_dropout = train_multi(MultiTrainConfig(graphs=(), random_dags=1, cluster="cpu+4gpu", policy="gnn",
+                                              algo="reinforce", max_rounds=1, samples_per_update=2, hidden=8,
+                                              num_groups=16, runs_dir=str(tmp_path)))
+    seen.clear()
+    place_zero_shot(no_dropout.run_dir, layered_dag(4, 3, seed=9), "cpu+4gpu")
+    assert seen == [(True, True)]
