@@ -69,11 +69,14 @@ def test_finish_view_off_ignores_the_estimate_and_dropout_hides_it_from_some_tra
         make_policy("gnn", env.problem, finish_dropout=1.0)
 
 
-def test_extractor_logits_equal_the_policy_logits_along_an_episode():
-    # the PPO view (observations) and the REINFORCE view (tracked state) must compute the same function
+@pytest.mark.parametrize("finish_shown", [True, False])
+def test_extractor_logits_equal_the_policy_logits_along_an_episode(finish_shown):
+    # the PPO view (observations) and the REINFORCE view (tracked state) must compute the same function, with the
+    # finish estimate shown or hidden
     env = PlacementEnv(layered_dag(3, 4, seed=2), "cpu+4gpu", num_groups=10)
     torch.manual_seed(1)
     policy = GNNPolicy(hidden=16, layers=2).eval()
+    policy.finish_feature = finish_shown
     ext = GNNExtractor(env.observation_space, network=policy).eval()
     inp = PolicyInput.from_problem(env.problem)
     placement = policy.sample(inp, 1, generator=torch.Generator().manual_seed(3)).actions[0]
