@@ -386,7 +386,8 @@ class PlacementEnv(gym.Env):
         self._placement[g] = a
         self._mem_used[a] += self.problem.mem_bytes[g]
         self._time_used[a] += self.problem.time_s[g, a]
-        self._finish.place(g, np.array([a]), self._current_estimates())
+        self._current_estimates()  # place() records the per-node finishes of the estimate for this group
+        self._finish.place(g, np.array([a]))
         self._node_features[g, self._col_place + a] = 1.0
         self._node_features[g, self._col_placed] = 1.0
         self._t += 1

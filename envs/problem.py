@@ -290,9 +290,9 @@ class FinishEstimate:
         self._pending = (t, ends)
         return ends.max(axis=1) if ends.shape[1] else np.zeros((where_group.shape[0], self.node_s.shape[1]))
 
-    def place(self, t: int, device: np.ndarray, estimates: np.ndarray) -> None:
-        """Record that group ``t`` went to ``device`` ``(S,)``; ``estimates`` is what :meth:`estimates` returned
-        for ``t`` (its per-node finishes are kept from that call)."""
+    def place(self, t: int, device: np.ndarray) -> None:
+        """Record that group ``t`` went to ``device`` ``(S,)``, with the per-node finishes that the last call,
+        :meth:`estimates` for ``t``, computed."""
         if self._pending is None or self._pending[0] != t:
             raise ValueError(f"place({t}) needs estimates({t}) first")
         record(self.nodes[t], self.node_s, np.ascontiguousarray(device, dtype=np.int64), self._pending[1],

@@ -190,7 +190,7 @@ class GNNPolicy(AutoregressivePolicy):
             load = load.index_put((rows, a), (inp.time_s[t, a] / device_total[a]).to(dt), accumulate=True)
             chosen[:, t] = a
             chosen_np[:, t] = a.cpu().numpy()
-            finish.place(t, chosen_np[:, t], est)
+            finish.place(t, chosen_np[:, t])
             logps.append(lp)
             ents.append(ent)
         return PolicySample(chosen, torch.stack(logps, dim=1).sum(dim=1), torch.stack(ents, dim=1).sum(dim=1))
