@@ -24,9 +24,10 @@ from typing import Sequence
 
 import numpy as np
 
-from graphs.grouping import contract, group_ops, op_weights
 from envs._finish_kernel import group_finishes, record
+from graphs.grouping import contract, group_ops, op_weights
 from graphs.ir import OpGraph
+from placer._sim_kernel import csr
 from placer.cluster import Cluster
 from placer.placement import Placement
 
@@ -268,10 +269,9 @@ class FinishEstimate:
         self.nodes = [np.ascontiguousarray(order[bounds[g]:bounds[g + 1]], dtype=np.int64)
                       for g in range(problem.num_groups)]
         src, dst = coarse.edge_index
-        by_dst = np.argsort(dst, kind="stable")
-        self.in_ptr = np.searchsorted(dst[by_dst], np.arange(coarse.n + 1)).astype(np.int64)
-        self.in_src = np.ascontiguousarray(src[by_dst], dtype=np.int64)
-        self.in_bytes = np.ascontiguousarray(coarse.edge_bytes[by_dst], dtype=np.float64)
+        self.in_ptr, self.in_src, self.in_bytes = csr(  # each node's producers and the bytes they send
+            np.ascontiguousarray(dst, dtype=np.int64), np.ascontiguousarray(src, dtype=np.int64),
+            coarse.edge_bytes.astype(np.float64), coarse.n)
         self.latency_s = np.ascontiguousarray(problem.latency_s, dtype=np.float64)
         self.s_per_byte = np.ascontiguousarray(problem.transfer_s_per_byte, dtype=np.float64)
         d = problem.num_devices
@@ -288,7 +288,7 @@ class FinishEstimate:
                               self.group_of_node, where_group, self.finish_s, self.latency_s, self.s_per_byte,
                               self.starts, self.ends, self.count)
         self._pending = (t, ends)
-        return ends.max(axis=1) if ends.shape[1] else np.zeros((where_group.shape[0], self.node_s.shape[1]))
+        return ends.max(axis=1)  # every group has at least one node
 
     def place(self, t: int, device: np.ndarray) -> None:
         """Record that group ``t`` went to ``device`` ``(S,)``, with the per-node finishes that the last call,

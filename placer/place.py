@@ -81,13 +81,9 @@ def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Clust
     policy.eval()
     inp = PolicyInput.from_problem(problem)
     schedule, microbatches = config.get("schedule", "none"), int(config.get("microbatches", 1))
-    # a GNN trained with finish_dropout has learnt to place with and without its finish column: try both views
-    views = (True, False) if getattr(policy, "finish_dropout", 0.0) > 0 else (None,)
     found = []
     with torch.no_grad():
-        for view in views:
-            if view is not None:
-                policy.finish_feature = view
+        for _ in policy.views():  # e.g. a GNN trained with finish_dropout: with and without its finish column
             found.append(policy.sample(inp, 1, greedy=True).actions)
             if samples > 1:
                 found.append(policy.sample(inp, samples - 1, generator=torch.Generator().manual_seed(seed)).actions)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -135,6 +135,11 @@ class PlacementPolicy(nn.Module):
     def log_prob(self, inp: PolicyInput, actions: Tensor) -> PolicySample:
         """Log-probability and entropy of given placements ``actions`` ``(S, G)``."""
         raise NotImplementedError
+
+    def views(self) -> Iterator[str]:
+        """The ways this policy can read a problem, entered one after another (a generator that sets each up
+        and yields its name); zero-shot placement samples in each and keeps the best. One by default."""
+        yield "default"
 
 
 class AutoregressivePolicy(PlacementPolicy):

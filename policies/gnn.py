@@ -36,7 +36,7 @@ The same network serves two algorithms:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -129,6 +129,18 @@ class GNNPolicy(AutoregressivePolicy):
                         torch.ones(d, device=inp.node_features.device))
         h = self.encoder(x, inp.edge_index)
         return h, h.mean(dim=0)
+
+    def views(self) -> Iterator[str]:
+        """With the finish estimate shown, then, for a policy trained with ``finish_dropout``, hidden."""
+        shown = self.finish_feature
+        try:
+            self.finish_feature = True
+            yield "finish shown"
+            if self.finish_dropout > 0:
+                self.finish_feature = False
+                yield "finish hidden"
+        finally:
+            self.finish_feature = shown
 
     def finish_keep(self, num_samples: int, *, sampling: bool, generator: torch.Generator | None = None) -> Tensor:
         """``(S, 1)``: 1 where a sample sees the ``finish_estimate`` column, 0 where it reads 0 — hidden for all

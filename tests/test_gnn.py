@@ -65,6 +65,9 @@ def test_finish_view_off_ignores_the_estimate_and_dropout_hides_it_from_some_tra
     policy.train()
     keep = policy.finish_keep(400, sampling=True, generator=torch.Generator().manual_seed(0))
     assert 150 < keep.sum() < 250 and policy.finish_keep(8, sampling=False).sum() == 8
+    policy.finish_feature = False
+    assert list(policy.views()) == ["finish shown", "finish hidden"] and policy.finish_feature is False  # restored
+    assert list(make_policy("gnn", env.problem).views()) == ["finish shown"]
     with pytest.raises(ValueError, match="finish_dropout"):
         make_policy("gnn", env.problem, finish_dropout=1.0)
 
