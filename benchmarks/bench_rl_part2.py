@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finish-dropout", type=float, default=0.5,
                     help="zero-shot GNN: share of training samples placed with the finish column hidden; "
                          "placement then tries both views (default 0.5)")
-    ap.add_argument("--zs-samples", type=int, default=16)
+    ap.add_argument("--zs-samples", type=int, default=256,
+                    help="zero-shot: best of the greedy placement and this many - 1 samples per view (default 256)")
     ap.add_argument("--num-groups", type=int, default=180,
                     help="at most this many groups per graph, every family and zero-shot (default 180: RNNLM and "
                          "NMT keep their 40 and 110 natural groups; Inception-V3 at 128 groups cannot express "

@@ -227,13 +227,15 @@ def seq2seq_grid(n_layers: int, src_steps: int, tgt_steps: int, seed: int = 0, *
                     "tgt_steps": tgt_steps, "seed": seed})
 
 
-def branch_blocks(n_blocks: int, seed: int = 0, *, mean_fwd_s: float = 1e-3, mean_out_bytes: float = 4e6,
+def branch_blocks(n_blocks: int, seed: int = 0, *, max_branches: int = 4, max_chain: int = 3,
+                  mean_fwd_s: float = 1e-3, mean_out_bytes: float = 4e6,
                   gpu_speedup: tuple[float, float] = (6.0, 15.0)) -> OpGraph:
-    """A stem, ``n_blocks`` blocks of 2-4 parallel branches (chains of 1-3 convolutions) each joined by a
-    concatenation, then a classifier and the ``loss`` (see the module docstring). Convolutions get GPU speed-ups
-    drawn from ``gpu_speedup``, concatenations 2-4x."""
-    if n_blocks < 1:
-        raise ValueError(f"branch_blocks needs n_blocks >= 1, got {n_blocks}")
+    """A stem, ``n_blocks`` blocks of 2 to ``max_branches`` parallel branches (chains of 1 to ``max_chain``
+    convolutions) each joined by a concatenation, then a classifier and the ``loss`` (see the module docstring).
+    Convolutions get GPU speed-ups drawn from ``gpu_speedup``, concatenations 2-4x."""
+    if n_blocks < 1 or max_branches < 2 or max_chain < 1:
+        raise ValueError(f"branch_blocks needs n_blocks >= 1, max_branches >= 2 and max_chain >= 1, got "
+                         f"{n_blocks}, {max_branches}, {max_chain}")
     rng = np.random.default_rng(seed)
     ops: list[dict] = []
     edges: list[tuple[str, str]] = []
@@ -253,9 +255,9 @@ def branch_blocks(n_blocks: int, seed: int = 0, *, mean_fwd_s: float = 1e-3, mea
     x = add("stem", "Conv2d", [], 2.0, size)
     for b in range(n_blocks):
         ends = []
-        for br in range(int(rng.integers(2, 5))):
+        for br in range(int(rng.integers(2, max_branches + 1))):
             y = x
-            for k in range(int(rng.integers(1, 4))):
+            for k in range(int(rng.integers(1, max_chain + 1))):
                 y = add(f"b{b}_{br}_{k}", "Conv2d", [y], 1.0, size * rng.uniform(0.2, 0.6))
             ends.append(y)
         x = add(f"b{b}_cat", "cat", ends, 0.0, size)

@@ -268,7 +268,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     import time
 
     from placer.compare import compare
-    from placer.place import find_policy_run, zero_shot_placer
+    from placer.place import zero_shot_placer
+    from placer.runs import find_run
     from placer.train import family_column, family_placer
 
     graphs = [load_graph_arg(g) for g in args.graphs.split(",") if g]
@@ -279,7 +280,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
             extra[family_column(family)] = family_placer(family, runs_dir=args.runs_dir, schedule=args.schedule,
                                                          microbatches=args.microbatches)
     for run in args.policy_from:
-        run_dir = find_policy_run(run, args.runs_dir)  # a missing run fails before anything is placed
+        run_dir = find_run(run, args.runs_dir, checkpoint=True)  # a missing run fails before anything is placed
         extra[f"zero-shot:{run_dir.name}"] = zero_shot_placer(run_dir, runs_dir=args.runs_dir)
     out_dir = Path(args.runs_dir) / f"compare__{time.strftime('%Y%m%d-%H%M%S')}"
     table = compare(graphs, [c for c in args.clusters.split(",") if c],
@@ -309,7 +310,7 @@ def _is_multi_run(args: argparse.Namespace) -> bool:
         return False
     import json
 
-    from placer.train import find_run
+    from placer.runs import find_run
 
     return bool(json.loads((find_run(args.resume, args.runs_dir) / "config.json").read_text()).get("multi"))
 

@@ -28,6 +28,7 @@ from placer.cluster import Cluster
 from placer.export import save_placement
 from placer.placement import Placement
 from placer.result import StepResult
+from placer.runs import find_run
 from policies import PolicyInput, make_policy
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,6 @@ class ZeroShotResult:
     """Wall time of grouping, inference and simulation."""
 
 
-def find_policy_run(run: str | Path, runs_dir: str | Path = "runs") -> Path:
-    """The run folder ``run`` (a path or a name under ``runs_dir``) with a config and a checkpoint."""
-    for cand in (Path(run), Path(runs_dir) / str(run)):
-        if (cand / "config.json").exists():
-            if not (cand / "checkpoint.pt").exists():
-                raise ValueError(f"run {cand} has no checkpoint.pt (was it trained?)")
-            return cand
-    raise ValueError(f"no trained run {str(run)!r}: no config.json there or under {runs_dir}")
-
-
 def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Cluster | str | Path, *,
                     runs_dir: str | Path = "runs", samples: int = 1, seed: int = 0,
                     graph_config: str = "small") -> ZeroShotResult:
@@ -64,7 +55,7 @@ def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Clust
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     t0 = time.perf_counter()
-    run_dir = find_policy_run(run, runs_dir)
+    run_dir = find_run(run, runs_dir, checkpoint=True)
     config = json.loads((run_dir / "config.json").read_text())
     graph = resolve_graph(graph, config=graph_config)
     cluster = resolve_cluster(cluster)
@@ -101,7 +92,7 @@ def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Clust
                           elapsed_s=time.perf_counter() - t0)
 
 
-def zero_shot_placer(run: str | Path, *, runs_dir: str | Path = "runs", samples: int = 1):
+def zero_shot_placer(run: str | Path, *, runs_dir: str | Path = "runs", samples: int = 256):
     """A :class:`placer.compare.ExtraPlacer` that places every graph of a comparison with ``run``'s policy,
     without training (``placer compare --policy-from RUN``)."""
 
@@ -120,8 +111,9 @@ def add_place_arguments(parser: argparse.ArgumentParser) -> None:
                         help="benchmark config for a bare name: small or paper (default %(default)s)")
     parser.add_argument("--cluster", required=True, help="cluster preset or JSON")
     parser.add_argument("--out", required=True, help="placement JSON to write")
-    parser.add_argument("--samples", type=int, default=1,
-                        help="1: the policy's most likely placement; K: best of it and K-1 samples (simulated)")
+    parser.add_argument("--samples", type=int, default=256,
+                        help="1: the policy's most likely placement; K: best of it and K-1 samples, simulated "
+                             "(default %(default)s: about a second for 180 groups)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-dir", default="runs", help="where run names are looked up (default %(default)s)")
 

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,8 @@ from placer.cluster import Cluster
 from placer.export import save_placement, write_json_atomic
 from placer.placement import Placement
 from placer.result import StepResult
+from placer.runs import (Progress, find_run, hparams_markdown, new_run_dir, plot_learning_curve,
+                         save_torch_atomic, stamped_name)
 from policies import make_algo, make_policy
 
 log = logging.getLogger(__name__)
@@ -213,31 +214,6 @@ class TrainResult:
 
 
 # ============================================================================================== helpers
-def _run_name(graph: OpGraph, config: TrainConfig) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in graph.name)
-    return f"{safe}__{config.policy}__{config.algo}__{config.seed}__{stamp}"
-
-
-def find_run(resume: str, runs_dir: str | Path) -> Path:
-    """The run folder named by ``resume`` (a path, or a name under ``runs_dir``)."""
-    for cand in (Path(resume), Path(runs_dir) / resume):
-        if (cand / "config.json").exists():
-            return cand
-    raise ValueError(f"cannot resume {resume!r}: no run folder with a config.json there or under {runs_dir}")
-
-
-def _save_torch_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _hparams_markdown(config: TrainConfig, extra: dict[str, Any]) -> str:
-    rows = {**config.to_json(), **extra}
-    return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in rows.items())
-
-
 def evaluate_baselines(graph: OpGraph, cluster: Cluster, methods: Sequence[str], *, schedule: str = "none",
                        microbatches: int = 1, seed: int = 0) -> dict[str, tuple[Placement, StepResult]]:
     """Each applicable baseline's placement and its simulated step on the full graph (``n/a`` ones left out)."""
@@ -254,65 +230,6 @@ def evaluate_baselines(graph: OpGraph, cluster: Cluster, methods: Sequence[str],
             continue
         out[m] = (p, sim.run(p, schedule=schedule, microbatches=microbatches))
     return out
-
-
-def plot_learning_curve(path: Path, history: list[dict[str, float]], baselines: dict[str, float], *,
-                        title: str) -> None:
-    """Best and mean step time vs training time and vs samples, with baseline lines (atomic PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    t = np.array([h["elapsed_s"] for h in history])
-    n = np.array([h["samples"] for h in history])
-    best = np.array([h["best_step_time_s"] for h in history])
-    mean = np.array([h["mean_step_time_s"] for h in history])
-    finite = [v for v in baselines.values() if math.isfinite(v)]
-    for ax, x, label in ((axes[0], t, "training wall time (s)"), (axes[1], n, "sampled placements")):
-        if len(x):
-            ax.plot(x, mean, color="tab:blue", alpha=0.35, lw=0.8, label="mean of update")
-            ax.plot(x, best, color="tab:red", lw=1.8, label="best so far")
-        for i, (m, v) in enumerate(sorted(baselines.items(), key=lambda kv: kv[1])):
-            if math.isfinite(v):
-                ax.axhline(v, ls="--", lw=0.8, color=plt.cm.tab10((i + 2) % 10), label=f"{m} {v:.4g}s")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("step time (s)")
-    values = [v for v in np.concatenate([best, mean]) if math.isfinite(v)] + finite
-    if values:  # zoom on the interesting range: up to 3x the best value; farther baselines stay in the legend
-        lo, hi = min(values), max(values)
-        axes[0].set_ylim(lo * 0.95, min(hi, 3 * lo) * 1.05)
-    axes[1].legend(fontsize=7, loc="upper right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-class _Progress:
-    """A rich progress line (best step time, samples/s) over the time budget; silent when disabled."""
-
-    def __init__(self, enabled: bool, budget_s: float, done_s: float) -> None:
-        self.bar = None
-        if enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                                TimeRemainingColumn())
-            self.bar.start()
-            self.task = self.bar.add_task("training", total=budget_s, completed=done_s)
-
-    def update(self, elapsed_s: float, text: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=elapsed_s, description=text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 # ============================================================================================== train
@@ -371,10 +288,8 @@ def train(config: TrainConfig) -> TrainResult:
         graph = resolve_graph(config.graph, config=config.graph_config)
         cluster = maybe_calibrate(resolve_cluster(config.cluster), mode=config.calibrate,
                                   uses_engine=config.reward in ("real", "sim+real"))
-        run_dir = Path(config.runs_dir) / (config.run_name or _run_name(graph, config))
-        while run_dir.exists():  # two runs started in the same second
-            run_dir = run_dir.with_name(run_dir.name + "_")
-        run_dir.mkdir(parents=True)
+        run_dir = new_run_dir(config.runs_dir, config.run_name
+                              or stamped_name(graph.name, config.policy, config.algo, config.seed))
         graph.save(run_dir / "graph.json")
         cluster.save(run_dir / "cluster.json")
         config = dataclasses.replace(config, run_name=run_dir.name)
@@ -441,9 +356,9 @@ def _train_loop(config: TrainConfig, run_dir: Path, graph: OpGraph, cluster: Clu
     # on resume, TensorBoard drops what the killed run logged after its last checkpoint
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=samples + 1 if resumed else None)
     if not resumed:
-        writer.add_text("hyperparameters", _hparams_markdown(config, {
-            "groups": env.num_groups, "coarse_nodes": env.problem.coarse.n, "reference_method": env.reference_method,
-            "reference_step_time_s": env.reference_time_s,
+        writer.add_text("hyperparameters", hparams_markdown({
+            **config.to_json(), "groups": env.num_groups, "coarse_nodes": env.problem.coarse.n,
+            "reference_method": env.reference_method, "reference_step_time_s": env.reference_time_s,
             "policy_parameters": sum(p.numel() for p in policy.parameters())}))
 
     def log_baselines(step: int) -> None:
@@ -479,7 +394,7 @@ def _train_loop(config: TrainConfig, run_dir: Path, graph: OpGraph, cluster: Clu
                        microbatches=config.microbatches)
 
     def checkpoint() -> None:
-        _save_torch_atomic({
+        save_torch_atomic({
             "version": 1, "policy": policy.state_dict(), "algo": algo.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "best": {"device_of_group": best_groups, "step_time_s": best_time,
@@ -515,7 +430,7 @@ def _train_loop(config: TrainConfig, run_dir: Path, graph: OpGraph, cluster: Clu
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t0
 
-    progress = _Progress(config.progress, config.budget_s, elapsed_before)
+    progress = Progress(config.progress, config.budget_s, elapsed_before)
     last_ckpt = last_real = last_write = time.perf_counter()
     rate = 0.0
     dirty = False

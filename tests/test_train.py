@@ -100,8 +100,23 @@ def test_bad_names_fail_before_a_run_folder_exists(tmp_path):
         with pytest.raises(ValueError, match=msg):
             train(tiny(tmp_path, **kw))
     assert not any(tmp_path.iterdir())
-    with pytest.raises(ValueError, match="cannot resume"):
+    with pytest.raises(ValueError, match="no run"):
         train(TrainConfig(resume="missing", runs_dir=str(tmp_path), progress=False))
+
+
+def test_run_folders_never_collide_and_are_found_by_name_or_path(tmp_path):
+    from placer.runs import find_run, new_run_dir, safe_name, stamped_name
+
+    name = stamped_name("nmt/paper v2", "gnn", "ppo", 3)
+    assert name.startswith("nmt-paper-v2__gnn__ppo__3__") and safe_name("a/b c.json") == "a-b-c.json"
+    first, second = new_run_dir(tmp_path, name), new_run_dir(tmp_path, name)  # the same second
+    assert first.name == name and second.name == name + "_" and second.is_dir()
+    (second / "config.json").write_text("{}")
+    assert find_run(second.name, tmp_path) == second == find_run(second, "elsewhere")
+    with pytest.raises(ValueError, match="has no checkpoint.pt"):
+        find_run(second.name, tmp_path, checkpoint=True)
+    with pytest.raises(ValueError, match=f"no run '{first.name}'"):  # a folder without a config.json
+        find_run(first.name, tmp_path)
 
 
 def test_cli_options_build_the_config():

@@ -1,0 +1,116 @@
+"""Run folders: their names, finding one again, atomic checkpoint writes, the learning-curve picture and the
+progress line. Shared by :mod:`placer.train` (one graph), :mod:`placer.train_multi` (several) and
+:mod:`placer.place` (reading a trained run back)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def safe_name(text: str) -> str:
+    """``text`` with every character other than letters, digits, ``-``, ``_`` and ``.`` replaced by ``-``."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text)
+
+
+def stamped_name(what: str, policy: str, algo: str, seed: int) -> str:
+    """``{what}__{policy}__{algo}__{seed}__{YYYYmmdd-HHMMSS}`` (``what``: the graph, or ``multi-N``)."""
+    return f"{safe_name(what)}__{policy}__{algo}__{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def new_run_dir(runs_dir: str | Path, name: str) -> Path:
+    """Create ``runs_dir/name``; a trailing ``_`` is added while the name is taken (two runs in one second)."""
+    run_dir = Path(runs_dir) / name
+    while run_dir.exists():
+        run_dir = run_dir.with_name(run_dir.name + "_")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def find_run(run: str | Path, runs_dir: str | Path, *, checkpoint: bool = False) -> Path:
+    """The run folder ``run`` (a path, or a name under ``runs_dir``) with a ``config.json`` and, when
+    ``checkpoint``, a ``checkpoint.pt``; a one-line ``ValueError`` otherwise."""
+    for cand in (Path(run), Path(runs_dir) / str(run)):
+        if (cand / "config.json").exists():
+            if checkpoint and not (cand / "checkpoint.pt").exists():
+                raise ValueError(f"run {cand} has no checkpoint.pt (was it trained?)")
+            return cand
+    raise ValueError(f"no {'trained ' if checkpoint else ''}run {str(run)!r}: no config.json there or under {runs_dir}")
+
+
+def save_torch_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a kill never leaves a half-written checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def hparams_markdown(rows: dict[str, Any]) -> str:
+    """A Markdown table of hyperparameters (TensorBoard's text tab)."""
+    return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in rows.items())
+
+
+def plot_learning_curve(path: Path, history: list[dict[str, float]], baselines: dict[str, float], *,
+                        title: str) -> None:
+    """Best and mean step time vs training time and vs samples, with baseline lines (atomic PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    t = np.array([h["elapsed_s"] for h in history])
+    n = np.array([h["samples"] for h in history])
+    best = np.array([h["best_step_time_s"] for h in history])
+    mean = np.array([h["mean_step_time_s"] for h in history])
+    finite = [v for v in baselines.values() if math.isfinite(v)]
+    for ax, x, label in ((axes[0], t, "training wall time (s)"), (axes[1], n, "sampled placements")):
+        if len(x):
+            ax.plot(x, mean, color="tab:blue", alpha=0.35, lw=0.8, label="mean of update")
+            ax.plot(x, best, color="tab:red", lw=1.8, label="best so far")
+        for i, (m, v) in enumerate(sorted(baselines.items(), key=lambda kv: kv[1])):
+            if math.isfinite(v):
+                ax.axhline(v, ls="--", lw=0.8, color=plt.cm.tab10((i + 2) % 10), label=f"{m} {v:.4g}s")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("step time (s)")
+    values = [v for v in np.concatenate([best, mean]) if math.isfinite(v)] + finite
+    if values:  # zoom on the interesting range: up to 3x the best value; farther baselines stay in the legend
+        lo, hi = min(values), max(values)
+        axes[0].set_ylim(lo * 0.95, min(hi, 3 * lo) * 1.05)
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class Progress:
+    """A rich progress line (best step time, samples/s) over the time budget; silent when disabled."""
+
+    def __init__(self, enabled: bool, budget_s: float, done_s: float) -> None:
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                    TimeRemainingColumn())
+            self.bar.start()
+            self.task = self.bar.add_task("training", total=budget_s, completed=done_s)
+
+    def update(self, elapsed_s: float, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=elapsed_s, description=text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
