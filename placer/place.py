@@ -113,7 +113,7 @@ def add_place_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="placement JSON to write")
     parser.add_argument("--samples", type=int, default=256,
                         help="1: the policy's most likely placement; K: best of it and K-1 samples, simulated "
-                             "(default %(default)s: under a second for 180 groups)")
+                             "(default %(default)s: about a second for 180 groups)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-dir", default="runs", help="where run names are looked up (default %(default)s)")
 

@@ -172,6 +172,14 @@ def test_random_training_graphs_cover_four_families_reproducibly():
     b = branch_blocks(4, seed=2)
     cats = [i for i, k in enumerate(b.op_kinds) if k == "cat"]
     assert len(cats) == 4 and all(len(b.predecessors()[i]) >= 2 for i in cats)
+    big = branch_blocks(30, seed=2, max_branches=5, max_chain=5)
+    pred = big.predecessors()
+    cats = [i for i, k in enumerate(big.op_kinds) if k == "cat"]
+    assert len(cats) == 30 and max(len(pred[i]) for i in cats) == 5  # some block has 5 branches, none more
+    assert max(int(n.split("_")[2]) for n in big.op_names if n.count("_") == 2) == 4  # chains of up to 5 convs
+    assert all(6 <= g.meta["synthetic"]["n_blocks"] <= 14 for g in graphs[2::4])  # near Inception-V3's size
+    with pytest.raises(ValueError, match="max_branches >= 2"):
+        branch_blocks(3, max_branches=1)
     with pytest.raises(ValueError, match="n_layers >= 1"):
         recurrent_grid(0, 3)
 
