@@ -144,7 +144,9 @@ class GNNPolicy(AutoregressivePolicy):
 
     def finish_keep(self, num_samples: int, *, sampling: bool, generator: torch.Generator | None = None) -> Tensor:
         """``(S, 1)``: 1 where a sample sees the ``finish_estimate`` column, 0 where it reads 0 — hidden for all
-        when :attr:`finish_feature` is off, and for each training sample with probability ``finish_dropout``."""
+        when :attr:`finish_feature` is off, and for each training sample with probability ``finish_dropout``.
+        Scoring given placements (``log_prob``: REINFORCE's self-imitation of its best placements) draws no
+        dropout, so those are imitated in the current view only (shown, while training)."""
         keep = torch.full((num_samples, 1), float(self.finish_feature))
         if self.training and sampling and self.finish_dropout > 0:
             keep = keep.masked_fill(torch.rand(num_samples, 1, generator=generator) < self.finish_dropout, 0.0)
