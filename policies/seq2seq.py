@@ -1,7 +1,8 @@
 """ColocRL's sequence-to-sequence placement policy (Mirhoseini et al., "Device Placement Optimization with
 Reinforcement Learning", ICML 2017, section 3).
 
-The groups, in topological order, form the input sequence. Each group is embedded from ColocRL's three inputs:
+The groups, in the order they are placed (a topological order, :func:`envs.problem.placement_order`), form the
+input sequence. Each group is embedded from ColocRL's three inputs:
 
 - **op type**: a learned embedding of the kind of the group's heaviest op;
 - **output sizes**: the group's static features (compute per device, bytes in and out, parameters, memory,
@@ -91,7 +92,7 @@ class Seq2SeqPolicy(AutoregressivePolicy):
 
     # ------------------------------------------------------------------ decoder
     def _decode(self, inp: PolicyInput, num_samples: int, *, actions: Tensor | None, greedy: bool,
-                generator: torch.Generator | None) -> PolicySample:
+                generator: torch.Generator | None, view: Tensor | None = None) -> PolicySample:
         states, keys, hc0 = self.encode(inp)
         s, g = num_samples, inp.num_groups
         h = hc0[0].expand(s, -1).contiguous()
