@@ -10,7 +10,8 @@ seconds (at most ``--num-groups`` groups) and prints::
     figure: rl_vs_best_algorithmic[G|F] = R F's step time / best of m-ETF, m-SCT, HEFT
     figure: time_to_2pct_s[G|F] = S         training seconds until F's best was within 2% of its final best
 
-then, leave-one-out (Placeto): train one GNN (REINFORCE) on the other two graphs plus ``--random-dags`` random
+then, leave-one-out (Placeto): train one GNN (REINFORCE with :class:`placer.train_multi.MultiTrainConfig`'s
+defaults: risk-seeking, self-imitation, both per view) on the other two graphs plus ``--random-dags`` random
 graphs (layered DAGs, unrolled recurrent grids, Inception-like branch blocks and attentional encoder-decoders in
 turn; see :func:`placer.train_multi.random_graphs`) for ``--zs-budget`` seconds, with the finish-estimate column
 hidden from ``--finish-dropout`` of its samples, place G zero-shot (in each view, with and without that column:

@@ -228,11 +228,18 @@ def seq2seq_grid(n_layers: int, src_steps: int, tgt_steps: int, seed: int = 0, *
 
 
 def branch_blocks(n_blocks: int, seed: int = 0, *, max_branches: int = 4, max_chain: int = 3,
-                  mean_fwd_s: float = 1e-3, mean_out_bytes: float = 4e6,
-                  gpu_speedup: tuple[float, float] = (6.0, 15.0)) -> OpGraph:
+                  mean_fwd_s: float = 40e-3, mean_out_bytes: float = 2e7, param_bytes_per_s: float = 20e6,
+                  gpu_speedup: tuple[float, float] = (15.0, 30.0)) -> OpGraph:
     """A stem, ``n_blocks`` blocks of 2 to ``max_branches`` parallel branches (chains of 1 to ``max_chain``
     convolutions) each joined by a concatenation, then a classifier and the ``loss`` (see the module docstring).
-    Convolutions get GPU speed-ups drawn from ``gpu_speedup``, concatenations 2-4x."""
+    Convolutions get GPU speed-ups drawn from ``gpu_speedup``, concatenations 2-4x.
+
+    The defaults give a convolution the proportions of Inception-V3's (``graphs/data/inception_v3-paper.json``,
+    median over its convolutions): ~40 ms forward on one CPU core and ~2 ms on a K80 (a 24x speed-up), an output
+    of ~5 MB per K80 millisecond, and ``param_bytes_per_s`` parameter bytes per CPU second of forward time
+    (Inception-V3: 19 MB/s), so the optimizer update is a small part of a step, as there. With 0.2-8 MB of
+    parameters per 1 ms convolution the update took 40% of a one-GPU step and spreading the parameters over
+    devices was what paid, a lesson that placed Inception-V3 badly."""
     if n_blocks < 1 or max_branches < 2 or max_chain < 1:
         raise ValueError(f"branch_blocks needs n_blocks >= 1, max_branches >= 2 and max_chain >= 1, got "
                          f"{n_blocks}, {max_branches}, {max_chain}")
@@ -246,7 +253,7 @@ def branch_blocks(n_blocks: int, seed: int = 0, *, max_branches: int = 4, max_ch
         fwd.append(weight * mean_fwd_s * rng.lognormal(-0.5, 1.0) if conv else 0.05 * mean_fwd_s)
         speedup.append(rng.uniform(*gpu_speedup) if conv else rng.uniform(2.0, 4.0))
         ops.append({"name": name, "kind": kind, "module": name, "out_bytes": int(max(1024, out_bytes)),
-                    "param_bytes": int(rng.uniform(0.2, 8.0) * 1e6) if conv else 0,
+                    "param_bytes": int(fwd[-1] * param_bytes_per_s * rng.lognormal(0.0, 1.0)) if conv else 0,
                     "stash_bytes": int(max(1024, out_bytes)), "flops": fwd[-1] * 1e10})
         edges.extend((src, name) for src in inputs)
         return name

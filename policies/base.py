@@ -90,6 +90,9 @@ class PolicySample:
     """``(S,)``."""
     entropy: Tensor
     """``(S,)``: sum over groups of the entropy of each (masked) decision."""
+    view: Tensor | None = None
+    """``(S,)`` int64: the view (index into :meth:`PlacementPolicy.views`) each placement was drawn or scored in,
+    for a policy that trains in several at once; ``None`` for one view."""
 
 
 class MemoryMask:
@@ -132,8 +135,9 @@ class PlacementPolicy(nn.Module):
                generator: torch.Generator | None = None) -> PolicySample:
         raise NotImplementedError
 
-    def log_prob(self, inp: PolicyInput, actions: Tensor) -> PolicySample:
-        """Log-probability and entropy of given placements ``actions`` ``(S, G)``."""
+    def log_prob(self, inp: PolicyInput, actions: Tensor, *, view: Tensor | None = None) -> PolicySample:
+        """Log-probability and entropy of given placements ``actions`` ``(S, G)``, each in its ``view`` (``(S,)``,
+        as :attr:`PolicySample.view`; ``None``: the current one)."""
         raise NotImplementedError
 
     def views(self) -> Iterator[str]:
@@ -147,18 +151,18 @@ class AutoregressivePolicy(PlacementPolicy):
     when ``actions`` is given), so the two can never disagree."""
 
     def _decode(self, inp: PolicyInput, num_samples: int, *, actions: Tensor | None, greedy: bool,
-                generator: torch.Generator | None) -> PolicySample:
+                generator: torch.Generator | None, view: Tensor | None = None) -> PolicySample:
         raise NotImplementedError
 
     def sample(self, inp: PolicyInput, num_samples: int, *, greedy: bool = False,
                generator: torch.Generator | None = None) -> PolicySample:
         return self._decode(inp, num_samples, actions=None, greedy=greedy, generator=generator)
 
-    def log_prob(self, inp: PolicyInput, actions: Tensor) -> PolicySample:
+    def log_prob(self, inp: PolicyInput, actions: Tensor, *, view: Tensor | None = None) -> PolicySample:
         actions = torch.as_tensor(actions, dtype=torch.int64)
         if actions.dim() != 2 or actions.shape[1] != inp.num_groups:
             raise ValueError(f"actions must be (S, {inp.num_groups}), got {tuple(actions.shape)}")
-        return self._decode(inp, actions.shape[0], actions=actions, greedy=False, generator=None)
+        return self._decode(inp, actions.shape[0], actions=actions, greedy=False, generator=None, view=view)
 
 
 def imitate(policy: PlacementPolicy, inp: PolicyInput, actions: Tensor, *, max_steps: int = 300, lr: float = 3e-3,

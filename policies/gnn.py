@@ -16,8 +16,9 @@ A per-group device head then scores each device ``d`` for the group ``t`` being 
   would save).
 
 ``finish_dropout`` hides the finish estimate (and says so in ``finish_shown``) from a share of the training
-samples, so that one policy learns to place both with and without it; :func:`placer.place.place_zero_shot` tries
-both views. The estimate ranks devices well where list scheduling does (Inception-V3) and misleads where it does
+samples, so that one policy learns to place both with and without it (REINFORCE trains the two views as two
+policies sharing weights, see :mod:`policies.reinforce`); :func:`placer.place.place_zero_shot` tries both views.
+The estimate ranks devices well where list scheduling does (Inception-V3) and misleads where it does
 not (NMT, whose output projection is called once per decoder step), and a graph the policy never saw does not say
 which kind it is.
 
@@ -142,11 +143,15 @@ class GNNPolicy(AutoregressivePolicy):
         finally:
             self.finish_feature = shown
 
-    def finish_keep(self, num_samples: int, *, sampling: bool, generator: torch.Generator | None = None) -> Tensor:
+    def finish_keep(self, num_samples: int, *, sampling: bool, generator: torch.Generator | None = None,
+                    view: Tensor | None = None) -> Tensor:
         """``(S, 1)``: 1 where a sample sees the ``finish_estimate`` column, 0 where it reads 0 — hidden for all
         when :attr:`finish_feature` is off, and for each training sample with probability ``finish_dropout``.
         Scoring given placements (``log_prob``: REINFORCE's self-imitation of its best placements) draws no
-        dropout, so those are imitated in the current view only (shown, while training)."""
+        dropout: each is scored in its ``view`` (0 shown, 1 hidden, as :meth:`views` lists them), or in the
+        current one."""
+        if view is not None:
+            return (torch.as_tensor(view).reshape(num_samples, 1) == 0).float()
         keep = torch.full((num_samples, 1), float(self.finish_feature))
         if self.training and sampling and self.finish_dropout > 0:
             keep = keep.masked_fill(torch.rand(num_samples, 1, generator=generator) < self.finish_dropout, 0.0)
@@ -167,7 +172,7 @@ class GNNPolicy(AutoregressivePolicy):
         return inp.cache["gnn_neighbours"]
 
     def _decode(self, inp: PolicyInput, num_samples: int, *, actions: Tensor | None, greedy: bool,
-                generator: torch.Generator | None) -> PolicySample:
+                generator: torch.Generator | None, view: Tensor | None = None) -> PolicySample:
         h, pool = self.embed(inp)
         s, g, d = num_samples, inp.num_groups, inp.num_devices
         dt = h.dtype
@@ -181,7 +186,7 @@ class GNNPolicy(AutoregressivePolicy):
         chosen = torch.zeros(s, g, dtype=torch.int64, device=h.device)
         neighbours = self._neighbours(inp)
         finish = FinishEstimate(inp.problem, s)
-        keep = self.finish_keep(s, sampling=actions is None and not greedy, generator=generator).to(h)
+        keep = self.finish_keep(s, sampling=actions is None and not greedy, generator=generator, view=view).to(h)
         chosen_np = np.zeros((s, g), dtype=np.int64)
         pool_s = pool.unsqueeze(0).expand(s, -1)
         logps, ents = [], []
@@ -207,7 +212,8 @@ class GNNPolicy(AutoregressivePolicy):
             finish.place(t, chosen_np[:, t])
             logps.append(lp)
             ents.append(ent)
-        return PolicySample(chosen, torch.stack(logps, dim=1).sum(dim=1), torch.stack(ents, dim=1).sum(dim=1))
+        return PolicySample(chosen, torch.stack(logps, dim=1).sum(dim=1), torch.stack(ents, dim=1).sum(dim=1),
+                            view=(keep[:, 0] == 0).long() if self.finish_dropout > 0 else None)
 
 
 

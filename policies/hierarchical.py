@@ -124,7 +124,7 @@ class HierarchicalPolicy(PlacementPolicy):
                generator: torch.Generator | None = None) -> PolicySample:
         return self._run(inp, num_samples, greedy=greedy, generator=generator)
 
-    def log_prob(self, inp: PolicyInput, actions: Tensor) -> PolicySample:
+    def log_prob(self, inp: PolicyInput, actions: Tensor, *, view: Tensor | None = None) -> PolicySample:
         """Log-probability of the most likely grouping path that yields ``actions`` (module docstring): each used
         device gets a distinct group (greedily, by the grouper's summed log-probabilities of its units), unused
         groups are placed greedily and not scored. A lower bound of the marginal, enough for self-imitation and

@@ -72,6 +72,32 @@ def test_finish_view_off_ignores_the_estimate_and_dropout_hides_it_from_some_tra
         make_policy("gnn", env.problem, finish_dropout=1.0)
 
 
+def test_reinforce_trains_each_finish_view_on_its_own_samples_and_best_placements():
+    env = PlacementEnv(layered_dag(3, 3, seed=0), "cpu+4gpu", num_groups=8)
+    torch.manual_seed(0)
+    policy = make_policy("gnn", env.problem, hidden=16, layers=2, finish_dropout=0.5)
+    inp = PolicyInput.from_problem(env.problem)
+    s = policy.train().sample(inp, 64, generator=torch.Generator().manual_seed(0))
+    assert s.view is not None and 16 < int(s.view.sum()) < 48  # about half drawn with the estimate hidden
+    # scoring in each sample's own view reproduces its sampling log-probability
+    assert torch.allclose(policy.log_prob(inp, s.actions, view=s.view).log_prob, s.log_prob, atol=1e-5)
+    hidden = torch.ones(64, dtype=torch.int64)
+    policy.finish_feature = False
+    assert torch.allclose(policy.log_prob(inp, s.actions, view=hidden).log_prob,
+                          policy.log_prob(inp, s.actions).log_prob)
+    policy.finish_feature = True
+    assert make_policy("gnn", env.problem).sample(inp, 4).view is None  # one view: nothing to tell apart
+
+    algo = make_algo("reinforce", policy, env, samples_per_update=16, seed=0, baseline="quantile",
+                     top_fraction=0.25, self_imitation_coef=0.5, self_imitation_size=3)
+    stats = [algo.update() for _ in range(4)]
+    views = [v for _, _, v in algo.elite]
+    assert views.count(0) == 3 and views.count(1) == 3  # each view keeps its own best placements
+    for r, key, _ in algo.elite:
+        assert env.evaluate(np.frombuffer(key, dtype=np.int16).astype(int))[0] == pytest.approx(r)
+    assert max(r for r, _, _ in algo.elite) == pytest.approx(max(st.rewards.max() for st in stats))
+
+
 @pytest.mark.parametrize("finish_shown", [True, False])
 def test_extractor_logits_equal_the_policy_logits_along_an_episode(finish_shown):
     # the PPO view (observations) and the REINFORCE view (tracked state) must compute the same function, with the

@@ -177,6 +177,10 @@ def test_random_training_graphs_cover_four_families_reproducibly():
     cats = [i for i, k in enumerate(big.op_kinds) if k == "cat"]
     assert len(cats) == 30 and max(len(pred[i]) for i in cats) == 5  # some block has 5 branches, none more
     assert max(int(n.split("_")[2]) for n in big.op_names if n.count("_") == 2) == 4  # chains of up to 5 convs
+    conv = np.array([k == "Conv2d" for k in big.op_kinds])
+    cpu, gpu = big.costs["cpu"].fwd_s[conv], big.costs["K80"].fwd_s[conv]
+    assert 10e6 < np.median(big.param_bytes[conv] / cpu) < 40e6  # Inception-V3's ~20 MB per CPU-second
+    assert ((cpu / gpu >= 15) & (cpu / gpu <= 30)).all()
     assert all(6 <= g.meta["synthetic"]["n_blocks"] <= 14 for g in graphs[2::4])  # near Inception-V3's size
     with pytest.raises(ValueError, match="max_branches >= 2"):
         branch_blocks(3, max_branches=1)
