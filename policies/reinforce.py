@@ -118,7 +118,7 @@ class UpdateStats:
     """Mean entropy per decision (nats)."""
     grad_norm: float
     baseline: float
-    """Baseline used for this update's advantages."""
+    """Baseline used for this update's advantages (the mean of the views' baselines when there are several)."""
 
 
 class Reinforce:
