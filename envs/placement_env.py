@@ -83,8 +83,9 @@ class PlacementEnv(gym.Env):
 
     The graph's ops are grouped by ColocRL's co-location heuristics into at most ``num_groups`` groups
     (:mod:`envs.problem`); step ``t`` puts group ``t`` on a device (groups in HEFT's upward-rank order,
-    :func:`envs.problem.placement_order`). After the last group the placement is evaluated by the reward backend (:mod:`envs.rewards`: ``sim``,
-    ``real`` or ``sim+real``; ``sim_graph`` picks the op graph (default) or the coarse graph for the simulator).
+    :func:`envs.problem.placement_order`). After the last group the placement is evaluated by the reward backend
+    (:mod:`envs.rewards`: ``sim``, ``real`` or ``sim+real``; ``sim_graph`` picks the op graph (default) or the
+    coarse graph for the simulator).
 
     ## Observation Space
     A ``Dict`` of fixed-size arrays, padded to ``max_groups`` (``Gm``), ``max_edges`` (``Em``) and

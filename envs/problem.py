@@ -139,9 +139,9 @@ def placement_order(group_of_op: np.ndarray, bottom_level_s: np.ndarray) -> np.n
 
     Descending bottom level orders ops topologically (a producer's path includes its consumer's), so a group of
     one op or one chain comes after its producers' groups, and of a block's parallel branches the longest is
-    placed first, as a list scheduler would schedule them: greedy placement by the
-    finish estimate (:class:`FinishEstimate`) of Inception-V3's 180 groups on ``cpu+4gpu`` simulates at 0.488 s in
-    this order against 0.533 s in first-op order, where each branch of a block is placed whole before the next.
+    placed first, as a list scheduler would schedule them: greedy placement by the finish estimate
+    (:class:`FinishEstimate`) of Inception-V3's 180 groups on ``cpu+4gpu`` simulates at 0.488 s in this order
+    against 0.533 s in first-op order, where each branch of a block is placed whole before the next.
     """
     groups, first = np.unique(group_of_op, return_index=True)
     top = np.full(groups.size, -np.inf)

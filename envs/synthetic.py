@@ -237,9 +237,10 @@ def branch_blocks(n_blocks: int, seed: int = 0, *, max_branches: int = 4, max_ch
     The defaults give a convolution the proportions of Inception-V3's (``graphs/data/inception_v3-paper.json``,
     median over its convolutions): ~40 ms forward on one CPU core and ~2 ms on a K80 (a 24x speed-up), an output
     of ~5 MB per K80 millisecond, and ``param_bytes_per_s`` parameter bytes per CPU second of forward time
-    (Inception-V3: 19 MB/s), so the optimizer update is a small part of a step, as there. With 0.2-8 MB of
-    parameters per 1 ms convolution the update took 40% of a one-GPU step and spreading the parameters over
-    devices was what paid, a lesson that placed Inception-V3 badly."""
+    (Inception-V3: 19 MB/s), so the optimizer update is a small part of a step, as there (1-2% of a one-GPU step
+    of the benchmark's two training graphs of this family). With 0.2-8 MB of parameters per 1 ms convolution (0.1
+    ms on a K80) it was 41-46%, and spreading the parameters over devices was what paid, a lesson that placed
+    Inception-V3 badly."""
     if n_blocks < 1 or max_branches < 2 or max_chain < 1:
         raise ValueError(f"branch_blocks needs n_blocks >= 1, max_branches >= 2 and max_chain >= 1, got "
                          f"{n_blocks}, {max_branches}, {max_chain}")

@@ -149,7 +149,7 @@ def random_graphs(count: int, seed: int) -> list[OpGraph]:
     ops in 180 groups): with 3-10 blocks of 2-4 branches of 1-3 convolutions (median 61 ops) Inception-V3's
     zero-shot ratio was 1.318, with these 1.138 (``benchmarks/bench_rl_part2.py``'s zero-shot step, 420 s, finish
     dropout 0.5, best of 16 samples per view, groups placed by first op). Their costs have Inception-V3's
-    proportions (:func:`envs.synthetic.branch_blocks`); with 300x its parameter bytes per CPU-second (5.8 GB/s), the
+    proportions (:func:`envs.synthetic.branch_blocks`); with 200-300x its parameter bytes per CPU-second, the
     zero-shot GNN learnt to spread parameters and placed Inception-V3 at 1.29 (1.15 with these costs, both with
     ``ema`` baselines, groups in HEFT's order).
 
@@ -278,7 +278,9 @@ def train_multi(config: MultiTrainConfig) -> MultiTrainResult:
 def add_multi_arguments(parser: argparse.ArgumentParser) -> None:
     """``--graphs`` and ``--random-dags`` for ``placer train`` (the other options come from
     :func:`placer.train.add_train_arguments`)."""
-    parser.add_argument("--graphs", help="train one policy on these comma-separated graphs (Placeto-style)")
+    parser.add_argument("--graphs", help="train one policy on these comma-separated graphs (Placeto-style; "
+                        "learning options left at their defaults take the multi-graph ones: 32 samples per "
+                        "update, lr 3e-3, entropy 0.01, quantile baseline top 25%%, self-imitation 0.5)")
     parser.add_argument("--random-dags", type=int, default=0,
                         help="add this many random graphs (layered, recurrent, Inception-like, encoder-decoder)")
     parser.add_argument("--finish-dropout", type=float, default=0.0,
@@ -286,8 +288,17 @@ def add_multi_arguments(parser: argparse.ArgumentParser) -> None:
                              "samples (`placer place` then tries both views; the benchmark uses 0.5)")
 
 
+LEARNING_OPTIONS = ("samples_per_update", "lr", "entropy_coef", "baseline", "top_fraction", "self_imitation_coef")
+"""``placer train`` options whose multi-graph defaults differ from one graph's: left at (or set to) the
+single-graph default, they take :class:`MultiTrainConfig`'s, the setting the zero-shot figures were measured with."""
+
+
 def multi_config_from_args(args: argparse.Namespace) -> MultiTrainConfig:
     """A :class:`MultiTrainConfig` from ``placer train``'s options (with :func:`add_multi_arguments`)."""
+    from placer.train import TrainConfig
+
+    single = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    learning = {k: getattr(args, k) for k in LEARNING_OPTIONS if getattr(args, k) != single[k]}
     graphs = tuple(g.strip() for g in (args.graphs or "").split(",") if g.strip())
     options = {}
     if args.finish_dropout:
@@ -297,7 +308,5 @@ def multi_config_from_args(args: argparse.Namespace) -> MultiTrainConfig:
     return MultiTrainConfig(
         graphs=graphs, random_dags=args.random_dags, graph_config=args.graph_config, cluster=args.cluster,
         policy=args.policy, algo=args.algo, budget_s=args.budget, max_rounds=args.max_updates, seed=args.seed,
-        num_groups=args.num_groups, reference=args.reference, samples_per_update=args.samples_per_update,
-        lr=args.lr, entropy_coef=args.entropy_coef, baseline=args.baseline, top_fraction=args.top_fraction,
-        self_imitation_coef=args.self_imitation_coef, hidden=args.hidden, runs_dir=args.runs_dir,
-        run_name=args.run_name, resume=args.resume, policy_options=options)
+        num_groups=args.num_groups, reference=args.reference, hidden=args.hidden, runs_dir=args.runs_dir,
+        run_name=args.run_name, resume=args.resume, policy_options=options, **learning)

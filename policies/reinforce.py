@@ -29,7 +29,7 @@ A policy that samples in several *views* at once (:attr:`policies.base.PolicySam
 shared weights: the batch and quantile baselines, the normalisation and the self-imitation buffer (the
 ``self_imitation_size`` best placements of each view, replayed in that view) are per view. With one baseline for
 all, the samples of the view that is worse on a graph were rarely above it and that view learnt nothing there; a
-zero-shot GNN trained so placed NMT 29% behind one trained on it, in its hidden view, against 3-10% with a
+zero-shot GNN trained so placed NMT 29% behind one trained on it, in its hidden view, against 4-10% with a
 per-view baseline (``benchmarks/bench_rl_part2.py``'s zero-shot step).
 
 With ``normalize_advantage`` (default) the advantages are divided by the batch's reward standard deviation:

@@ -106,6 +106,12 @@ def test_graphs_option_parses_into_a_multi_config():
     assert cfg.policy_options == {}
     cfg = multi_config_from_args(parser.parse_args(["--graphs", "rnnlm", "--policy", "gnn", "--finish-dropout", "0.5"]))
     assert cfg.policy_options == {"finish_dropout": 0.5}
+    # learning options left unset take the multi-graph defaults (the benchmark's), not one graph's; set, they win
+    multi = MultiTrainConfig(graphs=("rnnlm",))
+    assert (cfg.samples_per_update, cfg.top_fraction, cfg.lr) == (multi.samples_per_update, multi.top_fraction,
+                                                                  multi.lr) == (32, 0.25, 3e-3)
+    cfg = multi_config_from_args(parser.parse_args(["--graphs", "rnnlm", "--top-fraction", "0.5", "--lr", "1e-2"]))
+    assert (cfg.top_fraction, cfg.lr, cfg.samples_per_update) == (0.5, 1e-2, 32)
     with pytest.raises(ValueError, match="--finish-dropout needs --policy gnn --algo reinforce"):
         multi_config_from_args(parser.parse_args(["--graphs", "rnnlm", "--policy", "gnn", "--algo", "ppo",
                                                   "--finish-dropout", "0.5"]))
