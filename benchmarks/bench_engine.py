@@ -41,9 +41,9 @@ import torch  # noqa: E402
 
 from graphs.build import build_graph  # noqa: E402
 from graphs.models import build_model  # noqa: E402
-from placer.cluster import Cluster, Device, GiB, get_cluster  # noqa: E402
+from placer.core.cluster import Cluster, Device, GiB, get_cluster  # noqa: E402
 from placer.engine import EngineConfig, Measurer  # noqa: E402
-from placer.placement import Placement  # noqa: E402
+from placer.core.placement import Placement  # noqa: E402
 
 
 def eager_step_s(name: str, config: str, overrides: dict, *, steps: int, warmup: int, device: str = "cpu") -> float:

@@ -1,4 +1,4 @@
-"""Simulator fidelity: the same placements measured by the real engine and predicted by ``placer.sim``.
+"""Simulator fidelity: the same placements measured by the real engine and predicted by ``placer.costmodel.sim``.
 
 For the shipped, profiled ``rnnlm-small`` and ``nmt-small`` graphs (``graphs/data``) on this machine's two pinned
 CPU workers, about 25 placements each — every registered baseline (``single``, ``expert``, ``scotch``, ``metis``,
@@ -15,7 +15,7 @@ plus the per-graph Spearman and a least-squares fit ``engine ~ a x sim + b x tra
 part of the machine model is off (a != 1: compute speed or per-op overhead; b != 0: per-transfer cost).
 
 ``--op-costs engine`` replaces each graph's shipped per-op profile by the per-op times of the engine's own
-single-device run (:func:`placer.calibrate.engine_op_costs`): the ranking improves (Spearman 0.957 against 0.936
+single-device run (:func:`placer.engine.calibrate.engine_op_costs`): the ranking improves (Spearman 0.957 against 0.936
 in back-to-back runs) but the absolute error grows (0.176 against 0.113), because the message and step costs
 that ``calibrate_cluster`` fits on the toy chain then no longer get help from the profile's over-count.
 
@@ -43,10 +43,10 @@ from scipy.stats import spearmanr  # noqa: E402
 
 from graphs.data import load_benchmark_graph  # noqa: E402
 from placer.baselines import BASELINES  # noqa: E402
-from placer.calibrate import calibrate_cluster, engine_op_costs  # noqa: E402
+from placer.engine.calibrate import calibrate_cluster, engine_op_costs  # noqa: E402
 from placer.engine import EngineConfig, Measurer  # noqa: E402
-from placer.placement import Placement  # noqa: E402
-from placer.sim import simulate  # noqa: E402
+from placer.core.placement import Placement  # noqa: E402
+from placer.costmodel.sim import simulate  # noqa: E402
 
 log = logging.getLogger("bench_fidelity")
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--op-costs", choices=("profile", "engine"), default="profile",
                     help="op costs the simulator uses: the shipped per-op profile, or per-op times read off the "
-                         "engine's single-device run of each graph (placer.calibrate.engine_op_costs)")
+                         "engine's single-device run of each graph (placer.engine.calibrate.engine_op_costs)")
     ap.add_argument("--out", default="", help="also write the per-placement rows and the cluster as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -1,7 +1,7 @@
 """The RL placer against the baselines (issue 6 targets): seq2seq + REINFORCE, simulated reward, ``cpu+4gpu``.
 
 For each graph G in rnnlm, nmt, inception_v3 (the ``paper`` config from ``graphs/data/`` when present, else
-``small``; each line says which), train for ``--budget`` seconds with :func:`placer.train.train` and print::
+``small``; each line says which), train for ``--budget`` seconds with :func:`placer.app.train.train` and print::
 
     figure: rl_vs_best_classic[G] = R        RL step time / best of Scotch, MinCut, Expert   (target <= 1.00 rnnlm,
                                                                                             <= 0.80 nmt, inception)
@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from graphs.data import available, load_benchmark_graph  # noqa: E402
-from placer.cluster import Cluster, get_cluster  # noqa: E402
-from placer.train import ALGORITHMIC, CLASSIC, TrainConfig, train  # noqa: E402
+from placer.core.cluster import Cluster, get_cluster  # noqa: E402
+from placer.app.train import ALGORITHMIC, CLASSIC, TrainConfig, train  # noqa: E402
 
 MODELS = ("rnnlm", "nmt", "inception_v3")
 REAL_CLASSIC = ("single", "scotch", "mincut", "expert")

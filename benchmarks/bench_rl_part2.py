@@ -2,7 +2,7 @@
 
 Extends ``benchmarks/bench_rl.py`` (same graphs, cluster ``cpu+4gpu``, simulated reward, same helpers). For each
 graph G in rnnlm, nmt, inception_v3 it first prints, as a comment, the lower bound no placement can beat
-(:mod:`placer.bounds`: critical path, work, colocation); then, for each policy family F in ``seq2seq+reinforce``
+(:mod:`placer.costmodel.bounds`: critical path, work, colocation); then, for each policy family F in ``seq2seq+reinforce``
 (the part-1 reference), ``gnn+reinforce``, ``gnn+ppo``, ``hierarchical+reinforce``, it trains for ``--budget``
 seconds (at most ``--num-groups`` groups) and prints::
 
@@ -10,10 +10,10 @@ seconds (at most ``--num-groups`` groups) and prints::
     figure: rl_vs_best_algorithmic[G|F] = R F's step time / best of m-ETF, m-SCT, HEFT
     figure: time_to_2pct_s[G|F] = S         training seconds until F's best was within 2% of its final best
 
-then, leave-one-out (Placeto): train one GNN (REINFORCE with :class:`placer.train_multi.MultiTrainConfig`'s
+then, leave-one-out (Placeto): train one GNN (REINFORCE with :class:`placer.app.train_multi.MultiTrainConfig`'s
 defaults: risk-seeking, self-imitation, both per view) on the other two graphs plus ``--random-dags`` random
 graphs (layered DAGs, unrolled recurrent grids, Inception-like branch blocks and attentional encoder-decoders in
-turn; see :func:`placer.train_multi.random_graphs`) for ``--zs-budget`` seconds, with the finish-estimate column
+turn; see :func:`placer.app.train_multi.random_graphs`) for ``--zs-budget`` seconds, with the finish-estimate column
 hidden from ``--finish-dropout`` of its samples, place G zero-shot (in each view, with and without that column:
 the policy's greedy placement and ``--zs-samples - 1`` samples; best by simulation) and print::
 
@@ -38,11 +38,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_rl import MODELS, load, ratio  # noqa: E402
-from placer.bounds import colocation_bound_s, critical_path_s, work_bound_s  # noqa: E402
-from placer.cluster import get_cluster  # noqa: E402
-from placer.place import place_zero_shot  # noqa: E402
-from placer.train import ALGORITHMIC, CLASSIC, TrainConfig, train  # noqa: E402
-from placer.train_multi import MultiTrainConfig, train_multi  # noqa: E402
+from placer.costmodel.bounds import colocation_bound_s, critical_path_s, work_bound_s  # noqa: E402
+from placer.core.cluster import get_cluster  # noqa: E402
+from placer.app.place import place_zero_shot  # noqa: E402
+from placer.app.train import ALGORITHMIC, CLASSIC, TrainConfig, train  # noqa: E402
+from placer.app.train_multi import MultiTrainConfig, train_multi  # noqa: E402
 
 FAMILIES = {
     "seq2seq+reinforce": dict(policy="seq2seq", algo="reinforce"),
@@ -57,7 +57,7 @@ FAMILIES = {
 
 
 def print_bounds(model: str, args: argparse.Namespace) -> None:
-    """One comment line: what no placement of ``model`` can beat (:mod:`placer.bounds`)."""
+    """One comment line: what no placement of ``model`` can beat (:mod:`placer.costmodel.bounds`)."""
     graph, config = load(model, args.data_dir)
     cluster = get_cluster("cpu+4gpu")
     parts = {"critical path": critical_path_s(graph, cluster), "work": work_bound_s(graph, cluster),

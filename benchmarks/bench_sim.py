@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from graphs.ir import OpCosts, OpGraph, Provenance  # noqa: E402
-from placer.cluster import get_cluster  # noqa: E402
-from placer.placement import Placement  # noqa: E402
-from placer.sim import Simulator  # noqa: E402
+from placer.core.cluster import get_cluster  # noqa: E402
+from placer.core.placement import Placement  # noqa: E402
+from placer.costmodel.sim import Simulator  # noqa: E402
 
 MODELS = ("rnnlm", "nmt", "inception_v3")
 

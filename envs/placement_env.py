@@ -17,9 +17,9 @@ from envs.problem import (DEVICE_STATIC_FEATURES, EDGE_FEATURES, NODE_STATIC_FEA
                           PlacementProblem, build_problem)
 from envs.rewards import RewardBackend, make_backend
 from graphs.ir import OpGraph
-from placer.cluster import Cluster, get_cluster
-from placer.placement import Placement
-from placer.result import StepResult
+from placer.core.cluster import Cluster, get_cluster
+from placer.core.placement import Placement
+from placer.core.result import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class PlacementEnv(gym.Env):
 
     Rewards are cached by placement (``cache_size`` entries, LRU). ``info`` at the last step has ``step_time_s``,
     ``ok``, ``oom``, ``failure``, ``reward_source``, ``placement`` (device per group) and ``result`` (the
-    :class:`~placer.result.StepResult`).
+    :class:`~placer.core.result.StepResult`).
     """
 
     metadata = {"render_modes": []}
@@ -223,7 +223,7 @@ class PlacementEnv(gym.Env):
             self.reference_placement = self.problem.project(Placement.single(self.graph, 0))
             return
         from placer import baselines
-        from placer.sim import Simulator
+        from placer.costmodel.sim import Simulator
 
         sim = Simulator(self.graph, self.cluster)
         tried = []

@@ -27,10 +27,10 @@ import numpy as np
 from envs._finish_kernel import group_finishes, record
 from graphs.grouping import contract, group_ops, op_weights
 from graphs.ir import OpGraph
-from placer._sim_kernel import csr
+from placer.costmodel._sim_kernel import csr
 from placer.baselines.baechi import bottom_level_s
-from placer.cluster import Cluster
-from placer.placement import Placement
+from placer.core.cluster import Cluster
+from placer.core.placement import Placement
 
 log = logging.getLogger(__name__)
 

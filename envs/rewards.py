@@ -1,10 +1,10 @@
 """Reward backends: what a per-group placement costs, by name.
 
-Every backend turns a per-group placement into a :class:`~placer.result.StepResult`; the environment turns that
+Every backend turns a per-group placement into a :class:`~placer.core.result.StepResult`; the environment turns that
 into a reward (and caches it by placement). Backends never raise for a bad placement: OOM, a crashed or hung
 worker, or an engine error all come back as a failed ``StepResult`` with its reason.
 
-- ``sim``: the discrete-event simulator (:class:`placer.sim.Simulator`) — thousands of placements per second.
+- ``sim``: the discrete-event simulator (:class:`placer.costmodel.sim.Simulator`) — thousands of placements per second.
   ``sim_graph="full"`` (default) simulates the op graph; ``"coarse"`` the problem's coarse graph. The coarse graph
   was meant for speed, but on our benchmark graphs it is only 4-15% faster (2,300 vs 2,200 placements/s on
   NMT-paper, 876 ops vs 425 nodes) while its step times can differ from the op graph's by up to ~4% (a coarse
@@ -28,8 +28,8 @@ from typing import Any, Callable
 import numpy as np
 
 from envs.problem import PlacementProblem
-from placer.placement import Placement
-from placer.result import StepResult
+from placer.core.placement import Placement
+from placer.core.result import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class SimBackend(RewardBackend):
 
     def __init__(self, problem: PlacementProblem, **options: Any) -> None:
         super().__init__(problem, **options)
-        from placer.sim import Simulator
+        from placer.costmodel.sim import Simulator
 
         graph = problem.graph if self.sim_graph == "full" else problem.coarse
         self.sim = Simulator(graph, problem.cluster)

@@ -2,10 +2,10 @@
 
 Two modes (see ``examples/README.md``):
 
-* ``--mode apply``: one process; :func:`placer.loaders.apply` puts each module on its device and moves
+* ``--mode apply``: one process; :func:`placer.io.loaders.apply` puts each module on its device and moves
   activations between them (single-process model parallelism, as ColocRL ran its placements).
 * ``--mode pipeline``: one process per pipeline stage, launched by ``torchrun``;
-  :func:`placer.loaders.pipeline_stages` builds this rank's ``torch.distributed.pipelining`` stage from the
+  :func:`placer.io.loaders.pipeline_stages` builds this rank's ``torch.distributed.pipelining`` stage from the
   placement's ``stages`` and the placement's schedule (GPipe or 1F1B) runs it. gloo on CPU, nccl on CUDA.
 
 The model is rebuilt from the graph the placement was made for: the shipped graph of that name
@@ -33,8 +33,8 @@ from graphs.build import load_factory  # noqa: E402
 from graphs.data import load_benchmark_graph  # noqa: E402
 from graphs.ir import OpGraph  # noqa: E402
 from graphs.trace import trace_model  # noqa: E402
-from placer.export import load_placement  # noqa: E402
-from placer.loaders import apply, pipeline_schedule, pipeline_stages, placed_devices  # noqa: E402
+from placer.io.document import load_placement  # noqa: E402
+from placer.io.loaders import apply, pipeline_schedule, pipeline_stages, placed_devices  # noqa: E402
 
 
 def build_from_source(src: dict[str, Any]) -> tuple[nn.Module, tuple, Callable | None]:

@@ -14,6 +14,7 @@ and ``random`` with ``seed``, so their default initialisation is reproducible to
 from __future__ import annotations
 
 import importlib
+from functools import partial
 import logging
 import os
 import random
@@ -152,3 +153,10 @@ def rebuild_traced(meta: Mapping[str, Any]) -> TracedModel:
     method = meta.get("trace")
     return _trace_from(meta["source"], method if method in ("fx", "export") else "auto")
 
+
+def model_factory(graph: OpGraph) -> Callable[[], Any]:
+    """A picklable zero-argument callable rebuilding the graph's traced model (:func:`rebuild_traced` of its ``meta['source']``)."""
+    meta = dict(graph.meta)
+    if not isinstance(meta.get("source"), dict):
+        raise ValueError(f"graph {graph.name!r} has no meta['source']; build it with graphs.build.build_graph")
+    return partial(rebuild_traced, meta)

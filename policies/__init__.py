@@ -1,14 +1,44 @@
 """Placement policies and their training algorithms, registered by name.
 
-Policies (:data:`policies.base.POLICIES`): ``seq2seq`` (ColocRL), ``gnn`` (Placeto/GDP-style GraphSAGE),
+Policies (:data:`policies.registry.POLICIES`): ``seq2seq`` (ColocRL), ``gnn`` (Placeto/GDP-style GraphSAGE),
 ``hierarchical`` (grouper + placer, Mirhoseini et al. 2018).
-Algorithms (:data:`policies.base.ALGOS`): ``reinforce`` (ColocRL's REINFORCE), ``ppo`` (sb3-contrib's MaskablePPO
+Algorithms (:data:`policies.registry.ALGOS`): ``reinforce`` (ColocRL's REINFORCE), ``ppo`` (sb3-contrib's MaskablePPO
 over the GNN).
 """
 
-from policies.base import (ALGOS, POLICIES, MemoryMask, PlacementPolicy, PolicyInput, PolicySample, imitate,
-                           make_algo, make_policy, register_algo, register_policy)
-from policies import gnn, hierarchical, ppo, reinforce, seq2seq  # noqa: E402,F401 -- register themselves
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from policies import gnn, hierarchical, ppo, reinforce, seq2seq  # noqa: F401 -- register themselves
+from policies.base import MemoryMask, PlacementPolicy, PolicyInput, PolicySample, imitate
+from policies.registry import ALGOS, POLICIES, Algorithm, register_algo, register_policy
+
+if TYPE_CHECKING:
+    from envs.placement_env import PlacementEnv
+    from envs.problem import PlacementProblem
 
 __all__ = ["ALGOS", "POLICIES", "MemoryMask", "PlacementPolicy", "PolicyInput", "PolicySample", "imitate",
            "make_algo", "make_policy", "register_algo", "register_policy"]
+
+
+def make_policy(name: str, problem: PlacementProblem, **hparams: Any) -> PlacementPolicy:
+    """Policy ``name`` sized for ``problem`` (one-line ``ValueError`` for an unknown name)."""
+    try:
+        factory = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(sorted(POLICIES))}") from None
+    return factory(problem, **hparams)
+
+
+def make_algo(name: str, policy: PlacementPolicy, env: "PlacementEnv", **hparams: Any) -> Algorithm:
+    """Algorithm ``name`` for ``policy`` on ``env``; ``hparams`` that its config does not have are ignored (the
+    trainer passes one common set), unknown names are a one-line ``ValueError``."""
+    try:
+        spec = ALGOS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(sorted(ALGOS))}") from None
+    names = {f.name for f in dataclasses.fields(spec.config_class)}
+    config = spec.config_class(**{k: v for k, v in hparams.items() if k in names})
+    return spec.factory(policy, env, config)

@@ -17,7 +17,7 @@ A per-group device head then scores each device ``d`` for the group ``t`` being 
 
 ``finish_dropout`` hides the finish estimate (and says so in ``finish_shown``) from a share of the training
 samples, so that one policy learns to place both with and without it (REINFORCE trains the two views as two
-policies sharing weights, see :mod:`policies.reinforce`); :func:`placer.place.place_zero_shot` tries both views.
+policies sharing weights, see :mod:`policies.reinforce`); :func:`placer.app.place.place_zero_shot` tries both views.
 The estimate ranks devices well where list scheduling does (Inception-V3) and misleads where it does
 not (NMT, whose output projection is called once per decoder step), and a graph the policy never saw does not say
 which kind it is.
@@ -47,8 +47,8 @@ from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
 
 from envs.problem import DEVICE_STATIC_FEATURES, NODE_STATIC_FEATURES, FinishEstimate, PlacementProblem
-from policies.base import (AutoregressivePolicy, MemoryMask, PolicyInput, PolicySample, masked_categorical,
-                           register_policy)
+from policies.base import (AutoregressivePolicy, MemoryMask, PolicyInput, PolicySample, masked_categorical)
+from policies.registry import register_policy
 
 NS = len(NODE_STATIC_FEATURES)
 NODE_IN = NS + 2
@@ -119,7 +119,7 @@ class GNNPolicy(AutoregressivePolicy):
         self.hidden, self.temperature, self.finish_dropout = hidden, temperature, finish_dropout
         self.finish_feature = True
         """Whether the head sees the ``finish_estimate`` column; False reads it as 0 (a policy trained with
-        ``finish_dropout > 0`` has seen both views; :func:`placer.place.place_zero_shot` tries both)."""
+        ``finish_dropout > 0`` has seen both views; :func:`placer.app.place.place_zero_shot` tries both)."""
         self.encoder = GraphEncoder(hidden=hidden, layers=layers)
         self.head = DeviceHead(hidden=hidden, logit_clip=logit_clip)
 

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from envs.problem import KIND_BUCKETS, PlacementProblem
-from policies.base import PlacementPolicy, PolicyInput, PolicySample, masked_categorical, register_policy
+from policies.base import PlacementPolicy, PolicyInput, PolicySample, masked_categorical
+from policies.registry import register_policy
 
 
 class HierarchicalPolicy(PlacementPolicy):

@@ -2,14 +2,14 @@
 Optimization Algorithms", 2017; invalid-action masking as in Huang & Ontañón, 2020) over the GNN policy.
 
 Nothing of PPO is re-implemented here. This module is the glue that makes ``MaskablePPO`` an algorithm of our
-registry (:data:`policies.base.ALGOS`, name ``ppo``), so ``placer train --policy gnn --algo ppo`` gets the same
+registry (:data:`policies.registry.ALGOS`, name ``ppo``), so ``placer train --policy gnn --algo ppo`` gets the same
 run folder, TensorBoard tags, checkpoints, resume and ``placement.json`` as REINFORCE:
 
 - the actor is :class:`policies.gnn.GNNPolicy` itself: :class:`GNNMaskablePolicy` uses the
   :class:`~policies.gnn.GNNExtractor` (sharing the trainer's GNN modules) and takes the extractor's last ``Dm``
   features — the shared device head's logits — as the action logits; the critic is a small MLP on the extractor's
   features. So the trainer's ``policy.state_dict()`` is the trained actor, and a PPO run's policy places unseen
-  graphs (:mod:`placer.place`) exactly like a REINFORCE run's;
+  graphs (:mod:`placer.app.place`) exactly like a REINFORCE run's;
 - one :meth:`MaskablePPOAlgo.update` is one PPO iteration: a rollout of ``samples_per_update`` complete
   episodes (``n_steps = samples_per_update x G``, so rollouts start and end at episode boundaries) and
   ``n_epochs`` of clipped updates; it returns the episodes' placements, rewards and step times in the same
@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from placer.result import StepResult
-from policies.base import PlacementPolicy, register_algo
+from placer.core.result import StepResult
+from policies.base import PlacementPolicy
+from policies.registry import register_algo
 from policies.gnn import GNNExtractor, GNNPolicy
 from policies.reinforce import UpdateStats
 

@@ -49,8 +49,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from placer.result import StepResult
-from policies.base import PlacementPolicy, PolicyInput, register_algo
+from placer.core.result import StepResult
+from policies.base import PlacementPolicy, PolicyInput
+from policies.registry import register_algo
 
 if TYPE_CHECKING:
     from envs.placement_env import PlacementEnv

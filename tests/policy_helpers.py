@@ -4,7 +4,7 @@ so) and a stand-in for the engine's Measurer."""
 import pytest
 import torch
 
-from placer.cluster import Cluster, Device
+from placer.core.cluster import Cluster, Device
 
 
 def pair(bandwidth_Bps: float = 1e9, memory: tuple[int, int] = (1 << 34, 1 << 34)) -> Cluster:
@@ -29,7 +29,7 @@ class SimMeasurer:
     calls = 0
 
     def __init__(self, graph, cluster, *, timeout_s):
-        from placer.sim import Simulator
+        from placer.costmodel.sim import Simulator
 
         self.sim = Simulator(graph, cluster)
 

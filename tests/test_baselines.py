@@ -12,7 +12,7 @@ from placer.baselines import BASELINES, names, place, place_single, single_metho
 from placer.baselines._common import groups_of, memory_report, op_memory_bytes, op_time_s
 from placer.baselines.expert import benchmark_of, expert_layer
 from placer.baselines.scotch import _check, load_scotch, scotch_version
-from placer.cluster import PRESETS, Cluster, Device, get_cluster
+from placer.core.cluster import PRESETS, Cluster, Device, get_cluster
 
 DATA = Path(__file__).resolve().parents[1] / "graphs" / "data"
 GiB = 1 << 30

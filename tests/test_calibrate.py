@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from placer.calibrate import calibrate_cluster, chain_message_costs, fit_link
-from placer.sim import Simulator
+from placer.engine.calibrate import calibrate_cluster, chain_message_costs, fit_link
+from placer.costmodel.sim import Simulator
 
 
 def test_fit_recovers_latency_and_bandwidth():
@@ -85,8 +85,8 @@ def test_engine_op_costs_read_the_single_device_timeline():
     import numpy as np
 
     from envs.synthetic import layered_dag
-    from placer.calibrate import engine_op_costs
-    from placer.result import StepResult, TimelineEvent
+    from placer.engine.calibrate import engine_op_costs
+    from placer.core.result import StepResult, TimelineEvent
 
     g = layered_dag(2, 3, seed=1)
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from graphs.ir import OpCosts, OpGraph, Provenance
-from placer.cluster import get_cluster
-from placer.compare import CompareTable, compare, default_methods, simple_lower_bound_s
-from placer.placement import Placement
-from placer.result import StepResult
+from placer.core.cluster import get_cluster
+from placer.app.compare import CompareTable, compare, default_methods, simple_lower_bound_s
+from placer.core.placement import Placement
+from placer.core.result import StepResult
 
 GiB = 1 << 30
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_writes_every_file(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "placer.cli", "demo", "--budget", "4", "--steps", "2",
+    r = subprocess.run([sys.executable, "-m", "placer.app.cli", "demo", "--budget", "4", "--steps", "2",
                         "--microbatches", "2", "--runs-dir", str(tmp_path)],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -27,8 +27,8 @@ def test_demo_writes_every_file(tmp_path):
         assert key in files and files[key].exists(), key
 
     from graphs.data import load_benchmark_graph
-    from placer.cluster import get_cluster
-    from placer.export import load_placement
+    from placer.core.cluster import get_cluster
+    from placer.io.document import load_placement
 
     loaded = load_placement(files["placement"], load_benchmark_graph("nmt"), get_cluster("cpu-2"))
     doc = loaded.doc

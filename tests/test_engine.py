@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from graphs.build import build_graph, rebuild_traced
-from placer.cluster import get_cluster
+from placer.core.cluster import get_cluster
 from placer.engine import EngineConfig, Measurer, reference_step
-from placer.placement import Placement
+from placer.core.placement import Placement
 
 pytestmark = pytest.mark.slow
 

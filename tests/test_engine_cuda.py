@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from placer.cluster import Cluster, Device, GiB
+from placer.core.cluster import Cluster, Device, GiB
 from placer.engine import EngineConfig, Measurer
-from placer.placement import Placement
+from placer.core.placement import Placement
 from tests.test_engine import assert_matches, get_model, on, random_placement
 
 pytestmark = [pytest.mark.slow,

@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from graphs.build import build_graph
-from placer.cluster import get_cluster
+from placer.core.cluster import get_cluster
 from placer.engine import EngineConfig, Measurer
-from placer.placement import Placement
+from placer.core.placement import Placement
 
 pytestmark = pytest.mark.slow
 
@@ -84,9 +84,9 @@ def test_workers_die_with_their_parent(tmp_path):
         import os, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
         from graphs.build import build_graph
-        from placer.cluster import get_cluster
+        from placer.core.cluster import get_cluster
         from placer.engine import Measurer
-        from placer.placement import Placement
+        from placer.core.placement import Placement
         if __name__ == "__main__":
             g = build_graph("placer.engine.toy:chain", profile=None)
             m = Measurer(g, get_cluster("cpu-2"))

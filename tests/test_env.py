@@ -16,7 +16,7 @@ from envs.problem import FinishEstimate, build_problem
 from envs.rewards import SimRealBackend, engine_available, make_backend
 from envs.synthetic import layered_dag, two_chains
 from graphs.ir import OpGraph
-from placer.cluster import get_cluster
+from placer.core.cluster import get_cluster
 from tests.policy_helpers import SimMeasurer, pair
 
 ROOT = Path(__file__).resolve().parents[1]

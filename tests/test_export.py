@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from graphs.ir import OpGraph
-from placer.cluster import get_cluster
-from placer.export import contiguous_stages, load_placement, module_devices, save_placement
-from placer.placement import Placement
-from placer.result import StepResult
+from placer.core.cluster import get_cluster
+from placer.io.document import contiguous_stages, load_placement, module_devices, save_placement
+from placer.core.placement import Placement
+from placer.core.result import StepResult
 
 
 def chain():

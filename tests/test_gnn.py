@@ -9,7 +9,7 @@ from gymnasium import spaces
 
 from envs.placement_env import PlacementEnv
 from envs.synthetic import layered_dag, two_chains
-from placer.cluster import Cluster, Device
+from placer.core.cluster import Cluster, Device
 from policies import PolicyInput, make_algo, make_policy
 from policies.gnn import NS, GNNExtractor, GNNPolicy, current_index
 from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture

@@ -8,7 +8,7 @@ import torch
 
 from envs.placement_env import PlacementEnv
 from envs.synthetic import layered_dag
-from placer.cluster import Cluster, Device
+from placer.core.cluster import Cluster, Device
 from policies import PolicyInput, imitate, make_algo, make_policy
 from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
 
@@ -73,7 +73,7 @@ def test_reinforce_with_hierarchical_improves_over_random():
 
 
 def test_placer_train_runs_the_hierarchical_policy(tmp_path):
-    from placer.train import TrainConfig, train
+    from placer.app.train import TrainConfig, train
 
     res = train(TrainConfig(graph=layered_dag(3, 3, seed=11), cluster="cpu+4gpu", policy="hierarchical",
                             budget_s=60.0, max_updates=2, samples_per_update=4, hidden=8, num_groups=8,

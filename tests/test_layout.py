@@ -1,28 +1,69 @@
-"""The import direction of ARCHITECTURE.md: graphs -> placer core -> envs -> policies -> placer.train/compare/cli."""
+"""The layering of docs/architecture.md: package prefixes, lowest first; nothing imports upward or sideways, and
+no two modules import each other (directly or round a longer loop), counting imports inside functions.
+
+Imports under ``if TYPE_CHECKING:`` are annotations only and do not count.
+"""
+
+from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import networkx as nx
+
 ROOT = Path(__file__).resolve().parents[1]
-TOP = {"placer.train", "placer.train_multi", "placer.place", "placer.compare", "placer.cli", "placer.demo"}
-LEVEL = {"graphs": 0, "placer": 1, "envs": 2, "policies": 3}
+PACKAGES = ("graphs", "placer", "envs", "policies")
+
+# (package prefix, level). A module may import a lower level, or its own package; never a higher level, nor
+# another package of its own level (engine and baselines do not know each other).
+LAYERS: tuple[tuple[str, int], ...] = (
+    ("graphs", 0),
+    ("placer.core", 1),
+    ("placer", 1),  # placer/__init__.py: the version only
+    ("placer.costmodel", 2),
+    ("placer.engine", 3),
+    ("placer.baselines", 3),
+    ("placer.io", 4),
+    ("envs", 5),
+    ("policies", 6),
+    ("placer.app", 7),
+)
 
 
-def level(module: str) -> int | None:
-    if any(module == t or module.startswith(t + ".") for t in TOP):
-        return 4
-    return LEVEL.get(module.split(".")[0])
+def layer(module: str) -> tuple[str, int] | None:
+    """The longest matching prefix and its level, or None for a module outside the project."""
+    best = None
+    for prefix, lv in LAYERS:
+        if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[0])):
+            best = (prefix, lv)
+    return best
 
 
-def imports(path: Path) -> list[str]:
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imports(path: Path, known: set[str] | None = None) -> list[str]:
+    """Modules ``path`` imports at run time, anywhere in the file (``from a import b`` gives ``a.b`` when that is a
+    module in ``known``, else ``a``)."""
     tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
     out = []
     for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             out += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.append(node.module)
-            out += [f"{node.module}.{a.name}" for a in node.names]
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            hits = [s for s in subs if known is not None and s in known]
+            out += hits
+            if len(hits) < len(subs):
+                out.append(node.module)
     return out
 
 
@@ -31,23 +72,56 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_nothing_imports_upward():
-    violations = []
-    for pkg in LEVEL:
-        for path in (ROOT / pkg).rglob("*.py"):
-            mod = module_name(path)
-            own = level(mod)
-            for imp in imports(path):
-                lv = level(imp)
-                if lv is not None and lv > own:
-                    violations.append(f"{mod} (level {own}) imports {imp} (level {lv})")
-    assert not violations, "\n".join(violations)
+def project_modules() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
 
 
-def test_checker_catches_a_violation(tmp_path):
+def import_graph() -> nx.DiGraph:
+    mods = project_modules()
+    known = set(mods)
+    g = nx.DiGraph()
+    g.add_nodes_from(mods)
+    for mod, path in mods.items():
+        for imp in imports(path, known):
+            if imp in known and imp != mod:
+                g.add_edge(mod, imp)
+    return g
+
+
+def violations(g: nx.DiGraph) -> list[str]:
+    out = []
+    for a, b in g.edges:
+        la, lb = layer(a), layer(b)
+        if la is None or lb is None:
+            continue
+        if lb[1] > la[1] or (lb[1] == la[1] and lb[0] != la[0]):
+            out.append(f"{a} ({la[0]}, level {la[1]}) imports {b} ({lb[0]}, level {lb[1]})")
+    return out
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in project_modules() if layer(m) is None] == []
+
+
+def test_nothing_imports_upward_or_sideways():
+    assert violations(import_graph()) == []
+
+
+def test_no_import_cycles():
+    cycles = [sorted(c) for c in nx.strongly_connected_components(import_graph()) if len(c) > 1]
+    assert cycles == []
+
+
+def test_checker_catches_violations_and_cycles(tmp_path):
     # the checker itself must be able to fail
-    assert level("placer.cli") == 4 and level("placer.sim") == 1 and level("envs.placement") == 2
-    assert level("torch") is None
+    assert layer("placer.app.cli") == ("placer.app", 7) and layer("placer.costmodel.sim")[1] == 2
+    assert layer("torch") is None
     bad = tmp_path / "x.py"
-    bad.write_text("from policies.seq2seq import Seq2Seq\nimport envs\n")
-    assert imports(bad) == ["policies.seq2seq", "policies.seq2seq.Seq2Seq", "envs"]
+    bad.write_text("from policies.seq2seq import Seq2Seq\nimport envs\nif TYPE_CHECKING:\n    import placer.app\n"
+                   "def f():\n    from placer.engine import measurer\n")
+    assert imports(bad, {"placer.engine.measurer"}) == ["policies.seq2seq", "envs", "placer.engine.measurer"]
+    g = nx.DiGraph([("placer.engine.x", "placer.baselines.y"), ("placer.core.a", "placer.app.b"),
+                    ("placer.costmodel.s", "graphs.ir")])
+    assert len(violations(g)) == 2
+    g.add_edge("graphs.ir", "placer.costmodel.s")
+    assert any(len(c) > 1 for c in nx.strongly_connected_components(g))

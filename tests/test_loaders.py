@@ -21,10 +21,10 @@ from graphs.build import build_graph, rebuild_traced
 from graphs.data import load_benchmark_graph
 from graphs.trace import trace_model
 from placer.baselines import place
-from placer.cluster import get_cluster
-from placer.export import load_placement, placement_to_json, save_placement
-from placer.loaders import apply, pipeline_schedule, pipeline_stages, placed_devices, stage_modules
-from placer.placement import Placement
+from placer.core.cluster import get_cluster
+from placer.io.document import load_placement, placement_to_json, save_placement
+from placer.io.loaders import apply, pipeline_schedule, pipeline_stages, placed_devices, stage_modules
+from placer.core.placement import Placement
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ import torch
 from envs.placement_env import PlacementEnv
 from envs.problem import build_problem
 from envs.synthetic import layered_dag, two_chains
-from placer.cluster import Cluster, Device, get_cluster
-from placer.export import load_placement
-from placer.train import TrainConfig, train
+from placer.core.cluster import Cluster, Device, get_cluster
+from placer.io.document import load_placement
+from placer.app.train import TrainConfig, train
 from policies import make_algo, make_policy
 from policies.ppo import MaskablePPOAlgo, PPOConfig
 from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture

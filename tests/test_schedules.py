@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphs.ir import OpGraph
-from placer.schedules import (SCHEDULES, build_schedule, find_deadlock, is_stage_contiguous, stage_of_device,
+from placer.costmodel.schedules import (SCHEDULES, build_schedule, find_deadlock, is_stage_contiguous, stage_of_device,
                               transfer_plan, virtual_stages)
 
 
@@ -88,7 +88,7 @@ def test_interleaved_with_one_chunk_per_device_equals_1f1b():
 def test_1f1b_on_a_returning_placement_falls_back_to_gpipe(caplog):
     # dev0 -> dev1 -> dev0: dev0's second forward needs dev1's, which waits for dev0's first backward
     g = chain(3)
-    with caplog.at_level(logging.WARNING, logger="placer.schedules"):
+    with caplog.at_level(logging.WARNING, logger="placer.costmodel.schedules"):
         s = build_schedule("1f1b", g, [0, 1, 0], 2, microbatches=4)
     assert s.order == "gpipe" and "deadlock" in s.note
     assert any("gpipe" in r.getMessage() for r in caplog.records)
@@ -107,11 +107,11 @@ def test_stage_by_dataflow_not_by_first_op():
 
 def test_warning_when_fewer_microbatches_than_stages(caplog):
     g = chain(4)
-    with caplog.at_level(logging.WARNING, logger="placer.schedules"):
+    with caplog.at_level(logging.WARNING, logger="placer.costmodel.schedules"):
         build_schedule("gpipe", g, [0, 1, 2, 3], 4, microbatches=2)
     assert any("2 micro-batches < 4 pipeline stages" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="placer.schedules"):
+    with caplog.at_level(logging.WARNING, logger="placer.costmodel.schedules"):
         build_schedule("1f1b", g, [0, 1, 2, 3], 4, microbatches=4)
         build_schedule("none", g, [0, 1, 2, 3], 4, microbatches=1)
     assert not caplog.records

@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphs.ir import OpCosts, OpGraph, Provenance
-from placer.bounds import colocation_bound_s, critical_path_s, efficiency, lower_bound_s, work_bound_s
-from placer.cluster import Cluster, Device
-from placer.placement import Placement
-from placer.schedules import SCHEDULES, build_schedule
-from placer.sim import Simulator, simulate
+from placer.costmodel.bounds import colocation_bound_s, critical_path_s, efficiency, lower_bound_s, work_bound_s
+from placer.core.cluster import Cluster, Device
+from placer.core.placement import Placement
+from placer.costmodel.schedules import SCHEDULES, build_schedule
+from placer.costmodel.sim import Simulator, simulate
 
 GiB = 1 << 30
 
@@ -267,7 +267,7 @@ def test_schedule_object_and_warning_once(caplog):
     sched = build_schedule("gpipe", g, [0, 1, 2, 3], 4, microbatches=4, warn=False)
     sim = Simulator(g, c, dispatch_overhead_s=0.0)
     assert sim.run([0, 1, 2, 3], schedule=sched).step_time_s == pytest.approx(7 * 0.75)
-    with caplog.at_level(logging.WARNING, logger="placer.schedules"):
+    with caplog.at_level(logging.WARNING, logger="placer.costmodel.schedules"):
         for _ in range(3):
             sim.run([0, 1, 2, 3], schedule="1f1b", microbatches=2)
     assert sum("pipeline stages" in r.getMessage() for r in caplog.records) == 1

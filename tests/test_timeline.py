@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from graphs.ir import OpGraph
-from placer.cluster import Cluster, Device
-from placer.result import StepResult
-from placer.sim import simulate
-from placer.timeline import chrome_trace, plot_gantt, to_chrome_trace, tracks
+from placer.core.cluster import Cluster, Device
+from placer.core.result import StepResult
+from placer.costmodel.sim import simulate
+from placer.io.timeline import chrome_trace, plot_gantt, to_chrome_trace, tracks
 
 
 @pytest.fixture(scope="module")

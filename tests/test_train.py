@@ -1,4 +1,4 @@
-"""placer.train: run folder artefacts, resume, CLI options, the compare hook."""
+"""placer.app.train: run folder artefacts, resume, CLI options, the compare hook."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from envs.synthetic import layered_dag
-from placer.cluster import Cluster, get_cluster
-from placer.export import load_placement
-from placer.placement import Placement
-from placer.train import TrainConfig, add_train_arguments, config_from_args, train, train_and_place
+from placer.core.cluster import Cluster, get_cluster
+from placer.io.document import load_placement
+from placer.core.placement import Placement
+from placer.app.train import TrainConfig, add_train_arguments, config_from_args, train, train_and_place
 from tests.policy_helpers import SimMeasurer
 
 TAGS = {"charts/best_step_time_s", "charts/mean_step_time_s", "charts/reward", "charts/entropy",
@@ -105,7 +105,7 @@ def test_bad_names_fail_before_a_run_folder_exists(tmp_path):
 
 
 def test_run_folders_never_collide_and_are_found_by_name_or_path(tmp_path):
-    from placer.runs import find_run, new_run_dir, safe_name, stamped_name
+    from placer.app.runs import find_run, new_run_dir, safe_name, stamped_name
 
     name = stamped_name("nmt/paper v2", "gnn", "ppo", 3)
     assert name.startswith("nmt-paper-v2__gnn__ppo__3__") and safe_name("a/b c.json") == "a-b-c.json"
@@ -168,9 +168,9 @@ def test_sim_real_run_reports_the_best_measured_placement(tmp_path, monkeypatch)
 def test_engine_rewards_calibrate_an_uncalibrated_cpu_preset(monkeypatch, tmp_path):
     import dataclasses
 
-    import placer.calibrate as calibrate
-    from placer.cluster import get_cluster
-    from placer.train import maybe_calibrate, needs_calibration
+    import placer.engine.calibrate as calibrate
+    from placer.core.cluster import get_cluster
+    from placer.app.train import maybe_calibrate, needs_calibration
 
     cpu2, gpus = get_cluster("cpu-2"), get_cluster("cpu+4gpu")
     assert needs_calibration(cpu2)

@@ -10,11 +10,11 @@ import torch
 
 from envs.placement_env import PlacementEnv
 from envs.synthetic import layered_dag, two_chains
-from placer.cluster import get_cluster
-from placer.export import load_placement
-from placer.place import add_place_arguments, place_zero_shot, run_place
-from placer.train import TrainConfig, train
-from placer.train_multi import MultiTrainConfig, add_multi_arguments, multi_config_from_args, train_multi
+from placer.core.cluster import get_cluster
+from placer.io.document import load_placement
+from placer.app.place import add_place_arguments, place_zero_shot, run_place
+from placer.app.train import TrainConfig, train
+from placer.app.train_multi import MultiTrainConfig, add_multi_arguments, multi_config_from_args, train_multi
 from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
 
 
@@ -95,7 +95,7 @@ def test_bad_runs_and_mismatched_policies_are_one_line_errors(tmp_path):
 
 
 def test_graphs_option_parses_into_a_multi_config():
-    from placer.train import add_train_arguments
+    from placer.app.train import add_train_arguments
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
@@ -153,7 +153,7 @@ def test_a_resumed_multi_graph_run_continues_where_it_stopped(tmp_path):
         train_multi(MultiTrainConfig(graphs=(), resume=str(run.run_dir), runs_dir=str(tmp_path)))
     # the CLI's --resume finds out that the run is a multi-graph one
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "placer.cli", "train", "--resume", str(first.run_dir), "--max-updates",
+    r = subprocess.run([sys.executable, "-m", "placer.app.cli", "train", "--resume", str(first.run_dir), "--max-updates",
                         "5", "--budget", "1m"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert r.returncode == 0, r.stderr
@@ -162,7 +162,7 @@ def test_a_resumed_multi_graph_run_continues_where_it_stopped(tmp_path):
 
 def test_random_training_graphs_cover_four_families_reproducibly():
     from envs.synthetic import branch_blocks, recurrent_grid
-    from placer.train_multi import random_graphs
+    from placer.app.train_multi import random_graphs
 
     graphs = random_graphs(8, seed=3)
     families = [g.meta["synthetic"]["generator"] for g in graphs]

@@ -12,31 +12,16 @@ Methods: ``single`` (``single-cpu``, ``single-gpu``, and ``single:<kind or devic
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING
+
+from placer.baselines import baechi, expert, heft, metis, pipedream, scotch, simple, single  # noqa: F401 -- register
+from placer.baselines.registry import BASELINES, PlaceFn, names, register
+from placer.baselines.single import place_single, single_methods
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
-    from placer.cluster import Cluster
-    from placer.placement import Placement
-
-
-class PlaceFn(Protocol):
-    def __call__(self, graph: "OpGraph", cluster: "Cluster", *, seed: int = 0) -> "Placement": ...
-
-
-BASELINES: dict[str, PlaceFn] = {}
-
-
-def register(name: str) -> Callable[[PlaceFn], PlaceFn]:
-    """Decorator adding a placement method to :data:`BASELINES` under ``name``."""
-
-    def deco(fn: PlaceFn) -> PlaceFn:
-        if name in BASELINES:
-            raise ValueError(f"baseline {name!r} registered twice")
-        BASELINES[name] = fn
-        return fn
-
-    return deco
+    from placer.core.cluster import Cluster
+    from placer.core.placement import Placement
 
 
 def place(method: str, graph: "OpGraph", cluster: "Cluster", *, seed: int = 0) -> "Placement":
@@ -49,13 +34,5 @@ def place(method: str, graph: "OpGraph", cluster: "Cluster", *, seed: int = 0) -
     return fn(graph, cluster, seed=seed)
 
 
-def names() -> list[str]:
-    """Registered method names, sorted."""
-    return sorted(BASELINES)
-
-
-# The modules register themselves on import (after ``register`` exists, hence at the bottom).
-from placer.baselines import baechi, expert, heft, metis, pipedream, scotch, simple, single  # noqa: E402,F401
-from placer.baselines.single import place_single, single_methods  # noqa: E402
 
 __all__ = ["BASELINES", "PlaceFn", "names", "place", "place_single", "register", "single_methods"]

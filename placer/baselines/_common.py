@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from placer.placement import Placement
+from placer.core.placement import Placement
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
-    from placer.cluster import Cluster, Device
+    from placer.core.cluster import Cluster, Device
 
 log = logging.getLogger(__name__)
 

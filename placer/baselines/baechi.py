@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from placer.baselines import register
+from placer.baselines.registry import register
 from placer.baselines._common import Groups, accelerators, finish, groups_of, op_time_s
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
-    from placer.cluster import Cluster
-    from placer.placement import Placement
+    from placer.core.cluster import Cluster
+    from placer.core.placement import Placement
 
 
 def transfer_matrix_s(cluster: "Cluster") -> tuple[np.ndarray, np.ndarray]:

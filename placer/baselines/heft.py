@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from placer.baselines import register
+from placer.baselines.registry import register
 from placer.baselines._common import finish, groups_of, op_time_s
 from placer.baselines.baechi import mean_transfer_s, transfer_matrix_s
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
-    from placer.cluster import Cluster
-    from placer.placement import Placement
+    from placer.core.cluster import Cluster
+    from placer.core.placement import Placement
 
 
 def upward_rank(graph: "OpGraph", time_s: np.ndarray, edge_s: np.ndarray) -> np.ndarray:

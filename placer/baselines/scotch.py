@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from placer.baselines import register
+from placer.baselines.registry import register
 from placer.baselines._common import Groups, accelerators, finish, groups_of, int_weights, is_cpu
-from placer.placement import Placement
+from placer.core.placement import Placement
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
-    from placer.cluster import Cluster
+    from placer.core.cluster import Cluster
 
 log = logging.getLogger(__name__)
 

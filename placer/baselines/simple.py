@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from placer.baselines import register
+from placer.baselines.registry import register
 from placer.baselines._common import finish, groups_of
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
-    from placer.cluster import Cluster
-    from placer.placement import Placement
+    from placer.core.cluster import Cluster
+    from placer.core.placement import Placement
 
 
 @register("random")

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from placer.baselines import register
+from placer.baselines.registry import register
 from placer.baselines._common import groups_of, is_cpu, op_memory_bytes
-from placer.placement import Placement
+from placer.core.placement import Placement
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
-    from placer.cluster import Cluster
+    from placer.core.cluster import Cluster
 
 
 def _pick(graph: "OpGraph", cluster: "Cluster", candidates: list[int]) -> int:

@@ -1,7 +1,7 @@
 """Real multi-device execution of placed graphs (torch.distributed workers).
 
 - :class:`Measurer` — warm workers (one per device) measuring many placements; failures become failed
-  :class:`~placer.result.StepResult` objects, never hangs or orphans.
+  :class:`~placer.core.result.StepResult` objects, never hangs or orphans.
 - :func:`measure` — one-shot measurement of one placement.
 - :func:`reference_step` — the single-process (optionally micro-batched) step the engine must reproduce.
 - ``python -m placer.engine.worker`` — the same workers under ``torchrun`` (see :mod:`placer.engine.worker`).

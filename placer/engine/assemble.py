@@ -1,4 +1,4 @@
-"""Combine the workers' records of a measurement into one :class:`~placer.result.StepResult`.
+"""Combine the workers' records of a measurement into one :class:`~placer.core.result.StepResult`.
 
 Step time: the median over measured steps of ``max(end) - min(start)`` across workers when they share a host
 (``perf_counter`` is one monotonic clock for all processes there), else of each worker's own duration from the
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from placer.engine.ordering import Task
-from placer.result import StepResult, TimelineEvent
+from placer.core.result import StepResult, TimelineEvent
 
 __all__ = ["assemble_result", "error_reason"]
 

@@ -29,14 +29,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch.multiprocessing as tmp
 
+from graphs.build import model_factory
 from placer.engine.assemble import assemble_result, error_reason
 from placer.engine.ordering import device_tasks
 from placer.engine.worker import WorkerSpec, worker_main
-from placer.result import StepResult
+from placer.core.result import StepResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineConfig", "StepOutputs", "Measurer", "measure", "factory_for"]
+__all__ = ["EngineConfig", "StepOutputs", "Measurer", "measure"]
 
 _LIVE: "weakref.WeakSet[Measurer]" = weakref.WeakSet()
 _GENERATION = itertools.count()
@@ -88,16 +89,6 @@ class StepOutputs:
     """Parameter name -> value after the last step's update."""
 
 
-def factory_for(graph: Any) -> Callable[[], Any]:
-    """A picklable zero-argument callable rebuilding the graph's traced model (``graphs.build.rebuild_traced``)."""
-    from graphs.build import rebuild_traced  # noqa: PLC0415 - graphs -> placer is the allowed direction
-
-    meta = dict(graph.meta)
-    if not isinstance(meta.get("source"), dict):
-        raise ValueError(f"graph {graph.name!r} has no meta['source']; build it with graphs.build.build_graph")
-    return partial(rebuild_traced, meta)
-
-
 def _cores_for(devices: Sequence[str], threads: int, pin: bool) -> tuple[list[tuple[int, ...]], int]:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     cpu_devs = [k for k, d in enumerate(devices) if not d.startswith("cuda")]
@@ -138,7 +129,7 @@ class Measurer:
             self.config = replace(config or EngineConfig(), **overrides)
         except TypeError as e:
             raise ValueError(f"unknown engine option: {e}") from None
-        self.factory = factory if factory is not None else factory_for(graph)
+        self.factory = factory if factory is not None else model_factory(graph)
         self.devices = tuple(cluster.device_names)
         self._procs: list[Any] = []
         self._conns: list[Any] = []
@@ -271,7 +262,7 @@ class Measurer:
 
         Raises ``ValueError`` (and leaves the workers stopped) if they cannot build it.
         """
-        factory = factory if factory is not None else factory_for(graph)
+        factory = factory if factory is not None else model_factory(graph)
         self.graph, self.factory = graph, factory
         if not self._procs:
             return

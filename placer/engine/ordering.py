@@ -1,7 +1,7 @@
-"""The per-device task order the engine executes, from :mod:`placer.schedules`.
+"""The per-device task order the engine executes, from :mod:`placer.costmodel.schedules`.
 
 A task is ``(op, microbatch, phase)`` with phase ``fwd``, ``bwd`` or ``update`` (``op = microbatch = -1``).
-The simulator (``placer/sim.py``) models the same orders, so the engine runs exactly what
+The simulator (``placer/costmodel/sim.py``) models the same orders, so the engine runs exactly what
 :func:`device_tasks` returns: within a micro-batch a device runs forwards in op-index order and backwards in
 reverse op-index order, and ends with one update.
 """
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
-    from placer.placement import Placement
+    from placer.core.placement import Placement
 
 Task = tuple[int, int, str]
 
@@ -22,13 +22,13 @@ __all__ = ["Task", "device_tasks", "tasks_from_schedule"]
 def device_tasks(graph: "OpGraph", placement: "Placement", num_devices: int, *, schedule: str,
                  microbatches: int) -> tuple[list[list[Task]], str]:
     """Per-device ordered task lists and the order actually built (a 1F1B order that would deadlock falls
-    back to ``gpipe``; see :mod:`placer.schedules`)."""
-    from placer.schedules import build_schedule  # noqa: PLC0415 - workers import Task only, not the kernels
+    back to ``gpipe``; see :mod:`placer.costmodel.schedules`)."""
+    from placer.costmodel.schedules import build_schedule  # noqa: PLC0415 - workers import Task only, not the kernels
 
     sched = build_schedule(schedule, graph, placement, num_devices, microbatches=microbatches)
     return tasks_from_schedule(sched, num_devices), str(sched.order)
 
 
 def tasks_from_schedule(sched: Any, num_devices: int) -> list[list[Task]]:
-    """``placer.schedules.Schedule`` as plain ``(op, microbatch, phase)`` tuples per device."""
+    """``placer.costmodel.schedules.Schedule`` as plain ``(op, microbatch, phase)`` tuples per device."""
     return [[(int(t.op), int(t.microbatch), str(t.phase)) for t in sched.tasks(d)] for d in range(num_devices)]

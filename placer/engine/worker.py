@@ -9,7 +9,7 @@ the same code runs under ``torchrun``, one rank per device, with no parent proce
 
 Every rank reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from the
 environment, rebuilds the model from the graph's source, runs the measurement, and rank 0 gathers the per-rank
-records and writes the :class:`~placer.result.StepResult` JSON.
+records and writes the :class:`~placer.core.result.StepResult` JSON.
 
 A CPU device is a worker pinned to its own core(s) (``os.sched_setaffinity``) with ``torch.set_num_threads(k)``;
 ``cuda:N`` uses that GPU and NCCL between GPUs (gloo for any pair involving a CPU, staged through host memory).
@@ -402,12 +402,12 @@ def worker_main(spec: WorkerSpec, conn: Any) -> None:
 # ---------------------------------------------------------------------- torchrun entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """``torchrun ... -m placer.engine.worker``: measure one placement; rank 0 writes the StepResult JSON."""
-    from graphs.ir import OpGraph  # noqa: PLC0415 - heavy imports only for this entry point
-    from placer.cluster import get_cluster  # noqa: PLC0415
+    from graphs.build import model_factory  # noqa: PLC0415 - heavy imports only for this entry point
+    from graphs.ir import OpGraph  # noqa: PLC0415
+    from placer.core.cluster import get_cluster  # noqa: PLC0415
     from placer.engine.assemble import assemble_result  # noqa: PLC0415
-    from placer.engine.measurer import factory_for  # noqa: PLC0415
     from placer.engine.ordering import device_tasks  # noqa: PLC0415
-    from placer.placement import Placement  # noqa: PLC0415
+    from placer.core.placement import Placement  # noqa: PLC0415
 
     ap = argparse.ArgumentParser(prog="python -m placer.engine.worker", description=main.__doc__)
     ap.add_argument("--graph", required=True)
@@ -450,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(cluster.device_names), rank=rank, world_size=world)
     runtime = WorkerRuntime(rank=rank, world_size=world, device=device, device_names=cluster.device_names,
-                            factory=factory_for(graph), op_names=graph.op_names)
+                            factory=model_factory(graph), op_names=graph.op_names)
     tasks, order = device_tasks(graph, placement, cluster.num_devices, schedule=args.schedule,
                                 microbatches=args.microbatches)
     cmd = {"cmd": "measure", "device_of_op": placement.device_of_op, "tasks": tasks,

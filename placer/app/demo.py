@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from graphs.ir import OpGraph
-from placer.cluster import Cluster, get_cluster
-from placer.placement import Placement
-from placer.result import StepResult
+from placer.core.cluster import Cluster, get_cluster
+from placer.core.placement import Placement
+from placer.core.result import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,11 @@ def _load_graph(config: DemoConfig) -> OpGraph:
 
 def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
     """Run the demo (see the module docstring); ``say`` prints progress lines."""
-    from placer.compare import compare
-    from placer.export import save_placement, write_json_atomic
-    from placer.sim import simulate
-    from placer.timeline import plot_gantt, to_chrome_trace
-    from placer.train import TrainConfig, maybe_calibrate, needs_calibration, train
+    from placer.app.compare import compare
+    from placer.io.document import save_placement, write_json_atomic
+    from placer.costmodel.sim import simulate
+    from placer.io.timeline import plot_gantt, to_chrome_trace
+    from placer.app.train import TrainConfig, maybe_calibrate, needs_calibration, train
 
     t0 = time.perf_counter()
     graph = _load_graph(config)

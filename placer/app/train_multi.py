@@ -8,7 +8,7 @@ Each graph gets its own environment and algorithm instance (its own reward norma
 PPO critic); the policy's weights are shared, and for REINFORCE so is one Adam optimizer. A round updates every
 graph once, in order. The run folder ``runs/multi-{k}__{policy}__{algo}__{seed}__{ts}/`` has ``config.json``
 (with the same ``policy`` / ``hidden`` / ``num_groups`` / ``policy_options`` keys as a single-graph run, so
-:mod:`placer.place` reads both), ``checkpoint.pt`` (``policy`` weights, written atomically every
+:mod:`placer.app.place` reads both), ``checkpoint.pt`` (``policy`` weights, written atomically every
 ``checkpoint_every_s`` and at the end), TensorBoard ``charts/best_step_time_s/<graph>`` and
 ``charts/reward/<graph>``, and ``placement_<graph>.json`` with each graph's best placement. ``--resume RUN`` continues a killed run from its last
 checkpoint (policy, every algorithm's optimizer/baseline state, the RNGs, the best placements and the counters;
@@ -32,8 +32,8 @@ import torch
 from envs.placement_env import PlacementEnv, resolve_cluster, resolve_graph
 from envs.synthetic import branch_blocks, layered_dag, recurrent_grid, seq2seq_grid
 from graphs.ir import OpGraph
-from placer.export import save_placement, write_json_atomic
-from placer.runs import find_run, new_run_dir, safe_name, save_torch_atomic, stamped_name
+from placer.io.document import save_placement, write_json_atomic
+from placer.app.runs import find_run, new_run_dir, safe_name, save_torch_atomic, stamped_name
 from policies import make_algo, make_policy
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def train_multi(config: MultiTrainConfig) -> MultiTrainResult:
 
 def add_multi_arguments(parser: argparse.ArgumentParser) -> None:
     """``--graphs`` and ``--random-dags`` for ``placer train`` (the other options come from
-    :func:`placer.train.add_train_arguments`)."""
+    :func:`placer.app.train.add_train_arguments`)."""
     parser.add_argument("--graphs", help="train one policy on these comma-separated graphs (Placeto-style; "
                         "learning options left at their defaults take the multi-graph ones: 32 samples per "
                         "update, lr 3e-3, entropy 0.01, quantile baseline top 25%%, self-imitation 0.5)")
@@ -295,7 +295,7 @@ single-graph default, they take :class:`MultiTrainConfig`'s, the setting the zer
 
 def multi_config_from_args(args: argparse.Namespace) -> MultiTrainConfig:
     """A :class:`MultiTrainConfig` from ``placer train``'s options (with :func:`add_multi_arguments`)."""
-    from placer.train import TrainConfig
+    from placer.app.train import TrainConfig
 
     single = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     learning = {k: getattr(args, k) for k in LEARNING_OPTIONS if getattr(args, k) != single[k]}

@@ -1,6 +1,6 @@
 """Run folders: their names, finding one again, atomic checkpoint writes, the learning-curve picture and the
-progress line. Shared by :mod:`placer.train` (one graph), :mod:`placer.train_multi` (several) and
-:mod:`placer.place` (reading a trained run back)."""
+progress line. Shared by :mod:`placer.app.train` (one graph), :mod:`placer.app.train_multi` (several) and
+:mod:`placer.app.place` (reading a trained run back)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@
 * **Engine overheads.** :func:`engine_message_costs` runs the engine's toy chain on one device and split over
   two, and stores the per-message send cost, the receiver's wake-up cost and the start-up cost of a step that
   spans devices in ``meta`` (``send_overhead_s``, ``recv_overhead_s``, ``step_overhead_s``), where
-  :mod:`placer.sim` reads them.
+  :mod:`placer.costmodel.sim` reads them.
 
 It cannot hang: the process group has a timeout, every child has a watchdog and dies with its parent
 (``PR_SET_PDEATHSIG``), the parent joins with a deadline and kills all children on error or timeout.
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from placer.cluster import Cluster, Device
+from placer.core.cluster import Cluster, Device
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
@@ -213,7 +213,7 @@ def engine_message_costs(devices: Sequence[Device], *, latency_s: float, bandwid
     """
     from graphs.build import build_graph
     from placer.engine import EngineConfig, Measurer
-    from placer.placement import Placement
+    from placer.core.placement import Placement
 
     graph = build_graph("placer.engine.toy:chain", profile=None)
     two = Cluster.uniform("calibration-pair", list(devices[:2]), bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
@@ -387,7 +387,7 @@ def engine_op_costs(graph: "OpGraph", measurer: Any, *, device: int = 0, steps: 
     import torch  # noqa: PLC0415
 
     from graphs.ir import OpCosts, Provenance  # noqa: PLC0415
-    from placer.placement import Placement  # noqa: PLC0415
+    from placer.core.placement import Placement  # noqa: PLC0415
 
     res = measurer.measure(Placement.single(graph, device), steps=steps, warmup=warmup)
     if not res.ok:

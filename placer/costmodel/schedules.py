@@ -55,11 +55,11 @@ from typing import TYPE_CHECKING, Callable, Literal, NamedTuple
 
 import numpy as np
 
-from placer import _sim_kernel as K
+from placer.costmodel import _sim_kernel as K
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
-    from placer.placement import Placement
+    from placer.core.placement import Placement
 
 log = logging.getLogger(__name__)
 

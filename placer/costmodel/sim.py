@@ -2,7 +2,7 @@
 
 Model (kept identical to what the engine executes, so fidelity is a direct comparison):
 
-* **Order.** Every device is an in-order executor of its task list from :mod:`placer.schedules` (not a dynamic
+* **Order.** Every device is an in-order executor of its task list from :mod:`placer.costmodel.schedules` (not a dynamic
   list scheduler): a task starts when its device is free and its inputs have arrived.
 * **Compute.** Op time on device ``d`` = ``graph.costs[kind].fwd_s`` (or ``bwd_s``) ``/ d.speed`` for the full
   batch. A micro-batch of ``M`` takes ``o + (t - o) / M`` with ``o = min(t, dispatch overhead)``: tiny
@@ -21,7 +21,7 @@ Model (kept identical to what the engine executes, so fidelity is a direct compa
   but cost nothing (as :meth:`Cluster.transfer_s`). A micro-batch's input data is already on its input op's
   device (the data loader puts it there), so inputs cost no transfer.
 * **Machine overheads** (0 unless ``cluster.meta`` declares them, a number or ``{kind: s}``; ``placer cluster
-  calibrate`` measures them on the engine, see :func:`placer.calibrate.engine_message_costs`). A task that
+  calibrate`` measures them on the engine, see :func:`placer.engine.calibrate.engine_message_costs`). A task that
   posts ``s`` messages keeps its device ``s x send_overhead_s`` longer (gloo's send work runs on the worker's
   own core); a task whose device sat idle waiting for a message pays ``recv_overhead_s`` once before it runs
   (waking the blocked worker); a step whose tasks span several devices starts ``step_overhead_s`` late on
@@ -51,14 +51,14 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from placer import _sim_kernel as K
-from placer.placement import Placement
-from placer.result import StepResult, TimelineEvent
-from placer.schedules import PHASES, Schedule, build_schedule, graph_arrays, warn_schedule
+from placer.costmodel import _sim_kernel as K
+from placer.core.placement import Placement
+from placer.core.result import StepResult, TimelineEvent
+from placer.costmodel.schedules import PHASES, Schedule, build_schedule, graph_arrays, warn_schedule
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
-    from placer.cluster import Cluster
+    from placer.core.cluster import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class Simulator:
             optimizer: str = "adam", timeline: bool = False) -> StepResult:
         """Simulate one training step; OOM gives a failed result, a bad placement a ``ValueError``.
 
-        ``schedule`` is a name from :data:`placer.schedules.SCHEDULES` or a :class:`Schedule` already built for
+        ``schedule`` is a name from :data:`placer.costmodel.schedules.SCHEDULES` or a :class:`Schedule` already built for
         this placement (e.g. the one the engine runs); ``microbatches`` is then taken from it.
         """
         dev = self.device_array(placement)

@@ -1,9 +1,9 @@
-"""numba kernels shared by :mod:`placer.schedules` (deadlock check, virtual stages) and :mod:`placer.sim`.
+"""numba kernels shared by :mod:`placer.costmodel.schedules` (deadlock check, virtual stages) and :mod:`placer.costmodel.sim`.
 
 Everything here works on flat int64/float64 arrays so one compiled function serves every graph; ``cache=True``
 keeps the compile (a few seconds) out of all but the first process that imports it.
 
-Task encoding (the same as :class:`placer.schedules.Schedule`): device ``d`` runs tasks
+Task encoding (the same as :class:`placer.costmodel.schedules.Schedule`): device ``d`` runs tasks
 ``dev_ptr[d]:dev_ptr[d+1]`` in order; task ``k`` is ``(t_op[k], t_mb[k], t_phase[k])`` with phase 0 = forward,
 1 = backward, 2 = parameter update (``t_op = -1``).
 """
@@ -201,7 +201,7 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
     Only transfers with ``x_msg[t]`` (non-empty tensors) are messages; only those with ``x_grad[t]`` (the value
     depends on a parameter, so autograd produces its gradient) send a gradient back: for the others the
     producer's backward does not wait and nothing moves. Device ``d`` is free from ``start_s[d]``
-    on (a fixed start-up cost of multi-device steps, see :mod:`placer.sim`); it counts as busy time.
+    on (a fixed start-up cost of multi-device steps, see :mod:`placer.costmodel.sim`); it counts as busy time.
 
     Returns ``(status, step_s, busy_s[D], critical_path_s, task_start, task_end, x_start[2, T, M],
     x_end[2, T, M], stuck_task[D])`` (x index 0: activation, 1: gradient); ``status`` is ``DEADLOCK`` when

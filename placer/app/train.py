@@ -38,11 +38,11 @@ import torch
 from envs.placement_env import PlacementEnv, resolve_cluster, resolve_graph
 from envs.rewards import SimRealBackend
 from graphs.ir import OpGraph
-from placer.cluster import Cluster
-from placer.export import save_placement, write_json_atomic
-from placer.placement import Placement
-from placer.result import StepResult
-from placer.runs import (Progress, find_run, hparams_markdown, new_run_dir, plot_learning_curve,
+from placer.core.cluster import Cluster
+from placer.io.document import save_placement, write_json_atomic
+from placer.core.placement import Placement
+from placer.core.result import StepResult
+from placer.app.runs import (Progress, find_run, hparams_markdown, new_run_dir, plot_learning_curve,
                          save_torch_atomic, stamped_name)
 from policies import make_algo, make_policy
 
@@ -146,7 +146,7 @@ class TrainConfig:
     real_every_s: float = 120.0
     """``sim+real``: seconds between periodic re-measurements (and once at the end)."""
     calibrate: str = "auto"
-    """Calibrate the simulator against this machine's workers before training (:func:`placer.calibrate.calibrate_cluster`):
+    """Calibrate the simulator against this machine's workers before training (:func:`placer.engine.calibrate.calibrate_cluster`):
     ``auto`` does it when the reward uses the engine (``real``/``sim+real``) and the cluster is an uncalibrated
     all-CPU preset (``cpu-2``), so the simulated reward and the measured one describe the same machine (the
     ``cpu-2`` preset's guessed link and no per-message cost made ``sim+real`` on RNNLM-small prefer 2-device
@@ -218,7 +218,7 @@ def evaluate_baselines(graph: OpGraph, cluster: Cluster, methods: Sequence[str],
                        microbatches: int = 1, seed: int = 0) -> dict[str, tuple[Placement, StepResult]]:
     """Each applicable baseline's placement and its simulated step on the full graph (``n/a`` ones left out)."""
     from placer import baselines
-    from placer.sim import Simulator
+    from placer.costmodel.sim import Simulator
 
     sim = Simulator(graph, cluster)
     out = {}
@@ -264,7 +264,7 @@ def maybe_calibrate(cluster: Cluster, *, mode: str = "auto", uses_engine: bool =
     """``cluster``, or the same devices calibrated on this machine (see :func:`needs_calibration`)."""
     if not needs_calibration(cluster, mode=mode, uses_engine=uses_engine):
         return cluster
-    from placer.calibrate import calibrate_cluster  # noqa: PLC0415 - spawns workers; only when asked
+    from placer.engine.calibrate import calibrate_cluster  # noqa: PLC0415 - spawns workers; only when asked
 
     log.info("calibrating %d CPU workers so the simulator matches the engine ...", cluster.num_devices)
     measured = calibrate_cluster(cluster.num_devices, name=f"{cluster.name}-calibrated")
@@ -315,7 +315,7 @@ def _train_loop(config: TrainConfig, run_dir: Path, graph: OpGraph, cluster: Clu
                 env: PlacementEnv) -> TrainResult:
     from torch.utils.tensorboard import SummaryWriter
 
-    from placer.sim import Simulator
+    from placer.costmodel.sim import Simulator
 
     policy = make_policy(config.policy, env.problem, hidden=config.hidden, **config.policy_options)
     algo = make_algo(config.algo, policy, env, samples_per_update=config.samples_per_update, lr=config.lr,
@@ -536,12 +536,12 @@ def train_and_place(graph: OpGraph | str, cluster: Cluster | str, *, budget_s: f
 
 
 def rl_placer(graph: OpGraph, cluster: Cluster, *, seed: int, budget_s: float | None) -> Placement:
-    """:func:`train_and_place` with :class:`placer.compare.ExtraPlacer`'s signature (default budget 600 s)."""
+    """:func:`train_and_place` with :class:`placer.app.compare.ExtraPlacer`'s signature (default budget 600 s)."""
     return train_and_place(graph, cluster, budget_s=600.0 if budget_s is None else budget_s, seed=seed)[0]
 
 
 def family_placer(family: str, *, runs_dir: str = "runs", **overrides: Any) -> Callable[..., Placement]:
-    """A :class:`placer.compare.ExtraPlacer` that trains ``family`` (``policy+algo``, e.g. ``gnn+ppo``; a bare
+    """A :class:`placer.app.compare.ExtraPlacer` that trains ``family`` (``policy+algo``, e.g. ``gnn+ppo``; a bare
     policy name means REINFORCE) on each graph and cluster of the comparison and returns its best placement."""
     from policies import ALGOS, POLICIES
 

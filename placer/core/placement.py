@@ -10,7 +10,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
-    from placer.cluster import Cluster
+    from placer.core.cluster import Cluster
 
 
 @dataclass(frozen=True, eq=False)

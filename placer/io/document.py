@@ -2,7 +2,7 @@
 
 The file is what trainers consume: ``ops`` maps op names to device indices, ``modules`` maps ``nn.Module`` paths
 to device indices (what a single-process model-parallel trainer needs), and ``stages`` gives the contiguous
-pipeline split when there is one. ``placer/schemas/placement.schema.json`` is the JSON Schema; keys are sorted
+pipeline split when there is one. ``placer/io/schemas/placement.schema.json`` is the JSON Schema; keys are sorted
 and files are written atomically, so a placement.json is always complete.
 """
 
@@ -19,25 +19,11 @@ import numpy as np
 
 from graphs.ir import OpGraph
 from graphs.jsonio import read_json, write_json_atomic
-from placer.cluster import Cluster
-from placer.placement import Placement
-from placer.result import StepResult
+from placer.core.cluster import Cluster
+from placer.core.placement import Placement
+from placer.core.result import StepResult
 
 SCHEMA = "placer.placement/v1"
-
-# Loaders for trainers live in placer.loaders; re-exported here as the issue's public names.
-def apply(model: Any, placement: Any, **kw: Any) -> Any:
-    """Single-process model parallel: see :func:`placer.loaders.apply`."""
-    from placer.loaders import apply as _apply
-
-    return _apply(model, placement, **kw)
-
-
-def pipeline_stages(model: Any, placement: Any, rank: int, **kw: Any) -> Any:
-    """The ``torch.distributed.pipelining`` stage of ``rank``: see :func:`placer.loaders.pipeline_stages`."""
-    from placer.loaders import pipeline_stages as _stages
-
-    return _stages(model, placement, rank, **kw)
 
 SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "placement.schema.json"
 
@@ -60,7 +46,7 @@ def contiguous_stages(graph: OpGraph, placement: Placement) -> list[dict[str, An
     """Stages ``[{device, first_op, last_op}]`` if each device holds one contiguous run of ops, else None.
 
     Input placeholders and parameter reads (``input``/``get_attr`` ops) do not break contiguity: a pipeline feeds
-    every model input to the first stage and reads parameters where they are used (:mod:`placer.loaders`).
+    every model input to the first stage and reads parameters where they are used (:mod:`placer.io.loaders`).
     Stage ``i`` covers every op from its ``first_op`` up to the op before stage ``i+1``'s ``first_op``.
     """
     if graph.n == 0:

@@ -2,7 +2,7 @@
 NeurIPS 2019: a GNN policy trained on some graphs places unseen graphs of the family without retraining).
 
 The run's ``config.json`` names the policy and its sizes, ``checkpoint.pt`` holds its weights (single-graph runs
-of :mod:`placer.train`, with REINFORCE or PPO, and multi-graph runs of :mod:`placer.train_multi` alike). The new
+of :mod:`placer.app.train`, with REINFORCE or PPO, and multi-graph runs of :mod:`placer.app.train_multi` alike). The new
 graph is grouped as the run grouped its graphs, the policy's most likely placement is taken (or, with
 ``samples > 1``, the best by simulation of that and ``samples - 1`` sampled ones), and the result is simulated
 and written as a ``placer.placement/v1`` document. The ``gnn`` policy has no size-dependent weights, so any graph
@@ -24,11 +24,11 @@ import torch
 from envs.placement_env import resolve_cluster, resolve_graph
 from envs.problem import build_problem
 from graphs.ir import OpGraph
-from placer.cluster import Cluster
-from placer.export import save_placement
-from placer.placement import Placement
-from placer.result import StepResult
-from placer.runs import find_run
+from placer.core.cluster import Cluster
+from placer.io.document import save_placement
+from placer.core.placement import Placement
+from placer.core.result import StepResult
+from placer.app.runs import find_run
 from policies import PolicyInput, make_policy
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Clust
                     runs_dir: str | Path = "runs", samples: int = 1, seed: int = 0,
                     graph_config: str = "small") -> ZeroShotResult:
     """Place ``graph`` on ``cluster`` with the policy of ``run`` (module docstring)."""
-    from placer.sim import simulate
+    from placer.costmodel.sim import simulate
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -93,7 +93,7 @@ def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Clust
 
 
 def zero_shot_placer(run: str | Path, *, runs_dir: str | Path = "runs", samples: int = 256):
-    """A :class:`placer.compare.ExtraPlacer` that places every graph of a comparison with ``run``'s policy,
+    """A :class:`placer.app.compare.ExtraPlacer` that places every graph of a comparison with ``run``'s policy,
     without training (``placer compare --policy-from RUN``)."""
 
     def place(graph: OpGraph, cluster: Cluster, *, seed: int, budget_s: float | None) -> Placement:

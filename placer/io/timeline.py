@@ -1,4 +1,4 @@
-"""Timeline output of a :class:`~placer.result.StepResult`: a Perfetto/Chrome trace and a Gantt PNG.
+"""Timeline output of a :class:`~placer.core.result.StepResult`: a Perfetto/Chrome trace and a Gantt PNG.
 
 Both need a result with events (``simulate(..., timeline=True)`` or an engine run that records them). Tracks are
 the devices (in cluster order) then the links (``src->dst``) that carried something; an activation transfer is
@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from placer.result import StepResult, TimelineEvent
+from placer.core.result import StepResult, TimelineEvent
 
 
 def _require_events(result: StepResult) -> tuple[TimelineEvent, ...]:

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
 from graphs.trace import TracedModel, buffers_restored, record_values, trace_model
+from placer.io.document import LoadedPlacement, load_placement, placement_from_document
 
 if TYPE_CHECKING:  # imported lazily at run time: torch.distributed is only needed by pipeline users
     from torch.distributed.pipelining import PipelineStage
@@ -55,8 +56,6 @@ PlacementLike = Mapping[str, Any] | str | os.PathLike
 
 def _document(placement: Any) -> dict[str, Any]:
     """The validated placement document from a dict, a path or a ``LoadedPlacement``."""
-    # Imported here: placer.export re-exports this module's functions, so a top-level import would be a cycle.
-    from placer.export import LoadedPlacement, load_placement, placement_from_document
 
     if isinstance(placement, LoadedPlacement):
         return placement.doc

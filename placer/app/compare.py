@@ -9,7 +9,7 @@ the same layout from :mod:`placer.baselines` and the simulator:
   m-ETF / m-SCT, HEFT, PipeDream-DP, Random, Round-robin), then any ``extra`` columns (the RL placer joins here);
 - **Best**: the fastest column; **Speed-up**: ``t(best of Scotch, MinCut, Expert) / t(best) − 1`` (ColocRL's
   "speed-up", which compares RL with the best baseline; 0 % when a reference baseline is itself the best);
-- **Efficiency**: ``lower bound / t(best)``, the lower bound from :mod:`placer.bounds` when present, else the
+- **Efficiency**: ``lower bound / t(best)``, the lower bound from :mod:`placer.costmodel.bounds` when present, else the
   simple bound of :func:`simple_lower_bound_s`.
 
 A placement that does not fit memory shows as ``OOM``; a method that does not apply to a cluster (Single-GPU on a
@@ -35,9 +35,9 @@ import numpy as np
 from graphs.ir import OpGraph
 from placer import baselines
 from placer.baselines._common import groups_of, op_time_s
-from placer.cluster import Cluster, get_cluster
-from placer.placement import Placement
-from placer.result import StepResult
+from placer.core.cluster import Cluster, get_cluster
+from placer.core.placement import Placement
+from placer.core.result import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ LEADING = ["single-cpu", "single-gpu", "scotch", "mincut", "expert"]
 """ColocRL's columns, first and in its order."""
 REFERENCE = ("scotch", "mincut", "expert")
 """The baselines ColocRL's speed-up is measured against."""
-DATA_DIR = Path(__file__).resolve().parents[1] / "graphs" / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "graphs" / "data"
 
 Status = Literal["ok", "oom", "n/a", "failed"]
 
@@ -234,7 +234,7 @@ def _num(x: float) -> str:
 def simple_lower_bound_s(graph: OpGraph, cluster: Cluster) -> float:
     """No placement beats both (a) the forward+backward critical path with every op on its fastest device and no
     transfers, and (b) all the work shared by all devices at their ideal rates (``1 / Σ_d 1/T_d``, ``T_d`` the
-    whole graph on device ``d``). Used when :mod:`placer.bounds` is absent."""
+    whole graph on device ``d``). Used when :mod:`placer.costmodel.bounds` is absent."""
     t = groups_of(graph, cluster).time_s
     op_t = op_time_s(graph, cluster).min(axis=1)
     finish = op_t.copy()
@@ -249,7 +249,7 @@ def simple_lower_bound_s(graph: OpGraph, cluster: Cluster) -> float:
 
 def _default_lower_bound() -> Callable[[OpGraph, Cluster], float]:
     try:
-        mod = importlib.import_module("placer.bounds")
+        mod = importlib.import_module("placer.costmodel.bounds")
     except ImportError:
         return simple_lower_bound_s
     for name in ("lower_bound_s", "lower_bound", "step_lower_bound_s"):
@@ -265,7 +265,7 @@ def _as_seconds(v: Any) -> float:
     for attr in ("step_s", "step_time_s", "bound_s", "value_s"):
         if hasattr(v, attr):
             return float(getattr(v, attr))
-    raise ValueError(f"placer.bounds returned {type(v).__name__}, not seconds")
+    raise ValueError(f"placer.costmodel.bounds returned {type(v).__name__}, not seconds")
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -311,10 +311,10 @@ def compare(
     ``methods``: baseline names (default :func:`default_methods`). ``extra``: more columns, e.g.
     ``{"RL": rl_placer}``, each called with ``budget_s=train_budget_s``. ``real``: re-measure each placement with
     the engine (``measure(graph, placement)``). ``schedule`` / ``microbatches`` / ``cost_kind`` go to
-    :func:`placer.sim.simulate`. Writes ``compare.md/.csv/.json`` into ``out_dir`` unless it is ``None``.
+    :func:`placer.costmodel.sim.simulate`. Writes ``compare.md/.csv/.json`` into ``out_dir`` unless it is ``None``.
     Unknown methods are a one-line ``ValueError`` before anything runs.
     """
-    from placer.sim import simulate  # simulator import kept local: it compiles numba kernels on first use
+    from placer.costmodel.sim import simulate  # simulator import kept local: it compiles numba kernels on first use
 
     methods = list(default_methods() if methods is None else methods)
     for m in methods:

@@ -30,9 +30,9 @@ def command(name: str) -> Callable:
 
 
 def parse_duration(text: str) -> float:
-    """``10m`` / ``90s`` / ``1h`` / ``30`` (seconds) -> seconds (:func:`placer.train.parse_duration`, imported on
+    """``10m`` / ``90s`` / ``1h`` / ``30`` (seconds) -> seconds (:func:`placer.app.train.parse_duration`, imported on
     use so that ``placer --help`` does not load torch)."""
-    from placer.train import parse_duration as parse  # noqa: PLC0415
+    from placer.app.train import parse_duration as parse  # noqa: PLC0415
 
     return parse(text)
 
@@ -67,8 +67,8 @@ def load_graph_arg(text: str, *, config: str = "small"):
 
 def placed_from_document(doc: dict, where: str, graph_arg: str | None, cluster_arg: str | None):
     """(graph, cluster, placement) of a placement JSON document; ``--graph``/``--cluster`` override its names."""
-    from placer.cluster import get_cluster
-    from placer.export import placement_from_document
+    from placer.core.cluster import get_cluster
+    from placer.io.document import placement_from_document
 
     graph = load_graph_arg(graph_arg or doc["graph"]["name"])
     cluster = get_cluster(cluster_arg or doc.get("cluster", ""))
@@ -191,13 +191,13 @@ def print_cluster(cluster) -> None:
 
 
 def cmd_cluster_show(args: argparse.Namespace) -> None:
-    from placer.cluster import get_cluster
+    from placer.core.cluster import get_cluster
 
     print_cluster(get_cluster(args.cluster))
 
 
 def cmd_cluster_calibrate(args: argparse.Namespace) -> None:
-    from placer.calibrate import calibrate_cluster
+    from placer.engine.calibrate import calibrate_cluster
 
     with console.status(f"calibrating {args.devices} gloo workers…"):
         cluster = calibrate_cluster(args.devices, repeats=args.repeats, threads_per_device=args.threads)
@@ -223,10 +223,10 @@ def _baseline_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_baseline(args: argparse.Namespace) -> None:
     from placer import baselines
-    from placer.bounds import efficiency
-    from placer.cluster import get_cluster
-    from placer.export import save_placement
-    from placer.sim import simulate
+    from placer.costmodel.bounds import efficiency
+    from placer.core.cluster import get_cluster
+    from placer.io.document import save_placement
+    from placer.costmodel.sim import simulate
 
     graph, cluster = load_graph_arg(args.graph), get_cluster(args.cluster)
     placement = baselines.place(args.method, graph, cluster, seed=args.seed)
@@ -267,10 +267,10 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     import time
 
-    from placer.compare import compare
-    from placer.place import zero_shot_placer
-    from placer.runs import find_run
-    from placer.train import family_column, family_placer
+    from placer.app.compare import compare
+    from placer.app.place import zero_shot_placer
+    from placer.app.runs import find_run
+    from placer.app.train import family_column, family_placer
 
     graphs = [load_graph_arg(g) for g in args.graphs.split(",") if g]
     extra = {}
@@ -295,8 +295,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- train
 @command("train")
 def _train_parser(sub: argparse._SubParsersAction) -> None:
-    from placer.train import add_train_arguments
-    from placer.train_multi import add_multi_arguments
+    from placer.app.train import add_train_arguments
+    from placer.app.train_multi import add_multi_arguments
 
     p = sub.add_parser("train", help="train an RL placement policy (writes runs/{graph}__{policy}__{algo}__{seed}__{ts}/)")
     add_train_arguments(p)
@@ -310,16 +310,16 @@ def _is_multi_run(args: argparse.Namespace) -> bool:
         return False
     import json
 
-    from placer.runs import find_run
+    from placer.app.runs import find_run
 
     return bool(json.loads((find_run(args.resume, args.runs_dir) / "config.json").read_text()).get("multi"))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from placer.train import config_from_args, train
+    from placer.app.train import config_from_args, train
 
     if getattr(args, "graphs", None) or getattr(args, "random_dags", None) or _is_multi_run(args):
-        from placer.train_multi import multi_config_from_args, train_multi
+        from placer.app.train_multi import multi_config_from_args, train_multi
 
         multi = train_multi(multi_config_from_args(args))
         console.print(f"multi-graph run folder: {multi.run_dir}")
@@ -337,7 +337,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- place
 @command("place")
 def _place_parser(sub: argparse._SubParsersAction) -> None:
-    from placer.place import add_place_arguments
+    from placer.app.place import add_place_arguments
 
     p = sub.add_parser("place", help="place a graph zero-shot with a trained policy (no training)")
     add_place_arguments(p)
@@ -345,7 +345,7 @@ def _place_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_place(args: argparse.Namespace) -> None:
-    from placer.place import run_place
+    from placer.app.place import run_place
 
     run_place(args)
 
@@ -368,8 +368,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from placer.engine import EngineConfig, measure
-    from placer.sim import simulate
-    from placer.timeline import plot_gantt, to_chrome_trace
+    from placer.costmodel.sim import simulate
+    from placer.io.timeline import plot_gantt, to_chrome_trace
 
     from graphs.jsonio import read_json
 
@@ -408,7 +408,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from placer.demo import DemoConfig, run_demo
+    from placer.app.demo import DemoConfig, run_demo
 
     result = run_demo(DemoConfig(graph=args.graph, build=args.build, cluster=args.cluster, budget_s=args.budget,
                                  seed=args.seed, runs_dir=args.runs_dir, steps=args.steps,
@@ -433,7 +433,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from placer.export import load_placement
+    from placer.io.document import load_placement
     from graphs.jsonio import write_json_atomic
 
     src = Path(args.source)
@@ -466,11 +466,11 @@ def _show_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_show(args: argparse.Namespace) -> None:
     from graphs.jsonio import read_json
-    from placer.result import StepResult
+    from placer.core.result import StepResult
 
     doc = read_json(args.path, "placement or result")
     if isinstance(doc, dict) and doc.get("schema") == "placer.placement/v1":
-        from placer.sim import simulate
+        from placer.costmodel.sim import simulate
 
         graph, cluster, placement = placed_from_document(doc, args.path, args.graph, args.cluster)
         result = simulate(graph, cluster, placement, schedule=doc["schedule"]["name"],
@@ -486,12 +486,12 @@ def cmd_show(args: argparse.Namespace) -> None:
     for d, busy, mem in zip(result.devices, result.busy_s, result.peak_memory_bytes):
         console.print(f"  {d}: busy {busy * 1e3:.2f} ms, peak memory {mem / 1e6:.1f} MB")
     if args.timeline:
-        from placer.timeline import plot_gantt
+        from placer.io.timeline import plot_gantt
 
         plot_gantt(result, args.timeline, title=title)
         console.print(f"wrote {args.timeline}")
     if args.trace:
-        from placer.timeline import to_chrome_trace
+        from placer.io.timeline import to_chrome_trace
 
         to_chrome_trace(result, args.trace)
         console.print(f"wrote {args.trace}")
