@@ -36,19 +36,25 @@ def pair(bandwidth_Bps: float = 1e9, memory: tuple[int, int] = (1 << 34, 1 << 34
     return cpus(2, memory_bytes=memory, bandwidth_Bps=bandwidth_Bps, latency_s=1e-4, name="pair")
 
 
+def _per_op(value: float | Sequence[float], n: int) -> list[float]:
+    return list(value) if isinstance(value, Sequence) else [value] * n
+
+
 def chain(n: int, *, fwd_s: float | Sequence[float] = 1.0, bwd_s: float | Sequence[float] | None = None,
-          out_bytes: int = 0, param_bytes: int = 0, name: str | None = None) -> OpGraph:
-    """Ops ``op0 -> op1 -> ... -> op{n-1}``; ``bwd_s`` defaults to twice the forward (a typical backward)."""
-    fwd = list(fwd_s) if isinstance(fwd_s, Sequence) else [fwd_s] * n
-    bwd = [2 * f for f in fwd] if bwd_s is None else list(bwd_s) if isinstance(bwd_s, Sequence) else [bwd_s] * n
-    ops = [dict(name=f"op{i}", fwd_s=fwd[i], bwd_s=bwd[i], out_bytes=out_bytes, param_bytes=param_bytes)
-           for i in range(n)]
+          name: str | None = None, **op_fields: int | str) -> OpGraph:
+    """Ops ``op0 -> op1 -> ... -> op{n-1}``; ``bwd_s`` defaults to twice the forward (a typical backward);
+    ``op_fields`` (``out_bytes=8``, ``stash_bytes=...``, ``param_bytes=...``) are given to every op."""
+    fwd = _per_op(fwd_s, n)
+    bwd = [2 * f for f in fwd] if bwd_s is None else _per_op(bwd_s, n)
+    ops = [dict(name=f"op{i}", fwd_s=fwd[i], bwd_s=bwd[i], **op_fields) for i in range(n)]
     return OpGraph.build(name=name or f"chain{n}", ops=ops, edges=[(f"op{i}", f"op{i + 1}") for i in range(n - 1)])
 
 
-def diamond(*, edge_bytes: int = 0, fwd_s: Sequence[float] = (1.0, 2.0, 3.0, 1.0)) -> OpGraph:
-    """``s -> (l, r) -> t`` with forward times ``fwd_s`` for s, l, r, t and backwards twice as long."""
-    ops = [dict(name=n, fwd_s=f, bwd_s=2 * f) for n, f in zip("slrt", fwd_s)]
+def diamond(*, fwd_s: Sequence[float] = (1.0, 2.0, 3.0, 1.0), bwd_s: Sequence[float] | None = None,
+            edge_bytes: int = 0) -> OpGraph:
+    """``s -> (l, r) -> t`` with forward times ``fwd_s`` for s, l, r, t (backwards: ``bwd_s``, else twice those)."""
+    bwd = [2 * f for f in fwd_s] if bwd_s is None else list(bwd_s)
+    ops = [dict(name=n, fwd_s=f, bwd_s=b) for n, f, b in zip("slrt", fwd_s, bwd)]
     return OpGraph.build(name="diamond", ops=ops, edges=[(a, b, edge_bytes) for a, b in
                                                          (("s", "l"), ("s", "r"), ("l", "t"), ("r", "t"))])
 

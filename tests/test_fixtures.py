@@ -39,3 +39,13 @@ def test_tiny_graphs_step_times_worked_by_hand(chain_graph, diamond_graph, cpu_c
     # s(1) | l(2) on 0, r(3) on 1 | t(1): forwards end at 1 + 3 + 1 = 5; backwards t(2), r(6) beside l(4), s(2)
     d = diamond_graph()
     assert simulate(d, free, np.array([0, 0, 1, 0]), dispatch_overhead_s=0.0).step_time_s == 15.0
+    # backwards as long as forwards: s 1 | l 4 beside r 2 | t 1, then t 1 | l 4 beside r 2 | s 1
+    even = diamond_graph(fwd_s=(1.0, 4.0, 2.0, 1.0), bwd_s=(1.0, 4.0, 2.0, 1.0))
+    assert simulate(even, free, np.array([0, 0, 1, 0]), dispatch_overhead_s=0.0).step_time_s == 12.0
+
+
+def test_chain_passes_op_fields_to_every_op(chain_graph):
+    g = chain_graph(4, bwd_s=0.5, out_bytes=8, stash_bytes=100)
+    assert g.cost().bwd_s.tolist() == [0.5] * 4
+    assert g.out_bytes.tolist() == [8] * 4 and g.stash_bytes.tolist() == [100] * 4
+    assert g.edge_index.tolist() == [[0, 1, 2], [1, 2, 3]]
