@@ -10,10 +10,10 @@ import ast
 import fnmatch
 import re
 import subprocess
-import tomllib
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("graphs", "placer", "envs", "policies")
@@ -168,6 +168,7 @@ def test_doc_checkers_can_fail():
 
 
 def test_package_data_ships_every_data_file_in_the_packages():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     tracked = subprocess.run(["git", "ls-files", *PACKAGES], cwd=ROOT, capture_output=True, text=True).stdout.split()
     if not tracked:  # not a git checkout (an unpacked sdist): nothing to compare

@@ -18,7 +18,6 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -92,8 +91,8 @@ TOKEN = re.compile(r"[A-Za-z0-9_+\-]+")
 @functools.cache
 def cli_help(*command: str) -> str:
     """``placer COMMAND --help``, run through the ``placer`` entry point that pyproject.toml declares."""
-    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["placer"]
-    module, func = target.split(":")
+    scripts = (ROOT / "pyproject.toml").read_text().split("[project.scripts]", 1)[1]
+    module, func = re.search(r'^placer\s*=\s*"([\w.]+):(\w+)"', scripts, re.M).groups()  # no tomllib on 3.10
     code = f"import sys; sys.argv[0] = 'placer'; from {module} import {func}; sys.exit({func}())"
     # COLUMNS: no wrapping, which would split a name at its hyphen
     env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="1000", NO_COLOR="1", TERM="dumb")
