@@ -7,9 +7,13 @@ Imports under ``if TYPE_CHECKING:`` are annotations only and do not count.
 from __future__ import annotations
 
 import ast
+import fnmatch
+import re
+import subprocess
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("graphs", "placer", "envs", "policies")
@@ -125,3 +129,50 @@ def test_checker_catches_violations_and_cycles(tmp_path):
     assert len(violations(g)) == 2
     g.add_edge("graphs.ir", "placer.costmodel.s")
     assert any(len(c) > 1 for c in nx.strongly_connected_components(g))
+
+
+# ---------------------------------------------------------------------------------------------- the document
+DOC = ROOT / "docs" / "architecture.md"
+
+
+def doc_layers(text: str) -> dict[str, int]:
+    """``{prefix: level}`` from the layer table of docs/architecture.md (rows ``| 3 | `placer.engine` | ... |``)."""
+    return {m.group(2): int(m.group(1)) for m in re.finditer(r"^\|\s*(\d+)\s*\|\s*`([\w.]+)`\s*\|", text, re.M)}
+
+
+def doc_module_paths(text: str) -> set[str]:
+    """Module files the document names (`` `placer/costmodel/sim.py` ``) inside the project's packages."""
+    packages = "|".join(PACKAGES)
+    return {m.group(1) for m in re.finditer(rf"`((?:{packages})/[\w/]+\.py)`", text)}
+
+
+def test_architecture_doc_has_the_layers_of_this_test():
+    want = {prefix: lv for prefix, lv in LAYERS if prefix != "placer"}  # placer/__init__: the version only
+    assert doc_layers(DOC.read_text()) == want, "docs/architecture.md's layer table and LAYERS differ"
+
+
+def test_architecture_doc_lists_every_module_and_no_other():
+    files = {str(p.relative_to(ROOT)) for p in project_modules().values()}
+    # package __init__ files that only re-export or hold a docstring need no line of their own
+    files = {f for f in files if not f.endswith("__init__.py") or len((ROOT / f).read_text().splitlines()) > 5}
+    named = doc_module_paths(DOC.read_text())
+    assert sorted(files - named) == [], "modules missing from docs/architecture.md (add one line each)"
+    assert sorted(named - {str(p.relative_to(ROOT)) for p in project_modules().values()}) == [], \
+        "docs/architecture.md names modules that do not exist"
+
+
+def test_doc_checkers_can_fail():
+    text = "| 0 | `graphs` | x |\n| 3 | `placer.engine` | y |\nsee `placer/costmodel/sim.py` and `tests/x.py`"
+    assert doc_layers(text) == {"graphs": 0, "placer.engine": 3}
+    assert doc_module_paths(text) == {"placer/costmodel/sim.py"}
+
+
+def test_package_data_ships_every_data_file_in_the_packages():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    tracked = subprocess.run(["git", "ls-files", *PACKAGES], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:  # not a git checkout (an unpacked sdist): nothing to compare
+        return
+    globs = [f"{pkg.replace('.', '/')}/{pattern}" for pkg, patterns in data.items() for pattern in patterns]
+    shipped = [f for f in tracked if f.endswith(".py") or any(fnmatch.fnmatch(f, g) for g in globs)]
+    assert sorted(set(tracked) - set(shipped)) == [], "files a wheel would leave out: add them to package-data"
