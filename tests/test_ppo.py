@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.placement_env import PlacementEnv
+from envs.placement_env import make_env
 from envs.problem import build_problem
 from envs.synthetic import layered_dag, two_chains
 from placer.core.cluster import Cluster, Device, get_cluster
@@ -18,7 +18,7 @@ from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is 
 
 
 def test_ppo_learns_one_chain_per_device():
-    env = PlacementEnv(two_chains(4), pair(), num_groups=64)
+    env = make_env(two_chains(4), pair(), num_groups=64)
     best = env.evaluate([0, 1] * 4)[0]
     rng = np.random.default_rng(0)
     random_mean = np.mean([env.evaluate(rng.integers(0, 2, 8))[0] for _ in range(400)])
@@ -36,7 +36,7 @@ def test_ppo_learns_one_chain_per_device():
 def test_maskable_ppo_never_picks_a_masked_device():
     g = layered_dag(3, 4, seed=6)
     probe = build_problem(g, pair(), 64)
-    env = PlacementEnv(g, pair(memory=(int(probe.mem_bytes.max() * 1.5), 1 << 40)), num_groups=64)
+    env = make_env(g, pair(memory=(int(probe.mem_bytes.max() * 1.5), 1 << 40)), num_groups=64)
     torch.manual_seed(0)
     algo = MaskablePPOAlgo(make_policy("gnn", env.problem, hidden=8, layers=1), env,
                            PPOConfig(samples_per_update=4, n_epochs=1, seed=0), check_masks=True)
@@ -50,20 +50,20 @@ def test_maskable_ppo_never_picks_a_masked_device():
 
 
 def test_replicas_keep_their_own_episodes():
-    env = PlacementEnv(layered_dag(2, 3, seed=1), "cpu+4gpu", num_groups=6)
+    env = make_env(layered_dag(2, 3, seed=1), "cpu+4gpu", num_groups=6)
     env.reset(seed=0)
     twin = env.replica()
     env.step(1)
     assert twin._t == 0 and twin._placement.sum() == 0 and env._t == 1
     obs_env, obs_twin = env._obs(), twin._obs()
     assert not np.array_equal(obs_env["node_features"], obs_twin["node_features"])
-    env.reward_backend = "real"  # (an engine-backed env owns worker processes)
+    env.backend.replicable = False  # as an engine-backed reward, which owns worker processes
     with pytest.raises(ValueError, match="sim reward"):
         env.replica()
 
 
 def _rewards(seed: int) -> list[np.ndarray]:
-    env = PlacementEnv(layered_dag(2, 3, seed=1), "cpu+4gpu", num_groups=6)
+    env = make_env(layered_dag(2, 3, seed=1), "cpu+4gpu", num_groups=6)
     torch.manual_seed(seed)
     algo = make_algo("ppo", make_policy("gnn", env.problem, hidden=8, layers=1), env, samples_per_update=4,
                      seed=seed)
@@ -77,7 +77,7 @@ def test_ppo_is_deterministic_under_a_seed():
 
 
 def test_ppo_needs_the_gnn_policy():
-    env = PlacementEnv(layered_dag(2, 2), pair(), num_groups=4)
+    env = make_env(layered_dag(2, 2), pair(), num_groups=4)
     with pytest.raises(ValueError, match="ppo trains the gnn policy"):
         make_algo("ppo", make_policy("seq2seq", env.problem, hidden=8), env)
 

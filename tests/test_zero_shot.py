@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.placement_env import PlacementEnv
+from envs.placement_env import make_env
 from envs.synthetic import layered_dag, two_chains
 from placer.core.cluster import get_cluster
 from placer.io.document import load_placement
@@ -42,7 +42,7 @@ def test_multi_graph_run_writes_its_folder(chains_run):
     for name in ("config.json", "checkpoint.pt", "placement_two-chains-4.json"):
         assert (res.run_dir / name).exists(), name
     # it solved the training graph: one chain per device
-    env = PlacementEnv(two_chains(4), pair(), num_groups=64, reference="single")
+    env = make_env(two_chains(4), pair(), num_groups=64, reference="single")
     assert res.best_step_time_s["two-chains-4"] == pytest.approx(env.evaluate([0, 1] * 4)[1].step_time_s)
 
 
@@ -50,7 +50,7 @@ def test_zero_shot_places_a_longer_chain_pair_optimally(chains_run):
     tmp, res = chains_run
     graph = two_chains(7)  # never seen: 14 groups instead of 8
     zs = place_zero_shot(res.run_dir, graph, pair())
-    env = PlacementEnv(graph, pair(), num_groups=64, reference="single")
+    env = make_env(graph, pair(), num_groups=64, reference="single")
     optimum = env.evaluate([0, 1] * 7)[1].step_time_s
     rng = np.random.default_rng(0)
     random_mean = np.mean([env.evaluate(rng.integers(0, 2, 14))[1].step_time_s for _ in range(200)])

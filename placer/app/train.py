@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from envs.placement_env import PlacementEnv, resolve_cluster, resolve_graph
+from envs.placement_env import PlacementEnv, make_env, resolve_cluster, resolve_graph
 from envs.rewards import SimRealBackend
 from graphs.ir import OpGraph
 from placer.core.cluster import Cluster
@@ -301,7 +301,7 @@ def train(config: TrainConfig) -> TrainResult:
     torch.manual_seed(config.seed)
 
     # ---------------------------------------------------------------- env, policy, algorithm
-    env = PlacementEnv(graph, cluster, num_groups=config.num_groups, reward_backend=config.reward,
+    env = make_env(graph, cluster, num_groups=config.num_groups, reward_backend=config.reward,
                        reference=config.reference, incremental=config.incremental, schedule=config.schedule,
                        microbatches=config.microbatches, failure_penalty=config.failure_penalty,
                        sim_graph=config.sim_graph, engine_timeout_s=config.engine_timeout_s)

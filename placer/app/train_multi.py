@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs.placement_env import PlacementEnv, resolve_cluster, resolve_graph
+from envs.placement_env import PlacementEnv, make_env, resolve_cluster, resolve_graph
 from envs.synthetic import branch_blocks, layered_dag, recurrent_grid, seq2seq_grid
 from graphs.ir import OpGraph
 from placer.io.document import save_placement, write_json_atomic
@@ -204,7 +204,7 @@ def train_multi(config: MultiTrainConfig) -> MultiTrainResult:
     torch.set_num_threads(max(1, config.torch_threads))
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
-    envs = [PlacementEnv(g, cluster, num_groups=config.num_groups, reference=config.reference) for g in graphs]
+    envs = [make_env(g, cluster, num_groups=config.num_groups, reference=config.reference) for g in graphs]
     try:
         policy = make_policy(config.policy, envs[0].problem, hidden=config.hidden, **config.policy_options)
         algos = [make_algo(config.algo, policy, env, samples_per_update=config.samples_per_update, lr=config.lr,
