@@ -76,7 +76,8 @@ def test_placer_train_runs_the_hierarchical_policy(tmp_path):
     from placer.app.train import TrainConfig, train
 
     res = train(TrainConfig(graph=layered_dag(3, 3, seed=11), cluster="cpu+4gpu", policy="hierarchical",
-                            budget_s=60.0, max_updates=2, samples_per_update=4, hidden=8, num_groups=8,
+                            budget_s=60.0, max_updates=2, algo_config={"samples_per_update": 4}, hidden=8,
+                            num_groups=8,
                             policy_options={"groups": 3}, runs_dir=str(tmp_path), progress=False,
                             baselines=("expert",)))
     assert res.updates == 2 and res.samples == 8 and (res.run_dir / "placement.json").exists()

@@ -87,8 +87,8 @@ def test_train_with_ppo_writes_the_run_and_resumes(tmp_path):
 
     graph = layered_dag(3, 3, seed=11)
     cfg = TrainConfig(graph=graph, cluster="cpu+4gpu", policy="gnn", algo="ppo", budget_s=120.0, max_updates=2,
-                      samples_per_update=4, hidden=8, num_groups=8, runs_dir=str(tmp_path), progress=False,
-                      checkpoint_every_s=0.0, baselines=("expert", "heft"))
+                      algo_config={"samples_per_update": 4}, hidden=8, num_groups=8, runs_dir=str(tmp_path),
+                      progress=False, checkpoint_every_s=0.0, baselines=("expert", "heft"))
     res = train(cfg)
     assert res.run_dir.name.startswith("layered-3x3-s11__gnn__ppo__0__") and res.updates == 2 and res.samples == 8
     doc = load_placement(res.run_dir / "placement.json", graph, get_cluster("cpu+4gpu"))
