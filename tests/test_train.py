@@ -133,7 +133,8 @@ def test_cli_options_build_the_config():
     assert (cfg.graph, cfg.cluster, cfg.budget_s, cfg.reward, cfg.seed, cfg.progress) == (
         "nmt", "cpu+4gpu", 120.0, "sim+real", 3, False)
     assert cfg.policy == "seq2seq" and cfg.algo == "reinforce"
-    assert (cfg.algo_config.samples_per_update, cfg.algo_config.self_imitation_coef, cfg.algo_config.seed) == (8, 0.25, 3)
+    algo = cfg.algo_config
+    assert (algo.samples_per_update, algo.self_imitation_coef, algo.seed) == (8, 0.25, 3)
     with pytest.raises(ValueError, match="--graph"):
         config_from_args(parser.parse_args([]))
     with pytest.raises(SystemExit):
