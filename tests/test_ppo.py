@@ -60,6 +60,9 @@ def test_replicas_keep_their_own_episodes():
     env.backend.replicable = False  # as an engine-backed reward, which owns worker processes
     with pytest.raises(ValueError, match="sim reward"):
         env.replica()
+    # PPO asks the backend, not its name: one environment for a backend that cannot be shared
+    algo = make_algo("ppo", make_policy("gnn", env.problem, hidden=8, layers=1), env, samples_per_update=4, n_envs=4)
+    assert algo.venv.num_envs == 1
 
 
 def _rewards(seed: int) -> list[np.ndarray]:
