@@ -193,11 +193,16 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- run
+def _document_overrides(p: argparse.ArgumentParser) -> None:
+    """``--graph`` / ``--cluster``: what a placement document names, overridden (:func:`placed_from_document`)."""
+    p.add_argument("--graph", help="graph JSON or shipped graph (default: the placement's graph name)")
+    p.add_argument("--cluster", help="cluster preset or JSON (default: the placement's cluster)")
+
+
 @command("run", "execute a placement for real (one worker process per device) and time it")
 def _run_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("placement", help="placement JSON")
-    p.add_argument("--graph", help="graph JSON or shipped graph (default: the placement's graph name)")
-    p.add_argument("--cluster", help="cluster preset or JSON (default: the placement's cluster)")
+    _document_overrides(p)
     p.add_argument("--schedule", choices=schedule_names(), help="override the placement's schedule")
     p.add_argument("--microbatches", type=int, help="override the placement's micro-batch count")
     p.add_argument("--steps", type=int, default=20, help="measured steps (median reported)")
@@ -267,8 +272,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 @command("show", "summarise a placement JSON or a step result; draw its timeline")
 def _show_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="placement.json (re-simulated) or a StepResult JSON")
-    p.add_argument("--graph", help="graph JSON or shipped graph (default: from the placement's graph name)")
-    p.add_argument("--cluster", help="cluster preset or JSON (default: the placement's cluster)")
+    _document_overrides(p)
     p.add_argument("--timeline", help="write a Gantt PNG here")
     p.add_argument("--trace", help="write a Perfetto/Chrome trace JSON here")
     p.set_defaults(func=cmd_show)
