@@ -57,6 +57,9 @@ def cyclic_graph(tmp_path):
     (["graph", "build", "tests.fixtures_models:untraceable", "--out", "x.json"], "cannot trace"),
     (["graph", "build", "rnnlm", "--set", "colour=red", "--out", "x.json"], "colour"),
     (["cluster", "show", "tpu-pod"], "unknown cluster 'tpu-pod'"),
+    (["baseline", "--graph", "rnnlm", "--cluster", "cpu-2", "--method", "nope"], "--method: invalid choice: 'nope'"),
+    (["train", "--graph", "rnnlm", "--policy", "nope"], "--policy: invalid choice: 'nope' (choose from 'gnn'"),
+    (["train", "--graph", "rnnlm", "--budget", "soon"], "not a duration: 'soon'"),
     (["compare", "--graphs", "rnnlm", "--clusters", "cpu-2", "--train-budget", "5s", "--rl", "lstm+sgd"],
      "unknown policy family 'lstm+sgd'"),
 ])

@@ -17,6 +17,14 @@ from placer.app import cli_inspect, cli_train  # noqa: F401 -- register their co
 from placer.app.cli_base import COMMANDS
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error (unknown choice, bad duration) is a ``ValueError``, so it is one ``placer: error:`` line
+    like every other expected failure (``--help`` still prints the usage)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ValueError(f"{self.prog}: {message}")
+
+
 def _command_in(argv: list[str]) -> str | None:
     """The sub-command ``argv`` runs (its first word that names one), if any."""
     return next((a for a in argv if a in COMMANDS), None)
@@ -25,7 +33,7 @@ def _command_in(argv: list[str]) -> str | None:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``placer`` parser; only the arguments of the command ``argv`` runs are added (all when ``argv`` is
     ``None``)."""
-    parser = argparse.ArgumentParser(prog="placer", description="Reinforcement-learning device placement for PyTorch.")
+    parser = _Parser(prog="placer", description="Reinforcement-learning device placement for PyTorch.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="cmd", required=True)
     wanted = None if argv is None else _command_in(argv)
