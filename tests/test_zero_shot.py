@@ -43,6 +43,13 @@ def test_multi_graph_run_writes_its_folder(chains_run):
         assert (res.run_dir / name).exists(), name
     with pytest.raises(ValueError, match="read result.outcomes"):
         res.placement  # noqa: B018 - a one-graph accessor on a run of two graphs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(res.run_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"charts/best_step_time_s/two-chains-4", "charts/reward/two-chains-4"} <= tags  # per graph
+    assert "charts/best_step_time_s" not in tags
     # it solved the training graph: one chain per device
     env = make_env(two_chains(4), pair(), num_groups=64, reference="single")
     assert res.outcomes["two-chains-4"].best_step_time_s == pytest.approx(env.evaluate([0, 1] * 4)[1].step_time_s)
