@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from graphs.data import available, load_benchmark_graph  # noqa: E402
 from placer.core.cluster import Cluster, get_cluster  # noqa: E402
-from placer.app.train import ALGORITHMIC, CLASSIC, TrainConfig, train  # noqa: E402
+from placer.app.train import ALGORITHMIC, CLASSIC, train  # noqa: E402
+from placer.app.training.config import flat_config  # noqa: E402
 
 MODELS = ("rnnlm", "nmt", "inception_v3")
 REAL_CLASSIC = ("single", "scotch", "mincut", "expert")
@@ -67,7 +68,7 @@ def ratio(rl_s: float, others: dict[str, float], methods: tuple[str, ...]) -> tu
 def bench_sim(model: str, args: argparse.Namespace) -> None:
     graph, config = load(model, args.data_dir)
     warm = {"warm_start": args.warm_start} if args.warm_start else {}
-    res = train(TrainConfig(graph=graph, cluster="cpu+4gpu", budget_s=args.budget, seed=args.seed,
+    res = train(flat_config(graph=graph, cluster="cpu+4gpu", budget_s=args.budget, seed=args.seed,
                             runs_dir=args.runs_dir, progress=not args.no_progress, **warm, **args.overrides))
     rl = res.predicted.step_time_s
     r_c, best_c = ratio(rl, res.baselines, CLASSIC)
@@ -88,7 +89,7 @@ def bench_real(model: str, args: argparse.Namespace) -> None:
 
     graph, _ = load(model, args.data_dir, "small")
     cluster = get_cluster(args.real_cluster)
-    res = train(TrainConfig(graph=graph, cluster=cluster, budget_s=args.real_budget, seed=args.seed,
+    res = train(flat_config(graph=graph, cluster=cluster, budget_s=args.real_budget, seed=args.seed,
                             reward=args.real_reward, real_every_s=max(30.0, args.real_budget / 4),
                             runs_dir=args.runs_dir, progress=not args.no_progress, **args.overrides))
     cluster = Cluster.load(res.run_dir / "cluster.json")  # calibrated by train() for an engine reward on cpu-2
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench_rl"))
     ap.add_argument("--data-dir", type=Path, default=None,
                     help="look for {model}-{paper,small}.json here first (default: graphs/data only)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="TrainConfig overrides")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="TrainConfig or algorithm config overrides")
     ap.add_argument("--warm-start", metavar="BASELINE", default=None,
                     help="start the policy by imitating this baseline ('best': the best simulated one); figures are "
                          "then printed as rl_warm_* / warm_time_to_2pct_s, never under the from-scratch names")

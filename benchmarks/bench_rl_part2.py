@@ -10,12 +10,12 @@ seconds (at most ``--num-groups`` groups) and prints::
     figure: rl_vs_best_algorithmic[G|F] = R F's step time / best of m-ETF, m-SCT, HEFT
     figure: time_to_2pct_s[G|F] = S         training seconds until F's best was within 2% of its final best
 
-then, leave-one-out (Placeto): train one GNN (REINFORCE with :class:`placer.app.train_multi.MultiTrainConfig`'s
-defaults: risk-seeking, self-imitation, both per view) on the other two graphs plus ``--random-dags`` random
-graphs (layered DAGs, unrolled recurrent grids, Inception-like branch blocks and attentional encoder-decoders in
-turn; see :func:`placer.app.train_multi.random_graphs`) for ``--zs-budget`` seconds, with the finish-estimate column
-hidden from ``--finish-dropout`` of its samples, place G zero-shot (in each view, with and without that column:
-the policy's greedy placement and ``--zs-samples - 1`` samples; best by simulation) and print::
+then, leave-one-out (Placeto): train one GNN (REINFORCE with the multi-graph preset of
+:data:`placer.app.training.config.PRESETS`: risk-seeking, self-imitation, both per view) on the other two graphs plus
+``--random-dags`` random graphs (layered DAGs, unrolled recurrent grids, Inception-like branch blocks and attentional
+encoder-decoders in turn; see :func:`placer.app.training.families.random_graphs`) for ``--zs-budget`` seconds, with
+the finish-estimate column hidden from ``--finish-dropout`` of its samples, place G zero-shot (in each view, with
+and without that column: the policy's greedy placement and ``--zs-samples - 1`` samples; best by simulation) and print::
 
     figure: zero_shot_ratio[G] = R          zero-shot step time / the gnn+reinforce run trained on G  (target <= 1.10)
 
@@ -41,12 +41,12 @@ from bench_rl import MODELS, load, ratio  # noqa: E402
 from placer.costmodel.bounds import colocation_bound_s, critical_path_s, work_bound_s  # noqa: E402
 from placer.core.cluster import get_cluster  # noqa: E402
 from placer.app.place import place_zero_shot  # noqa: E402
-from placer.app.train import ALGORITHMIC, CLASSIC, TrainConfig, train  # noqa: E402
-from placer.app.train_multi import MultiTrainConfig, train_multi  # noqa: E402
+from placer.app.train import ALGORITHMIC, CLASSIC, train  # noqa: E402
+from placer.app.training.config import flat_config  # noqa: E402
 
 FAMILIES = {
     "seq2seq+reinforce": dict(policy="seq2seq", algo="reinforce"),
-    # lr 3e-3 as train_multi's default (Inception-V3, 180 s: 1e-3 0.482 s, 3e-3 0.475 s, 1e-2 0.479 s; NMT 3e-3
+    # lr 3e-3 as the multi-graph preset's (Inception-V3, 180 s: 1e-3 0.482 s, 3e-3 0.475 s, 1e-2 0.479 s; NMT 3e-3
     # 0.235 s as with 1e-3, reached in 54 s)
     "gnn+reinforce": dict(policy="gnn", algo="reinforce", lr=3e-3),
     # PPO rollouts are whole episodes of G steps each, 16 per update stepped side by side in 8 environments
@@ -69,7 +69,7 @@ def print_bounds(model: str, args: argparse.Namespace) -> None:
 def bench_family(model: str, family: str, args: argparse.Namespace) -> float:
     """Train one family on one graph; prints its figures and returns its best simulated step time."""
     graph, config = load(model, args.data_dir)
-    res = train(TrainConfig(graph=graph, cluster="cpu+4gpu", budget_s=args.budget, seed=args.seed,
+    res = train(flat_config(graph=graph, cluster="cpu+4gpu", budget_s=args.budget, seed=args.seed,
                             num_groups=args.num_groups, runs_dir=args.runs_dir, progress=False, **FAMILIES[family]))
     rl = res.predicted.step_time_s
     r_c, best_c = ratio(rl, res.baselines, CLASSIC)
@@ -88,13 +88,13 @@ def bench_zero_shot(model: str, trained_s: float, models: list[str], args: argpa
     others = [str(ROOT / "graphs" / "data" / f"{m}-{load(m, args.data_dir)[1]}.json") for m in MODELS
               if m != model]
     others = [p for p in others if Path(p).exists()]
-    res = train_multi(MultiTrainConfig(graphs=tuple(others), random_dags=args.random_dags, cluster="cpu+4gpu",
-                                       policy="gnn", algo="reinforce", budget_s=args.zs_budget, seed=args.seed,
-                                       num_groups=args.num_groups, runs_dir=args.runs_dir,
-                                       policy_options={"finish_dropout": args.finish_dropout}))
+    res = train(flat_config(graphs=tuple(others), random_dags=args.random_dags, cluster="cpu+4gpu",
+                            policy="gnn", algo="reinforce", budget_s=args.zs_budget, seed=args.seed,
+                            num_groups=args.num_groups, runs_dir=args.runs_dir, progress=False,
+                            policy_options={"finish_dropout": args.finish_dropout}))
     zs = place_zero_shot(res.run_dir, graph, "cpu+4gpu", samples=args.zs_samples, seed=args.seed)
     t = zs.predicted.step_time_s if zs.predicted.ok else math.inf
-    print(f"# {model}-{config} zero-shot from {res.run_dir.name} ({res.rounds} rounds on "
+    print(f"# {model}-{config} zero-shot from {res.run_dir.name} ({res.updates} rounds on "
           f"{', '.join(Path(p).stem for p in others)} + {args.random_dags} random DAGs): {t:.5g} s in "
           f"{zs.elapsed_s:.1f} s; trained on {model}: {trained_s:.5g} s")
     print(f"figure: zero_shot_ratio[{model}] = {t / trained_s:.3f}", flush=True)

@@ -15,10 +15,9 @@ from gymnasium import spaces
 
 from envs.problem import (DEVICE_STATIC_FEATURES, EDGE_FEATURES, NODE_STATIC_FEATURES, FinishEstimate,
                           PlacementProblem, build_problem)
-from envs.rewards import RewardBackend, make_backend
+from envs.rewards import BACKENDS, Reference, RewardBackend, make_backend, pick_reference
 from graphs.ir import OpGraph
 from placer.core.cluster import Cluster, get_cluster
-from placer.core.placement import Placement
 from placer.core.result import StepResult
 
 log = logging.getLogger(__name__)
@@ -29,8 +28,6 @@ DEFAULT_CLUSTER = "cpu-2"
 DEFAULT_FAILURE_FACTOR = 100.0
 """Default penalty: a failed or OOM placement counts as ``100 x`` the reference step time, i.e. a reward of
 ``-sqrt(100) = -10`` (the hierarchical planner's TF code charged 100 s per failure, with step times around 1 s)."""
-REFERENCE_FALLBACKS = ("expert", "single", "heft", "m-etf", "round-robin")
-"""Tried in order when the requested reference placement fails (OOM) or does not apply to the cluster."""
 DEVICE_DYNAMIC_FEATURES = ("compute_load", "memory_used", "finish_estimate")
 """Dynamic per-device columns appended to :data:`envs.problem.DEVICE_STATIC_FEATURES` in the observation."""
 FEATURE_MAX = 1e3
@@ -87,6 +84,9 @@ class PlacementEnv(gym.Env):
     (:mod:`envs.rewards`: ``sim``, ``real`` or ``sim+real``; ``sim_graph`` picks the op graph (default) or the
     coarse graph for the simulator).
 
+    The env is given its problem, a built reward backend and the :class:`~envs.rewards.Reference` that normalises
+    the reward; :func:`make_env` (the ``gymnasium.make`` entry point) builds all three from names.
+
     ## Observation Space
     A ``Dict`` of fixed-size arrays, padded to ``max_groups`` (``Gm``), ``max_edges`` (``Em``) and
     ``max_devices`` (``Dm``), so that graphs of different sizes share one space (SB3 rejects ``spaces.Graph``).
@@ -116,13 +116,11 @@ class PlacementEnv(gym.Env):
     accepted (the placement then fails and gets the penalty).
 
     ## Reward
-    ColocRL's ``-sqrt(step time)``, normalised by the reference placement's step time ``t_ref`` (``reference``,
-    default the ``expert`` baseline, simulated on the full op graph; with ``reward_backend="real"``, measured):
-    ``-sqrt(t / t_ref)``, so matching the reference scores -1. Given once, at the last step. A failed or OOM
-    placement gets ``failure_penalty`` (default ``-sqrt(100)``: :data:`DEFAULT_FAILURE_FACTOR`); nothing raises.
-    A reference that does not fit falls back along :data:`REFERENCE_FALLBACKS` (logged); when nothing fits,
-    ``t_ref`` is the whole graph's compute time on the fastest device. ``reference`` may also be a number of
-    seconds.
+    ColocRL's ``-sqrt(step time)``, normalised by the reference placement's step time ``t_ref``
+    (:func:`envs.rewards.pick_reference`: by default the ``expert`` baseline, simulated on the full op graph; with
+    the ``real`` backend, measured): ``-sqrt(t / t_ref)``, so matching the reference scores -1. Given once, at the
+    last step. A failed or OOM placement gets ``failure_penalty`` (default ``-sqrt(100)``:
+    :data:`DEFAULT_FAILURE_FACTOR`); nothing raises.
 
     With ``incremental=True`` (Placeto, Addanki et al., NeurIPS 2019): after step ``t`` the partial placement is
     completed with the reference placement's devices for the remaining groups and evaluated, giving the potential
@@ -136,38 +134,26 @@ class PlacementEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, graph: OpGraph | str | Path | None = None, cluster: Cluster | str | Path | None = None, *,
-                 num_groups: int = 128, reward_backend: str = "sim", reference: str | float = "expert",
-                 incremental: bool = False, schedule: str = "none", microbatches: int = 1, sim_graph: str = "full",
-                 failure_penalty: float | None = None, max_groups: int | None = None,
-                 max_devices: int | None = None, max_edges: int | None = None, graph_config: str = "small",
-                 cache_size: int = 200_000, engine_timeout_s: float = 120.0, seed: int | None = None) -> None:
+    def __init__(self, problem: PlacementProblem, backend: RewardBackend, reference: Reference, *,
+                 incremental: bool = False, failure_penalty: float | None = None, max_groups: int | None = None,
+                 max_devices: int | None = None, max_edges: int | None = None, cache_size: int = 200_000,
+                 seed: int | None = None) -> None:
         super().__init__()
-        self.graph = resolve_graph(graph, config=graph_config)
-        self.cluster = resolve_cluster(cluster)
-        self.problem: PlacementProblem = build_problem(self.graph, self.cluster, num_groups)
+        self.problem, self.backend, self.reference = problem, backend, reference
+        self.graph, self.cluster = problem.graph, problem.cluster
         p = self.problem
         self.num_groups, self.num_devices = p.num_groups, p.num_devices
         self.max_groups = self._bound("max_groups", max_groups, p.num_groups)
         self.max_devices = self._bound("max_devices", max_devices, p.num_devices)
         self.max_edges = self._bound("max_edges", max_edges, max(1, p.num_edges))
-        if incremental and reward_backend == "real":
-            raise ValueError("incremental rewards evaluate every step; use reward_backend='sim' or 'sim+real'")
+        if incremental and backend.source == "engine":
+            raise ValueError("incremental rewards evaluate every step; use a simulated reward backend "
+                             "('sim' or 'sim+real')")
         self.incremental = incremental
-        self.schedule, self.microbatches = schedule, int(microbatches)
-        self.reward_backend = reward_backend
-        self.backend: RewardBackend = make_backend(reward_backend, p, schedule=schedule, microbatches=microbatches,
-                                                   sim_graph=sim_graph, engine_timeout_s=engine_timeout_s)
         self._cache: OrderedDict[bytes, StepResult] = OrderedDict()
         self.cache_size = cache_size
         self.evaluations = 0
         self.cache_hits = 0
-        self._reference_arg = reference
-        self._t_ref: float | None = None
-        self.reference_method: str | None = None
-        self.reference_placement: np.ndarray | None = None  # per group
-        self.reference_result: StepResult | None = None
-        self._reference_prepare()
         self.failure_penalty = (-math.sqrt(DEFAULT_FAILURE_FACTOR) if failure_penalty is None
                                 else float(failure_penalty))
 
@@ -213,57 +199,15 @@ class PlacementEnv(gym.Env):
         return int(value)
 
     # ------------------------------------------------------------------ reference and rewards
-    def _reference_prepare(self) -> None:
-        """Pick the reference placement (op level) now; its time is computed on first need."""
-        ref = self._reference_arg
-        if isinstance(ref, (int, float)) and not isinstance(ref, bool):
-            if not ref > 0:
-                raise ValueError(f"reference step time must be positive, got {ref}")
-            self._t_ref, self.reference_method = float(ref), "given"
-            self.reference_placement = self.problem.project(Placement.single(self.graph, 0))
-            return
-        from placer import baselines
-        from placer.costmodel.sim import Simulator
-
-        sim = Simulator(self.graph, self.cluster)
-        tried = []
-        for method in dict.fromkeys([str(ref), *REFERENCE_FALLBACKS]):
-            try:
-                placement = baselines.place(method, self.graph, self.cluster, seed=0)
-            except ValueError as e:
-                if method == ref and method not in baselines.BASELINES and not method.startswith("single"):
-                    raise
-                tried.append(f"{method}: {e}")
-                continue
-            res = sim.run(placement, schedule=self.schedule, microbatches=self.microbatches)
-            if res.ok:
-                if method != ref:
-                    log.warning("reference %r unusable (%s); normalising by %r", ref, "; ".join(tried), method)
-                self.reference_method, self.reference_result = method, res
-                self.reference_placement = self.problem.project(placement)
-                if self.reward_backend != "real":
-                    self._t_ref = float(res.step_time_s)
-                return
-            tried.append(f"{method}: {res.failure}")
-        # nothing fits (every placement will be penalised anyway): normalise by the compute on the fastest device
-        self._t_ref = float(self.problem.time_s.sum(axis=0).min()) or 1.0
-        self.reference_method = "fastest-device-compute"
-        self.reference_placement = np.full(self.num_groups, int(self.problem.time_s.sum(axis=0).argmin()))
-        log.warning("no reference placement fits %s on %s (%s); normalising by %.4g s of compute",
-                    self.graph.name, self.cluster.name, "; ".join(tried), self._t_ref)
-
     @property
     def reference_time_s(self) -> float:
-        """``t_ref``: the reference placement's step time under this env's backend (computed once)."""
-        if self._t_ref is None:  # real backend: measure the reference itself
-            res = self.backend.evaluate(self.reference_placement)
-            if res.ok:
-                self._t_ref = float(res.step_time_s)
-            else:
-                assert self.reference_result is not None
-                log.warning("measuring the reference failed (%s); normalising by its simulated time", res.failure)
-                self._t_ref = float(self.reference_result.step_time_s)
-        return self._t_ref
+        """``t_ref``: the reference placement's step time under this env's backend."""
+        return self.reference.step_time_s
+
+    @property
+    def reference_method(self) -> str:
+        """The baseline (or ``given`` / ``fastest-device-compute``) behind ``t_ref``."""
+        return self.reference.method
 
     def reward_of(self, result: StepResult) -> float:
         """``-sqrt(t / t_ref)``, or the failure penalty."""
@@ -396,8 +340,7 @@ class PlacementEnv(gym.Env):
         reward = 0.0
         info: dict[str, Any] = {}
         if self.incremental and not terminated:
-            assert self.reference_placement is not None
-            completed = np.concatenate([self._placement[:self._t], self.reference_placement[self._t:]])
+            completed = np.concatenate([self._placement[:self._t], self.reference.device_of_group[self._t:]])
             phi = self.failure_penalty if self._invalid else self.evaluate(completed)[0]
             reward, self._phi = phi - self._phi, phi
         if terminated:
@@ -417,9 +360,10 @@ class PlacementEnv(gym.Env):
         """Another environment for the same problem, for a vectorised rollout (SB3 ``DummyVecEnv``): it shares
         everything static (problem, observation arrays, reward reference, simulator and result cache) and has
         its own episode state, made fresh by its ``reset``. Simulated rewards only: an engine-backed
-        environment owns worker processes and cannot be shared."""
-        if self.reward_backend != "sim":
-            raise ValueError(f"replica() needs the sim reward backend, not {self.reward_backend!r}")
+        environment owns worker processes and cannot be shared (:attr:`envs.rewards.RewardBackend.replicable`)."""
+        if not self.backend.replicable:
+            raise ValueError(f"replica() needs a backend that can be shared, such as the sim reward, not "
+                             f"{self.backend.name!r}")
         twin = copy.copy(self)
         twin.reset()
         return twin
@@ -429,3 +373,30 @@ class PlacementEnv(gym.Env):
         if backend is not None:
             backend.close()
         super().close()
+
+
+def make_env(graph: OpGraph | str | Path | None = None, cluster: Cluster | str | Path | None = None, *,
+             num_groups: int = 128, reward_backend: str = "sim", reference: str | float = "expert",
+             schedule: str = "none", microbatches: int = 1, sim_graph: str = "full", graph_config: str = "small",
+             engine_timeout_s: float = 120.0, **env_options: Any) -> PlacementEnv:
+    """A :class:`PlacementEnv` from names (the ``gymnasium.make("placer/Placement-v0", ...)`` entry point).
+
+    Builds the problem (``graph`` grouped into at most ``num_groups`` groups for ``cluster``; ``None``:
+    :data:`DEFAULT_GRAPH` / :data:`DEFAULT_CLUSTER`), the reward backend ``reward_backend`` of
+    :data:`envs.rewards.BACKENDS` simulating or measuring ``schedule`` x ``microbatches`` (``sim_graph``: the op
+    graph or the coarse graph; ``engine_timeout_s``: seconds an engine measurement may take) and the reference
+    (:func:`envs.rewards.pick_reference`: a baseline's name or a number of seconds). ``env_options`` go to
+    :class:`PlacementEnv` (``incremental``, ``failure_penalty``, ``max_groups`` ...).
+    """
+    if env_options.get("incremental") and getattr(BACKENDS.get(reward_backend), "source", "") == "engine":
+        raise ValueError("incremental rewards evaluate every step; use a simulated reward backend "
+                         "('sim' or 'sim+real')")  # before the engine measures the reference
+    problem = build_problem(resolve_graph(graph, config=graph_config), resolve_cluster(cluster), num_groups)
+    backend = make_backend(reward_backend, problem, schedule=schedule, microbatches=microbatches,
+                           sim_graph=sim_graph, engine_timeout_s=engine_timeout_s)
+    try:
+        ref = pick_reference(problem, backend, reference, schedule=schedule, microbatches=microbatches)
+        return PlacementEnv(problem, backend, ref, **env_options)
+    except BaseException:
+        backend.close()  # engine workers started for the reference must not outlive a failed construction
+        raise

@@ -20,7 +20,6 @@ worker, or an engine error all come back as a failed ``StepResult`` with its rea
 from __future__ import annotations
 
 import heapq
-import importlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,6 +38,12 @@ class RewardBackend:
 
     name = "base"
     source = "sim"
+    replicable = False
+    """Whether several environments may share this backend (a vectorised rollout); a backend owning engine
+    workers may not."""
+    remeasures = False
+    """Whether the backend keeps its best placements for :meth:`SimRealBackend.remeasure_top` (the trainer then
+    re-measures them with a callback)."""
 
     def __init__(self, problem: PlacementProblem, *, schedule: str = "none", microbatches: int = 1,
                  sim_graph: str = "full", engine_timeout_s: float = 120.0, engine_steps: int = 3,
@@ -87,6 +92,7 @@ class SimBackend(RewardBackend):
     """The simulator on the full op graph or on the coarse graph (``sim_graph``)."""
 
     source = "sim"
+    replicable = True
 
     def __init__(self, problem: PlacementProblem, **options: Any) -> None:
         super().__init__(problem, **options)
@@ -110,26 +116,18 @@ class SimBackend(RewardBackend):
 
 # ---------------------------------------------------------------------------------------------- engine
 def load_measurer_class() -> type:
-    """``placer.engine``'s ``Measurer`` (``ValueError`` naming the cause when the engine is not available)."""
-    errors = []
-    for module in ("placer.engine", "placer.engine.measure", "placer.engine.measurer"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            errors.append(f"{module}: {e}")
-            continue
-        cls = getattr(mod, "Measurer", None)
-        if cls is not None:
-            return cls
-    raise ValueError("the real reward needs placer.engine.Measurer, which is not available ("
-                     + "; ".join(errors or ["no Measurer in placer.engine"]) + ")")
+    """``placer.engine.Measurer``, imported on first use (it brings the engine's schedules and kernels; tests
+    patch this function with a stand-in)."""
+    from placer.engine.measurer import Measurer
+
+    return Measurer
 
 
 def engine_available() -> bool:
     """Whether the execution engine can be imported (tests skip the ``real`` backend otherwise)."""
     try:
         load_measurer_class()
-    except ValueError:
+    except ImportError:
         return False
     return True
 
@@ -208,6 +206,9 @@ class Remeasured:
 class SimRealBackend(SimBackend):
     """Simulated reward; the best placements are kept so that :meth:`remeasure_top` can measure them."""
 
+    replicable = False  # it owns engine workers
+    remeasures = True
+
     def __init__(self, problem: PlacementProblem, *, keep: int = 32, **options: Any) -> None:
         super().__init__(problem, **options)
         self.keep = keep
@@ -275,3 +276,77 @@ class SimRealBackend(SimBackend):
 
     def close(self) -> None:
         self.session.close()
+
+
+# ---------------------------------------------------------------------------------------------- reference
+@dataclass(frozen=True, kw_only=True)
+class Reference:
+    """The placement whose step time ``t_ref`` normalises the reward (``-sqrt(t / t_ref)``)."""
+
+    step_time_s: float
+    """``t_ref``, under the reward backend (measured with the engine for ``real``)."""
+    method: str
+    """The baseline that placed it, ``given`` (a number of seconds) or ``fastest-device-compute``."""
+    device_of_group: np.ndarray
+    """Its device per group: incremental rewards complete a partial placement with it."""
+    result: StepResult | None = None
+    """Its simulated step on the full op graph (``None`` for a given time)."""
+
+
+REFERENCE_FALLBACKS = ("expert", "single", "heft", "m-etf", "round-robin")
+"""Tried in order when the requested reference placement fails (OOM) or does not apply to the cluster."""
+
+
+def pick_reference(problem: PlacementProblem, backend: RewardBackend, reference: str | float = "expert", *,
+                   schedule: str = "none", microbatches: int = 1) -> Reference:
+    """The reference of ``problem``: ``reference`` seconds, or that baseline's placement simulated on the full op
+    graph (measured by ``backend`` when its results come from the engine). A reference that does not fit falls
+    back along :data:`REFERENCE_FALLBACKS` (logged); when nothing fits, ``t_ref`` is the whole graph's compute
+    time on the fastest device."""
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        if not reference > 0:
+            raise ValueError(f"reference step time must be positive, got {reference}")
+        return Reference(step_time_s=float(reference), method="given",
+                         device_of_group=problem.project(Placement.single(problem.graph, 0)))
+    from placer import baselines
+    from placer.costmodel.sim import Simulator
+
+    graph, cluster = problem.graph, problem.cluster
+    sim = Simulator(graph, cluster)
+    tried = []
+    for method in dict.fromkeys([str(reference), *REFERENCE_FALLBACKS]):
+        try:
+            placement = baselines.place(method, graph, cluster, seed=0)
+        except ValueError as e:
+            if method == reference and method not in baselines.BASELINES and not method.startswith("single"):
+                raise
+            tried.append(f"{method}: {e}")
+            continue
+        res = sim.run(placement, schedule=schedule, microbatches=microbatches)
+        if not res.ok:
+            tried.append(f"{method}: {res.failure}")
+            continue
+        if method != reference:
+            log.warning("reference %r unusable (%s); normalising by %r", reference, "; ".join(tried), method)
+        groups = problem.project(placement)
+        return Reference(step_time_s=_reference_time_s(backend, groups, res), method=method,
+                         device_of_group=groups, result=res)
+    # nothing fits (every placement will be penalised anyway): normalise by the compute on the fastest device
+    compute_s = problem.time_s.sum(axis=0)
+    t_ref = float(compute_s.min()) or 1.0
+    log.warning("no reference placement fits %s on %s (%s); normalising by %.4g s of compute",
+                graph.name, cluster.name, "; ".join(tried), t_ref)
+    return Reference(step_time_s=t_ref, method="fastest-device-compute",
+                     device_of_group=np.full(problem.num_groups, int(compute_s.argmin())))
+
+
+def _reference_time_s(backend: RewardBackend, groups: np.ndarray, simulated: StepResult) -> float:
+    """The reference's step time under ``backend``: measured when the backend's results come from the engine
+    (its simulated time when the measurement fails), else the simulated time on the full op graph."""
+    if backend.source != "engine":
+        return float(simulated.step_time_s)
+    res = backend.evaluate(groups)
+    if res.ok:
+        return float(res.step_time_s)
+    log.warning("measuring the reference failed (%s); normalising by its simulated time", res.failure)
+    return float(simulated.step_time_s)

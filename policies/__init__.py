@@ -32,13 +32,21 @@ def make_policy(name: str, problem: PlacementProblem, **hparams: Any) -> Placeme
     return factory(problem, **hparams)
 
 
-def make_algo(name: str, policy: PlacementPolicy, env: "PlacementEnv", **hparams: Any) -> Algorithm:
-    """Algorithm ``name`` for ``policy`` on ``env``; ``hparams`` that its config does not have are ignored (the
-    trainer passes one common set), unknown names are a one-line ``ValueError``."""
+def make_algo(name: str, policy: PlacementPolicy, env: "PlacementEnv", config: Any = None, **hparams: Any
+              ) -> Algorithm:
+    """Algorithm ``name`` for ``policy`` on ``env`` with ``config`` (its config dataclass; ``None``: the defaults)
+    and ``hparams`` replacing fields of it. An unknown name, a config of another algorithm or a hyper-parameter
+    the algorithm does not have is a one-line ``ValueError``."""
     try:
         spec = ALGOS[name]
     except KeyError:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(sorted(ALGOS))}") from None
+    config = spec.config_class() if config is None else config
+    if not isinstance(config, spec.config_class):
+        raise ValueError(f"algorithm {name!r} takes a {spec.config_class.__name__}, not a {type(config).__name__}")
     names = {f.name for f in dataclasses.fields(spec.config_class)}
-    config = spec.config_class(**{k: v for k, v in hparams.items() if k in names})
-    return spec.factory(policy, env, config)
+    unknown = sorted(set(hparams) - names)
+    if unknown:
+        raise ValueError(f"algorithm {name!r} has no hyper-parameter {', '.join(unknown)} (it takes "
+                         f"{', '.join(sorted(names))})")
+    return spec.factory(policy, env, dataclasses.replace(config, **hparams))

@@ -50,7 +50,7 @@ class PPOConfig:
     n_envs: int = 8
     """Environments stepped together (SB3 ``DummyVecEnv`` of :meth:`PlacementEnv.replica`), so each policy
     forward pass decides for that many episodes at once; the largest divisor of ``samples_per_update`` up to
-    this is used, and 1 with an engine-backed reward."""
+    this is used, and 1 with a reward backend that cannot be shared (an engine-backed one)."""
     lr: float = 1e-3
     """Adam learning rate."""
     n_epochs: int = 4
@@ -160,7 +160,7 @@ class MaskablePPOAlgo:
         self.config = cfg = config or PPOConfig()
         self.n_steps = cfg.samples_per_update * env.num_groups  # per rollout, all environments together
         n_envs = 1
-        if env.reward_backend == "sim":
+        if env.backend.replicable:  # an engine-backed reward owns worker processes: one environment
             n_envs = max(k for k in range(1, min(cfg.n_envs, cfg.samples_per_update) + 1)
                          if cfg.samples_per_update % k == 0)
         batch = max(1, min(cfg.max_batch_steps, self.n_steps // cfg.minibatches))

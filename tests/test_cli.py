@@ -57,6 +57,9 @@ def cyclic_graph(tmp_path):
     (["graph", "build", "tests.fixtures_models:untraceable", "--out", "x.json"], "cannot trace"),
     (["graph", "build", "rnnlm", "--set", "colour=red", "--out", "x.json"], "colour"),
     (["cluster", "show", "tpu-pod"], "unknown cluster 'tpu-pod'"),
+    (["baseline", "--graph", "rnnlm", "--cluster", "cpu-2", "--method", "nope"], "--method: invalid choice: 'nope'"),
+    (["train", "--graph", "rnnlm", "--policy", "nope"], "--policy: invalid choice: 'nope' (choose from 'gnn'"),
+    (["train", "--graph", "rnnlm", "--budget", "soon"], "not a duration: 'soon'"),
     (["compare", "--graphs", "rnnlm", "--clusters", "cpu-2", "--train-budget", "5s", "--rl", "lstm+sgd"],
      "unknown policy family 'lstm+sgd'"),
 ])
@@ -104,3 +107,43 @@ def test_compare_adds_one_column_per_policy_family_and_per_trained_run(tmp_path)
     assert doc["meta"]["train_budget_s"] == 3.0
     cells = doc["rows"][0]["cells"]
     assert all(cells[c]["status"] == "ok" for c in ("RL", "RL:gnn+reinforce", "zero-shot:gnn_run")), cells
+
+
+def test_importing_the_cli_loads_neither_the_policies_nor_the_trainer():
+    code = ("import sys, placer.app.cli; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch_geometric', 'policies', 'torch') or m.startswith('placer.app.train')); print(bad)")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    r = placer("--help")
+    assert r.returncode == 0 and "train" in r.stdout and "place" in r.stdout
+
+
+def test_train_help_is_generated_from_the_configs_and_the_registries():
+    from envs.rewards import BACKENDS
+    from policies.registry import ALGOS, POLICIES
+
+    r = placer("train", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    for flag in ("--budget DURATION", "--max-updates N", "--engine-timeout DURATION", "--warm-start-steps N",
+                 "--failure-penalty X", "--torch-threads N", "--clip-range X", "--self-imitation-size N",
+                 "--finish-dropout X", "--config CONFIG", "--no-progress"):
+        assert flag in text, flag
+    assert "{" + ",".join(sorted(POLICIES)) + "}" in text and "{" + ",".join(sorted(ALGOS)) + "}" in text
+    assert "{" + ",".join(sorted(BACKENDS)) + "}" in text
+    assert "At most this many groups per graph" in text  # TrainConfig.num_groups' docstring
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--clip-range", "0.1"], "--clip-range is a hyper-parameter of ppo, not of --algo reinforce"),
+    (["--policy", "gnn", "--algo", "ppo", "--baseline", "ema"], "--baseline is a hyper-parameter of reinforce"),
+    (["--lr", "-1"], "lr must be positive"),
+])
+def test_train_refuses_inapplicable_hyperparameters_in_one_line(tmp_path, args, match):
+    r = placer("train", "--graph", "rnnlm", "--runs-dir", tmp_path, *args, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("placer: error: ") and match in lines[0], \
+        r.stderr
+    assert not any(tmp_path.iterdir())  # refused before a run folder exists

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import envs
-from envs.placement_env import PlacementEnv, unflatten
+from envs.placement_env import make_env, unflatten
 from envs.problem import FinishEstimate, build_problem
 from envs.rewards import SimRealBackend, engine_available, make_backend
 from envs.synthetic import layered_dag, two_chains
@@ -81,11 +81,11 @@ def test_make_with_graph_and_cluster_keywords_and_padding():
     assert full["edge_mask"].sum() == u.problem.num_edges
     assert obs["action_mask"].tolist() == [1] * 5 + [0] * 3  # padding devices are never allowed
     with pytest.raises(ValueError, match="max_groups"):
-        PlacementEnv(g, "cpu+4gpu", num_groups=6, max_groups=2)
+        make_env(g, "cpu+4gpu", num_groups=6, max_groups=2)
 
 
 def test_observation_tracks_the_partial_placement_and_load():
-    env = PlacementEnv(two_chains(2), pair())
+    env = make_env(two_chains(2), pair())
     env.reset(seed=0)
     obs, *_ = env.step(1)
     full = unflatten(obs, env.layout)
@@ -190,7 +190,7 @@ def test_reward_is_minus_sqrt_of_normalised_step_time_worked_by_hand():
     g = OpGraph.build(name="ab", ops=[
         {"name": "a", "kind": "Linear", "out_bytes": 1_500_000_000, "fwd_s": 1.0, "bwd_s": 2.0},
         {"name": "b", "kind": "Linear", "out_bytes": 4, "fwd_s": 1.0, "bwd_s": 2.0}], edges=[("a", "b")])
-    env = PlacementEnv(g, "cpu-2", num_groups=2, reference=6.0)
+    env = make_env(g, "cpu-2", num_groups=2, reference=6.0)
     reward, res = env.evaluate([0, 0])
     assert res.step_time_s == pytest.approx(6.0)
     assert reward == pytest.approx(-1.0)
@@ -200,10 +200,27 @@ def test_reward_is_minus_sqrt_of_normalised_step_time_worked_by_hand():
     assert reward == pytest.approx(-math.sqrt(8.00032 / 6.0))
 
 
+def test_env_takes_a_built_backend_and_reference_and_runs_no_baseline(monkeypatch):
+    import placer.baselines as baselines
+    from envs.placement_env import PlacementEnv
+    from envs.rewards import Reference
+
+    problem = build_problem(two_chains(2), pair(), 64)
+    backend = make_backend("sim", problem)
+    monkeypatch.setattr(baselines, "place", lambda *a, **k: pytest.fail("the env ran a baseline"))
+    ref = Reference(step_time_s=0.5, method="given", device_of_group=np.zeros(problem.num_groups, dtype=np.int64))
+    env = PlacementEnv(problem, backend, ref, incremental=True)
+    assert env.backend is backend and env.reference_time_s == 0.5 and env.reference_method == "given"
+    reward, res = env.evaluate([0, 1, 0, 1])
+    assert reward == pytest.approx(-math.sqrt(res.step_time_s / 0.5))
+    with pytest.raises(ValueError, match="incremental"):
+        PlacementEnv(problem, type("Engine", (), {"source": "engine"})(), ref, incremental=True)
+
+
 def test_episode_reward_equals_evaluate_and_incremental_rewards_sum_to_it():
     g, c = layered_dag(4, 3, seed=3), get_cluster("cpu+4gpu")
-    plain = PlacementEnv(g, c, num_groups=8)
-    inc = PlacementEnv(g, c, num_groups=8, incremental=True)
+    plain = make_env(g, c, num_groups=8)
+    inc = make_env(g, c, num_groups=8, incremental=True)
     placement = np.arange(plain.num_groups) % 5
     totals = []
     for env in (plain, inc):
@@ -216,13 +233,13 @@ def test_episode_reward_equals_evaluate_and_incremental_rewards_sum_to_it():
     assert totals[0] == pytest.approx(expected) and totals[1] == pytest.approx(expected)
     # the reference completion's first potential is the projected reference itself
     with pytest.raises(ValueError, match="incremental"):
-        PlacementEnv(g, c, num_groups=8, incremental=True, reward_backend="real")
+        make_env(g, c, num_groups=8, incremental=True, reward_backend="real")
 
 
 def test_failures_give_the_penalty_never_an_exception():
     g = layered_dag(3, 3, seed=4)
     tiny = pair(memory=(MiB, MiB))  # nothing fits anywhere
-    env = PlacementEnv(g, tiny, num_groups=4, failure_penalty=-7.0)
+    env = make_env(g, tiny, num_groups=4, failure_penalty=-7.0)
     assert env.reference_method == "fastest-device-compute"  # every baseline OOMs too
     assert env.reference_time_s == pytest.approx(env.problem.time_s.sum(axis=0).min())
     env.reset(seed=0)
@@ -232,7 +249,7 @@ def test_failures_give_the_penalty_never_an_exception():
     _, reward, done, _, info = env.step(0)
     assert done and reward == -7.0 and info["oom"] and not info["ok"]
     # an action outside the real devices (padding) is accepted and penalised at the end
-    env2 = PlacementEnv(g, pair(), num_groups=4, max_devices=3)
+    env2 = make_env(g, pair(), num_groups=4, max_devices=3)
     env2.reset(seed=0)
     for _ in range(env2.num_groups):
         _, reward, done, _, info = env2.step(2)
@@ -242,16 +259,16 @@ def test_failures_give_the_penalty_never_an_exception():
 
 def test_full_and_coarse_simulation_agree_on_a_chain():
     g = two_chains(3)
-    full = PlacementEnv(g, pair(), num_groups=64)
-    coarse = PlacementEnv(g, pair(), num_groups=64, sim_graph="coarse")
+    full = make_env(g, pair(), num_groups=64)
+    coarse = make_env(g, pair(), num_groups=64, sim_graph="coarse")
     for placement in ([0, 1] * 3, [0] * 6, [1, 0, 0, 1, 1, 0]):
         assert full.evaluate(placement)[1].step_time_s == pytest.approx(coarse.evaluate(placement)[1].step_time_s)
     with pytest.raises(ValueError, match="sim_graph"):
-        PlacementEnv(g, pair(), sim_graph="nope")
+        make_env(g, pair(), sim_graph="nope")
 
 
 def test_rewards_are_cached_by_placement():
-    env = PlacementEnv(layered_dag(3, 3, seed=5), "cpu-2", num_groups=4)
+    env = make_env(layered_dag(3, 3, seed=5), "cpu-2", num_groups=4)
     before = env.evaluations
     r1 = env.evaluate([0, 1, 0, 1])
     r2 = env.evaluate(np.array([0, 1, 0, 1]))
@@ -264,7 +281,7 @@ def test_masks_keep_groups_off_devices_that_would_overflow():
     problem = build_problem(g, pair(), 64)
     small = int(problem.mem_bytes.max() * 1.5)  # device 0 holds one or two groups at most
     c = pair(memory=(small, 1 << 40))
-    env = PlacementEnv(g, c, num_groups=64)
+    env = make_env(g, c, num_groups=64)
     env.reset(seed=0)
     masked_once = False
     done = False
@@ -293,7 +310,7 @@ def test_sim_real_keeps_the_top_k_and_remeasures_them(monkeypatch):
     monkeypatch.setattr(rewards, "load_measurer_class", lambda: _FakeMeasurer)
     g = layered_dag(3, 3, seed=7)
     g = g.replace(meta={**g.meta, "source": {"factory": "fake:fake"}})
-    env = PlacementEnv(g, "cpu+4gpu", num_groups=6, reward_backend="sim+real")
+    env = make_env(g, "cpu+4gpu", num_groups=6, reward_backend="sim+real")
     assert isinstance(env.backend, SimRealBackend)
     rng = np.random.default_rng(0)
     times = {}  # distinct placements (two can tie on step time)
@@ -327,7 +344,7 @@ def test_final_remeasure_reports_the_median_of_interleaved_rounds(monkeypatch):
     monkeypatch.setattr(rewards, "load_measurer_class", lambda: _DriftingMeasurer)
     g = layered_dag(3, 3, seed=7)
     g = g.replace(meta={**g.meta, "source": {"factory": "fake:fake"}})
-    env = PlacementEnv(g, "cpu+4gpu", num_groups=6, reward_backend="sim+real")
+    env = make_env(g, "cpu+4gpu", num_groups=6, reward_backend="sim+real")
     rng = np.random.default_rng(0)
     for _ in range(60):
         env.evaluate(rng.integers(0, 5, env.num_groups))
@@ -355,7 +372,7 @@ def test_real_backend_runs_episodes_on_cpu2_with_the_small_rnnlm():
 
     if "rnnlm-small" not in available():
         pytest.skip("graphs/data/rnnlm-small.json is not shipped yet")
-    env = PlacementEnv(reward_backend="real", engine_timeout_s=120)
+    env = make_env(reward_backend="real", engine_timeout_s=120)
     assert env.graph.name == "rnnlm-small" and env.cluster.name == "cpu-2"
     try:
         for seed in range(2):

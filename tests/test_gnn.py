@@ -7,7 +7,7 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from envs.placement_env import PlacementEnv
+from envs.placement_env import make_env
 from envs.synthetic import layered_dag, two_chains
 from placer.core.cluster import Cluster, Device
 from policies import PolicyInput, make_algo, make_policy
@@ -26,7 +26,7 @@ def batch(obs_list: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def test_sample_log_prob_and_greedy():
-    env = PlacementEnv(layered_dag(3, 3, seed=0), "cpu+4gpu", num_groups=8)
+    env = make_env(layered_dag(3, 3, seed=0), "cpu+4gpu", num_groups=8)
     torch.manual_seed(0)
     policy = make_policy("gnn", env.problem, hidden=16, layers=2).eval()
     inp = PolicyInput.from_problem(env.problem)
@@ -46,7 +46,7 @@ def test_sample_log_prob_and_greedy():
 def test_finish_view_off_ignores_the_estimate_and_dropout_hides_it_from_some_training_samples(monkeypatch):
     from envs.problem import FinishEstimate
 
-    env = PlacementEnv(layered_dag(3, 3, seed=0), "cpu+4gpu", num_groups=8)
+    env = make_env(layered_dag(3, 3, seed=0), "cpu+4gpu", num_groups=8)
     torch.manual_seed(0)
     policy = make_policy("gnn", env.problem, hidden=16, layers=2, finish_dropout=0.5).eval()
     inp = PolicyInput.from_problem(env.problem)
@@ -73,7 +73,7 @@ def test_finish_view_off_ignores_the_estimate_and_dropout_hides_it_from_some_tra
 
 
 def test_reinforce_trains_each_finish_view_on_its_own_samples_and_best_placements():
-    env = PlacementEnv(layered_dag(3, 3, seed=0), "cpu+4gpu", num_groups=8)
+    env = make_env(layered_dag(3, 3, seed=0), "cpu+4gpu", num_groups=8)
     torch.manual_seed(0)
     policy = make_policy("gnn", env.problem, hidden=16, layers=2, finish_dropout=0.5)
     inp = PolicyInput.from_problem(env.problem)
@@ -102,7 +102,7 @@ def test_reinforce_trains_each_finish_view_on_its_own_samples_and_best_placement
 def test_extractor_logits_equal_the_policy_logits_along_an_episode(finish_shown):
     # the PPO view (observations) and the REINFORCE view (tracked state) must compute the same function, with the
     # finish estimate shown or hidden
-    env = PlacementEnv(layered_dag(3, 4, seed=2), "cpu+4gpu", num_groups=10)
+    env = make_env(layered_dag(3, 4, seed=2), "cpu+4gpu", num_groups=10)
     torch.manual_seed(1)
     policy = GNNPolicy(hidden=16, layers=2).eval()
     policy.finish_feature = finish_shown
@@ -133,7 +133,7 @@ def test_current_group_in_every_sb3_shape():
 
 
 def test_extractor_is_invariant_to_renumbering_the_nodes():
-    env = PlacementEnv(layered_dag(3, 4, seed=5), "cpu+4gpu", num_groups=12, max_groups=14, max_edges=40)
+    env = make_env(layered_dag(3, 4, seed=5), "cpu+4gpu", num_groups=12, max_groups=14, max_edges=40)
     obs, _ = env.reset(seed=0)
     for a in (1, 2, 0, 3):  # a partial placement, so placement columns and loads are non-trivial
         obs, *_ = env.step(a)
@@ -172,13 +172,13 @@ def test_one_set_of_weights_places_any_graph_and_cluster():
     torch.manual_seed(0)
     policy = GNNPolicy(hidden=8, layers=1)
     for graph, cluster in ((layered_dag(2, 2, seed=1), pair()), (layered_dag(4, 5, seed=2), "cpu+4gpu")):
-        env = PlacementEnv(graph, cluster, num_groups=16)
+        env = make_env(graph, cluster, num_groups=16)
         s = policy.sample(PolicyInput.from_problem(env.problem), 2)
         assert s.actions.shape == (2, env.num_groups) and int(s.actions.max()) < env.num_devices
 
 
 def test_reinforce_with_gnn_learns_one_chain_per_device():
-    env = PlacementEnv(two_chains(4), pair(), num_groups=64)
+    env = make_env(two_chains(4), pair(), num_groups=64)
     best = env.evaluate([0, 1] * 4)[0]
     rng = np.random.default_rng(0)
     random_mean = np.mean([env.evaluate(rng.integers(0, 2, 8))[0] for _ in range(400)])
@@ -201,7 +201,7 @@ def test_extractor_rejects_a_foreign_observation_space():
 
 def test_extractor_batches_and_caches_embeddings_without_changing_outputs():
     # one encoder pass per distinct graph of a batch, and a rollout reuses it while the weights stay the same
-    envs = [PlacementEnv(layered_dag(3, 4, seed=s), "cpu+4gpu", num_groups=10, max_groups=14, max_edges=40)
+    envs = [make_env(layered_dag(3, 4, seed=s), "cpu+4gpu", num_groups=10, max_groups=14, max_edges=40)
             for s in (5, 6)]
     obs_list = []
     for env in envs:

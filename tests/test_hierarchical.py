@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.placement_env import PlacementEnv
+from envs.placement_env import make_env
 from envs.synthetic import layered_dag
 from placer.core.cluster import Cluster, Device
 from policies import PolicyInput, imitate, make_algo, make_policy
@@ -14,7 +14,7 @@ from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is 
 
 
 def test_sample_shapes_greedy_and_log_prob():
-    env = PlacementEnv(layered_dag(3, 4, seed=0), "cpu+4gpu", num_groups=12)
+    env = make_env(layered_dag(3, 4, seed=0), "cpu+4gpu", num_groups=12)
     torch.manual_seed(0)
     policy = make_policy("hierarchical", env.problem, hidden=16, groups=4)
     inp = PolicyInput.from_problem(env.problem)
@@ -34,7 +34,7 @@ def test_sample_shapes_greedy_and_log_prob():
 
 
 def test_log_prob_is_enough_to_imitate_a_placement():
-    env = PlacementEnv(layered_dag(3, 4, seed=0), "cpu+4gpu", num_groups=12)
+    env = make_env(layered_dag(3, 4, seed=0), "cpu+4gpu", num_groups=12)
     torch.manual_seed(0)
     policy = make_policy("hierarchical", env.problem, hidden=16, groups=4)
     inp = PolicyInput.from_problem(env.problem)
@@ -47,9 +47,9 @@ def test_log_prob_is_enough_to_imitate_a_placement():
 def test_group_memory_mask_keeps_placements_in_memory():
     # device 0 fits about a third of the graph: groups must spill to device 1, and the mask makes sure they do
     g = layered_dag(3, 4, seed=6)
-    env0 = PlacementEnv(g, pair(), num_groups=64)
+    env0 = make_env(g, pair(), num_groups=64)
     total = int(env0.problem.mem_bytes.sum())
-    env = PlacementEnv(g, pair(memory=(total // 3, 1 << 40)), num_groups=64)
+    env = make_env(g, pair(memory=(total // 3, 1 << 40)), num_groups=64)
     torch.manual_seed(1)
     policy = make_policy("hierarchical", env.problem, hidden=16, groups=8)
     s = policy.sample(PolicyInput.from_problem(env.problem), 16, generator=torch.Generator().manual_seed(1))
@@ -60,7 +60,7 @@ def test_group_memory_mask_keeps_placements_in_memory():
 
 def test_reinforce_with_hierarchical_improves_over_random():
     # a 12-unit layered DAG on one CPU + four GPUs: random placements use the slow CPU, learned ones avoid it
-    env = PlacementEnv(layered_dag(4, 3, seed=1), "cpu+4gpu", num_groups=64)
+    env = make_env(layered_dag(4, 3, seed=1), "cpu+4gpu", num_groups=64)
     rng = np.random.default_rng(0)
     random_mean = np.mean([env.evaluate(rng.integers(0, 5, env.num_groups))[0] for _ in range(400)])
     torch.manual_seed(0)
@@ -76,7 +76,8 @@ def test_placer_train_runs_the_hierarchical_policy(tmp_path):
     from placer.app.train import TrainConfig, train
 
     res = train(TrainConfig(graph=layered_dag(3, 3, seed=11), cluster="cpu+4gpu", policy="hierarchical",
-                            budget_s=60.0, max_updates=2, samples_per_update=4, hidden=8, num_groups=8,
+                            budget_s=60.0, max_updates=2, algo_config={"samples_per_update": 4}, hidden=8,
+                            num_groups=8,
                             policy_options={"groups": 3}, runs_dir=str(tmp_path), progress=False,
                             baselines=("expert",)))
     assert res.updates == 2 and res.samples == 8 and (res.run_dir / "placement.json").exists()

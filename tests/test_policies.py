@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.placement_env import PlacementEnv
+from envs.placement_env import make_env
 from envs.problem import build_problem
 from envs.synthetic import layered_dag, two_chains
 from placer.core.cluster import Cluster, Device
@@ -16,7 +16,7 @@ from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is 
 
 
 def test_sample_and_log_prob_agree_and_greedy_is_deterministic():
-    env = PlacementEnv(layered_dag(3, 3, seed=0), "cpu+4gpu", num_groups=8)
+    env = make_env(layered_dag(3, 3, seed=0), "cpu+4gpu", num_groups=8)
     torch.manual_seed(0)
     policy = make_policy("seq2seq", env.problem, hidden=16, embed=8).eval()
     inp = PolicyInput.from_problem(env.problem)
@@ -39,7 +39,7 @@ def test_policy_memory_mask_matches_the_env_and_prevents_oom():
     g = layered_dag(3, 4, seed=6)
     probe = build_problem(g, pair(), 64)
     c = pair(memory=(int(probe.mem_bytes.max() * 1.5), 1 << 40))
-    env = PlacementEnv(g, c, num_groups=64)
+    env = make_env(g, c, num_groups=64)
     torch.manual_seed(1)
     policy = make_policy("seq2seq", env.problem, hidden=16)
     inp = PolicyInput.from_problem(env.problem)
@@ -60,7 +60,7 @@ def test_registries_name_what_exists():
     p = build_problem(layered_dag(2, 2), pair(), 4)
     with pytest.raises(ValueError, match="unknown policy 'nope'; choose one of .*seq2seq"):
         make_policy("nope", p)
-    env = PlacementEnv(layered_dag(2, 2), pair(), num_groups=4)
+    env = make_env(layered_dag(2, 2), pair(), num_groups=4)
     policy = make_policy("seq2seq", p)
     with pytest.raises(ValueError, match="unknown algorithm 'nope'; choose one of .*reinforce"):
         make_algo("nope", policy, env)
@@ -68,8 +68,21 @@ def test_registries_name_what_exists():
         ReinforceConfig(baseline="median")
 
 
+def test_make_algo_refuses_hyperparameters_its_algorithm_does_not_have():
+    from policies.ppo import PPOConfig
+
+    env = make_env(layered_dag(2, 2), pair(), num_groups=4)
+    policy = make_policy("seq2seq", env.problem, hidden=8)
+    with pytest.raises(ValueError, match="'reinforce' has no hyper-parameter clip_range"):
+        make_algo("reinforce", policy, env, clip_range=0.1)  # a PPO-only field
+    with pytest.raises(ValueError, match="takes a ReinforceConfig, not a PPOConfig"):
+        make_algo("reinforce", policy, env, PPOConfig())
+    algo = make_algo("reinforce", policy, env, ReinforceConfig(lr=0.5, top_fraction=0.5), top_fraction=0.75)
+    assert (algo.config.lr, algo.config.top_fraction) == (0.5, 0.75)  # the config, with the keywords replacing
+
+
 def _reinforce_rewards(seed: int, updates: int) -> list[np.ndarray]:
-    env = PlacementEnv(layered_dag(3, 3, seed=1), "cpu+4gpu", num_groups=8)
+    env = make_env(layered_dag(3, 3, seed=1), "cpu+4gpu", num_groups=8)
     torch.manual_seed(seed)
     policy = make_policy("seq2seq", env.problem, hidden=16)
     algo = make_algo("reinforce", policy, env, samples_per_update=8, seed=seed)
@@ -88,7 +101,7 @@ def test_reinforce_is_deterministic_under_a_seed():
 def test_reinforce_learns_one_chain_per_device(options):
     # two chains of 4 ops (3 ms each), interleaved, on two devices whose link makes a chain split cost 6 ms:
     # the best placement alternates devices (14.8 ms with the updates), all on one device takes 29.6 ms
-    env = PlacementEnv(two_chains(4), pair(), num_groups=64)
+    env = make_env(two_chains(4), pair(), num_groups=64)
     assert env.num_groups == 8
     best = env.evaluate([0, 1] * 4)[0]
     assert env.evaluate([0] * 8)[1].step_time_s == pytest.approx(2 * env.evaluate([0, 1] * 4)[1].step_time_s,
@@ -110,7 +123,7 @@ def test_reinforce_learns_one_chain_per_device(options):
 
 
 def test_imitation_warm_start_reproduces_a_placement():
-    env = PlacementEnv(layered_dag(3, 3, seed=2), "cpu+4gpu", num_groups=8)
+    env = make_env(layered_dag(3, 3, seed=2), "cpu+4gpu", num_groups=8)
     torch.manual_seed(0)
     policy = make_policy("seq2seq", env.problem, hidden=16)
     inp = PolicyInput.from_problem(env.problem)

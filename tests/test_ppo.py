@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.placement_env import PlacementEnv
+from envs.placement_env import make_env
 from envs.problem import build_problem
 from envs.synthetic import layered_dag, two_chains
 from placer.core.cluster import Cluster, Device, get_cluster
@@ -18,7 +18,7 @@ from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is 
 
 
 def test_ppo_learns_one_chain_per_device():
-    env = PlacementEnv(two_chains(4), pair(), num_groups=64)
+    env = make_env(two_chains(4), pair(), num_groups=64)
     best = env.evaluate([0, 1] * 4)[0]
     rng = np.random.default_rng(0)
     random_mean = np.mean([env.evaluate(rng.integers(0, 2, 8))[0] for _ in range(400)])
@@ -36,7 +36,7 @@ def test_ppo_learns_one_chain_per_device():
 def test_maskable_ppo_never_picks_a_masked_device():
     g = layered_dag(3, 4, seed=6)
     probe = build_problem(g, pair(), 64)
-    env = PlacementEnv(g, pair(memory=(int(probe.mem_bytes.max() * 1.5), 1 << 40)), num_groups=64)
+    env = make_env(g, pair(memory=(int(probe.mem_bytes.max() * 1.5), 1 << 40)), num_groups=64)
     torch.manual_seed(0)
     algo = MaskablePPOAlgo(make_policy("gnn", env.problem, hidden=8, layers=1), env,
                            PPOConfig(samples_per_update=4, n_epochs=1, seed=0), check_masks=True)
@@ -50,20 +50,23 @@ def test_maskable_ppo_never_picks_a_masked_device():
 
 
 def test_replicas_keep_their_own_episodes():
-    env = PlacementEnv(layered_dag(2, 3, seed=1), "cpu+4gpu", num_groups=6)
+    env = make_env(layered_dag(2, 3, seed=1), "cpu+4gpu", num_groups=6)
     env.reset(seed=0)
     twin = env.replica()
     env.step(1)
     assert twin._t == 0 and twin._placement.sum() == 0 and env._t == 1
     obs_env, obs_twin = env._obs(), twin._obs()
     assert not np.array_equal(obs_env["node_features"], obs_twin["node_features"])
-    env.reward_backend = "real"  # (an engine-backed env owns worker processes)
+    env.backend.replicable = False  # as an engine-backed reward, which owns worker processes
     with pytest.raises(ValueError, match="sim reward"):
         env.replica()
+    # PPO asks the backend, not its name: one environment for a backend that cannot be shared
+    algo = make_algo("ppo", make_policy("gnn", env.problem, hidden=8, layers=1), env, samples_per_update=4, n_envs=4)
+    assert algo.venv.num_envs == 1
 
 
 def _rewards(seed: int) -> list[np.ndarray]:
-    env = PlacementEnv(layered_dag(2, 3, seed=1), "cpu+4gpu", num_groups=6)
+    env = make_env(layered_dag(2, 3, seed=1), "cpu+4gpu", num_groups=6)
     torch.manual_seed(seed)
     algo = make_algo("ppo", make_policy("gnn", env.problem, hidden=8, layers=1), env, samples_per_update=4,
                      seed=seed)
@@ -77,7 +80,7 @@ def test_ppo_is_deterministic_under_a_seed():
 
 
 def test_ppo_needs_the_gnn_policy():
-    env = PlacementEnv(layered_dag(2, 2), pair(), num_groups=4)
+    env = make_env(layered_dag(2, 2), pair(), num_groups=4)
     with pytest.raises(ValueError, match="ppo trains the gnn policy"):
         make_algo("ppo", make_policy("seq2seq", env.problem, hidden=8), env)
 
@@ -87,8 +90,8 @@ def test_train_with_ppo_writes_the_run_and_resumes(tmp_path):
 
     graph = layered_dag(3, 3, seed=11)
     cfg = TrainConfig(graph=graph, cluster="cpu+4gpu", policy="gnn", algo="ppo", budget_s=120.0, max_updates=2,
-                      samples_per_update=4, hidden=8, num_groups=8, runs_dir=str(tmp_path), progress=False,
-                      checkpoint_every_s=0.0, baselines=("expert", "heft"))
+                      algo_config={"samples_per_update": 4}, hidden=8, num_groups=8, runs_dir=str(tmp_path),
+                      progress=False, checkpoint_every_s=0.0, baselines=("expert", "heft"))
     res = train(cfg)
     assert res.run_dir.name.startswith("layered-3x3-s11__gnn__ppo__0__") and res.updates == 2 and res.samples == 8
     doc = load_placement(res.run_dir / "placement.json", graph, get_cluster("cpu+4gpu"))

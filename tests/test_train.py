@@ -13,7 +13,7 @@ from envs.synthetic import layered_dag
 from placer.core.cluster import Cluster, get_cluster
 from placer.io.document import load_placement
 from placer.core.placement import Placement
-from placer.app.train import TrainConfig, add_train_arguments, config_from_args, train, train_and_place
+from placer.app.train import TrainConfig, train, train_and_place
 from tests.policy_helpers import SimMeasurer
 
 TAGS = {"charts/best_step_time_s", "charts/mean_step_time_s", "charts/reward", "charts/entropy",
@@ -29,8 +29,8 @@ def _restore_torch_threads():
 
 def tiny(tmp_path, **kw) -> TrainConfig:
     base = dict(graph=layered_dag(3, 3, seed=11), cluster="cpu+4gpu", budget_s=120.0, max_updates=4,
-                samples_per_update=8, hidden=16, num_groups=8, runs_dir=str(tmp_path), progress=False,
-                checkpoint_every_s=0.0)
+                algo_config={"samples_per_update": 8}, hidden=16, num_groups=8, runs_dir=str(tmp_path),
+                progress=False, checkpoint_every_s=0.0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -51,7 +51,10 @@ def test_train_writes_every_artefact(tmp_path):
                  "learning_curve.png"):
         assert (run / name).exists(), name
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["run_name"] == run.name and cfg["graph"] == "layered-3x3-s11" and cfg["samples_per_update"] == 8
+    assert cfg["run_name"] == run.name and cfg["graph"] == "layered-3x3-s11"
+    # the algorithm's own config, nested and resolved: the one-graph preset with the given field replacing it
+    assert cfg["algo_config"] == {**cfg["algo_config"], "samples_per_update": 8, "lr": 1e-3, "top_fraction": 0.1,
+                                  "baseline": "quantile", "self_imitation_coef": 0.5, "seed": 0}
     assert (run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     doc = load_placement(run / "placement.json", layered_dag(3, 3, seed=11), get_cluster("cpu+4gpu"))
     assert doc.placement == res.placement
@@ -120,24 +123,82 @@ def test_run_folders_never_collide_and_are_found_by_name_or_path(tmp_path):
 
 
 def test_cli_options_build_the_config():
+    from placer.app.cli_train import _train_parser, config_from_args
+
     parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
+    _train_parser(parser)
     args = parser.parse_args(["--graph", "nmt", "--cluster", "cpu+4gpu", "--budget", "2m", "--reward", "sim+real",
-                              "--seed", "3", "--samples-per-update", "8", "--no-progress"])
+                              "--seed", "3", "--samples-per-update", "8", "--no-progress", "--self-imitation", "0.25"])
     cfg = config_from_args(args)
-    assert (cfg.graph, cfg.cluster, cfg.budget_s, cfg.reward, cfg.seed, cfg.samples_per_update, cfg.progress) == (
-        "nmt", "cpu+4gpu", 120.0, "sim+real", 3, 8, False)
+    assert (cfg.graph, cfg.cluster, cfg.budget_s, cfg.reward, cfg.seed, cfg.progress) == (
+        "nmt", "cpu+4gpu", 120.0, "sim+real", 3, False)
     assert cfg.policy == "seq2seq" and cfg.algo == "reinforce"
+    algo = cfg.algo_config
+    assert (algo.samples_per_update, algo.self_imitation_coef, algo.seed) == (8, 0.25, 3)
     with pytest.raises(ValueError, match="--graph"):
         config_from_args(parser.parse_args([]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--budget", "soon"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--graph", "nmt", "--policy", "nope"])  # choices come from the registry
+
+
+def test_every_config_field_is_a_cli_option():
+    import dataclasses
+
+    from placer.app.cli_train import train_options
+    from policies.registry import ALGOS
+
+    run, per_algo = train_options()
+    assert {o.field for o in run} == {f.name for f in dataclasses.fields(TrainConfig)} - {"algo_config"}
+    for name, spec in ALGOS.items():
+        assert {o.field for o in per_algo[name]} == {f.name for f in dataclasses.fields(spec.config_class)} - {"seed"}
+    helps = {o.field: o.kwargs["help"] for o in run}
+    assert helps["num_groups"].startswith("At most this many groups per graph")  # the field's docstring
+
+
+def test_explicit_options_win_over_the_preset_whatever_their_value():
+    from placer.app.cli_train import _train_parser, config_from_args
+
+    parser = argparse.ArgumentParser()
+    _train_parser(parser)
+    # several graphs: the multi-graph preset (the zero-shot figures' setting) for what is not given ...
+    cfg = config_from_args(parser.parse_args(["--graphs", "rnnlm,nmt", "--policy", "gnn"]))
+    assert cfg.mode == "multi-graph"
+    assert (cfg.algo_config.samples_per_update, cfg.algo_config.lr, cfg.algo_config.top_fraction) == (32, 3e-3, 0.25)
+    # ... and an explicit --lr 1e-3, the one-graph preset's value, stays 1e-3
+    cfg = config_from_args(parser.parse_args(["--graphs", "rnnlm,nmt", "--policy", "gnn", "--lr", "1e-3"]))
+    assert cfg.algo_config.lr == 1e-3 and cfg.algo_config.samples_per_update == 32
+    cfg = config_from_args(parser.parse_args(["--graph", "rnnlm", "--lr", "3e-3", "--preset", "multi-graph"]))
+    assert cfg.algo_config.lr == 3e-3 and cfg.algo_config.samples_per_update == 32
+    assert TrainConfig(graph="rnnlm", algo_config={"lr": 1e-3}, preset="multi-graph").algo_config.lr == 1e-3
+
+
+def test_inapplicable_or_unknown_hyperparameters_are_refused():
+    from placer.app.cli_train import _train_parser, config_from_args
+    from policies.ppo import PPOConfig
+
+    parser = argparse.ArgumentParser()
+    _train_parser(parser)
+    with pytest.raises(ValueError, match="--clip-range is a hyper-parameter of ppo, not of --algo reinforce"):
+        config_from_args(parser.parse_args(["--graph", "rnnlm", "--clip-range", "0.1"]))
+    with pytest.raises(ValueError, match="--top-fraction is a hyper-parameter of reinforce, not of --algo ppo"):
+        config_from_args(parser.parse_args(["--graph", "rnnlm", "--policy", "gnn", "--algo", "ppo",
+                                            "--top-fraction", "0.5"]))
+    with pytest.raises(ValueError, match="does not take --lr"):
+        config_from_args(parser.parse_args(["--resume", "somewhere", "--lr", "0.1"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--graph", "rnnlm", "--no-such-option", "1"])
+    with pytest.raises(ValueError, match="'reinforce' has no hyper-parameter clip_range"):
+        TrainConfig(graph="rnnlm", algo_config={"clip_range": 0.1})
+    with pytest.raises(ValueError, match="takes a ReinforceConfig, not a PPOConfig"):
+        TrainConfig(graph="rnnlm", algo_config=PPOConfig())
 
 
 def test_train_and_place_gives_a_valid_placement(tmp_path):
     g = layered_dag(3, 3, seed=12)
     placement, result = train_and_place(g, "cpu+4gpu", budget_s=60, seed=1, runs_dir=str(tmp_path),
-                                        max_updates=2, samples_per_update=4, hidden=16)
+                                        max_updates=2, algo_config={"samples_per_update": 4}, hidden=16)
     assert isinstance(placement, Placement)
     placement.validate(g, get_cluster("cpu+4gpu"))
     assert result.ok and result.source == "sim" and np.isfinite(result.step_time_s)

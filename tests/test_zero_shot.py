@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from envs.placement_env import PlacementEnv
+from envs.placement_env import make_env
 from envs.synthetic import layered_dag, two_chains
 from placer.core.cluster import get_cluster
 from placer.io.document import load_placement
 from placer.app.place import add_place_arguments, place_zero_shot, run_place
 from placer.app.train import TrainConfig, train
-from placer.app.train_multi import MultiTrainConfig, add_multi_arguments, multi_config_from_args, train_multi
 from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
 
 
@@ -27,30 +26,40 @@ def chains_run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module-scoped: set up before the autouse fixture
     torch.manual_seed(0)
-    res = train_multi(MultiTrainConfig(
+    res = train(TrainConfig(
         graphs=(str(tmp / "chains4.json"),), random_dags=1, cluster=str(tmp / "pair.json"), policy="gnn",
-        algo="reinforce", max_rounds=60, samples_per_update=16, lr=2e-2, hidden=16, policy_options={"layers": 2},
-        num_groups=64, runs_dir=str(tmp), reference="single", seed=0))
+        algo="reinforce", max_updates=60, algo_config={"samples_per_update": 16, "lr": 2e-2}, hidden=16,
+        policy_options={"layers": 2}, num_groups=64, runs_dir=str(tmp), reference="single", seed=0,
+        progress=False))
     torch.set_num_threads(threads)
     return tmp, res
 
 
 def test_multi_graph_run_writes_its_folder(chains_run):
     tmp, res = chains_run
-    assert res.rounds == 60 and len(res.best_step_time_s) == 2
+    assert res.updates == 60 and len(res.outcomes) == 2
     assert res.run_dir.name.startswith("multi-2__gnn__reinforce__0__")
-    for name in ("config.json", "checkpoint.pt", "placement_two-chains-4.json"):
+    for name in ("config.json", "cluster.json", "checkpoint.pt", "placement_two-chains-4.json"):
         assert (res.run_dir / name).exists(), name
+    with pytest.raises(ValueError, match="read result.outcomes"):
+        res.placement  # noqa: B018 - a one-graph accessor on a run of two graphs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(res.run_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"charts/best_step_time_s/two-chains-4", "charts/reward/two-chains-4"} <= tags  # per graph
+    assert "charts/best_step_time_s" not in tags
     # it solved the training graph: one chain per device
-    env = PlacementEnv(two_chains(4), pair(), num_groups=64, reference="single")
-    assert res.best_step_time_s["two-chains-4"] == pytest.approx(env.evaluate([0, 1] * 4)[1].step_time_s)
+    env = make_env(two_chains(4), pair(), num_groups=64, reference="single")
+    assert res.outcomes["two-chains-4"].best_step_time_s == pytest.approx(env.evaluate([0, 1] * 4)[1].step_time_s)
 
 
 def test_zero_shot_places_a_longer_chain_pair_optimally(chains_run):
     tmp, res = chains_run
     graph = two_chains(7)  # never seen: 14 groups instead of 8
     zs = place_zero_shot(res.run_dir, graph, pair())
-    env = PlacementEnv(graph, pair(), num_groups=64, reference="single")
+    env = make_env(graph, pair(), num_groups=64, reference="single")
     optimum = env.evaluate([0, 1] * 7)[1].step_time_s
     rng = np.random.default_rng(0)
     random_mean = np.mean([env.evaluate(rng.integers(0, 2, 14))[1].step_time_s for _ in range(200)])
@@ -77,7 +86,7 @@ def test_placer_place_cli_writes_a_valid_placement_for_an_unseen_graph_and_clust
 
 def test_zero_shot_from_a_single_graph_ppo_run(tmp_path):
     run = train(TrainConfig(graph=layered_dag(3, 3, seed=11), cluster="cpu+4gpu", policy="gnn", algo="ppo",
-                            budget_s=60.0, max_updates=1, samples_per_update=2, hidden=8, num_groups=8,
+                            budget_s=60.0, max_updates=1, algo_config={"samples_per_update": 2}, hidden=8, num_groups=8,
                             runs_dir=str(tmp_path), progress=False, baselines=("expert",)))
     zs = place_zero_shot(run.run_dir, layered_dag(3, 5, seed=12), "cpu+4gpu")
     assert zs.placement.device_of_op.shape == (16,) and zs.method == "rl:gnn+ppo+zero-shot"
@@ -87,43 +96,44 @@ def test_bad_runs_and_mismatched_policies_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="no trained run 'nope'"):
         place_zero_shot("nope", layered_dag(2, 2), pair(), runs_dir=tmp_path)
     run = train(TrainConfig(graph=layered_dag(2, 2, seed=1), cluster="cpu+4gpu", policy="seq2seq",
-                            budget_s=60.0, max_updates=1, samples_per_update=2, hidden=8, num_groups=4,
+                            budget_s=60.0, max_updates=1, algo_config={"samples_per_update": 2}, hidden=8, num_groups=4,
                             runs_dir=str(tmp_path), progress=False, baselines=("expert",)))
     with pytest.raises(ValueError, match="does not fit") as e:
         place_zero_shot(run.run_dir, layered_dag(2, 2), pair())  # seq2seq's head is sized for 5 devices
     assert "\n" not in str(e.value)
 
 
-def test_graphs_option_parses_into_a_multi_config():
-    from placer.app.train import add_train_arguments
+def test_graphs_option_parses_into_a_multi_graph_config():
+    from placer.app.cli_train import _train_parser, config_from_args
 
     parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
-    add_multi_arguments(parser)
-    cfg = multi_config_from_args(parser.parse_args(["--graphs", "rnnlm, nmt", "--random-dags", "3", "--policy",
-                                                    "gnn", "--algo", "ppo", "--max-updates", "2"]))
-    assert cfg.graphs == ("rnnlm", "nmt") and cfg.random_dags == 3 and cfg.algo == "ppo" and cfg.max_rounds == 2
-    assert cfg.policy_options == {}
-    cfg = multi_config_from_args(parser.parse_args(["--graphs", "rnnlm", "--policy", "gnn", "--finish-dropout", "0.5"]))
+    _train_parser(parser)
+    cfg = config_from_args(parser.parse_args(["--graphs", "rnnlm, nmt", "--random-dags", "3", "--policy",
+                                              "gnn", "--algo", "ppo", "--max-updates", "2"]))
+    assert cfg.graphs == ("rnnlm", "nmt") and cfg.random_dags == 3 and cfg.algo == "ppo" and cfg.max_updates == 2
+    assert cfg.policy_options == {} and cfg.num_graphs == 5 and cfg.mode == "multi-graph"
+    cfg = config_from_args(parser.parse_args(["--graphs", "rnnlm,nmt", "--policy", "gnn", "--finish-dropout", "0.5"]))
     assert cfg.policy_options == {"finish_dropout": 0.5}
-    # learning options left unset take the multi-graph defaults (the benchmark's), not one graph's; set, they win
-    multi = MultiTrainConfig(graphs=("rnnlm",))
-    assert (cfg.samples_per_update, cfg.top_fraction, cfg.lr) == (multi.samples_per_update, multi.top_fraction,
-                                                                  multi.lr) == (32, 0.25, 3e-3)
-    cfg = multi_config_from_args(parser.parse_args(["--graphs", "rnnlm", "--top-fraction", "0.5", "--lr", "1e-2"]))
-    assert (cfg.top_fraction, cfg.lr, cfg.samples_per_update) == (0.5, 1e-2, 32)
+    cfg = config_from_args(parser.parse_args(["--graphs", "rnnlm,nmt", "--policy-options", "layers=2"]))
+    assert cfg.policy_options == {"layers": 2}
+    # learning options left unset take the multi-graph preset (the benchmark's), not one graph's; set, they win
+    assert (cfg.algo_config.samples_per_update, cfg.algo_config.top_fraction, cfg.algo_config.lr) == (32, 0.25, 3e-3)
+    cfg = config_from_args(parser.parse_args(["--graphs", "rnnlm,nmt", "--top-fraction", "0.5", "--lr", "1e-2"]))
+    assert (cfg.algo_config.top_fraction, cfg.algo_config.lr, cfg.algo_config.samples_per_update) == (0.5, 1e-2, 32)
     with pytest.raises(ValueError, match="--finish-dropout needs --policy gnn --algo reinforce"):
-        multi_config_from_args(parser.parse_args(["--graphs", "rnnlm", "--policy", "gnn", "--algo", "ppo",
-                                                  "--finish-dropout", "0.5"]))
-    with pytest.raises(ValueError, match="at least one graph"):
-        MultiTrainConfig(graphs=(), random_dags=0)
+        config_from_args(parser.parse_args(["--graphs", "rnnlm,nmt", "--policy", "gnn", "--algo", "ppo",
+                                            "--finish-dropout", "0.5"]))
+    with pytest.raises(ValueError, match="needs a graph"):
+        TrainConfig(graphs=(), random_dags=0)
+    with pytest.raises(ValueError, match="sim reward"):
+        train(TrainConfig(graphs=("rnnlm", "nmt"), reward="sim+real", policy="gnn", runs_dir="/nonexistent"))
 
 
 def test_multi_graph_ppo_shares_one_gnn(tmp_path):
-    res = train_multi(MultiTrainConfig(graphs=(), random_dags=2, cluster="cpu+4gpu", policy="gnn", algo="ppo",
-                                       max_rounds=2, samples_per_update=2, hidden=8, policy_options={"layers": 1},
-                                       num_groups=16, runs_dir=str(tmp_path), seed=1))
-    assert res.rounds == 2 and all(np.isfinite(list(res.best_step_time_s.values())))
+    res = train(TrainConfig(random_dags=2, cluster="cpu+4gpu", policy="gnn", algo="ppo", max_updates=2,
+                            algo_config={"samples_per_update": 2}, hidden=8, policy_options={"layers": 1},
+                            num_groups=16, runs_dir=str(tmp_path), seed=1, progress=False))
+    assert res.updates == 2 and all(np.isfinite([o.best_step_time_s for o in res.outcomes.values()]))
     zs = place_zero_shot(res.run_dir, layered_dag(3, 2, seed=5), "cpu+4gpu")
     assert zs.predicted.ok and zs.method == "rl:gnn+ppo+zero-shot"
 
@@ -133,36 +143,34 @@ def test_a_resumed_multi_graph_run_continues_where_it_stopped(tmp_path):
     import sys
     from pathlib import Path
 
-    common = dict(graphs=(), random_dags=2, cluster="cpu+4gpu", policy="gnn", algo="reinforce", samples_per_update=4,
-                  hidden=8, policy_options={"layers": 1}, num_groups=16, seed=3)
-    straight = train_multi(MultiTrainConfig(**common, max_rounds=4, runs_dir=str(tmp_path / "a")))
-    first = train_multi(MultiTrainConfig(**common, max_rounds=2, runs_dir=str(tmp_path / "b")))
-    assert first.rounds == 2
-    again = train_multi(MultiTrainConfig(graphs=(), resume=first.run_dir.name, max_rounds=4,
-                                         runs_dir=str(tmp_path / "b")))
-    assert again.run_dir == first.run_dir and again.rounds == 4
+    common = dict(random_dags=2, cluster="cpu+4gpu", policy="gnn", algo="reinforce",
+                  algo_config={"samples_per_update": 4}, hidden=8, policy_options={"layers": 1}, num_groups=16,
+                  seed=3, progress=False)
+    straight = train(TrainConfig(**common, max_updates=4, runs_dir=str(tmp_path / "a")))
+    first = train(TrainConfig(**common, max_updates=2, runs_dir=str(tmp_path / "b")))
+    assert first.updates == 2
+    again = train(TrainConfig(resume=first.run_dir.name, max_updates=4, runs_dir=str(tmp_path / "b"),
+                              progress=False))
+    assert again.run_dir == first.run_dir and again.updates == 4
     # the same weights, RNG streams and best placements as a run that was never stopped
     a = torch.load(straight.run_dir / "checkpoint.pt", weights_only=False)
     b = torch.load(again.run_dir / "checkpoint.pt", weights_only=False)
-    assert a["samples"] == b["samples"] and a["best"] == b["best"]
+    assert a["counters"]["samples"] == b["counters"]["samples"]
+    assert [g["best"]["step_time_s"] for g in a["graphs"]] == [g["best"]["step_time_s"] for g in b["graphs"]]
     for k, v in a["policy"].items():
         assert torch.equal(v, b["policy"][k]), k
-    with pytest.raises(ValueError, match="single-graph run"):
-        run = train(TrainConfig(graph=layered_dag(2, 2), cluster="cpu+4gpu", policy="gnn", max_updates=1,
-                                samples_per_update=2, hidden=8, num_groups=8, runs_dir=str(tmp_path), progress=False))
-        train_multi(MultiTrainConfig(graphs=(), resume=str(run.run_dir), runs_dir=str(tmp_path)))
-    # the CLI's --resume finds out that the run is a multi-graph one
+    # the CLI's --resume continues it too
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "placer.app.cli", "train", "--resume", str(first.run_dir), "--max-updates",
-                        "5", "--budget", "1m"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    r = subprocess.run([sys.executable, "-m", "placer.app.cli", "train", "--resume", str(first.run_dir),
+                        "--max-updates", "5", "--budget", "1m"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert r.returncode == 0, r.stderr
-    assert torch.load(first.run_dir / "checkpoint.pt", weights_only=False)["rounds"] == 5
+    assert torch.load(first.run_dir / "checkpoint.pt", weights_only=False)["counters"]["updates"] == 5
 
 
 def test_random_training_graphs_cover_four_families_reproducibly():
     from envs.synthetic import branch_blocks, recurrent_grid
-    from placer.app.train_multi import random_graphs
+    from placer.app.training.families import random_graphs
 
     graphs = random_graphs(8, seed=3)
     families = [g.meta["synthetic"]["generator"] for g in graphs]
@@ -217,9 +225,9 @@ def test_seq2seq_grid_is_an_attentional_encoder_decoder():
 def test_zero_shot_tries_both_finish_views_of_a_dropout_policy(tmp_path, monkeypatch):
     from policies.gnn import GNNPolicy
 
-    res = train_multi(MultiTrainConfig(graphs=(), random_dags=2, cluster="cpu+4gpu", policy="gnn", algo="reinforce",
-                                       max_rounds=2, samples_per_update=4, hidden=8, num_groups=16,
-                                       runs_dir=str(tmp_path), policy_options={"finish_dropout": 0.5}))
+    res = train(TrainConfig(random_dags=2, cluster="cpu+4gpu", policy="gnn", algo="reinforce", max_updates=2,
+                            algo_config={"samples_per_update": 4}, hidden=8, num_groups=16, runs_dir=str(tmp_path),
+                            policy_options={"finish_dropout": 0.5}, progress=False))
     seen = []
     sample = GNNPolicy.sample
 
@@ -231,9 +239,9 @@ def test_zero_shot_tries_both_finish_views_of_a_dropout_policy(tmp_path, monkeyp
     zs = place_zero_shot(res.run_dir, layered_dag(4, 3, seed=9), "cpu+4gpu", samples=3)
     assert zs.predicted.ok
     assert seen == [(True, True), (True, False), (False, True), (False, False)]
-    no_dropout = train_multi(MultiTrainConfig(graphs=(), random_dags=1, cluster="cpu+4gpu", policy="gnn",
-                                              algo="reinforce", max_rounds=1, samples_per_update=2, hidden=8,
-                                              num_groups=16, runs_dir=str(tmp_path)))
+    no_dropout = train(TrainConfig(random_dags=1, cluster="cpu+4gpu", policy="gnn", algo="reinforce",
+                                   max_updates=1, algo_config={"samples_per_update": 2}, hidden=8, num_groups=16,
+                                   runs_dir=str(tmp_path), progress=False, baselines=("expert",)))
     seen.clear()
     place_zero_shot(no_dropout.run_dir, layered_dag(4, 3, seed=9), "cpu+4gpu")
     assert seen == [(True, True)]

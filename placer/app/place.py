@@ -1,8 +1,8 @@
 """``placer place``: zero-shot placement of a graph with a trained run's policy (Placeto, Addanki et al.,
 NeurIPS 2019: a GNN policy trained on some graphs places unseen graphs of the family without retraining).
 
-The run's ``config.json`` names the policy and its sizes, ``checkpoint.pt`` holds its weights (single-graph runs
-of :mod:`placer.app.train`, with REINFORCE or PPO, and multi-graph runs of :mod:`placer.app.train_multi` alike). The new
+The run's ``config.json`` names the policy and its sizes, ``checkpoint.pt`` holds its weights (runs of
+:mod:`placer.app.train` on one graph or several, with REINFORCE or PPO, in any checkpoint version). The new
 graph is grouped as the run grouped its graphs, the policy's most likely placement is taken (or, with
 ``samples > 1``, the best by simulation of that and ``samples - 1`` sampled ones), and the result is simulated
 and written as a ``placer.placement/v1`` document. The ``gnn`` policy has no size-dependent weights, so any graph

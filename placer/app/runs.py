@@ -1,5 +1,5 @@
 """Run folders: their names, finding one again, atomic checkpoint writes, the learning-curve picture and the
-progress line. Shared by :mod:`placer.app.train` (one graph), :mod:`placer.app.train_multi` (several) and
+progress line. Shared by :mod:`placer.app.train` (and its :mod:`placer.app.training` package) and
 :mod:`placer.app.place` (reading a trained run back)."""
 
 from __future__ import annotations

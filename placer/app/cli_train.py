@@ -1,0 +1,232 @@
+"""``placer train``, ``place``, ``compare`` and ``demo``. The ``train`` options are generated from
+:class:`placer.app.train.TrainConfig` and the algorithms' config dataclasses (:mod:`placer.app.cli_config`); the
+trainer, the policies and torch are imported only when one of these commands runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+from placer.app.cli_base import command, console, load_graph_arg, parse_duration
+from placer.app.cli_config import Option, add_options, given, options_of
+from placer.app.cli_inspect import schedule_names
+
+
+@command("compare", "ColocRL's table: every method on every graph and cluster")
+def _compare_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--graphs", default="rnnlm-paper,nmt-paper,inception_v3-paper",
+                   help="comma list of graph JSONs or shipped graphs")
+    p.add_argument("--clusters", default="cpu+2gpu,cpu+4gpu", help="comma list of presets or cluster JSONs")
+    p.add_argument("--methods", help="comma list of baselines (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", default="none", choices=schedule_names(), help="micro-batch schedule (default none)")
+    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--train-budget", metavar="DURATION", type=parse_duration,
+                   help="also train RL placers for this long per graph and cluster (e.g. 10m) and add their columns")
+    from policies.registry import ALGOS, POLICIES
+
+    p.add_argument("--rl", default="seq2seq+reinforce", metavar="FAMILIES",
+                   help=f"with --train-budget: comma list of POLICY+ALGO families, one column each (default "
+                        f"%(default)s, the RL column; policies {', '.join(sorted(POLICIES))}; algorithms "
+                        f"{', '.join(sorted(ALGOS))}; a bare policy means +reinforce)")
+    p.add_argument("--policy-from", action="append", default=[], metavar="RUN",
+                   help="add a column placing every graph zero-shot with this trained run's policy (repeatable)")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    import time
+
+    from placer.app.compare import compare
+    from placer.app.place import zero_shot_placer
+    from placer.app.runs import find_run
+    from placer.app.train import family_column, family_placer
+
+    graphs = [load_graph_arg(g) for g in args.graphs.split(",") if g]
+    extra = {}
+    budget_s = args.train_budget
+    if budget_s:
+        for family in (f for f in args.rl.split(",") if f):
+            extra[family_column(family)] = family_placer(family, runs_dir=args.runs_dir, schedule=args.schedule,
+                                                         microbatches=args.microbatches)
+    for run in args.policy_from:
+        run_dir = find_run(run, args.runs_dir, checkpoint=True)  # a missing run fails before anything is placed
+        extra[f"zero-shot:{run_dir.name}"] = zero_shot_placer(run_dir, runs_dir=args.runs_dir)
+    out_dir = Path(args.runs_dir) / f"compare__{time.strftime('%Y%m%d-%H%M%S')}"
+    table = compare(graphs, [c for c in args.clusters.split(",") if c],
+                    methods=args.methods.split(",") if args.methods else None, seed=args.seed,
+                    schedule=args.schedule, microbatches=args.microbatches, out_dir=out_dir,
+                    extra=extra, train_budget_s=budget_s)
+    # Markdown, not a rich table: the table has ~18 columns and must stay readable in any terminal width
+    print(table.to_markdown())
+    console.print(f"wrote {out_dir}/compare.md and compare.csv")
+
+
+# ---------------------------------------------------------------------------------------------- place
+@command("place", "place a graph zero-shot with a trained policy (no training)")
+def _place_parser(p: argparse.ArgumentParser) -> None:
+    from placer.app.place import add_place_arguments
+
+    add_place_arguments(p)
+    p.set_defaults(func=cmd_place)
+
+
+def cmd_place(args: argparse.Namespace) -> None:
+    from placer.app.place import run_place
+
+    run_place(args)
+
+
+# ---------------------------------------------------------------------------------------------- demo
+@command("demo", "end to end: graph -> baselines -> RL -> real engine -> table + placement.json")
+def _demo_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--graph", default="nmt", help="shipped benchmark graph (small config) or graph JSON")
+    p.add_argument("--build", action="store_true", help="trace and profile the model afresh")
+    p.add_argument("--cluster", default="cpu-2")
+    p.add_argument("--budget", type=parse_duration, default=180.0, help="RL training time (default 3m)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=10, help="engine steps per measurement")
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--no-real", action="store_true", help="simulator only")
+    p.add_argument("--runs-dir", default="runs")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from placer.app.demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(graph=args.graph, build=args.build, cluster=args.cluster, budget_s=args.budget,
+                                 seed=args.seed, runs_dir=args.runs_dir, steps=args.steps,
+                                 microbatches=args.microbatches, real=not args.no_real),
+                      say=console.print)
+    print()
+    print(result.table_markdown)
+    console.print(f"best: {result.best_method} at {result.best_step_time_s * 1e3:.2f} ms; "
+                  f"demo took {result.wall_s:.0f} s")
+    for what, path in result.files.items():
+        console.print(f"  {what:>15}: {path}")
+
+
+# ---------------------------------------------------------------------------------------------- train
+TRAIN_ALIASES = {"graph_config": ("--config",), "self_imitation_coef": ("--self-imitation",)}
+"""Flags kept from the hand-written parser beside the generated ones."""
+
+
+def _registries() -> dict[str, Callable[[], list[str]]]:
+    """Allowed values of the ``TrainConfig`` fields that name registry entries."""
+    from envs.rewards import BACKENDS
+    from placer import baselines
+    from placer.costmodel.schedules import SCHEDULES
+    from policies.registry import ALGOS, POLICIES
+
+    return {"policy": lambda: sorted(POLICIES), "algo": lambda: sorted(ALGOS), "reward": lambda: sorted(BACKENDS),
+            "schedule": lambda: list(SCHEDULES), "reference": lambda: sorted(baselines.BASELINES),
+            "warm_start": lambda: ["best", *sorted(baselines.BASELINES)]}
+
+
+def train_options() -> tuple[list[Option], dict[str, list[Option]]]:
+    """The generated options: :class:`TrainConfig`'s, and per algorithm of :data:`policies.registry.ALGOS` those
+    of its config dataclass (a field several algorithms share is one option, see :func:`_train_parser`)."""
+    from placer.app.cli_inspect import preset_names
+    from placer.app.training.config import TrainConfig
+    from placer.baselines import BASELINES
+    from policies.registry import ALGOS
+
+    run = options_of(TrainConfig, skip=("algo_config",), aliases=TRAIN_ALIASES, choices=_registries(),
+                     metavars={"resume": "RUN"}, notes={
+                         "cluster": f"Presets: {preset_names()}.",
+                         "baselines": f"Methods: {', '.join(sorted(BASELINES))}.",
+                         "graph": "Required unless --graphs, --random-dags or --resume."})
+    per_algo = {name: options_of(spec.config_class, skip=("seed",), aliases=TRAIN_ALIASES, show_default=False)
+                for name, spec in sorted(ALGOS.items())}
+    return run, per_algo
+
+
+def _starting_values(field: str, algos: list[str]) -> str:
+    """Where ``field`` starts for each algorithm, one graph / several (:data:`PRESETS` over the config's default)."""
+    import dataclasses
+
+    from placer.app.training.config import PRESETS, algo_config_class
+
+    parts = []
+    for algo in algos:
+        default = next(f.default for f in dataclasses.fields(algo_config_class(algo)) if f.name == field)
+        one, several = (PRESETS[mode].get(algo, {}).get(field, default) for mode in ("one-graph", "multi-graph"))
+        parts.append(f"{algo} {one}" + ("" if one == several else f" (several graphs: {several})"))
+    return " Starts at: " + "; ".join(parts) + "."
+
+
+@command("train", "train an RL placement policy on one graph or several (writes runs/{graph}__{policy}__{algo}__"
+                  "{seed}__{ts}/)")
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    run, per_algo = train_options()
+    add_options(p, run)
+    seen: dict[str, tuple[Option, list[str]]] = {}
+    for algo, options in per_algo.items():
+        for opt in options:
+            seen.setdefault(opt.field, (opt, []))[1].append(algo)
+    group = p.add_argument_group("algorithm hyper-parameters (the algorithm's own config; the PRESETS entry of the "
+                                 "run's mode starts them, the ones given replace it)")
+    for opt, algos in seen.values():
+        help_text = f"[{', '.join(algos)}] {opt.kwargs['help']}{_starting_values(opt.field, algos)}"
+        group.add_argument(*opt.flags, **dict(opt.kwargs, help=help_text.replace("%%", "%").replace("%", "%%")))
+    p.add_argument("--finish-dropout", type=float, default=argparse.SUPPRESS, metavar="X",
+                   help="gnn+reinforce: hide the finish-estimate column from this share of the training samples "
+                        "(`placer place` then tries both views; the benchmark uses 0.5); sets "
+                        "policy_options finish_dropout")
+    p.set_defaults(func=cmd_train)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`TrainConfig` of ``placer train``'s options: the run fields given, and the algorithm fields
+    given in ``algo_config`` (they replace the preset's values, whatever they are). An option of another
+    algorithm, or a run option beside ``--resume`` that a resumed run does not take, is a one-line error."""
+    from placer.app.training.config import RESUME_OVERRIDES, TrainConfig
+
+    run, per_algo = train_options()
+    fields = given(args, run)
+    algo = fields.get("algo", "reinforce")
+    mine = {opt.field for opt in per_algo.get(algo, [])}
+    algo_fields: dict[str, Any] = {}
+    for options in per_algo.values():
+        for opt in options:
+            if hasattr(args, opt.field) and opt.field not in algo_fields:
+                if opt.field not in mine:
+                    owners = [a for a, opts in per_algo.items() if any(o.field == opt.field for o in opts)]
+                    raise ValueError(f"{opt.flags[0]} is a hyper-parameter of {', '.join(owners)}, not of "
+                                     f"--algo {algo}")
+                algo_fields[opt.field] = getattr(args, opt.field)
+    if hasattr(args, "finish_dropout"):
+        if (fields.get("policy"), algo) != ("gnn", "reinforce"):
+            raise ValueError(f"--finish-dropout needs --policy gnn --algo reinforce, not "
+                             f"{fields.get('policy', 'seq2seq')}+{algo}")
+        fields["policy_options"] = {**fields.get("policy_options", {}), "finish_dropout": args.finish_dropout}
+    if fields.get("resume"):
+        extra = sorted(set(fields) - {*RESUME_OVERRIDES, "resume", "runs_dir"}) + sorted(algo_fields)
+        if extra:
+            raise ValueError(f"--resume continues its run's config; it does not take "
+                             f"{', '.join('--' + k.replace('_', '-') for k in extra)}")
+    elif not (fields.get("graph") or fields.get("graphs") or fields.get("random_dags")):
+        raise ValueError("placer train needs --graph (or --graphs / --random-dags, or --resume RUN)")
+    return TrainConfig(**fields, algo_config=algo_fields)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from placer.app.train import train
+
+    result = train(config_from_args(args))
+    if len(result.outcomes) > 1:
+        for name, out in result.outcomes.items():
+            console.print(f"  {name:>24}: best {out.best_step_time_s * 1e3:.2f} ms (sim), reference "
+                          f"{out.reference_step_time_s * 1e3:.2f} ms")
+        console.print(f"multi-graph run folder: {result.run_dir} ({result.updates} rounds, {result.samples} samples)")
+        return
+    best = result.measured if result.measured is not None and result.measured.ok else result.predicted
+    console.print(f"best step {best.step_time_s * 1e3:.2f} ms ({best.source}) after {result.samples} samples, "
+                  f"{result.updates} updates, {result.elapsed_s:.0f} s; reference "
+                  f"{result.reference_step_time_s * 1e3:.2f} ms")
+    for name, t in sorted(result.baselines.items(), key=lambda kv: kv[1]):
+        console.print(f"  {name:>14}: {t * 1e3:.2f} ms (sim)")
+    console.print(f"run folder: {result.run_dir} (placement.json, learning_curve.png, TensorBoard events)")
