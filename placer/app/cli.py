@@ -56,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("placer: interrupted\n")
         return 130
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, KeyError, OSError, RuntimeError, RecursionError) as e:
         if verbose:
             raise
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, OSError) and e.strerror:  # a file that cannot be written or read: name it, no errno
+            msg = f"{e.filename or 'file'}: {e.strerror}" if e.filename else e.strerror
+        elif isinstance(e, RecursionError):
+            msg = "input nested too deeply to read (maximum recursion depth exceeded)"
         # plain write, not rich: rich would wrap a long message over several lines
         sys.stderr.write(f"placer: error: {msg.splitlines()[0] if msg else type(e).__name__}\n")
         return 2

@@ -19,7 +19,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from placer.app.cli_base import parse_duration
+from placer.app.cli_base import finite_float, parse_duration
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def option_kwargs(name: str, annotation: str) -> tuple[str, dict[str, Any]]:
     if kinds == {"float"}:
         if name.endswith("_s"):
             return flag[:-2], {"type": parse_duration, "metavar": "DURATION"}
-        return flag, {"type": float, "metavar": "X"}
+        return flag, {"type": finite_float, "metavar": "X"}
     if annotation.startswith("tuple["):
         return flag, {"type": _comma_list, "metavar": "A,B,..."}
     if annotation.startswith("dict["):

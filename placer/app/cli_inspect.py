@@ -4,9 +4,9 @@ clusters and placements. Registry names in the help come from the registries."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from placer.app.cli_base import command, console, load_graph_arg, parse_overrides, placed_from_document
+from placer.app.cli_base import (checked_document, command, console, int_at_least, load_graph_arg, parse_duration,
+                                 parse_overrides, placed_from_document, placement_file, writable_file)
 
 
 def preset_names() -> str:
@@ -24,13 +24,33 @@ def schedule_names() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- graph
+TRACERS = {"fx": "torch.fx (symbolic trace over leaf modules)", "export": "torch.export (torch.fx could not trace it)"}
+"""``graph.meta["trace"]`` -> what ``graph build`` and ``graph show`` say about the tracer that ran."""
+
+LOSS_DEFAULT = ("the loss_fn the factory returns (benchmark models: their own loss); without one, the output "
+                "itself when it is a scalar, else output.mean()")
+"""What :mod:`graphs.build` takes as the training step's loss, stated by ``graph show``."""
+
+
+def source_text(source) -> str:
+    """``graph.meta["source"]`` in words (``factory tests.fixtures_models:mlp, seed 0``), not a Python dict."""
+    if not isinstance(source, dict):
+        return str(source)
+    parts = []
+    for key, value in source.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
+        parts.append(f"{key} {value}")
+    return ", ".join(parts)
+
+
 @command("graph", "build, profile and inspect op graphs")
 def _graph_parser(p: argparse.ArgumentParser) -> None:
     gsub = p.add_subparsers(dest="graph_cmd", required=True)
     b = gsub.add_parser("build", help="trace a model to an op graph and profile it")
     b.add_argument("source", help="benchmark model (rnnlm, nmt, inception_v3) or pkg.module:factory")
     b.add_argument("--config", default="small", help="benchmark config: paper or small (default small)")
-    b.add_argument("--batch", type=int, help="override the batch size")
+    b.add_argument("--batch", type=int_at_least(1), help="override the batch size")
     b.add_argument("--set", nargs="*", metavar="NAME=VALUE", help="override other config fields")
     b.add_argument("--profile", default="cpu", help="cpu, cpu:THREADS, cuda, or none (default cpu = 1 thread)")
     b.add_argument("--estimate", default="K80,V100,A100,H100",
@@ -40,8 +60,8 @@ def _graph_parser(p: argparse.ArgumentParser) -> None:
     b.set_defaults(func=cmd_graph_build)
     s = gsub.add_parser("show", help="summarise a graph JSON")
     s.add_argument("graph", help="graph JSON file or benchmark name")
-    s.add_argument("--groups", type=int, default=256, help="group count to report (default 256)")
-    s.add_argument("--top", type=int, default=10, help="number of most expensive ops to list")
+    s.add_argument("--groups", type=int_at_least(1), default=256, help="group count to report (default 256)")
+    s.add_argument("--top", type=int_at_least(0), default=10, help="number of most expensive ops to list")
     s.set_defaults(func=cmd_graph_show)
 
 
@@ -51,6 +71,7 @@ def cmd_graph_build(args: argparse.Namespace) -> None:
     from graphs.build import build_graph
     from graphs.roofline import with_estimates
 
+    out = writable_file(args.out, "graph")  # before tracing and profiling, which take a while
     overrides = parse_overrides(args.set)
     if args.batch is not None:
         overrides["batch"] = args.batch
@@ -60,8 +81,9 @@ def cmd_graph_build(args: argparse.Namespace) -> None:
                         progress=True)
     if profile and args.estimate != "none":
         graph = with_estimates(graph, tuple(k for k in args.estimate.split(",") if k))
-    graph.save(args.out)
-    console.print(f"wrote {args.out}: {graph.n} ops, {graph.num_edges} edges, "
+    graph.save(out)
+    console.print(f"wrote {out}: {graph.n} ops, {graph.num_edges} edges, traced with "
+                  f"{TRACERS.get(graph.meta.get('trace'), graph.meta.get('trace', 'an unknown tracer'))}, "
                   f"costs for {', '.join(graph.costs) or 'none'} in {time.perf_counter() - t0:.1f} s")
 
 
@@ -86,7 +108,10 @@ def cmd_graph_show(args: argparse.Namespace) -> None:
                         f"({p.method}, {p.device}, {p.threads} thr, {p.date})")
         summary.add_row(f"{kind}: critical path", f"{g.critical_path_s(kind) * 1e3:.2f} ms")
     if "source" in g.meta:
-        summary.add_row("source", str(g.meta["source"]))
+        summary.add_row("source", source_text(g.meta["source"]))
+    if "trace" in g.meta:
+        summary.add_row("traced with", TRACERS.get(g.meta["trace"], str(g.meta["trace"])))
+    summary.add_row("step loss", LOSS_DEFAULT)
     console.print(summary)
     if g.costs:
         kind = g.default_cost_kind
@@ -110,9 +135,9 @@ def _cluster_parser(p: argparse.ArgumentParser) -> None:
     s.add_argument("cluster", help=f"preset name ({preset_names()}) or JSON file")
     s.set_defaults(func=cmd_cluster_show)
     c = csub.add_parser("calibrate", help="measure link latency/bandwidth and device speed between gloo workers")
-    c.add_argument("--devices", type=int, default=2)
-    c.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
-    c.add_argument("--repeats", type=int, default=20)
+    c.add_argument("--devices", type=int_at_least(2), default=2, help="worker processes (at most one per core)")
+    c.add_argument("--threads", type=int_at_least(1), default=1, help="intra-op threads per worker")
+    c.add_argument("--repeats", type=int_at_least(1), default=20)
     c.add_argument("--out", required=True, help="output cluster JSON")
     c.set_defaults(func=cmd_cluster_calibrate)
 
@@ -143,13 +168,21 @@ def cmd_cluster_show(args: argparse.Namespace) -> None:
 
 
 def cmd_cluster_calibrate(args: argparse.Namespace) -> None:
+    import os
+
     from placer.engine.calibrate import calibrate_cluster
 
+    out = writable_file(args.out, "cluster")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.devices * args.threads > cores:
+        raise ValueError(f"--devices {args.devices} x --threads {args.threads} needs {args.devices * args.threads} "
+                         f"cores; this machine gives placer {cores} (calibrating oversubscribed cores measures "
+                         f"the contention, not the links)")
     with console.status(f"calibrating {args.devices} gloo workers…"):
         cluster = calibrate_cluster(args.devices, repeats=args.repeats, threads_per_device=args.threads)
-    cluster.save(args.out)
+    cluster.save(out)
     print_cluster(cluster)
-    console.print(f"wrote {args.out}")
+    console.print(f"wrote {out}")
 
 
 # ---------------------------------------------------------------------------------------------- baselines
@@ -163,7 +196,7 @@ def _baseline_parser(p: argparse.ArgumentParser) -> None:
                    help=f"placement method: {', '.join(sorted(BASELINES))}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedule", default="none", choices=schedule_names(), help="micro-batch schedule (default none)")
-    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--microbatches", type=int_at_least(1), default=1)
     p.add_argument("--out", help="write the placement JSON here")
     p.set_defaults(func=cmd_baseline)
 
@@ -177,6 +210,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     from placer.io.document import save_placement
     from placer.costmodel.sim import simulate
 
+    out = writable_file(args.out, "placement") if args.out else None
     graph, cluster = load_graph_arg(args.graph), get_cluster(args.cluster)
     placement = baselines.place(args.method, graph, cluster, seed=args.seed)
     result = simulate(graph, cluster, placement, schedule=args.schedule, microbatches=args.microbatches)
@@ -186,10 +220,10 @@ def cmd_baseline(args: argparse.Namespace) -> None:
                       f"{[int(x) for x in np.bincount(placement.device_of_op, minlength=cluster.num_devices)]}")
     else:
         console.print(f"{args.method} on {cluster.name}: {result.failure}")
-    if args.out:
-        save_placement(args.out, graph, cluster, placement, method=args.method, seed=args.seed,
+    if out:
+        save_placement(out, graph, cluster, placement, method=args.method, seed=args.seed,
                        schedule=args.schedule, microbatches=args.microbatches, predicted=result)
-        console.print(f"wrote {args.out}")
+        console.print(f"wrote {out}")
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -201,13 +235,14 @@ def _document_overrides(p: argparse.ArgumentParser) -> None:
 
 @command("run", "execute a placement for real (one worker process per device) and time it")
 def _run_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("placement", help="placement JSON")
+    p.add_argument("placement", help="placement JSON, or a run folder (its placement.json)")
     _document_overrides(p)
     p.add_argument("--schedule", choices=schedule_names(), help="override the placement's schedule")
-    p.add_argument("--microbatches", type=int, help="override the placement's micro-batch count")
-    p.add_argument("--steps", type=int, default=20, help="measured steps (median reported)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds before the measurement counts as failed")
+    p.add_argument("--microbatches", type=int_at_least(1), help="override the placement's micro-batch count")
+    p.add_argument("--steps", type=int_at_least(1), default=20, help="measured steps (median reported)")
+    p.add_argument("--warmup", type=int_at_least(0), default=3)
+    p.add_argument("--timeout", type=parse_duration, default=300.0, metavar="DURATION",
+                   help="time before the measurement counts as failed (default 300s)")
     p.add_argument("--timeline", help="timeline PNG (default: beside the placement, *_timeline.png)")
     p.set_defaults(func=cmd_run)
 
@@ -219,8 +254,12 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     from graphs.jsonio import read_json
 
-    doc = read_json(args.placement, "placement")
-    graph, cluster, placement = placed_from_document(doc, args.placement, args.graph, args.cluster)
+    path = placement_file(args.placement)
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout:g} s")
+    stem = writable_file(args.timeline or path.with_name(path.stem + "_timeline.png"), "timeline")
+    doc = read_json(path, "placement")
+    graph, cluster, placement = placed_from_document(doc, path, args.graph, args.cluster)
     schedule = args.schedule or doc["schedule"]["name"]
     micro = args.microbatches or doc["schedule"]["microbatches"]
     with console.status(f"measuring {args.steps} steps on {cluster.num_devices} workers…"):
@@ -231,8 +270,6 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise RuntimeError(f"measurement failed: {result.failure}")
     console.print(f"measured step {result.step_time_s * 1e3:.2f} ms (median of {args.steps}, {schedule} x{micro}); "
                   f"simulator predicted {predicted.step_time_s * 1e3:.2f} ms")
-    default = Path(args.placement).with_name(Path(args.placement).stem + "_timeline.png")
-    stem = Path(args.timeline) if args.timeline else default
     plot_gantt(result, stem, title=f"{graph.name} on {cluster.name} ({schedule} x{micro}, measured)")
     to_chrome_trace(result, stem.with_suffix(".trace.json"))
     console.print(f"wrote {stem} and {stem.with_suffix('.trace.json')}")
@@ -249,29 +286,30 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from placer.io.document import load_placement
-    from graphs.jsonio import write_json_atomic
+    from graphs.jsonio import read_json, write_json_atomic
+    from placer.io.document import placement_from_document
 
-    src = Path(args.source)
-    path = src / "placement.json" if src.is_dir() else src
-    doc = load_placement(path).doc
+    path = placement_file(args.source)
+    out = writable_file(args.out, "export")
+    doc = checked_document(read_json(path, "placement"), path)
+    placement_from_document(doc, where=str(path))  # device indices in range
     if args.format == "json":
-        write_json_atomic(args.out, doc)
+        write_json_atomic(out, doc)
     else:
-        import torch
+        from placer.app.runs import save_torch_atomic
 
         devices = doc["devices"]
-        torch.save({"schema": doc["schema"], "graph": doc["graph"], "devices": devices,
-                    "modules": {m: devices[d] for m, d in doc["modules"].items()},
-                    "ops": {o: devices[d] for o, d in doc["ops"].items()},
-                    "stages": doc["stages"], "schedule": doc["schedule"]}, args.out)
-    console.print(f"wrote {args.out} ({args.format}) from {path}")
+        save_torch_atomic({"schema": doc["schema"], "graph": doc["graph"], "devices": devices,
+                           "modules": {m: devices[d] for m, d in doc["modules"].items()},
+                           "ops": {o: devices[d] for o, d in doc["ops"].items()},
+                           "stages": doc["stages"], "schedule": doc["schedule"]}, out)
+    console.print(f"wrote {out} ({args.format}) from {path}")
 
 
 # ---------------------------------------------------------------------------------------------- show
 @command("show", "summarise a placement JSON or a step result; draw its timeline")
 def _show_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="placement.json (re-simulated) or a StepResult JSON")
+    p.add_argument("path", help="placement JSON or run folder (re-simulated), or a StepResult JSON")
     _document_overrides(p)
     p.add_argument("--timeline", help="write a Gantt PNG here")
     p.add_argument("--trace", help="write a Perfetto/Chrome trace JSON here")
@@ -282,11 +320,14 @@ def cmd_show(args: argparse.Namespace) -> None:
     from graphs.jsonio import read_json
     from placer.core.result import StepResult
 
-    doc = read_json(args.path, "placement or result")
+    path = placement_file(args.path)
+    timeline = writable_file(args.timeline, "timeline") if args.timeline else None
+    trace = writable_file(args.trace, "trace") if args.trace else None
+    doc = read_json(path, "placement or result")
     if isinstance(doc, dict) and doc.get("schema") == "placer.placement/v1":
         from placer.costmodel.sim import simulate
 
-        graph, cluster, placement = placed_from_document(doc, args.path, args.graph, args.cluster)
+        graph, cluster, placement = placed_from_document(doc, path, args.graph, args.cluster)
         result = simulate(graph, cluster, placement, schedule=doc["schedule"]["name"],
                           microbatches=doc["schedule"]["microbatches"], timeline=True)
         title = f"{graph.name} on {cluster.name}: {doc['provenance']['method']}"
@@ -294,18 +335,18 @@ def cmd_show(args: argparse.Namespace) -> None:
         result = StepResult.from_json(doc)
         title = f"{result.source} step"
     else:
-        raise ValueError(f"{args.path} is neither a placement JSON nor a step result")
+        raise ValueError(f"{path} is neither a placement JSON nor a step result")
     console.print(f"{title}: step {result.step_time_s * 1e3:.2f} ms ({result.source}), schedule {result.schedule} "
                   f"x{result.microbatches}" if result.ok else f"{title}: failed — {result.failure}")
     for d, busy, mem in zip(result.devices, result.busy_s, result.peak_memory_bytes):
         console.print(f"  {d}: busy {busy * 1e3:.2f} ms, peak memory {mem / 1e6:.1f} MB")
-    if args.timeline:
+    if timeline:
         from placer.io.timeline import plot_gantt
 
-        plot_gantt(result, args.timeline, title=title)
-        console.print(f"wrote {args.timeline}")
-    if args.trace:
+        plot_gantt(result, timeline, title=title)
+        console.print(f"wrote {timeline}")
+    if trace:
         from placer.io.timeline import to_chrome_trace
 
-        to_chrome_trace(result, args.trace)
-        console.print(f"wrote {args.trace}")
+        to_chrome_trace(result, trace)
+        console.print(f"wrote {trace}")

@@ -5,10 +5,11 @@ trainer, the policies and torch are imported only when one of these commands run
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any, Callable
 
-from placer.app.cli_base import command, console, load_graph_arg, parse_duration
+from placer.app.cli_base import command, console, int_at_least, load_graph_arg, parse_duration, writable_folder
 from placer.app.cli_config import Option, add_options, given, options_of
 from placer.app.cli_inspect import schedule_names
 
@@ -21,7 +22,7 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", help="comma list of baselines (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedule", default="none", choices=schedule_names(), help="micro-batch schedule (default none)")
-    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--microbatches", type=int_at_least(1), default=1)
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--train-budget", metavar="DURATION", type=parse_duration,
                    help="also train RL placers for this long per graph and cluster (e.g. 10m) and add their columns")
@@ -44,6 +45,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from placer.app.runs import find_run
     from placer.app.train import family_column, family_placer
 
+    writable_folder(args.runs_dir, "runs folder")
     graphs = [load_graph_arg(g) for g in args.graphs.split(",") if g]
     extra = {}
     budget_s = args.train_budget
@@ -87,8 +89,8 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", default="cpu-2")
     p.add_argument("--budget", type=parse_duration, default=180.0, help="RL training time (default 3m)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=10, help="engine steps per measurement")
-    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--steps", type=int_at_least(1), default=10, help="engine steps per measurement")
+    p.add_argument("--microbatches", type=int_at_least(1), default=4)
     p.add_argument("--no-real", action="store_true", help="simulator only")
     p.add_argument("--runs-dir", default="runs")
     p.set_defaults(func=cmd_demo)
@@ -97,6 +99,9 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from placer.app.demo import DemoConfig, run_demo
 
+    if not args.budget > 0:
+        raise ValueError(f"--budget must be positive, got {args.budget:g} s")
+    writable_folder(args.runs_dir, "runs folder")
     result = run_demo(DemoConfig(graph=args.graph, build=args.build, cluster=args.cluster, budget_s=args.budget,
                                  seed=args.seed, runs_dir=args.runs_dir, steps=args.steps,
                                  microbatches=args.microbatches, real=not args.no_real),
@@ -216,17 +221,40 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def cmd_train(args: argparse.Namespace) -> None:
     from placer.app.train import train
 
-    result = train(config_from_args(args))
+    config = config_from_args(args)
+    writable_folder(config.runs_dir, "runs folder")  # before calibration, baselines or training
+    result = train(config)
     if len(result.outcomes) > 1:
         for name, out in result.outcomes.items():
             console.print(f"  {name:>24}: best {out.best_step_time_s * 1e3:.2f} ms (sim), reference "
                           f"{out.reference_step_time_s * 1e3:.2f} ms")
         console.print(f"multi-graph run folder: {result.run_dir} ({result.updates} rounds, {result.samples} samples)")
         return
-    best = result.measured if result.measured is not None and result.measured.ok else result.predicted
-    console.print(f"best step {best.step_time_s * 1e3:.2f} ms ({best.source}) after {result.samples} samples, "
-                  f"{result.updates} updates, {result.elapsed_s:.0f} s; reference "
-                  f"{result.reference_step_time_s * 1e3:.2f} ms")
-    for name, t in sorted(result.baselines.items(), key=lambda kv: kv[1]):
-        console.print(f"  {name:>14}: {t * 1e3:.2f} ms (sim)")
+    print_train_summary(result)
+
+
+def print_train_summary(result: Any) -> None:
+    """A one-graph run's summary. Numbers are compared like with like: the RL placement's *simulated* step time
+    sits among the baselines' simulated ones, and an engine measurement (``real`` / ``sim+real``) is a separate
+    line, since the baselines were not measured; every number says where it comes from."""
+    out = result.only
+    after_s = max(0.0, result.wall_s - result.setup_s - result.elapsed_s)
+    console.print(f"trained {result.samples} samples, {result.updates} updates in {result.elapsed_s:.0f} s of "
+                  f"training (the budget); {result.wall_s:.0f} s in all: {result.setup_s:.0f} s before training "
+                  f"(graphs, calibration), {after_s:.0f} s outside the budget (baselines, final engine "
+                  f"re-measurement, files)")
+    rows = {"RL (this run)": out.predicted.step_time_s if out.predicted.ok else math.inf, **out.baselines}
+    console.print(f"simulated step time on the run's cluster (reference {out.reference_step_time_s * 1e3:.2f} ms):")
+    for name, t in sorted(rows.items(), key=lambda kv: kv[1]):
+        console.print(f"  {name:>14}: " + (f"{t * 1e3:.2f} ms (sim)" if math.isfinite(t) else "failed or OOM (sim)"))
+    if out.measured is not None:
+        measured = (f"{out.measured.step_time_s * 1e3:.2f} ms (engine, median)" if out.measured.ok
+                    else f"failed ({out.measured.failure})")
+        console.print(f"measured by the engine: RL (this run) {measured}; the baselines were not measured "
+                      f"(`placer run` measures any placement file)")
+    if out.failed_measurements:
+        console.print(f"warning: {out.failed_measurements} engine measurement(s) failed during the run (see the "
+                      f"warnings above; the reported placement is the best that measured)")
+    if out.kept_on_disk:
+        console.print(f"note: {out.kept_on_disk}")
     console.print(f"run folder: {result.run_dir} (placement.json, learning_curve.png, TensorBoard events)")

@@ -25,12 +25,22 @@ def stamped_name(what: str, policy: str, algo: str, seed: int) -> str:
 
 
 def new_run_dir(runs_dir: str | Path, name: str) -> Path:
-    """Create ``runs_dir/name``; a trailing ``_`` is added while the name is taken (two runs in one second)."""
-    run_dir = Path(runs_dir) / name
-    while run_dir.exists():
-        run_dir = run_dir.with_name(run_dir.name + "_")
-    run_dir.mkdir(parents=True)
-    return run_dir
+    """Create ``runs_dir/name`` atomically: ``mkdir`` without ``exist_ok`` claims the name, and while another run
+    holds it (two runs started in one second) a ``_`` is appended and the mkdir retried. An unusable ``runs_dir`` is a
+    one-line ``ValueError``."""
+    root = Path(runs_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1000):
+            run_dir = root / (name + "_" * attempt)
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise ValueError(f"cannot create a run folder under {root}: {e.strerror or e}") from None
+    raise ValueError(f"cannot create a run folder under {root}: 1000 runs named {name!r} already")
 
 
 def find_run(run: str | Path, runs_dir: str | Path, *, checkpoint: bool = False) -> Path:
@@ -45,10 +55,16 @@ def find_run(run: str | Path, runs_dir: str | Path, *, checkpoint: bool = False)
 
 
 def save_torch_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a kill never leaves a half-written checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary file, then rename: a kill never leaves a half-written checkpoint, and a
+    failed write (a full disk) leaves neither the temporary file nor a damaged ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def hparams_markdown(rows: dict[str, Any]) -> str:
@@ -94,11 +110,19 @@ def plot_learning_curve(path: Path, history: list[dict[str, float]], baselines: 
 
 
 class Progress:
-    """A rich progress line (best step time, samples/s) over the time budget; silent when disabled."""
+    """A rich progress line (best step time, samples/s) over the time budget; silent when disabled. When the
+    output is not a terminal (a log file, a pipe) a plain line every ``PLAIN_EVERY_S`` seconds replaces the bar:
+    a live bar there is cut with "…" at 80 columns and its redraws are noise."""
+
+    PLAIN_EVERY_S = 30.0
 
     def __init__(self, enabled: bool, budget_s: float, done_s: float) -> None:
+        import sys
+
         self.bar = None
-        if enabled:
+        self.plain = enabled and not sys.stdout.isatty()
+        self.budget_s, self.last_plain, self.text = budget_s, time.perf_counter(), ""
+        if enabled and not self.plain:
             from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
@@ -110,7 +134,14 @@ class Progress:
     def update(self, elapsed_s: float, text: str) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=elapsed_s, description=text)
+        elif self.plain:
+            self.text = f"training {elapsed_s:.0f}/{self.budget_s:.0f} s: {text}"
+            if time.perf_counter() - self.last_plain >= self.PLAIN_EVERY_S:
+                print(self.text, flush=True)
+                self.last_plain = time.perf_counter()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+        elif self.plain and self.text:
+            print(self.text, flush=True)

@@ -30,8 +30,9 @@ Policies and algorithms come from the registries in :mod:`policies`; the loop is
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -49,7 +50,7 @@ from placer.app.training.trainer import GraphOutcome, Trainer, evaluate_baseline
 from placer.core.cluster import Cluster
 from placer.core.placement import Placement
 from placer.core.result import StepResult
-from placer.io.document import write_json_atomic
+from placer.io.document import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,13 @@ class TrainResult:
     updates: int
     """Updates of every graph (rounds)."""
     elapsed_s: float
+    """Training seconds (what ``budget_s`` bounds), across resumes."""
+    wall_s: float = 0.0
+    """Wall time of this call: training plus what the budget does not count (calibration, baselines, the final
+    engine re-measurement, files)."""
+    setup_s: float = 0.0
+    """Seconds before the run folder existed: loading the graphs and calibrating the cluster (``calibrate``);
+    part of ``wall_s``."""
 
     @property
     def only(self) -> GraphOutcome:
@@ -144,12 +152,23 @@ def resolve_graphs(config: TrainConfig) -> list[OpGraph]:
     return graphs
 
 
+def _saved_config(path: Path) -> TrainConfig:
+    """A run's ``config.json`` as a :class:`TrainConfig`; any problem is a one-line ``ValueError`` naming it."""
+    saved = read_json(path, "run config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a training config (a JSON object)")
+    try:
+        return config_from_saved(saved)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def open_run(config: TrainConfig) -> tuple[TrainConfig, Path, list[OpGraph], Cluster]:
     """The run folder with its config, graphs and cluster: ``config.resume``'s (its saved config with
     :data:`RESUME_OVERRIDES` from ``config``), or a new one. Nothing is created before the names check out."""
     if config.resume:
         run_dir = find_run(config.resume, config.runs_dir)
-        saved = config_from_saved(json.loads((run_dir / "config.json").read_text()))
+        saved = _saved_config(run_dir / "config.json")
         config = dataclasses.replace(saved, **{k: getattr(config, k) for k in RESUME_OVERRIDES})
         config.resume = str(run_dir)
         one = config.num_graphs == 1 and (run_dir / "graph.json").exists()
@@ -172,13 +191,19 @@ def open_run(config: TrainConfig) -> tuple[TrainConfig, Path, list[OpGraph], Clu
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) a training run; see the module docstring for what it writes."""
+    """Run (or resume) a training run; see the module docstring for what it writes. A new run that fails before
+    training starts (a setting its environment refuses, Ctrl-C) leaves no run folder behind."""
+    t0 = time.perf_counter()
+    fresh = not config.resume
+    runs_root_existed = Path(config.runs_dir).exists()
     config, run_dir, graphs, cluster = open_run(config)
-    write_json_atomic(run_dir / "config.json", config.to_json())
-    torch.set_num_threads(max(1, config.torch_threads))
-    seed_everything(config.seed)
+    setup_s = time.perf_counter() - t0
     envs = []
+    started = False
     try:
+        write_json_atomic(run_dir / "config.json", config.to_json())
+        torch.set_num_threads(max(1, config.torch_threads))
+        seed_everything(config.seed)
         for g in graphs:
             envs.append(make_env(g, cluster, num_groups=config.num_groups, reward_backend=config.reward,
                                  reference=config.reference, incremental=config.incremental,
@@ -189,9 +214,17 @@ def train(config: TrainConfig) -> TrainResult:
         trainer.log_start()
         if config.warm_start:
             trainer.warm_start()
+        started = True
         outcomes = trainer.run()
         return TrainResult(run_dir=run_dir, outcomes={g.name: o for g, o in zip(graphs, outcomes)},
-                           samples=trainer.samples, updates=trainer.updates, elapsed_s=trainer.elapsed())
+                           samples=trainer.samples, updates=trainer.updates, elapsed_s=trainer.elapsed(),
+                           wall_s=time.perf_counter() - t0, setup_s=setup_s)
+    except BaseException:
+        if fresh and not started:  # nothing was trained: a folder that cannot be resumed would only mislead
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if not runs_root_existed and not any(run_dir.parent.iterdir()):
+                run_dir.parent.rmdir()
+        raise
     finally:
         for env in envs:
             env.close()

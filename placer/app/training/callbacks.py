@@ -9,6 +9,7 @@ once training stops, and saves :meth:`Callback.state_dict` in the graph's checkp
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,8 @@ from placer.core.result import StepResult
 
 if TYPE_CHECKING:
     from placer.app.training.trainer import Slot, Trainer
+
+log = logging.getLogger(__name__)
 
 
 class Callback:
@@ -43,7 +46,8 @@ class Remeasure(Callback):
     """Measures the ``top_k`` best simulated placements with the engine every ``every_s`` seconds and once more,
     in 3 interleaved rounds, at the end (:meth:`envs.rewards.SimRealBackend.remeasure_top`); the best measured
     one becomes the graph's result (``slot.measured`` / ``slot.measured_groups``). TensorBoard:
-    ``real/best_step_time_s`` and ``real/top<k>_step_time_s``."""
+    ``real/best_step_time_s`` and ``real/top<k>_step_time_s``. A measurement that fails is a warning and counts in
+    :attr:`failures` (the run's summary reports it), never only a ``None`` in the log."""
 
     name = "remeasure"
 
@@ -51,6 +55,8 @@ class Remeasure(Callback):
         self.top_k, self.every_s = top_k, every_s
         self.last = time.perf_counter()
         self.log: list[dict[str, Any]] = []
+        self.failures = 0
+        """Engine measurements of this graph that failed (across resumes)."""
 
     def on_start(self, trainer: "Trainer", slot: "Slot") -> None:
         self.last = time.perf_counter()
@@ -66,6 +72,11 @@ class Remeasure(Callback):
     def _remeasure(self, trainer: "Trainer", slot: "Slot", *, final: bool) -> None:
         top = slot.env.backend.remeasure_top(self.top_k, rounds=3 if final else 0)
         ok = [r for r in top if r.real.ok]
+        failed = [r.real.failure for r in top if not r.real.ok]
+        if failed:
+            self.failures += len(failed)
+            log.warning("%s: %d of %d engine re-measurements failed (%s); %d failed so far in this run",
+                        slot.graph.name, len(failed), len(top), failed[0], self.failures)
         for i, r in enumerate(top):
             trainer.writer.add_scalar(f"real/top{i + 1}_step_time_s{slot.tag}",
                                       r.real.step_time_s if r.real.ok else float("nan"), trainer.samples)
@@ -80,13 +91,14 @@ class Remeasure(Callback):
 
     def state_dict(self, slot: "Slot") -> dict[str, Any]:
         return {"measured": slot.measured.to_json() if slot.measured is not None else None,
-                "measured_device_of_group": slot.measured_groups, "log": self.log}
+                "measured_device_of_group": slot.measured_groups, "log": self.log, "failures": self.failures}
 
     def load_state_dict(self, slot: "Slot", state: dict[str, Any]) -> None:
         if state.get("measured") is not None:
             slot.measured = StepResult.from_json(state["measured"])
             slot.measured_groups = state["measured_device_of_group"]
         self.log = list(state.get("log", []))
+        self.failures = int(state.get("failures", sum(v is None for e in self.log for v in e["measured_s"])))
 
 
 def callbacks_for(backend: Any, *, top_k_real: int, real_every_s: float) -> list[Callback]:

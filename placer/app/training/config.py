@@ -146,10 +146,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.graphs = tuple(self.graphs)
         self.baselines = tuple(self.baselines)
-        if self.random_dags < 0:
-            raise ValueError(f"random_dags must be >= 0, got {self.random_dags}")
-        if not self.budget_s > 0:
-            raise ValueError(f"budget must be positive, got {self.budget_s} s")
+        self._check_numbers()
         if self.preset not in ("auto", *PRESETS):
             raise ValueError(f"preset must be auto or one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.resume:  # the run folder's config decides the rest
@@ -158,6 +155,31 @@ class TrainConfig:
             raise ValueError("training needs a graph (graph, graphs or random_dags; --graph, --graphs or "
                              "--random-dags, or --resume RUN)")
         self.algo_config = resolve_algo_config(self.algo, self.mode, self.algo_config, seed=self.seed)
+
+    def _check_numbers(self) -> None:
+        """Out-of-range and non-finite numbers are one-line errors before anything runs (``--budget=infs``,
+        ``--microbatches 0``, a negative step count), never silently clipped or ignored."""
+        import math
+        import numbers
+
+        for name, low in (("budget_s", 0.0), ("checkpoint_every_s", None), ("real_every_s", None),
+                          ("engine_timeout_s", 0.0), ("failure_penalty", None)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if low is not None and not value > low:
+                raise ValueError(f"{name.removesuffix('_s')} must be positive, got {value} s")
+            if low is None and name.endswith("_s") and value < 0:
+                raise ValueError(f"{name} must not be negative, got {value} s")
+        for name, low in (("microbatches", 1), ("num_groups", 1), ("hidden", 1), ("top_k_real", 1),
+                          ("torch_threads", 1), ("warm_start_steps", 0), ("max_updates", 1), ("random_dags", 0)):
+            value = getattr(self, name)
+            if value is None and name == "max_updates":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
 
     @property
     def num_graphs(self) -> int:

@@ -62,6 +62,8 @@ class Slot:
     """Each evaluated baseline's placement and simulated step (one-graph runs)."""
     dirty: bool = False
     """A better placement was found since the placement file was last written."""
+    kept_on_disk: str | None = None
+    """Why the placement file was left as it was (:meth:`Trainer.write_placement`), once it was."""
 
     def record(self, stats: Any, *, samples: int, elapsed_s: float) -> float:
         """Track the best of an update's placements and append to the history; returns the update's mean step
@@ -115,9 +117,27 @@ class GraphOutcome:
     """Simulated step time of each baseline (``inf`` for OOM; one-graph runs)."""
     history: list[dict[str, float]]
     """Per update: ``elapsed_s``, ``samples``, ``best_step_time_s``, ``mean_step_time_s``."""
+    failed_measurements: int = 0
+    """Engine measurements of this graph that failed during the run (``sim+real`` re-measurements)."""
+    kept_on_disk: str | None = None
+    """Set when the run folder's placement file holds a better placement than this run's best (one written before
+    a kill and a resume): what was kept, in words. The file is left as it is."""
 
 
 # ============================================================================================== the run
+def held_step_time_s(path: Path, *, measured: bool) -> float | None:
+    """The step time a placement file already holds: its measured one when ``measured``, else its simulated one
+    (``None``: no file, no such time, or a file that cannot be read, which is then overwritten)."""
+    import json
+
+    try:
+        entry = json.loads(path.read_text())["measured" if measured else "predicted"]
+        value = entry["step_time_s"] if entry else None
+        return float(value) if value is not None and math.isfinite(float(value)) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def evaluate_baselines(graph: OpGraph, cluster: Cluster, methods: Sequence[str], *, schedule: str = "none",
                        microbatches: int = 1, seed: int = 0) -> dict[str, tuple[Placement, StepResult]]:
     """Each applicable baseline's placement and its simulated step on the full graph (``n/a`` ones left out)."""
@@ -145,7 +165,11 @@ class Trainer:
         from policies import make_algo, make_policy
 
         self.config, self.run_dir, self.cluster = config, run_dir, cluster
-        self.policy = make_policy(config.policy, envs[0].problem, hidden=config.hidden, **config.policy_options)
+        try:
+            self.policy = make_policy(config.policy, envs[0].problem, hidden=config.hidden, **config.policy_options)
+        except TypeError as e:  # an option the policy does not take (--policy-options nonsense=1)
+            raise ValueError(f"policy {config.policy!r} does not take policy_options "
+                             f"{', '.join(sorted(config.policy_options)) or '(none)'}: {e}") from None
         several = len(envs) > 1
         self.slots = []
         for i, env in enumerate(envs):
@@ -272,14 +296,32 @@ class Trainer:
             return slot.env.result_of(slot.final_groups)
         return slot.measured
 
+    def placement_path(self, slot: Slot) -> Path:
+        """The placement file of ``slot``'s graph in the run folder."""
+        name = "placement.json" if len(self.slots) == 1 else f"placement_{safe_name(slot.graph.name)}.json"
+        return self.run_dir / name
+
     def write_placement(self, slot: Slot) -> None:
+        """Write the slot's reported placement; a resumed run first reads the file, and leaves it when it holds a
+        better placement (written before a kill that came between a placement write and the next checkpoint): the
+        best on disk never gets worse. A fresh run's file holds only its own placements."""
         groups = slot.final_groups
         if groups is None:
             return
-        name = "placement.json" if len(self.slots) == 1 else f"placement_{safe_name(slot.graph.name)}.json"
-        save_placement(self.run_dir / name, slot.graph, self.cluster, slot.env.problem.expand(groups),
+        path = self.placement_path(slot)
+        predicted, measured = self.predicted_of(slot, groups), self.measured_of(slot)
+        held = held_step_time_s(path, measured=measured is not None) if self.config.resume else None
+        mine = measured if measured is not None else predicted
+        if held is not None and (not mine.ok or held < mine.step_time_s):
+            if slot.kept_on_disk is None:
+                slot.kept_on_disk = (f"{path.name} keeps its {held * 1e3:.3f} ms placement ({mine.source}); this "
+                                     f"run's best is {mine.step_time_s * 1e3:.3f} ms")
+                log.warning("%s", slot.kept_on_disk)
+            slot.dirty = False
+            return
+        save_placement(path, slot.graph, self.cluster, slot.env.problem.expand(groups),
                        method=self.method, seed=self.config.seed, run=self.run_dir.name,
-                       predicted=self.predicted_of(slot, groups), measured=self.measured_of(slot),
+                       predicted=predicted, measured=measured,
                        schedule=self.config.schedule, microbatches=self.config.microbatches)
         slot.dirty = False
 
@@ -364,5 +406,6 @@ class Trainer:
                                     predicted=self.predicted_of(slot, groups), measured=self.measured_of(slot),
                                     best_step_time_s=slot.best_time_s,
                                     reference_step_time_s=slot.env.reference_time_s, baselines=slot.baselines,
-                                    history=slot.history))
+                                    history=slot.history, kept_on_disk=slot.kept_on_disk,
+                                    failed_measurements=sum(getattr(cb, "failures", 0) for cb in slot.callbacks)))
         return out
