@@ -1,0 +1,160 @@
+"""Bad input, class by class, several inputs each: every case is one ``placer: error:`` line naming what it is
+about, exit status 2, no traceback, and nothing (half-)written left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import placer
+
+
+def one_line_error(r, *needles: str) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("placer: error: "), r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def listing(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def placement(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("placement")
+    r = placer("baseline", "--graph", "rnnlm", "--cluster", "cpu-2", "--method", "expert", "--out",
+               work / "p.json", cwd=work)
+    assert r.returncode == 0, r.stderr
+    return work / "p.json"
+
+
+def bad_outputs(tmp_path: Path) -> list[tuple[Path, str]]:
+    """(unwritable output path, what the message says about it): an existing folder, paths under a file, a device
+    (an atomic write would replace /dev/full by a plain file), a folder no file can be created in."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    cases = [(tmp_path / "a_folder", "not a regular file"), (tmp_path / "a_file" / "x.json", "is a file"),
+             (tmp_path / "a_file" / "sub" / "x.json", "is a file"), (Path("/dev/full"), "not a regular file"),
+             (Path("/proc/placer-out/x.json"), "cannot create a file in /proc")]
+    if os.geteuid() != 0:  # root writes through permission bits
+        ro = tmp_path / "read_only"
+        ro.mkdir()
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        cases.append((ro / "x.json", "cannot create a file in"))
+    return cases
+
+
+@pytest.mark.parametrize("command", ["baseline", "export-json", "export-torch", "graph-build", "show-timeline",
+                                     "run-timeline"])
+def test_unwritable_outputs_are_refused_up_front(tmp_path, placement, command):
+    for out, why in bad_outputs(tmp_path):
+        args = {"baseline": ["baseline", "--graph", "rnnlm", "--cluster", "cpu-2", "--method", "single", "--out", out],
+                "export-json": ["export", placement, "--out", out],
+                "export-torch": ["export", placement, "--format", "torch", "--out", out],
+                "graph-build": ["graph", "build", "tests.fixtures_models:mlp", "--profile", "none", "--out", out],
+                "show-timeline": ["show", placement, "--timeline", out],
+                "run-timeline": ["run", placement, "--timeline", out]}[command]
+        before = listing(tmp_path)
+        r = placer(*args, cwd=tmp_path)
+        one_line_error(r, str(out), why)
+        assert listing(tmp_path) == before, command
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)  # still the device
+
+
+def test_unusable_runs_folders_are_refused_before_anything_runs(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    cases = [(tmp_path / "a_file", "is not a folder"), (tmp_path / "a_file" / "runs", "is a file"),
+             (Path("/dev/full"), "is not a folder"), (Path("/proc/placer-runs"), "cannot create a file in /proc")]
+    for runs_dir, why in cases:
+        for args in (["train", "--graph", "rnnlm", "--budget", "5s"],
+                     ["compare", "--graphs", "rnnlm", "--clusters", "cpu-2", "--methods", "single"],
+                     ["demo", "--graph", "rnnlm", "--no-real", "--budget", "5s"]):
+            before = listing(tmp_path)
+            r = placer(*args, "--runs-dir", runs_dir, cwd=tmp_path)
+            one_line_error(r, str(runs_dir), why)
+            assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train", "--graph", "rnnlm", "--budget=infs"], "not a duration: 'infs'"),
+    (["train", "--graph", "rnnlm", "--budget", "nan"], "not a duration: 'nan'"),
+    (["train", "--graph", "rnnlm", "--budget", "-1"], "not a duration: '-1'"),
+    (["train", "--graph", "rnnlm", "--budget", "0s"], "budget must be positive"),
+    (["train", "--graph", "rnnlm", "--microbatches", "0"], "microbatches must be a whole number >= 1, got 0"),
+    (["train", "--graph", "rnnlm", "--max-updates", "-3"], "max_updates must be a whole number >= 1"),
+    (["train", "--graph", "rnnlm", "--num-groups", "0"], "num_groups must be a whole number >= 1"),
+    (["train", "--graph", "rnnlm", "--failure-penalty=-inf"], "'-inf' is not a finite number"),
+    (["train", "--graph", "rnnlm", "--engine-timeout", "inf"], "not a duration: 'inf'"),
+    (["train", "--graph", "rnnlm", "--top-k-real", "0"], "top_k_real must be a whole number >= 1"),
+    (["train", "--graph", "rnnlm", "--lr", "nan"], "'nan' is not a finite number"),
+    (["run", "PLACEMENT", "--microbatches", "0"], "--microbatches: 0 is below the smallest allowed value, 1"),
+    (["run", "PLACEMENT", "--steps", "-1"], "--steps: -1 is below"),
+    (["run", "PLACEMENT", "--warmup", "-1"], "--warmup: -1 is below"),
+    (["run", "PLACEMENT", "--timeout", "inf"], "not a duration: 'inf'"),
+    (["run", "PLACEMENT", "--timeout", "0"], "--timeout must be positive"),
+    (["baseline", "--graph", "rnnlm", "--cluster", "cpu-2", "--method", "single", "--microbatches", "-2"],
+     "--microbatches: -2 is below"),
+    (["graph", "show", "rnnlm", "--groups", "0"], "--groups: 0 is below"),
+    (["graph", "build", "tests.fixtures_models:mlp", "--batch", "0", "--out", "g.json"], "--batch: 0 is below"),
+    (["demo", "--graph", "rnnlm", "--budget", "0"], "--budget must be positive"),
+    (["compare", "--graphs", "rnnlm", "--clusters", "cpu-2", "--microbatches", "0"], "--microbatches: 0 is below"),
+    (["cluster", "calibrate", "--devices", "64", "--out", "c.json"], "--devices 64 x --threads 1 needs 64 cores"),
+    (["cluster", "calibrate", "--devices", "1", "--out", "c.json"], "--devices: 1 is below"),
+])
+def test_out_of_range_and_non_finite_numbers_are_refused(tmp_path, placement, args, match):
+    args = [str(placement) if a == "PLACEMENT" else a for a in args]
+    one_line_error(placer(*args, cwd=tmp_path), match)
+    assert listing(tmp_path) == set()  # no run folder, no runs/ folder, no output file
+
+
+def test_a_graph_with_a_non_finite_op_cost_is_refused(tmp_path):
+    from graphs.data import load_benchmark_graph
+
+    for bad in (float("inf"), float("nan"), -1.0):
+        d = load_benchmark_graph("rnnlm").to_json()
+        d["costs"]["cpu"]["fwd_s"][3] = bad
+        d.pop("hash", None)
+        path = tmp_path / "g.json"
+        path.write_text(json.dumps(d))  # Infinity / NaN: what json.dumps writes for them
+        for args in (["graph", "show", path], ["baseline", "--graph", path, "--cluster", "cpu-2", "--method", "heft"]):
+            one_line_error(placer(*args, cwd=tmp_path), "g.json")
+
+
+def test_refused_runs_leave_no_run_folder(tmp_path):
+    runs = tmp_path / "runs"
+    for args, match in ((["--policy-options", "nonsense=1"], "does not take policy_options nonsense"),
+                        (["--graphs", "nmt", "--warm-start", "heft"], "trains with the sim reward and no warm start")):
+        r = placer("train", "--graph", "rnnlm", "--budget", "5s", "--runs-dir", runs, "--no-progress", *args,
+                   cwd=tmp_path)
+        one_line_error(r, match)
+        assert not runs.exists()
+
+
+def test_messages_name_the_file_they_are_about(tmp_path, placement):
+    run = tmp_path / "run"
+    run.mkdir()
+    for text, match in (('{"graph": "rnnlm",', "is not valid JSON"), ("[1, 2]", "not a training config"),
+                        ('{"graph": "rnnlm", "budget_s": "soon"}', "budget_s must be a finite number"),
+                        ('{"graph": "rnnlm", "algo_config": {}, "colour": 1}',
+                         "unknown training config field(s): colour")):
+        (run / "config.json").write_text(text)
+        one_line_error(placer("train", "--resume", run, cwd=tmp_path), f"{run / 'config.json'}", match)
+    doc = json.loads(placement.read_text())
+    doc.pop("graph")
+    (tmp_path / "nograph.json").write_text(json.dumps(doc))
+    for command in ("run", "show", "export"):
+        extra = ["--out", tmp_path / "x.json"] if command == "export" else []
+        one_line_error(placer(command, tmp_path / "nograph.json", *extra, cwd=tmp_path), "nograph.json",
+                       "'graph' is a required property")
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    for args in (["show", tmp_path / "deep.json"], ["graph", "show", tmp_path / "deep.json"]):
+        one_line_error(placer(*args, cwd=tmp_path), "nested too deeply")
+    one_line_error(placer("run", tmp_path, cwd=tmp_path), str(tmp_path), "without a placement.json")
