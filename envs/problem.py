@@ -28,6 +28,7 @@ from envs._finish_kernel import group_finishes, record
 from graphs.grouping import contract, group_ops, op_weights
 from graphs.ir import OpGraph
 from placer.costmodel._sim_kernel import csr
+from placer.costmodel.costs import PARAM_COPIES, op_time_s
 from placer.baselines.baechi import bottom_level_s
 from placer.core.cluster import Cluster
 from placer.core.placement import Placement
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 
 KIND_BUCKETS = 64
 """Op kinds are hashed (crc32) into this many ids, so an unseen kind in a new graph still has an embedding."""
-
-PARAM_COPIES = 4
-"""Resident copies per parameter byte while training with Adam: weights, gradient, two moments (as the simulator
-and the baselines count them)."""
 
 NODE_STATIC_FEATURES = ("fwd", "bwd", "bytes_in", "bytes_out", "param_bytes", "mem_vs_capacity", "depth",
                         "position", "num_ops", "is_source", "is_sink")
@@ -158,13 +155,8 @@ def build_problem(graph: OpGraph, cluster: Cluster, num_groups: int) -> Placemen
     if graph.n == 0:
         raise ValueError(f"graph {graph.name!r} has no ops")
     d_num = cluster.num_devices
-    # ---- compute per device (the simulator's op times: profiled kind / speed)
-    op_t = np.zeros((graph.n, d_num))
-    for d, dev in enumerate(cluster.devices):
-        if dev.kind not in graph.costs:
-            raise ValueError(f"graph {graph.name!r} has no op costs for device kind {dev.kind!r} ({dev.name}); "
-                             f"it has: {', '.join(sorted(graph.costs)) or 'none'}")
-        op_t[:, d] = graph.costs[dev.kind].step_s / dev.speed
+    # ---- compute per device (the simulator's op times, placer.costmodel.costs)
+    op_t = op_time_s(graph, cluster)
 
     raw = group_ops(graph, num_groups)
     group_of_op = placement_order(raw, bottom_level_s(graph, op_t))
@@ -241,7 +233,7 @@ def build_problem(graph: OpGraph, cluster: Cluster, num_groups: int) -> Placemen
         np.ones(d_num),
         throughput / throughput.max(),
         np.minimum(capacity / max(1, mem.sum()), 10.0),
-        np.array([dev.kind.lower() == "cpu" for dev in cluster.devices], dtype=np.float64),
+        np.array([dev.is_cpu for dev in cluster.devices], dtype=np.float64),
     ], axis=1).astype(np.float32)
 
     log.debug("problem %s on %s: %d ops -> %d groups (%d coarse nodes), %d group edges", graph.name, cluster.name,
@@ -278,8 +270,7 @@ class FinishEstimate:
         self.problem = problem
         coarse = problem.coarse
         self.group_of_node = np.asarray(coarse.colocation, dtype=np.int64)
-        self.node_s = np.ascontiguousarray(np.stack(
-            [coarse.costs[dev.kind].step_s / dev.speed for dev in problem.cluster.devices], axis=1), dtype=np.float64)
+        self.node_s = np.ascontiguousarray(op_time_s(coarse, problem.cluster), dtype=np.float64)
         order = np.argsort(self.group_of_node, kind="stable")
         bounds = np.searchsorted(self.group_of_node[order], np.arange(problem.num_groups + 1))
         self.nodes = [np.ascontiguousarray(order[bounds[g]:bounds[g + 1]], dtype=np.int64)

@@ -1,7 +1,7 @@
 """Baechi's memory-constrained placers ``m-topo``, ``m-etf`` and ``m-sct``.
 
 Jeon et al., "Baechi: Fast Device Placement of Machine Learning Graphs", SoCC 2020. All three respect device
-memory while placing (an op's colocation group reserves :func:`~placer.baselines._common.op_memory_bytes` of its
+memory while placing (an op's colocation group reserves :func:`~placer.costmodel.costs.op_memory_bytes` of its
 device when its first op is placed) and treat an op's forward+backward time as one task, as Baechi places the
 forward graph and colocates each backward op with its forward op.
 

@@ -33,6 +33,7 @@ from graphs.build import model_factory
 from placer.engine.assemble import assemble_result, error_reason
 from placer.engine.ordering import device_tasks
 from placer.engine.worker import WorkerSpec, worker_main
+from placer.core.cluster import is_cuda_name
 from placer.core.result import StepResult
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class StepOutputs:
 
 def _cores_for(devices: Sequence[str], threads: int, pin: bool) -> tuple[list[tuple[int, ...]], int]:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    cpu_devs = [k for k, d in enumerate(devices) if not d.startswith("cuda")]
+    cpu_devs = [k for k, d in enumerate(devices) if not is_cuda_name(d)]
     per = threads or max(1, len(cores) // max(1, len(cpu_devs)))
     if len(cpu_devs) * per > len(cores):
         log.warning("%d CPU devices x %d threads > %d cores: workers share cores", len(cpu_devs), per, len(cores))

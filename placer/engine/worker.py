@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from placer.core.cluster import is_cuda_name
 from placer.engine.executor import MemoryTracker, StepRecord, run_step
 from placer.engine.plan import build_plan
 from placer.engine.program import (StepProgram, ValueMeta, check_microbatches, compile_step, describe_values,
@@ -92,7 +93,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def backend_for(device_names: Sequence[str]) -> str:
-    cuda = [d.startswith("cuda") for d in device_names]
+    cuda = [is_cuda_name(d) for d in device_names]
     if all(cuda):
         return "nccl"
     if any(cuda):
@@ -101,7 +102,7 @@ def backend_for(device_names: Sequence[str]) -> str:
 
 
 def torch_device(name: str) -> torch.device:
-    if name.startswith("cuda"):
+    if is_cuda_name(name):
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {name} requested but CUDA is not available")
         return torch.device(name)
@@ -139,7 +140,7 @@ class WorkerRuntime:
         self.dirty = False
         self._metas: dict[int, list[ValueMeta]] = {}
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in traced.gm.parameters()}
-        self._peer_cuda = [n.startswith("cuda") for n in self.device_names]
+        self._peer_cuda = [is_cuda_name(n) for n in self.device_names]
         self._backend = backend_for(self.device_names)
 
     # ------------------------------------------------------------------ helpers
@@ -445,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mine = tuple(cores[(local_rank * per + k) % len(cores)] for k in range(per)) if cores else ()
     _setup_process(mine, args.threads or per)
     name = cluster.devices[rank].name
-    device = torch_device(name if not name.startswith("cuda") else f"cuda:{local_rank}")
+    device = torch_device(f"cuda:{local_rank}" if is_cuda_name(name) else name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(cluster.device_names), rank=rank, world_size=world)
