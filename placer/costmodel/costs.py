@@ -54,3 +54,16 @@ def op_time_s(graph: "OpGraph", cluster: "Cluster", *, cost_kind: CostKind = Non
 def op_memory_bytes(graph: "OpGraph") -> np.ndarray:
     """Resident bytes per op during a training step: ``PARAM_COPIES x param_bytes + stash_bytes`` (int64)."""
     return graph.param_bytes.astype(np.int64) * PARAM_COPIES + graph.stash_bytes.astype(np.int64)
+
+
+def substitute_costs(graph: "OpGraph", cluster: "Cluster", cost_kind: CostKind) -> "OpGraph":
+    """``graph`` with every device kind of ``cluster`` given the cost set ``cost_kind`` picks for it (``graph``
+    itself when ``cost_kind`` is ``None``). For callers that substitute on purpose and then run code that takes no
+    ``cost_kind=`` of its own (the baselines): simulating the result equals simulating ``graph`` with
+    ``cost_kind``."""
+    if cost_kind is None:
+        return graph
+    costs = dict(graph.costs)
+    for dev in cluster.devices:
+        costs[dev.kind] = graph.costs[cost_kind_of(graph, dev, cost_kind)]
+    return graph.replace(costs=costs)
