@@ -235,8 +235,8 @@ class Simulator:
             optimizer: str = "adam", timeline: bool = False) -> StepResult:
         """Simulate one training step; OOM gives a failed result, a bad placement a ``ValueError``.
 
-        ``schedule`` is a name from :data:`placer.costmodel.schedules.SCHEDULES` or a :class:`Schedule` already built for
-        this placement (e.g. the one the engine runs); ``microbatches`` is then taken from it.
+        ``schedule`` is a name from :data:`placer.costmodel.schedules.SCHEDULES` or a :class:`Schedule` already
+        built for this placement (e.g. the one the engine runs); ``microbatches`` is then taken from it.
         """
         dev = self.device_array(placement)
         if isinstance(schedule, Schedule):
