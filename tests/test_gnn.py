@@ -233,3 +233,26 @@ def test_extractor_batches_and_caches_embeddings_without_changing_outputs():
         cached_now = run(obs_list[3:4])
     assert torch.allclose(cached_now, run(obs_list[3:4]).detach(), atol=1e-6)
     assert not torch.allclose(cached_now, one_by_one[3:4], atol=1e-4)
+
+
+def test_env_load_columns_are_the_shared_device_load_features():
+    # the observation's compute_load / memory_used columns and the GNN's pair features come from one function
+    from envs.problem import DEVICE_STATIC_FEATURES, device_load_features
+
+    env = PlacementEnv(layered_dag(3, 4, seed=2), "cpu+4gpu", num_groups=10)
+    p = env.problem
+    obs, _ = env.reset(seed=0)
+    time_used, mem_used = np.zeros(p.num_devices), np.zeros(p.num_devices)
+    ns, d = len(DEVICE_STATIC_FEATURES), p.num_devices
+    for g in range(p.num_groups):
+        a = g % d
+        obs, *_ = env.step(a)
+        time_used[a] += p.time_s[g, a]
+        mem_used[a] += p.mem_bytes[g]
+        load, mem = device_load_features(time_used, mem_used, np.maximum(p.time_s.sum(axis=0), 1e-30),
+                                         p.capacity_bytes)
+        dev = obs["device_features"].reshape(env.max_devices, -1)[:d]
+        np.testing.assert_allclose(dev[:, ns], load.astype(np.float32), rtol=1e-6)
+        np.testing.assert_allclose(dev[:, ns + 1], mem.astype(np.float32), rtol=1e-6)
+    assert load.sum() > 0 and np.isclose(load, [p.time_s[np.arange(p.num_groups) % d == k, k].sum()
+                                                / p.time_s[:, k].sum() for k in range(d)]).all()

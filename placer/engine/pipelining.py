@@ -26,7 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from placer.engine.executor import MemoryTracker
+from placer.engine.command import MeasureCommand
+from placer.engine.executor import MemoryTracker, optimizer_state_bytes
 from placer.engine.program import StepProgram, ValueMeta, split_microbatch
 
 __all__ = ["StageLayout", "stage_layout", "StageModule", "run_pipelined"]
@@ -146,7 +147,7 @@ def _example(metas: Sequence[ValueMeta], items: list[Item], device: torch.device
     return tuple(out)
 
 
-def run_pipelined(runtime: Any, cmd: dict[str, Any], metas: list[ValueMeta], owned: list[tuple[str, nn.Parameter]],
+def run_pipelined(runtime: Any, cmd: MeasureCommand, metas: list[ValueMeta], owned: list[tuple[str, nn.Parameter]],
                   fault: Any) -> dict[str, Any]:
     """Measure a step on this rank with ``torch.distributed.pipelining`` (same reply as the op-level path)."""
     from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,  # noqa: PLC0415
@@ -154,13 +155,13 @@ def run_pipelined(runtime: Any, cmd: dict[str, Any], metas: list[ValueMeta], own
 
     prog: StepProgram = runtime.prog
     rank, world, device = runtime.rank, runtime.world_size, runtime.device
-    M = int(cmd["microbatches"])
-    schedule = cmd["schedule"]
-    layout = stage_layout(prog, cmd["device_of_op"], world, schedule)
+    M = cmd.microbatches
+    schedule = cmd.schedule
+    layout = stage_layout(prog, cmd.device_of_op, world, schedule)
     carried = _carried(prog, metas, layout)
     mine = [s for s in range(layout.num_stages) if layout.device_of_stage[s] == rank]
     param_ids = {id(p) for _, p in owned}
-    stages, modules = [], []
+    stages = []
     for s in mine:
         ops = [op.index for op in prog.ops if layout.stage_of_op[op.index] == s]
         params = [p for i in ops for _, p in prog.ops[i].params if id(p) in param_ids]
@@ -173,39 +174,32 @@ def run_pipelined(runtime: Any, cmd: dict[str, Any], metas: list[ValueMeta], own
         ex_out = (torch.zeros((), device=device, requires_grad=True) if out_items is None
                   else _example(metas, out_items, device))
         stages.append(PipelineStage(mod, s, layout.num_stages, device, input_args=ex_in, output_args=ex_out))
-        modules.append(mod)
     if schedule == "interleaved-1f1b":
         sched = ScheduleInterleaved1F1B(stages, M, loss_fn=_identity_loss)
     elif schedule == "1f1b":
         sched = Schedule1F1B(stages[0], M, loss_fn=_identity_loss)
     else:
         sched = ScheduleGPipe(stages[0], M, loss_fn=_identity_loss)
-    return _measure_loop(runtime, cmd, sched, stages, modules, layout, carried, metas, owned, fault)
+    return _measure_loop(runtime, cmd, sched, stages, layout, carried, metas, owned, fault)
 
 
-def _measure_loop(runtime: Any, cmd: dict[str, Any], sched: Any, stages: list[Any], modules: list[StageModule],
-                  layout: StageLayout, carried: list[list[Item]], metas: list[ValueMeta],
-                  owned: list[tuple[str, nn.Parameter]], fault: Any) -> dict[str, Any]:
-    rank, device = runtime.rank, runtime.device
-    M = int(cmd["microbatches"])
-    perf = time.perf_counter
-    params = [p for _, p in owned]
-    opt = runtime.make_optimizer(params, cmd.get("optimizer", "sgd"), float(cmd.get("lr", 0.01)))
-    update = cmd.get("update", True) and opt is not None
-    if update:
-        runtime.dirty = True
-    first = layout.device_of_stage[0] == rank
-    last = layout.device_of_stage[-1] == rank
-    batch = next(x.shape[0] for x in runtime.inputs if isinstance(x, torch.Tensor) and x.dim() > 0)
-    target = torch.zeros(batch, device=device) if last else None
-    memory: MemoryTracker | None = None
-    times: list[tuple[int, int, str, float, float]] = []
+class _StageTimer:
+    """Wraps each stage's ``forward_one_chunk`` / ``backward_one_chunk`` to record ``(stage, chunk, phase, start,
+    end)`` in :attr:`times` and, while :attr:`memory` is set, to account activation memory as the ops path does."""
 
-    def wrap(stage: Any) -> None:
+    def __init__(self, stages: Sequence[Any]) -> None:
+        self.times: list[tuple[int, int, str, float, float]] = []
+        self.memory: MemoryTracker | None = None
+        for st in stages:
+            self._wrap(st)
+
+    def _wrap(self, stage: Any) -> None:
         fwd, bwd = stage.forward_one_chunk, stage.backward_one_chunk
+        perf = time.perf_counter
 
         def timed_fwd(chunk: int, *a: Any, **k: Any) -> Any:
             s = perf()
+            memory = self.memory
             if memory is not None:
                 memory.begin()
                 with torch.autograd.graph.saved_tensors_hooks(memory.pack, lambda t: t):
@@ -213,30 +207,64 @@ def _measure_loop(runtime: Any, cmd: dict[str, Any], sched: Any, stages: list[An
                 memory.end((stage.stage_index, chunk))
             else:
                 out = fwd(chunk, *a, **k)
-            times.append((stage.stage_index, chunk, "fwd", s, perf()))
+            self.times.append((stage.stage_index, chunk, "fwd", s, perf()))
             return out
 
         def timed_bwd(chunk: int, *a: Any, **k: Any) -> Any:
             s = perf()
             out = bwd(chunk, *a, **k)
-            if memory is not None:
-                memory.release((stage.stage_index, chunk))
-            times.append((stage.stage_index, chunk, "bwd", s, perf()))
+            if self.memory is not None:
+                self.memory.release((stage.stage_index, chunk))
+            self.times.append((stage.stage_index, chunk, "bwd", s, perf()))
             return out
 
         stage.forward_one_chunk, stage.backward_one_chunk = timed_fwd, timed_bwd
 
-    for st in stages:
-        wrap(st)
+
+def _sent_bytes(layout: StageLayout, carried: list[list[Item]], metas: list[ValueMeta], rank: int, world: int,
+                microbatches: int) -> np.ndarray:
+    """Bytes this rank sends to each rank per step: activations to the next stage, gradients to the previous."""
+    sent = np.zeros(world, dtype=np.int64)
+    for st_idx in range(layout.num_stages):
+        if layout.device_of_stage[st_idx] != rank:
+            continue
+        if st_idx + 1 < layout.num_stages:  # activations forward
+            nxt = layout.device_of_stage[st_idx + 1]
+            if nxt != rank:
+                sent[nxt] += sum(metas[i].leaves[k].nbytes for i, k in carried[st_idx]) * microbatches
+        if st_idx > 0:  # gradients back
+            prv = layout.device_of_stage[st_idx - 1]
+            if prv != rank:
+                sent[prv] += sum(metas[i].leaves[k].nbytes for i, k in carried[st_idx - 1]
+                                 if metas[i].leaves[k].requires_grad) * microbatches
+    return sent
+
+
+def _measure_loop(runtime: Any, cmd: MeasureCommand, sched: Any, stages: list[Any], layout: StageLayout,
+                  carried: list[list[Item]], metas: list[ValueMeta], owned: list[tuple[str, nn.Parameter]],
+                  fault: Any) -> dict[str, Any]:
+    """Warm-up plus measured steps of the pipeline schedule on this rank, and the reply."""
+    rank, device = runtime.rank, runtime.device
+    perf = time.perf_counter
+    params = [p for _, p in owned]
+    opt = runtime.make_optimizer(params, cmd.optimizer, cmd.lr)
+    update = cmd.update and opt is not None
+    if update:
+        runtime.dirty = True
+    first = layout.device_of_stage[0] == rank
+    last = layout.device_of_stage[-1] == rank
+    batch = next(x.shape[0] for x in runtime.inputs if isinstance(x, torch.Tensor) and x.dim() > 0)
+    target = torch.zeros(batch, device=device) if last else None
+    timer = _StageTimer(stages)
     exclude = {p.untyped_storage().data_ptr() for p in runtime.prog.gm.parameters()}
-    steps, warmup = int(cmd["steps"]), int(cmd["warmup"])
+    steps, warmup = cmd.steps, cmd.warmup
     t0s, t1s, tasks, losses_all, peaks = [], [], [], [], []
     for s in range(warmup + steps):
         for p in params:
             p.grad = None
-        times.clear()
-        memory = (MemoryTracker(exclude) if device.type != "cuda" and s == 0 and cmd.get("track_memory", True)
-                  else None)  # the first step only, as on the ops path
+        timer.times.clear()
+        timer.memory = (MemoryTracker(exclude) if device.type != "cuda" and s == 0 and cmd.track_memory
+                        else None)  # the first step only, as on the ops path
         losses: list[torch.Tensor] = []
         dist.barrier()
         t0 = perf()
@@ -251,32 +279,17 @@ def _measure_loop(runtime: Any, cmd: dict[str, Any], sched: Any, stages: list[An
         if s >= warmup:
             t0s.append(t0)
             t1s.append(t1)
-            tasks.append(list(times) + [(-1, -1, "update", u0, t1)])
+            tasks.append(list(timer.times) + [(-1, -1, "update", u0, t1)])
             losses_all.append([float(x.detach()) for x in losses])
-            peaks.append(memory.peak if memory is not None else 0)
-    sent = np.zeros(runtime.world_size, dtype=np.int64)
-    for st_idx in range(layout.num_stages):
-        if layout.device_of_stage[st_idx] != rank:
-            continue
-        if st_idx + 1 < layout.num_stages:  # activations forward
-            nxt = layout.device_of_stage[st_idx + 1]
-            if nxt != rank:
-                sent[nxt] += sum(metas[i].leaves[k].nbytes for i, k in carried[st_idx]) * M
-        if st_idx > 0:  # gradients back
-            prv = layout.device_of_stage[st_idx - 1]
-            if prv != rank:
-                sent[prv] += sum(metas[i].leaves[k].nbytes for i, k in carried[st_idx - 1]
-                                 if metas[i].leaves[k].requires_grad) * M
+            peaks.append(timer.memory.peak if timer.memory is not None else 0)
+    sent = _sent_bytes(layout, carried, metas, rank, runtime.world_size, cmd.microbatches)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    opt_bytes = 0 if opt is None else sum(t.numel() * t.element_size() for st in opt.state.values()
-                                         for t in st.values() if isinstance(t, torch.Tensor))
     reply: dict[str, Any] = {
         "ok": True, "rank": rank, "backend": "pipelining", "t0": t0s, "t1": t1s, "stage_tasks": tasks,
         "losses": losses_all, "sent_bytes": sent.tolist(),
-        "peak_bytes": int(2 * param_bytes + opt_bytes + max(peaks, default=0)),
+        "peak_bytes": int(2 * param_bytes + optimizer_state_bytes(opt) + max(peaks, default=0)),
         "num_stages": layout.num_stages,
     }
-    if cmd.get("collect"):
-        reply["grads"] = {n: (None if p.grad is None else p.grad.detach().cpu().clone()) for n, p in owned}
-        reply["params"] = {n: p.detach().cpu().clone() for n, p in owned}
+    if cmd.collect:
+        reply.update(runtime.collected(owned))
     return reply
