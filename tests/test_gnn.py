@@ -9,7 +9,6 @@ from gymnasium import spaces
 
 from envs.placement_env import PlacementEnv
 from envs.synthetic import layered_dag, two_chains
-from placer.core.cluster import Cluster, Device
 from policies import PolicyInput, make_algo, make_policy
 from policies.gnn import NS, GNNExtractor, GNNPolicy, current_index
 from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
@@ -113,7 +112,7 @@ def test_extractor_logits_equal_the_policy_logits_along_an_episode(finish_shown)
     obs, _ = env.reset(seed=0)
     total = torch.zeros(())
     dm = env.max_devices
-    for t, a in enumerate(placement.tolist()):
+    for a in placement.tolist():
         b = batch([obs])
         b["current_group"] = torch.nn.functional.one_hot(torch.tensor([obs["current_group"]]), env.max_groups).float()
         with torch.no_grad():
