@@ -70,6 +70,8 @@ class WorkerRuntime:
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in traced.gm.parameters()}
         self._peer_cuda = [is_cuda_name(n) for n in self.device_names]
         self._backend = backend_for(self.device_names)
+        self.stage_cache: dict[Any, Any] = {}
+        """The pipelining backend's split stages by (micro-batches, stage of each op)."""
 
     # ------------------------------------------------------------------ helpers
     def comm_device(self, peer: int) -> torch.device:
@@ -84,12 +86,17 @@ class WorkerRuntime:
         the GPU (see :meth:`_place_tensors`), so everything is brought back first.
         """
         if microbatches not in self._metas:
-            if self.device.type == "cuda":
-                for t in list(self.prog.gm.parameters()) + list(self.prog.gm.buffers()):
-                    t.data = t.data.cpu()
+            self.all_on_cpu()
             self._metas[microbatches] = describe_values(self.prog,
                                                         split_microbatch(self.cpu_inputs, microbatches, 0))
         return self._metas[microbatches]
+
+    def all_on_cpu(self) -> None:
+        """Bring every parameter and buffer back to the CPU (a GPU worker keeps only its own there), for the
+        passes that run the whole step in one process."""
+        if self.device.type == "cuda":
+            for t in list(self.prog.gm.parameters()) + list(self.prog.gm.buffers()):
+                t.data = t.data.cpu()
 
     def reset_model(self) -> None:
         if self.dirty:
@@ -145,11 +152,10 @@ class WorkerRuntime:
         plan, metas, owned = planned
         self.reset_model()
         self._place_tensors(owned)
-        if cmd.backend == "pipelining":
+        if not isinstance(plan, StepPlan):  # the pipelining backend: (layout, stages)
             from placer.engine.pipelining import run_pipelined  # noqa: PLC0415
 
-            return run_pipelined(self, cmd, metas, owned, self._fault_hook(cmd, 1))
-        assert plan is not None
+            return run_pipelined(self, cmd, *plan, owned, self._fault_hook(cmd, 1))
         params = [p for _, p in owned]
         opt = self.make_optimizer(params, cmd.optimizer, cmd.lr)
         update = None
@@ -175,13 +181,12 @@ class WorkerRuntime:
             reply.update(self.collected(owned))
         return reply
 
-    def _plan(self, cmd: MeasureCommand
-              ) -> tuple[StepPlan | None, list[ValueMeta], list[tuple[str, torch.nn.Parameter]]] | str:
-        """This rank's plan (``None`` on the pipelining backend, which plans its stages itself), the value
+    def _plan(self, cmd: MeasureCommand) -> tuple[Any, list[ValueMeta], list[tuple[str, torch.nn.Parameter]]] | str:
+        """This rank's plan (a :class:`StepPlan`, or the pipelining backend's ``(layout, stages)``), the value
         descriptions and the owned parameters; or the reason planning failed here or on a peer."""
         M = cmd.microbatches
         dev = np.asarray(cmd.device_of_op, dtype=np.int64)
-        plan: StepPlan | None = None
+        plan: Any = None
         metas: list[ValueMeta] = []
         owned: list[tuple[str, torch.nn.Parameter]] = []
         try:
@@ -191,9 +196,9 @@ class WorkerRuntime:
             if cmd.backend == "ops":
                 plan = build_plan(self.prog, metas, dev, cmd.tasks, rank=self.rank, microbatches=M)
             else:
-                from placer.engine.pipelining import stage_layout  # noqa: PLC0415
+                from placer.engine.pipelining import plan_pipeline  # noqa: PLC0415
 
-                stage_layout(self.prog, dev, self.world_size, cmd.schedule)
+                plan = plan_pipeline(self, cmd)
             planned, reason = 1, ""
         except Exception as e:  # a bad schedule or placement: every worker reports, nobody hangs
             planned, reason = 0, one_line(e)
