@@ -22,6 +22,12 @@ SCHEMA = "placer.cluster/v1"
 GiB = 1 << 30
 
 
+def is_cuda_name(name: str) -> bool:
+    """Whether the engine runs the device called ``name`` on a CUDA GPU: a torch device string ``cuda`` or
+    ``cuda:N``. Every other device, a simulated preset's ``gpu:0`` included, runs on a host CPU core."""
+    return name.startswith("cuda")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Device:
     name: str
@@ -32,6 +38,12 @@ class Device:
     """Memory available for parameters, optimizer state, activations and temporaries."""
     speed: float = 1.0
     """Speed relative to the ``kind`` profile: op time = profiled time / speed."""
+
+    @property
+    def is_cpu(self) -> bool:
+        """A host CPU: its cost set is ``cpu`` or its name is ``cpu...`` (the one "is this a CPU" rule: ColocRL's
+        MinCut and Expert leave these out when GPUs exist, the policies see it as a device feature)."""
+        return self.kind.lower() == "cpu" or self.name.lower().startswith("cpu")
 
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
