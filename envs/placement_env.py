@@ -14,7 +14,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.problem import (DEVICE_STATIC_FEATURES, EDGE_FEATURES, NODE_STATIC_FEATURES, FinishEstimate,
-                          PlacementProblem, build_problem)
+                          PlacementProblem, build_problem, device_load_features)
 from envs.rewards import BACKENDS, Reference, RewardBackend, make_backend, pick_reference
 from graphs.ir import OpGraph
 from placer.core.cluster import Cluster, get_cluster
@@ -270,8 +270,8 @@ class PlacementEnv(gym.Env):
         dev = self._device_static.copy()
         d = self.num_devices
         ns = len(DEVICE_STATIC_FEATURES)
-        dev[:d, ns] = self._time_used / self._device_total_s
-        dev[:d, ns + 1] = self._mem_used / self.problem.capacity_bytes
+        dev[:d, ns], dev[:d, ns + 1] = device_load_features(self._time_used, self._mem_used, self._device_total_s,
+                                                            self.problem.capacity_bytes)
         if self._t < self.num_groups:
             dev[:d, ns + 2] = self._finish.feature(self._current_estimates())[0]
         return {

@@ -238,7 +238,7 @@ def test_env_load_columns_are_the_shared_device_load_features():
     # the observation's compute_load / memory_used columns and the GNN's pair features come from one function
     from envs.problem import DEVICE_STATIC_FEATURES, device_load_features
 
-    env = PlacementEnv(layered_dag(3, 4, seed=2), "cpu+4gpu", num_groups=10)
+    env = make_env(layered_dag(3, 4, seed=2), "cpu+4gpu", num_groups=10)
     p = env.problem
     obs, _ = env.reset(seed=0)
     time_used, mem_used = np.zeros(p.num_devices), np.zeros(p.num_devices)
