@@ -242,7 +242,8 @@ class OpGraph:
         try:
             return self.costs[kind]
         except KeyError:
-            raise KeyError(f"graph {self.name!r} has no costs for device kind {kind!r}; has {sorted(self.costs)}") from None
+            raise KeyError(f"graph {self.name!r} has no costs for device kind {kind!r}; "
+                           f"has {sorted(self.costs)}") from None
 
     @property
     def default_cost_kind(self) -> str:

@@ -208,7 +208,7 @@ def _replays(traced: TracedModel, gm: fx.GraphModule, inputs: tuple
             value = values[node.name]
             sources[node.name] = value.detach() if isinstance(value, torch.Tensor) else value
             continue
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a.name])
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a.name])  # noqa: F821 - deleted after the loop
         params = [p for p in gm.get_submodule(node.target).parameters() if p.requires_grad] \
             if node.op == "call_module" else []
         out = values[node.name]
@@ -284,7 +284,7 @@ def _timed_passes(replays: list[_OpReplay | None], sources: dict[str, Any], cloc
             if r is None:
                 continue
             args, kwargs, leaves = r.fresh(r.inputs_from(env))
-            t_fwd, out = clock.time(lambda: r.fn(*args, **kwargs))
+            t_fwd, out = clock.time(lambda: r.fn(*args, **kwargs))  # noqa: B023,F821 - called at once
             if row >= 0:
                 fwd[row, i] = t_fwd
             env[r.node.name] = out

@@ -8,7 +8,7 @@ import pytest
 from envs.placement_env import resolve_graph as env_resolve
 from graphs.data import DEFAULT_CONFIG, available, resolve_graph
 from graphs.ir import OpGraph
-from placer.app.cli import load_graph_arg
+from placer.app.cli_base import load_graph_arg
 from placer.app.compare import compare
 
 needs_data = pytest.mark.skipif("rnnlm-small" not in available() or "rnnlm-paper" not in available(),

@@ -4,7 +4,6 @@ durations, overrides, graphs and placement documents. Nothing here imports torch
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
