@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from graphs.jsonio import read_json, write_json_atomic
+from graphs.jsonio import JsonFile
 
 SCHEMA = "placer.cluster/v1"
 GiB = 1 << 30
@@ -53,8 +53,10 @@ class Device:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class Cluster:
+class Cluster(JsonFile):
     """Devices plus a dense link model."""
+
+    JSON_WHAT = "cluster"
 
     name: str
     devices: tuple[Device, ...]
@@ -142,17 +144,6 @@ class Cluster:
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed cluster JSON: {e}") from None
-
-    def save(self, path: str | Path) -> None:
-        write_json_atomic(path, self.to_json())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Cluster":
-        d = read_json(path, "cluster")
-        try:
-            return cls.from_json(d)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def uniform(
