@@ -4,7 +4,8 @@ For the shipped, profiled ``rnnlm-small`` and ``nmt-small`` graphs (``graphs/dat
 CPU workers, about 25 placements each — every registered baseline (``single``, ``expert``, ``scotch``, ``metis``,
 Baechi's, ``heft``, ``pipedream-dp``, ...), contiguous splits at several points, and random placements of the
 colocation groups with a few device biases — are measured by a warm :class:`~placer.engine.Measurer`
-(``warmup`` + ``steps``, median; every placement in ``--rounds`` interleaved rounds, the median round counts) and simulated on the cluster measured by ``calibrate_cluster(2)`` (links, speeds,
+(``warmup`` + ``steps``, median; every placement in ``--rounds`` interleaved rounds, the median round counts)
+and simulated on the cluster measured by ``calibrate_cluster(2)`` (links, speeds,
 and the engine's per-message and multi-device start-up costs from its toy chain), both with
 schedule ``none``, one micro-batch and SGD. Prints per-placement rows, then::
 
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cluster: {cluster.name}: latency {cluster.latency_s[0, 1] * 1e6:.0f} us, "
           f"bandwidth {cluster.bandwidth_Bps[0, 1] / 1e9:.2f} GB/s, speeds "
           f"{[d.speed for d in cluster.devices]}, per message send "
-          f"{cluster.meta['send_overhead_s']['cpu'] * 1e6:.0f} us + recv {cluster.meta['recv_overhead_s']['cpu'] * 1e6:.0f} us, multi-device step "
+          f"{cluster.meta['send_overhead_s']['cpu'] * 1e6:.0f} us + recv "
+          f"{cluster.meta['recv_overhead_s']['cpu'] * 1e6:.0f} us, multi-device step "
           f"+{cluster.meta['step_overhead_s'] * 1e3:.2f} ms ({time.perf_counter() - t0:.0f} s)")
     rows = []  # (graph, name, engine_s, sim_s, busy engine, busy sim, bytes)
     measurer = None

@@ -11,9 +11,11 @@ For each graph G in rnnlm, nmt, inception_v3 (the ``paper`` config from ``graphs
 
 All step times are simulated on the full op graph. The policy learns from scratch; with ``--warm-start best`` it
 first imitates the best baseline's placement (behaviour cloning, :func:`policies.base.imitate`) and the figures
-are printed as ``rl_warm_vs_best_classic[G]`` etc., so the two are never confused. With ``--real`` it also trains on the ``small`` configs on
+are printed as ``rl_warm_vs_best_classic[G]`` etc., so the two are never confused. With ``--real`` it also trains on
+the ``small`` configs on
 ``cpu-2`` with ``--reward sim+real`` (which first calibrates the simulator on this machine's workers, see
-``TrainConfig.calibrate``; the baselines below place on that calibrated cluster too) and measures, with the engine in one warm session, the RL placement and
+``TrainConfig.calibrate``; the baselines below place on that calibrated cluster too) and measures, with the engine
+in one warm session, the RL placement and
 Single, Scotch, MinCut and Expert (interleaved rounds, median of each)::
 
     figure: rl_real_vs_best_classic[G] = R   measured RL / best measured of Single, Scotch, MinCut, Expert
@@ -74,7 +76,9 @@ def bench_sim(model: str, args: argparse.Namespace) -> None:
     r_c, best_c = ratio(rl, res.baselines, CLASSIC)
     r_a, best_a = ratio(rl, res.baselines, ALGORITHMIC)
     name = "rl_warm" if args.warm_start else "rl"
-    print(f"# {model}-{config} on cpu+4gpu{' (warm start: ' + args.warm_start + ')' if warm else ''}: RL {rl:.5g} s; {best_c} {res.baselines.get(best_c, math.nan):.5g} s; "
+    warm_note = f" (warm start: {args.warm_start})" if warm else ""
+    print(f"# {model}-{config} on cpu+4gpu{warm_note}: RL {rl:.5g} s; "
+          f"{best_c} {res.baselines.get(best_c, math.nan):.5g} s; "
           f"{best_a} {res.baselines.get(best_a, math.nan):.5g} s; {res.samples} samples in {res.elapsed_s:.0f} s "
           f"({res.samples / max(res.elapsed_s, 1e-9):.0f}/s); curve {res.run_dir / 'learning_curve.png'}")
     print(f"figure: {name}_vs_best_classic[{model}] = {r_c:.3f}")

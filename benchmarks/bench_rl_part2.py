@@ -2,7 +2,8 @@
 
 Extends ``benchmarks/bench_rl.py`` (same graphs, cluster ``cpu+4gpu``, simulated reward, same helpers). For each
 graph G in rnnlm, nmt, inception_v3 it first prints, as a comment, the lower bound no placement can beat
-(:mod:`placer.costmodel.bounds`: critical path, work, colocation); then, for each policy family F in ``seq2seq+reinforce``
+(:mod:`placer.costmodel.bounds`: critical path, work, colocation); then, for each policy family F in
+``seq2seq+reinforce``
 (the part-1 reference), ``gnn+reinforce``, ``gnn+ppo``, ``hierarchical+reinforce``, it trains for ``--budget``
 seconds (at most ``--num-groups`` groups) and prints::
 

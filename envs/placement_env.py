@@ -14,7 +14,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.problem import (DEVICE_STATIC_FEATURES, EDGE_FEATURES, NODE_STATIC_FEATURES, FinishEstimate,
-                          PlacementProblem, build_problem)
+                          PlacementProblem, build_problem, device_load_features)
 from envs.rewards import BACKENDS, Reference, RewardBackend, make_backend, pick_reference
 from graphs.ir import OpGraph
 from placer.core.cluster import Cluster, get_cluster
@@ -49,27 +49,24 @@ def unflatten(obs: Mapping[str, Any], layout: Mapping[str, tuple[int, ...]]) -> 
 
 
 def resolve_graph(graph: OpGraph | str | Path | None, *, config: str = "small") -> OpGraph:
-    """An ``OpGraph``; a graph JSON path; a benchmark name (``rnnlm``, ``nmt-paper``; ``config`` when the name has
-    none); or ``None`` for :data:`DEFAULT_GRAPH` (falling back to a synthetic layered DAG when not shipped)."""
-    if isinstance(graph, OpGraph):
-        return graph
-    from graphs.data import load_benchmark_graph
+    """:func:`graphs.data.resolve_graph` (an ``OpGraph``, a graph JSON path or a shipped graph's name; a bare name
+    means ``config``), or ``None`` for :data:`DEFAULT_GRAPH` (a synthetic layered DAG when that is not shipped)."""
+    from graphs.data import resolve_graph as resolve
 
     if graph is None:
         try:
-            return load_benchmark_graph(DEFAULT_GRAPH)
+            return resolve(DEFAULT_GRAPH)
         except ValueError:
             from envs.synthetic import layered_dag
 
             log.info("%s is not in graphs/data yet; using a synthetic layered DAG", DEFAULT_GRAPH)
             return layered_dag(6, 4, seed=0)
-    path = Path(graph)
-    if path.suffix == ".json" or path.exists():
-        return OpGraph.load(path)
-    return load_benchmark_graph(str(graph), config=config)
+    return resolve(graph, config=config)
 
 
 def resolve_cluster(cluster: Cluster | str | Path | None) -> Cluster:
+    """A ``Cluster``; a preset name or cluster JSON (:func:`placer.core.cluster.get_cluster`); ``None`` for
+    :data:`DEFAULT_CLUSTER`."""
     if isinstance(cluster, Cluster):
         return cluster
     return get_cluster(DEFAULT_CLUSTER if cluster is None else cluster)
@@ -273,8 +270,8 @@ class PlacementEnv(gym.Env):
         dev = self._device_static.copy()
         d = self.num_devices
         ns = len(DEVICE_STATIC_FEATURES)
-        dev[:d, ns] = self._time_used / self._device_total_s
-        dev[:d, ns + 1] = self._mem_used / self.problem.capacity_bytes
+        dev[:d, ns], dev[:d, ns + 1] = device_load_features(self._time_used, self._mem_used, self._device_total_s,
+                                                            self.problem.capacity_bytes)
         if self._t < self.num_groups:
             dev[:d, ns + 2] = self._finish.feature(self._current_estimates())[0]
         return {

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from envs._finish_kernel import group_finishes, record
 from graphs.grouping import contract, group_ops, op_weights
 from graphs.ir import OpGraph
 from placer.costmodel._sim_kernel import csr
+from placer.costmodel.costs import PARAM_COPIES, op_time_s
 from placer.baselines.baechi import bottom_level_s
 from placer.core.cluster import Cluster
 from placer.core.placement import Placement
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 
 KIND_BUCKETS = 64
 """Op kinds are hashed (crc32) into this many ids, so an unseen kind in a new graph still has an embedding."""
-
-PARAM_COPIES = 4
-"""Resident copies per parameter byte while training with Adam: weights, gradient, two moments (as the simulator
-and the baselines count them)."""
 
 NODE_STATIC_FEATURES = ("fwd", "bwd", "bytes_in", "bytes_out", "param_bytes", "mem_vs_capacity", "depth",
                         "position", "num_ops", "is_source", "is_sink")
@@ -151,6 +148,72 @@ def placement_order(group_of_op: np.ndarray, bottom_level_s: np.ndarray) -> np.n
     return rank[np.searchsorted(groups, group_of_op)]
 
 
+def _group_edges(graph: OpGraph, group_of_op: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(2, E)`` group edges (sorted, no self-loops) and their bytes: a producer's tensor counts once per
+    consumer group (its largest edge into that group)."""
+    src, dst = graph.edge_index
+    gs, gd = group_of_op[src], group_of_op[dst]
+    cross = gs != gd
+    per_producer: dict[tuple[int, int], int] = {}
+    for s_op, d_grp, nbytes in zip(src[cross].tolist(), gd[cross].tolist(), graph.edge_bytes[cross].tolist()):
+        per_producer[(s_op, d_grp)] = max(per_producer.get((s_op, d_grp), 0), nbytes)
+    group_edges: dict[tuple[int, int], int] = {}
+    for (s_op, d_grp), nbytes in per_producer.items():
+        key = (int(group_of_op[s_op]), d_grp)
+        group_edges[key] = group_edges.get(key, 0) + nbytes
+    keys = sorted(group_edges)
+    edge_index = np.array([[k[0] for k in keys], [k[1] for k in keys]], dtype=np.int64).reshape(2, -1)
+    return edge_index, np.array([group_edges[k] for k in keys], dtype=np.int64)
+
+
+def _heaviest_kinds(graph: OpGraph, group_of_op: np.ndarray, g_num: int) -> tuple[str, ...]:
+    """Op kind of each group's heaviest op (ties: the first)."""
+    weights = op_weights(graph)
+    heaviest = np.full(g_num, -1)
+    for i in range(graph.n):
+        g = group_of_op[i]
+        if heaviest[g] < 0 or weights[i] > weights[heaviest[g]]:
+            heaviest[g] = i
+    return tuple(graph.op_kinds[h] for h in heaviest)
+
+
+def _position_columns(graph: OpGraph, group_of_op: np.ndarray, edge_index: np.ndarray,
+                      g_num: int) -> list[np.ndarray]:
+    """The ``depth``, ``position``, ``num_ops``, ``is_source`` and ``is_sink`` columns of the node features."""
+    depth = np.full(g_num, np.iinfo(np.int64).max)
+    np.minimum.at(depth, group_of_op, graph.depth())
+    has_in = np.bincount(edge_index[1], minlength=g_num) > 0
+    has_out = np.bincount(edge_index[0], minlength=g_num) > 0
+    return [depth / max(1, depth.max()), np.arange(g_num) / max(1, g_num - 1),
+            _rel(np.bincount(group_of_op, minlength=g_num)), (~has_in).astype(np.float64),
+            (~has_out).astype(np.float64)]
+
+
+def device_static_features(cluster: Cluster, time_s: np.ndarray, capacity_bytes: np.ndarray,
+                           mem_bytes: np.ndarray) -> np.ndarray:
+    """``(D, len(DEVICE_STATIC_FEATURES))`` float32: present, relative throughput on this graph (``1 / whole
+    graph time``, over the best), memory over the graph's total need (at most 10) and :attr:`Device.is_cpu`."""
+    total = time_s.sum(axis=0)
+    throughput = np.where(total > 0, 1.0 / np.maximum(total, 1e-30), 1.0)
+    return np.stack([
+        np.ones(cluster.num_devices),
+        throughput / throughput.max(),
+        np.minimum(capacity_bytes / max(1, mem_bytes.sum()), 10.0),
+        np.array([dev.is_cpu for dev in cluster.devices], dtype=np.float64),
+    ], axis=1).astype(np.float32)
+
+
+def device_load_features(time_used_s: Any, mem_used_bytes: Any, device_total_s: Any, capacity_bytes: Any
+                         ) -> tuple[Any, Any]:
+    """The dynamic per-device columns ``compute_load`` and ``memory_used`` of a partial placement: compute placed
+    on each device so far over that device's time for the whole graph, and memory used over its capacity.
+
+    One definition for the environment's observation and the GNN policy, which tracks the same partial placement
+    while it decodes (numpy arrays or torch tensors, any leading dimensions).
+    """
+    return time_used_s / device_total_s, mem_used_bytes / capacity_bytes
+
+
 def build_problem(graph: OpGraph, cluster: Cluster, num_groups: int) -> PlacementProblem:
     """Group ``graph`` into at most ``num_groups`` groups and compute every static feature (module docstring)."""
     if num_groups < 1:
@@ -158,13 +221,8 @@ def build_problem(graph: OpGraph, cluster: Cluster, num_groups: int) -> Placemen
     if graph.n == 0:
         raise ValueError(f"graph {graph.name!r} has no ops")
     d_num = cluster.num_devices
-    # ---- compute per device (the simulator's op times: profiled kind / speed)
-    op_t = np.zeros((graph.n, d_num))
-    for d, dev in enumerate(cluster.devices):
-        if dev.kind not in graph.costs:
-            raise ValueError(f"graph {graph.name!r} has no op costs for device kind {dev.kind!r} ({dev.name}); "
-                             f"it has: {', '.join(sorted(graph.costs)) or 'none'}")
-        op_t[:, d] = graph.costs[dev.kind].step_s / dev.speed
+    # ---- compute per device (the simulator's op times, placer.costmodel.costs)
+    op_t = op_time_s(graph, cluster)
 
     raw = group_ops(graph, num_groups)
     group_of_op = placement_order(raw, bottom_level_s(graph, op_t))
@@ -188,19 +246,7 @@ def build_problem(graph: OpGraph, cluster: Cluster, num_groups: int) -> Placemen
     capacity = np.array([dev.memory_bytes for dev in cluster.devices], dtype=np.int64)
 
     # ---- group edges: a producer's tensor reaches each consumer group once
-    src, dst = graph.edge_index
-    gs, gd = group_of_op[src], group_of_op[dst]
-    cross = gs != gd
-    per_producer: dict[tuple[int, int], int] = {}
-    for s_op, d_grp, nbytes in zip(src[cross].tolist(), gd[cross].tolist(), graph.edge_bytes[cross].tolist()):
-        per_producer[(s_op, d_grp)] = max(per_producer.get((s_op, d_grp), 0), nbytes)
-    group_edges: dict[tuple[int, int], int] = {}
-    for (s_op, d_grp), nbytes in per_producer.items():
-        key = (int(group_of_op[s_op]), d_grp)
-        group_edges[key] = group_edges.get(key, 0) + nbytes
-    keys = sorted(group_edges)
-    edge_index = np.array([[k[0] for k in keys], [k[1] for k in keys]], dtype=np.int64).reshape(2, -1)
-    edge_bytes = np.array([group_edges[k] for k in keys], dtype=np.int64)
+    edge_index, edge_bytes = _group_edges(graph, group_of_op)
     bytes_in = np.bincount(edge_index[1], weights=edge_bytes, minlength=g_num)
     bytes_out = np.bincount(edge_index[0], weights=edge_bytes, minlength=g_num)
     off = ~np.eye(d_num, dtype=bool)
@@ -209,43 +255,18 @@ def build_problem(graph: OpGraph, cluster: Cluster, num_groups: int) -> Placemen
     edge_features = np.stack([_rel(edge_bytes), np.log1p(transfer_s / mean_t if mean_t > 0 else transfer_s)],
                              axis=1).astype(np.float32).reshape(-1, len(EDGE_FEATURES))
 
-    # ---- per-group static features
-    depth_op = graph.depth()
-    depth = np.full(g_num, np.iinfo(np.int64).max)
-    np.minimum.at(depth, group_of_op, depth_op)
-    num_ops = np.bincount(group_of_op, minlength=g_num)
-    weights = op_weights(graph)
-    heaviest = np.full(g_num, -1)
-    for i in range(graph.n):
-        g = group_of_op[i]
-        if heaviest[g] < 0 or weights[i] > weights[heaviest[g]]:
-            heaviest[g] = i
-    kinds = tuple(graph.op_kinds[h] for h in heaviest)
-    has_in = np.bincount(edge_index[1], minlength=g_num) > 0
-    has_out = np.bincount(edge_index[0], minlength=g_num) > 0
+    # ---- per-group and per-device static features
+    kinds = _heaviest_kinds(graph, group_of_op, g_num)
     node_features = np.stack([
         _rel(fwd), _rel(bwd), _rel(bytes_in), _rel(bytes_out), _rel(np.bincount(
             group_of_op, weights=graph.param_bytes, minlength=g_num)),
         np.minimum(mem / capacity.max(), 4.0),
-        depth / max(1, depth.max()),
-        np.arange(g_num) / max(1, g_num - 1),
-        _rel(num_ops),
-        (~has_in).astype(np.float64),
-        (~has_out).astype(np.float64),
+        *_position_columns(graph, group_of_op, edge_index, g_num),
     ], axis=1).astype(np.float32)
-
-    # ---- per-device static features
-    total = time_s.sum(axis=0)
-    throughput = np.where(total > 0, 1.0 / np.maximum(total, 1e-30), 1.0)
-    device_features = np.stack([
-        np.ones(d_num),
-        throughput / throughput.max(),
-        np.minimum(capacity / max(1, mem.sum()), 10.0),
-        np.array([dev.kind.lower() == "cpu" for dev in cluster.devices], dtype=np.float64),
-    ], axis=1).astype(np.float32)
+    device_features = device_static_features(cluster, time_s, capacity, mem)
 
     log.debug("problem %s on %s: %d ops -> %d groups (%d coarse nodes), %d group edges", graph.name, cluster.name,
-              graph.n, g_num, coarse.n, len(keys))
+              graph.n, g_num, coarse.n, edge_bytes.size)
     eye = np.eye(d_num, dtype=bool)
     return PlacementProblem(
         graph=graph, cluster=cluster, group_of_op=group_of_op, coarse=coarse, kinds=kinds,
@@ -278,8 +299,7 @@ class FinishEstimate:
         self.problem = problem
         coarse = problem.coarse
         self.group_of_node = np.asarray(coarse.colocation, dtype=np.int64)
-        self.node_s = np.ascontiguousarray(np.stack(
-            [coarse.costs[dev.kind].step_s / dev.speed for dev in problem.cluster.devices], axis=1), dtype=np.float64)
+        self.node_s = np.ascontiguousarray(op_time_s(coarse, problem.cluster), dtype=np.float64)
         order = np.argsort(self.group_of_node, kind="stable")
         bounds = np.searchsorted(self.group_of_node[order], np.arange(problem.num_groups + 1))
         self.nodes = [np.ascontiguousarray(order[bounds[g]:bounds[g + 1]], dtype=np.int64)

@@ -155,7 +155,8 @@ def rebuild_traced(meta: Mapping[str, Any]) -> TracedModel:
 
 
 def model_factory(graph: OpGraph) -> Callable[[], Any]:
-    """A picklable zero-argument callable rebuilding the graph's traced model (:func:`rebuild_traced` of its ``meta['source']``)."""
+    """A picklable zero-argument callable rebuilding the graph's traced model (:func:`rebuild_traced` of its
+    ``meta['source']``)."""
     meta = dict(graph.meta)
     if not isinstance(meta.get("source"), dict):
         raise ValueError(f"graph {graph.name!r} has no meta['source']; build it with graphs.build.build_graph")

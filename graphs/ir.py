@@ -15,12 +15,11 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from graphs.jsonio import read_json, write_json_atomic
+from graphs.jsonio import JsonFile
 
 SCHEMA = "placer.opgraph/v1"
 
@@ -89,11 +88,13 @@ class OpCosts:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class OpGraph:
+class OpGraph(JsonFile):
     """An immutable, validated op graph of one training step.
 
     Per-op sequences all have length ``n`` and are in topological order. Byte counts are for the full batch.
     """
+
+    JSON_WHAT = "graph"
 
     name: str
     """Graph name, e.g. ``rnnlm-small``."""
@@ -242,7 +243,8 @@ class OpGraph:
         try:
             return self.costs[kind]
         except KeyError:
-            raise KeyError(f"graph {self.name!r} has no costs for device kind {kind!r}; has {sorted(self.costs)}") from None
+            raise KeyError(f"graph {self.name!r} has no costs for device kind {kind!r}; "
+                           f"has {sorted(self.costs)}") from None
 
     @property
     def default_cost_kind(self) -> str:
@@ -345,19 +347,6 @@ class OpGraph:
         if "hash" in d and d["hash"] != g.content_hash:
             raise ValueError(f"graph JSON hash mismatch: file says {d['hash']}, content gives {g.content_hash}")
         return g
-
-    def save(self, path: str | Path) -> None:
-        """Write JSON atomically."""
-        write_json_atomic(path, self.to_json())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "OpGraph":
-        """Read a graph JSON file; any problem is a one-line ``ValueError``."""
-        d = read_json(path, "graph")
-        try:
-            return cls.from_json(d)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def build(

@@ -28,3 +28,23 @@ def read_json(path: str | Path, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+class JsonFile:
+    """``save(path)`` / ``load(path)`` for a type with ``to_json()`` / ``from_json(doc)``; ``JSON_WHAT`` names the
+    kind of file in read errors (``graph``, ``cluster``), and a content error is prefixed with the file's path."""
+
+    JSON_WHAT = "JSON"
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON atomically."""
+        write_json_atomic(path, self.to_json())  # type: ignore[attr-defined]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        """Read the file; any problem is a one-line ``ValueError``."""
+        doc = read_json(path, cls.JSON_WHAT)
+        try:
+            return cls.from_json(doc)  # type: ignore[attr-defined]
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None

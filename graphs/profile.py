@@ -36,7 +36,6 @@ import contextlib
 import datetime
 import logging
 import operator
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from graphs.device_names import cpu_model_name, gpu_kind
 from graphs.ir import OpCosts, OpGraph, Provenance
 from graphs.trace import TracedModel, buffers_restored, record_values, value_bytes
 
@@ -58,25 +58,6 @@ __all__ = ["profile", "measure_step_s", "cpu_model_name", "gpu_kind"]
 
 _INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                   operator.ipow, operator.imod, operator.iand, operator.ior, operator.ixor}
-
-
-def gpu_kind(device_name: str) -> str:
-    """Cost-set key of a CUDA device from its name: the model number (``NVIDIA H200`` -> ``H200``,
-    ``Tesla V100-SXM2-16GB`` -> ``V100``), so a cluster's ``Device(kind="H200")`` finds measured costs."""
-    m = re.search(r"\b([A-Z]{1,2}\d{1,4}[A-Z]?)\b", device_name.replace("-", " "))
-    return m.group(1) if m else re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") or "cuda"
-
-
-def cpu_model_name() -> str:
-    """The CPU model from /proc/cpuinfo ('' when unavailable)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -227,7 +208,7 @@ def _replays(traced: TracedModel, gm: fx.GraphModule, inputs: tuple
             value = values[node.name]
             sources[node.name] = value.detach() if isinstance(value, torch.Tensor) else value
             continue
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a.name])
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a.name])  # noqa: F821 - deleted after the loop
         params = [p for p in gm.get_submodule(node.target).parameters() if p.requires_grad] \
             if node.op == "call_module" else []
         out = values[node.name]
@@ -303,7 +284,7 @@ def _timed_passes(replays: list[_OpReplay | None], sources: dict[str, Any], cloc
             if r is None:
                 continue
             args, kwargs, leaves = r.fresh(r.inputs_from(env))
-            t_fwd, out = clock.time(lambda: r.fn(*args, **kwargs))
+            t_fwd, out = clock.time(lambda: r.fn(*args, **kwargs))  # noqa: B023,F821 - called at once
             if row >= 0:
                 fwd[row, i] = t_fwd
             env[r.node.name] = out

@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from policies import gnn, hierarchical, ppo, reinforce, seq2seq  # noqa: F401 -- register themselves
+from placer.core.discover import import_submodules
 from policies.base import MemoryMask, PlacementPolicy, PolicyInput, PolicySample, imitate
 from policies.registry import ALGOS, POLICIES, Algorithm, register_algo, register_policy
+
+# every module but these registers a policy or an algorithm: a new one is a new file (docs/architecture.md)
+import_submodules(__name__, __path__, skip=("base", "registry"))
 
 if TYPE_CHECKING:
     from envs.placement_env import PlacementEnv

@@ -15,9 +15,8 @@ ColocRL's seq2seq (:mod:`policies.seq2seq`), and later the GNN and hierarchical 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 from envs.problem import PlacementProblem
 
 if TYPE_CHECKING:
-    from envs.placement_env import PlacementEnv
+    pass
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

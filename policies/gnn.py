@@ -46,7 +46,8 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import Tensor, nn
 from torch_geometric.nn import SAGEConv
 
-from envs.problem import DEVICE_STATIC_FEATURES, NODE_STATIC_FEATURES, FinishEstimate, PlacementProblem
+from envs.problem import (DEVICE_STATIC_FEATURES, NODE_STATIC_FEATURES, FinishEstimate, PlacementProblem,
+                          device_load_features)
 from policies.base import (AutoregressivePolicy, MemoryMask, PolicyInput, PolicySample, masked_categorical)
 from policies.registry import register_policy
 
@@ -177,7 +178,7 @@ class GNNPolicy(AutoregressivePolicy):
         s, g, d = num_samples, inp.num_groups, inp.num_devices
         dt = h.dtype
         memory = MemoryMask(inp, s)
-        load = torch.zeros(s, d, dtype=dt, device=h.device)
+        time_used = torch.zeros(s, d, dtype=inp.time_s.dtype, device=h.device)
         device_total = inp.time_s.sum(dim=0).clamp_min(1e-30)
         capacity = inp.capacity_bytes
         dev = inp.device_features.to(dt).unsqueeze(0).expand(s, -1, -1)
@@ -199,14 +200,15 @@ class GNNPolicy(AutoregressivePolicy):
                 affinity = torch.zeros(s, d, dtype=dt, device=h.device)
             est = finish.estimates(t, chosen_np)
             late = torch.as_tensor(finish.feature(est), dtype=dt, device=h.device) * keep
-            pair = torch.cat([dev_time[t].expand(s, d).unsqueeze(-1), dev, load.unsqueeze(-1),
-                              (memory.used / capacity).to(dt).unsqueeze(-1), late.unsqueeze(-1),
+            load, mem_used = device_load_features(time_used, memory.used, device_total, capacity)
+            pair = torch.cat([dev_time[t].expand(s, d).unsqueeze(-1), dev, load.to(dt).unsqueeze(-1),
+                              mem_used.to(dt).unsqueeze(-1), late.unsqueeze(-1),
                               keep.expand(s, d).unsqueeze(-1), affinity.unsqueeze(-1)], dim=-1)
             logits = self.head(h[t].expand(s, -1), pool_s, pair) / self.temperature
             a, lp, ent = masked_categorical(logits, memory.mask(t), actions=None if actions is None else actions[:, t],
                                             greedy=greedy, generator=generator)
             memory.place(t, a)
-            load = load.index_put((rows, a), (inp.time_s[t, a] / device_total[a]).to(dt), accumulate=True)
+            time_used = time_used.index_put((rows, a), inp.time_s[t, a], accumulate=True)
             chosen[:, t] = a
             chosen_np[:, t] = a.cpu().numpy()
             finish.place(t, chosen_np[:, t])

@@ -55,7 +55,7 @@ def assert_matches(out, ref, *, rtol: float = 1e-4, atol: float = 1e-6, scaled: 
     assert set(out.grads) == set(ref_grads)
     for name, g in ref_grads.items():
         tol = max(atol, rtol * float(g.abs().max())) if scaled else atol
-        torch.testing.assert_close(out.grads[name], g, rtol=rtol, atol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(out.grads[name], g, rtol=rtol, atol=tol, msg=lambda m: f"{name}: {m}")  # noqa: B023 - called at once
 
 
 class Model:

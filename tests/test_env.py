@@ -124,7 +124,7 @@ def test_finish_estimate_overlaps_an_unrolled_layer_with_the_one_below():
     est = FinishEstimate(problem)
     dev = np.zeros((1, 3), dtype=np.int64)
     for group in (0, 1):  # x, then A, on device 0: A's calls end at 4, 6, 8 ms
-        e = est.estimates(group, dev)
+        est.estimates(group, dev)
         est.place(group, dev[:, group])
     # B after A on device 0: 8 + 3 x 2 = 14 ms; on device 1 its calls follow A's step by step: b0 starts at
     # 4 + 0.2 ms, b2 ends at 10.2 ms (a group-level estimate would wait for all of A: 8.2 + 6 ms)
@@ -147,7 +147,7 @@ def test_finish_estimate_fills_idle_gaps():
     est = FinishEstimate(problem)
     dev = np.array([[0, 1, 0, 0]])
     for group in (0, 1, 2):  # device 0 runs x [0, 1], a0 [1, 2], a1 [5.4, 6.4]; device 1 runs s [1.2, 5.2]
-        e = est.estimates(group, dev)
+        est.estimates(group, dev)
         est.place(group, dev[:, group])
     # y fits device 0's gap [2, 5.4]: done at 3 ms (queued after a1 it would be 7.4 ms and device 1 would look
     # best); on device 1 it waits for s: 5.2 + 1 ms

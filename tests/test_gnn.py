@@ -9,7 +9,6 @@ from gymnasium import spaces
 
 from envs.placement_env import make_env
 from envs.synthetic import layered_dag, two_chains
-from placer.core.cluster import Cluster, Device
 from policies import PolicyInput, make_algo, make_policy
 from policies.gnn import NS, GNNExtractor, GNNPolicy, current_index
 from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
@@ -113,7 +112,7 @@ def test_extractor_logits_equal_the_policy_logits_along_an_episode(finish_shown)
     obs, _ = env.reset(seed=0)
     total = torch.zeros(())
     dm = env.max_devices
-    for t, a in enumerate(placement.tolist()):
+    for a in placement.tolist():
         b = batch([obs])
         b["current_group"] = torch.nn.functional.one_hot(torch.tensor([obs["current_group"]]), env.max_groups).float()
         with torch.no_grad():
@@ -233,3 +232,26 @@ def test_extractor_batches_and_caches_embeddings_without_changing_outputs():
         cached_now = run(obs_list[3:4])
     assert torch.allclose(cached_now, run(obs_list[3:4]).detach(), atol=1e-6)
     assert not torch.allclose(cached_now, one_by_one[3:4], atol=1e-4)
+
+
+def test_env_load_columns_are_the_shared_device_load_features():
+    # the observation's compute_load / memory_used columns and the GNN's pair features come from one function
+    from envs.problem import DEVICE_STATIC_FEATURES, device_load_features
+
+    env = make_env(layered_dag(3, 4, seed=2), "cpu+4gpu", num_groups=10)
+    p = env.problem
+    obs, _ = env.reset(seed=0)
+    time_used, mem_used = np.zeros(p.num_devices), np.zeros(p.num_devices)
+    ns, d = len(DEVICE_STATIC_FEATURES), p.num_devices
+    for g in range(p.num_groups):
+        a = g % d
+        obs, *_ = env.step(a)
+        time_used[a] += p.time_s[g, a]
+        mem_used[a] += p.mem_bytes[g]
+        load, mem = device_load_features(time_used, mem_used, np.maximum(p.time_s.sum(axis=0), 1e-30),
+                                         p.capacity_bytes)
+        dev = obs["device_features"].reshape(env.max_devices, -1)[:d]
+        np.testing.assert_allclose(dev[:, ns], load.astype(np.float32), rtol=1e-6)
+        np.testing.assert_allclose(dev[:, ns + 1], mem.astype(np.float32), rtol=1e-6)
+    assert load.sum() > 0 and np.isclose(load, [p.time_s[np.arange(p.num_groups) % d == k, k].sum()
+                                                / p.time_s[:, k].sum() for k in range(d)]).all()

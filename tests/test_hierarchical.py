@@ -8,7 +8,6 @@ import torch
 
 from envs.placement_env import make_env
 from envs.synthetic import layered_dag
-from placer.core.cluster import Cluster, Device
 from policies import PolicyInput, imitate, make_algo, make_policy
 from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
 

@@ -37,7 +37,7 @@ def test_immutable():
     g = diamond()
     with pytest.raises(ValueError):
         g.out_bytes[0] = 5
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):  # a frozen dataclass
         g.name = "other"
 
 

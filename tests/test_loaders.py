@@ -376,3 +376,14 @@ def test_example_trainer_apply_mode(tmp_path):
     run = subprocess.run([sys.executable, str(script), "--placement", str(path), "--mode", "pipeline"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode != 0 and "not stage-contiguous" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_one_stage_type_for_the_loaders_and_the_engine():
+    # the trainers' loaders and the engine's pipelining backend build the same StageModule
+    import placer.engine.pipelining as engine_pipelining
+    from placer.engine.stages import StageModule as EngineStageModule
+    from placer.io.loaders import StageModule
+
+    assert StageModule is EngineStageModule
+    assert engine_pipelining.split_stages.__module__ == "placer.engine.stages"
+    assert not hasattr(engine_pipelining, "StageModule") or engine_pipelining.StageModule is StageModule

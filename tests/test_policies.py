@@ -9,7 +9,6 @@ import torch
 from envs.placement_env import make_env
 from envs.problem import build_problem
 from envs.synthetic import layered_dag, two_chains
-from placer.core.cluster import Cluster, Device
 from policies import MemoryMask, PolicyInput, imitate, make_algo, make_policy
 from policies.reinforce import ReinforceConfig
 from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture

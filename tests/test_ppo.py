@@ -9,7 +9,7 @@ import torch
 from envs.placement_env import make_env
 from envs.problem import build_problem
 from envs.synthetic import layered_dag, two_chains
-from placer.core.cluster import Cluster, Device, get_cluster
+from placer.core.cluster import get_cluster
 from placer.io.document import load_placement
 from placer.app.train import TrainConfig, train
 from policies import make_algo, make_policy

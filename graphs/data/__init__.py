@@ -19,13 +19,29 @@ def available() -> list[str]:
     return sorted(p.stem for p in DATA_DIR.glob("*.json"))
 
 
-def load_benchmark_graph(name: str, *, config: str = "small") -> OpGraph:
-    """Load ``name`` (``nmt``, or ``nmt-paper`` with the config in the name)."""
+DEFAULT_CONFIG = "small"
+"""The config a bare graph name means: ``rnnlm`` is ``rnnlm-small`` everywhere (env, CLI, compare); the
+paper-sized graphs are named in full (``rnnlm-paper``)."""
+
+
+def load_benchmark_graph(name: str, *, config: str = DEFAULT_CONFIG) -> OpGraph:
+    """Load a shipped graph: ``nmt-paper`` names its config, a bare ``nmt`` means ``nmt-{config}``."""
     stem = name if "-" in name else f"{name}-{config}"
     path = DATA_DIR / f"{stem}.json"
     if not path.exists():
         raise ValueError(
-            f"no shipped graph {stem!r} (have: {', '.join(available()) or 'none'}); "
-            f"build one with 'placer graph build' and pass its JSON path"
+            f"unknown graph {name!r}: not a JSON file nor a shipped graph {stem!r} (have: "
+            f"{', '.join(available()) or 'none'}); build one with 'placer graph build' and pass its JSON path"
         )
     return OpGraph.load(path)
+
+
+def resolve_graph(graph: OpGraph | str | Path, *, config: str = DEFAULT_CONFIG) -> OpGraph:
+    """The one graph resolver: an ``OpGraph`` as it is; a graph JSON path (``.json`` or an existing file); else a
+    shipped graph's name (:func:`load_benchmark_graph`: a bare name means the ``config`` config, ``small``)."""
+    if isinstance(graph, OpGraph):
+        return graph
+    path = Path(graph)
+    if path.suffix == ".json" or path.exists():
+        return OpGraph.load(path)
+    return load_benchmark_graph(str(graph), config=config)

@@ -138,14 +138,11 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, int | float | str]:
 
 
 def load_graph_arg(text: str, *, config: str = "small"):
-    """A graph from a JSON file, or a shipped benchmark graph by name (``rnnlm``, ``nmt-paper``...)."""
-    from graphs.data import load_benchmark_graph
-    from graphs.ir import OpGraph
+    """A graph from a JSON file, or a shipped benchmark graph by name (``rnnlm`` = ``rnnlm-small``,
+    ``nmt-paper``...): :func:`graphs.data.resolve_graph`."""
+    from graphs.data import resolve_graph
 
-    path = Path(text)
-    if path.suffix == ".json" or path.exists():
-        return OpGraph.load(path)
-    return load_benchmark_graph(text, config=config)
+    return resolve_graph(text, config=config)
 
 
 def placement_file(text: str | Path) -> Path:

@@ -9,8 +9,10 @@ the same layout from :mod:`placer.baselines` and the simulator:
   m-ETF / m-SCT, HEFT, PipeDream-DP, Random, Round-robin), then any ``extra`` columns (the RL placer joins here);
 - **Best**: the fastest column; **Speed-up**: ``t(best of Scotch, MinCut, Expert) / t(best) − 1`` (ColocRL's
   "speed-up", which compares RL with the best baseline; 0 % when a reference baseline is itself the best);
-- **Efficiency**: ``lower bound / t(best)``, the lower bound from :mod:`placer.costmodel.bounds` when present, else the
-  simple bound of :func:`simple_lower_bound_s`.
+- **Efficiency**: ``lower bound / t(best)``, the lower bound from :func:`placer.costmodel.bounds.lower_bound_s`.
+
+Graphs are resolved by :func:`graphs.data.resolve_graph`: a bare name means the ``small`` config, so ColocRL's
+table names the paper graphs in full (``rnnlm-paper``; the CLI's default ``--graphs``).
 
 A placement that does not fit memory shows as ``OOM``; a method that does not apply to a cluster (Single-GPU on a
 CPU-only cluster) as ``n/a``. With ``real=`` every placement is also measured by the engine and the cells read
@@ -20,7 +22,6 @@ CPU-only cluster) as ``n/a``. With ``real=`` every placement is also measured by
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
 import logging
@@ -32,10 +33,13 @@ from typing import Any, Callable, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from graphs.data import resolve_graph
 from graphs.ir import OpGraph
 from placer import baselines
-from placer.baselines._common import groups_of, op_time_s
+from placer.baselines._common import groups_of
 from placer.core.cluster import Cluster, get_cluster
+from placer.costmodel.bounds import lower_bound_s
+from placer.costmodel.costs import CostKind, op_time_s, substitute_costs
 from placer.core.placement import Placement
 from placer.core.result import StepResult
 
@@ -51,7 +55,6 @@ LEADING = ["single-cpu", "single-gpu", "scotch", "mincut", "expert"]
 """ColocRL's columns, first and in its order."""
 REFERENCE = ("scotch", "mincut", "expert")
 """The baselines ColocRL's speed-up is measured against."""
-DATA_DIR = Path(__file__).resolve().parents[2] / "graphs" / "data"
 
 Status = Literal["ok", "oom", "n/a", "failed"]
 
@@ -234,7 +237,8 @@ def _num(x: float) -> str:
 def simple_lower_bound_s(graph: OpGraph, cluster: Cluster) -> float:
     """No placement beats both (a) the forward+backward critical path with every op on its fastest device and no
     transfers, and (b) all the work shared by all devices at their ideal rates (``1 / Σ_d 1/T_d``, ``T_d`` the
-    whole graph on device ``d``). Used when :mod:`placer.costmodel.bounds` is absent."""
+    whole graph on device ``d``). Weaker than :func:`placer.costmodel.bounds.lower_bound_s` (the default); a
+    hand check for tests."""
     t = groups_of(graph, cluster).time_s
     op_t = op_time_s(graph, cluster).min(axis=1)
     finish = op_t.copy()
@@ -247,48 +251,55 @@ def simple_lower_bound_s(graph: OpGraph, cluster: Cluster) -> float:
     return max(path, share)
 
 
-def _default_lower_bound() -> Callable[[OpGraph, Cluster], float]:
-    try:
-        mod = importlib.import_module("placer.costmodel.bounds")
-    except ImportError:
-        return simple_lower_bound_s
-    for name in ("lower_bound_s", "lower_bound", "step_lower_bound_s"):
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            return lambda g, c, fn=fn: _as_seconds(fn(g, c))
-    return simple_lower_bound_s
-
-
-def _as_seconds(v: Any) -> float:
-    if isinstance(v, (int, float, np.floating)):
-        return float(v)
-    for attr in ("step_s", "step_time_s", "bound_s", "value_s"):
-        if hasattr(v, attr):
-            return float(getattr(v, attr))
-    raise ValueError(f"placer.costmodel.bounds returned {type(v).__name__}, not seconds")
-
-
-# ---------------------------------------------------------------------------------------------- compare
-def resolve_graph(g: OpGraph | str | Path) -> OpGraph:
-    """An ``OpGraph``, a graph JSON path, or a benchmark name (``rnnlm`` → ``graphs/data/rnnlm-paper.json``,
-    ``rnnlm-small`` → ``graphs/data/rnnlm-small.json``)."""
-    if isinstance(g, OpGraph):
-        return g
-    p = Path(g)
-    if p.suffix == ".json" or p.exists():
-        return OpGraph.load(p)
-    for cand in (DATA_DIR / f"{g}.json", DATA_DIR / f"{g}-paper.json"):
-        if cand.exists():
-            return OpGraph.load(cand)
-    have = sorted(x.stem for x in DATA_DIR.glob("*.json")) if DATA_DIR.exists() else []
-    raise ValueError(f"unknown graph {str(g)!r}: not a JSON file nor one of graphs/data ({', '.join(have) or 'none'})")
-
-
 def default_methods() -> list[str]:
     """ColocRL's columns first, then every other registered baseline (``single`` is left out: it duplicates
     Single-CPU / Single-GPU)."""
     rest = [m for m in baselines.names() if m not in LEADING and m != "single"]
     return LEADING + rest
+
+
+def _cell(col: str, g: OpGraph, c: Cluster, *, extra: Mapping[str, ExtraPlacer], seed: int,
+          train_budget_s: float | None, simulate: Callable[[OpGraph, Cluster, Placement], StepResult],
+          real: Measure | None) -> Cell:
+    """Place ``g`` on ``c`` with one column's method, simulate it (and measure it with ``real``)."""
+    t0 = time.perf_counter()
+    try:
+        if col in extra:
+            p = extra[col](g, c, seed=seed, budget_s=train_budget_s)
+        else:
+            p = baselines.place(col, g, c, seed=seed)
+    except ValueError as e:
+        return Cell(method=col, status="n/a", detail=str(e), place_s=time.perf_counter() - t0)
+    place_s = time.perf_counter() - t0
+    res = simulate(g, c, p)
+    cell = Cell(method=col, placement=p, place_s=place_s,
+                status="ok" if res.ok else ("oom" if res.oom else "failed"),
+                step_time_s=res.step_time_s if res.ok else math.inf, detail=res.failure or "")
+    if real is not None:
+        try:
+            rr = real(g, p)
+            cell.real_step_time_s = rr.step_time_s if rr.ok else math.inf
+        except ValueError as e:
+            cell.real_step_time_s = math.inf
+            cell.detail = (cell.detail + "; " if cell.detail else "") + f"real: {e}"
+    log.info("%s on %s: %s = %s (placed in %.2fs)", g.name, c.name, col, cell.text(), place_s)
+    return cell
+
+
+def _row(g: OpGraph, c: Cluster, cells: dict[str, Cell], columns: Sequence[str],
+         bound: Callable[[OpGraph, Cluster], float]) -> Row:
+    """The table row of one (graph, cluster): best column, ColocRL's speed-up and the lower bound."""
+    ok = {m: cl.step_time_s for m, cl in cells.items() if cl.status == "ok"}
+    best = min(ok, key=lambda m: (ok[m], columns.index(m))) if ok else None
+    ref = [ok[m] for m in REFERENCE if m in ok]
+    speedup = (min(ref) / ok[best] - 1.0) if (best and ref and ok[best] > 0) else None
+    try:
+        lb = float(bound(g, c))
+    except ValueError as e:
+        log.warning("no lower bound for %s on %s: %s", g.name, c.name, e)
+        lb = math.nan
+    return Row(graph=g.name, cluster=c.name, num_devices=c.num_devices, cells=cells, lower_bound_s=lb, best=best,
+               speedup=speedup)
 
 
 def compare(
@@ -303,16 +314,18 @@ def compare(
     seed: int = 0,
     schedule: str = "none",
     microbatches: int = 1,
-    cost_kind: str | Mapping[str, str] | None = None,
+    cost_kind: CostKind = None,
     lower_bound: Callable[[OpGraph, Cluster], float] | None = None,
 ) -> CompareTable:
     """Place every graph on every cluster with every method, simulate one step each, and tabulate.
 
-    ``methods``: baseline names (default :func:`default_methods`). ``extra``: more columns, e.g.
+    ``graphs``: ``OpGraph``s, JSON paths or shipped names (:func:`graphs.data.resolve_graph`; ``rnnlm`` is
+    ``rnnlm-small``). ``methods``: baseline names (default :func:`default_methods`). ``extra``: more columns, e.g.
     ``{"RL": rl_placer}``, each called with ``budget_s=train_budget_s``. ``real``: re-measure each placement with
-    the engine (``measure(graph, placement)``). ``schedule`` / ``microbatches`` / ``cost_kind`` go to
-    :func:`placer.costmodel.sim.simulate`. Writes ``compare.md/.csv/.json`` into ``out_dir`` unless it is ``None``.
-    Unknown methods are a one-line ``ValueError`` before anything runs.
+    the engine (``measure(graph, placement)``). ``schedule`` / ``microbatches`` go to
+    :func:`placer.costmodel.sim.simulate`; ``cost_kind`` substitutes cost sets on purpose for every method, the
+    simulator and the bound (:func:`placer.costmodel.costs.substitute_costs`). Writes ``compare.md/.csv/.json``
+    into ``out_dir`` unless it is ``None``. Unknown methods are a one-line ``ValueError`` before anything runs.
     """
     from placer.costmodel.sim import simulate  # simulator import kept local: it compiles numba kernels on first use
 
@@ -322,7 +335,7 @@ def compare(
             raise ValueError(f"unknown placement method {m!r}; known: {', '.join(baselines.names())}")
     extra = dict(extra or {})
     columns = methods + [k for k in extra if k not in methods]
-    bound = lower_bound or _default_lower_bound()
+    bound = lower_bound or lower_bound_s
     gs = [resolve_graph(g) for g in graphs]
     cls = [c if isinstance(c, Cluster) else get_cluster(c) for c in clusters]
     table = CompareTable(columns=columns, meta={
@@ -332,46 +345,14 @@ def compare(
     })
 
     def run_sim(g: OpGraph, c: Cluster, p: Placement) -> StepResult:
-        return simulate(g, c, p, schedule=schedule, microbatches=microbatches, cost_kind=cost_kind)
+        return simulate(g, c, p, schedule=schedule, microbatches=microbatches)
 
     for g in gs:
         for c in cls:
-            cells: dict[str, Cell] = {}
-            for col in columns:
-                t0 = time.perf_counter()
-                try:
-                    if col in extra:
-                        p = extra[col](g, c, seed=seed, budget_s=train_budget_s)
-                    else:
-                        p = baselines.place(col, g, c, seed=seed)
-                except ValueError as e:
-                    cells[col] = Cell(method=col, status="n/a", detail=str(e), place_s=time.perf_counter() - t0)
-                    continue
-                place_s = time.perf_counter() - t0
-                res = run_sim(g, c, p)
-                cell = Cell(method=col, placement=p, place_s=place_s,
-                            status="ok" if res.ok else ("oom" if res.oom else "failed"),
-                            step_time_s=res.step_time_s if res.ok else math.inf, detail=res.failure or "")
-                if real is not None:
-                    try:
-                        rr = real(g, p)
-                        cell.real_step_time_s = rr.step_time_s if rr.ok else math.inf
-                    except ValueError as e:
-                        cell.real_step_time_s = math.inf
-                        cell.detail = (cell.detail + "; " if cell.detail else "") + f"real: {e}"
-                cells[col] = cell
-                log.info("%s on %s: %s = %s (placed in %.2fs)", g.name, c.name, col, cell.text(), place_s)
-            ok = {m: cl.step_time_s for m, cl in cells.items() if cl.status == "ok"}
-            best = min(ok, key=lambda m: (ok[m], columns.index(m))) if ok else None
-            ref = [ok[m] for m in REFERENCE if m in ok]
-            speedup = (min(ref) / ok[best] - 1.0) if (best and ref and ok[best] > 0) else None
-            try:
-                lb = float(bound(g, c))
-            except ValueError as e:
-                log.warning("no lower bound for %s on %s: %s", g.name, c.name, e)
-                lb = math.nan
-            table.rows.append(Row(graph=g.name, cluster=c.name, num_devices=c.num_devices, cells=cells,
-                                  lower_bound_s=lb, best=best, speedup=speedup))
+            gc = substitute_costs(g, c, cost_kind)
+            cells = {col: _cell(col, gc, c, extra=extra, seed=seed, train_budget_s=train_budget_s,
+                                simulate=run_sim, real=real) for col in columns}
+            table.rows.append(_row(gc, c, cells, columns, bound))
     if out_dir is not None:
         table.write(out_dir)
     return table

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from graphs.ir import OpGraph
 from placer.core.cluster import Cluster, get_cluster
@@ -71,20 +71,47 @@ def _load_graph(config: DemoConfig) -> OpGraph:
         from graphs.roofline import with_estimates
 
         return with_estimates(build_graph(config.graph, config="small", profile="cpu", progress=config.progress))
-    path = Path(config.graph)
-    if path.suffix == ".json" or path.exists():
-        return OpGraph.load(path)
-    from graphs.data import load_benchmark_graph
+    from graphs.data import resolve_graph
 
-    return load_benchmark_graph(config.graph, config="small")
+    return resolve_graph(config.graph, config="small")
+
+
+def _winner(row: Any) -> str:
+    """The column with the best measured (else simulated) step among those that produced a placement."""
+    def key(name: str) -> float:
+        cell = row.cells.get(name)
+        if cell is None or cell.placement is None:
+            return math.inf
+        t = cell.real_step_time_s if cell.real_step_time_s is not None else cell.step_time_s
+        return t if t is not None and math.isfinite(t) else math.inf
+
+    return min(row.cells, key=key)
+
+
+def _schedules(graph: OpGraph, cluster: Cluster, row: Any, best: str, config: DemoConfig,
+               measure: Callable[..., StepResult] | None) -> tuple[str, tuple[float, str, StepResult | None]]:
+    """The winner and RL again under no schedule, GPipe and 1F1B: the Markdown table and the winner's best
+    ``(step time, schedule, measured result)``."""
+    from placer.costmodel.sim import simulate
+
+    lines = ["| placement | schedule | simulated (ms) | measured (ms) |", "|---|---|---|---|"]
+    candidates: list[tuple[float, str, StepResult | None]] = []  # the winner under each schedule
+    for name in dict.fromkeys([best, "RL"]):
+        p = row.cells[name].placement
+        for sched, m in (("none", 1), ("gpipe", config.microbatches), ("1f1b", config.microbatches)):
+            sim_r = simulate(graph, cluster, p, schedule=sched, microbatches=m)
+            real_r = measure(graph, p, sched, m) if measure is not None else None
+            lines.append(f"| {name} | {sched} x{m} | {_ms(sim_r)} | {_ms(real_r) if real_r else '—'} |")
+            if name == best:
+                r = real_r if real_r is not None else sim_r
+                candidates.append((r.step_time_s if r.ok else math.inf, sched, real_r))
+    return "\n".join(lines) + "\n", min(candidates, key=lambda c: c[0])
 
 
 def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
     """Run the demo (see the module docstring); ``say`` prints progress lines."""
     from placer.app.compare import compare
-    from placer.io.document import save_placement, write_json_atomic
-    from placer.costmodel.sim import simulate
-    from placer.io.timeline import plot_gantt, to_chrome_trace
+    from placer.io.document import write_json_atomic
     from placer.app.train import TrainConfig, maybe_calibrate, needs_calibration, train
 
     t0 = time.perf_counter()
@@ -125,52 +152,19 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
         table = compare([graph], [cluster], methods=[m for m in DEMO_METHODS], extra={"RL": rl},
                         real=measure if measurer is not None else None, out_dir=out_dir, seed=config.seed)
         row = table.rows[0]
-        # the winner: best measured (or simulated) step among all columns
-        def key(name: str) -> float:
-            cell = row.cells.get(name)
-            if cell is None or cell.placement is None:
-                return math.inf
-            t = cell.real_step_time_s if cell.real_step_time_s is not None else cell.step_time_s
-            return t if t is not None and math.isfinite(t) else math.inf
-
-        best = min(row.cells, key=key)
+        best = _winner(row)
         best_placement = row.cells[best].placement
-
         # ---- the winners again with micro-batch pipelining
         say(f"[4/4] re-measuring the winner ({best}) and RL with GPipe / 1F1B, {config.microbatches} micro-batches…")
-        lines = ["| placement | schedule | simulated (ms) | measured (ms) |", "|---|---|---|---|"]
-        candidates: list[tuple[float, str, StepResult | None]] = []  # the winner under each schedule
-        for name in dict.fromkeys([best, "RL"]):
-            p = row.cells[name].placement
-            for sched, m in (("none", 1), ("gpipe", config.microbatches), ("1f1b", config.microbatches)):
-                sim_r = simulate(graph, cluster, p, schedule=sched, microbatches=m)
-                real_r = measure(graph, p, sched, m) if measurer is not None else None
-                lines.append(f"| {name} | {sched} x{m} | {_ms(sim_r)} | {_ms(real_r) if real_r else '—'} |")
-                if name == best:
-                    r = real_r if real_r is not None else sim_r
-                    candidates.append((r.step_time_s if r.ok else math.inf, sched, real_r))
-        best_measured = min(candidates, key=lambda c: c[0])
-        sched_md = "\n".join(lines) + "\n"
+        sched_md, best_measured = _schedules(graph, cluster, row, best, config,
+                                             measure if measurer is not None else None)
     finally:
         if measurer is not None:
             measurer.close()
 
     best_t, best_sched, best_result = best_measured
-    micro = 1 if best_sched == "none" else config.microbatches
-    predicted = simulate(graph, cluster, best_placement, schedule=best_sched, microbatches=micro, timeline=True)
-    files = table.write(out_dir)
-    files["schedules"] = out_dir / "schedules.md"
-    files["schedules"].write_text(sched_md)
-    files["placement"] = save_placement(
-        out_dir / "placement.json", graph, cluster, best_placement, method=best, seed=config.seed,
-        run=str(run.run_dir), schedule=best_sched, microbatches=micro, predicted=predicted, measured=best_result)
-    timeline_src = best_result if best_result is not None and best_result.timeline else predicted
-    files["timeline"] = plot_gantt(timeline_src, out_dir / "timeline.png",
-                                   title=f"{graph.name} on {cluster.name}: {best} ({best_sched} x{micro}, "
-                                         f"{'measured' if timeline_src is best_result else 'simulated'})")
-    files["trace"] = to_chrome_trace(timeline_src, out_dir / "timeline.trace.json")
-    files["learning_curve"] = run.run_dir / "learning_curve.png"
-    files["train_run"] = run.run_dir
+    files = _write_outputs(out_dir, graph, cluster, table, sched_md, best, best_placement, best_sched, best_result,
+                           config=config, run_dir=run.run_dir)
     write_json_atomic(out_dir / "demo.json", {
         "graph": graph.name, "cluster": cluster.name, "best": best, "best_schedule": best_sched,
         "best_step_time_s": best_t, "rl_best_sim_s": run.best_step_time_s, "budget_s": config.budget_s,
@@ -178,6 +172,33 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
     files["summary"] = out_dir / "demo.json"
     return DemoResult(out_dir=out_dir, table_markdown=table.to_markdown() + "\n" + sched_md, best_method=best,
                       best_step_time_s=best_t, files=files, wall_s=time.perf_counter() - t0)
+
+
+def _write_outputs(out_dir: Path, graph: OpGraph, cluster: Cluster, table: Any, sched_md: str, best: str,
+                   best_placement: Placement, best_sched: str, best_result: StepResult | None, *,
+                   config: DemoConfig, run_dir: Path) -> dict[str, Path]:
+    """The table, the schedules, the winner's placement JSON, its timeline (measured when there is one, else
+    simulated) as a Gantt chart and a Chrome trace; the paths by name."""
+    from placer.costmodel.sim import simulate
+    from placer.io.document import save_placement
+    from placer.io.timeline import plot_gantt, to_chrome_trace
+
+    micro = 1 if best_sched == "none" else config.microbatches
+    predicted = simulate(graph, cluster, best_placement, schedule=best_sched, microbatches=micro, timeline=True)
+    files = table.write(out_dir)
+    files["schedules"] = out_dir / "schedules.md"
+    files["schedules"].write_text(sched_md)
+    files["placement"] = save_placement(
+        out_dir / "placement.json", graph, cluster, best_placement, method=best, seed=config.seed,
+        run=str(run_dir), schedule=best_sched, microbatches=micro, predicted=predicted, measured=best_result)
+    timeline_src = best_result if best_result is not None and best_result.timeline else predicted
+    files["timeline"] = plot_gantt(timeline_src, out_dir / "timeline.png",
+                                   title=f"{graph.name} on {cluster.name}: {best} ({best_sched} x{micro}, "
+                                         f"{'measured' if timeline_src is best_result else 'simulated'})")
+    files["trace"] = to_chrome_trace(timeline_src, out_dir / "timeline.trace.json")
+    files["learning_curve"] = run_dir / "learning_curve.png"
+    files["train_run"] = run_dir
+    return files
 
 
 def _ms(result: StepResult | None) -> str:

@@ -108,7 +108,7 @@ def needs_calibration(cluster: Cluster, *, mode: str = "auto", uses_engine: bool
     if mode != "auto":
         return mode == "always"
     return (uses_engine and cluster.meta.get("source") != "calibrated" and cluster.num_devices >= 2
-            and all(d.kind == "cpu" for d in cluster.devices))
+            and all(d.is_cpu for d in cluster.devices))
 
 
 def maybe_calibrate(cluster: Cluster, *, mode: str = "auto", uses_engine: bool = True) -> Cluster:

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from placer.baselines import baechi, expert, heft, metis, pipedream, scotch, simple, single  # noqa: F401 -- register
 from placer.baselines.registry import BASELINES, PlaceFn, names, register
 from placer.baselines.single import place_single, single_methods
+from placer.core.discover import import_submodules
+
+# every public module but the registry registers one or more methods: a new method is a new file
+import_submodules(__name__, __path__, skip=("registry",))
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph

@@ -6,73 +6,32 @@ one device, so a method decides one device per group and :func:`finish` expands 
 Cost model used by the baselines (the simulator has its own, finer one):
 
 - **Time** of op ``i`` on device ``d`` = ``costs[kind].fwd_s[i] + costs[kind].bwd_s[i]`` divided by the
-  device's ``speed``, where ``kind = cluster.devices[d].kind``. When the graph has no cost set for that kind the
-  ``cpu`` set is used instead (still divided by ``speed``), and failing that the first stored set; this keeps
-  hand-made graphs with only ``cpu`` costs usable on GPU presets. A graph without any costs is a ``ValueError``.
+  device's ``speed``, where ``kind = cluster.devices[d].kind`` (:func:`placer.costmodel.costs.op_time_s`, the
+  simulator's rule: a device kind the graph has no costs for is a one-line ``ValueError``).
 - **Memory** of op ``i`` = ``param_bytes × 4`` (weights, gradient, Adam's two moments) ``+ stash_bytes``
-  (activations kept for backward). Temporaries and in-flight outputs are transient and left to the simulator.
+  (activations kept for backward; :func:`placer.costmodel.costs.op_memory_bytes`). Temporaries and in-flight
+  outputs are transient and left to the simulator.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from placer.core.placement import Placement
+from placer.costmodel.costs import op_memory_bytes, op_time_s
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
-    from placer.core.cluster import Cluster, Device
-
-log = logging.getLogger(__name__)
-
-PARAM_COPIES = 4
-"""Resident copies per parameter byte during training: weights + gradient + Adam's first and second moment."""
-
-
-def op_memory_bytes(graph: "OpGraph") -> np.ndarray:
-    """Resident bytes per op during a training step: ``PARAM_COPIES × param_bytes + stash_bytes`` (int64)."""
-    return graph.param_bytes.astype(np.int64) * PARAM_COPIES + graph.stash_bytes.astype(np.int64)
-
-
-def cost_kind(graph: "OpGraph", kind: str) -> str:
-    """The cost set used for a device of ``kind``: itself, else ``cpu``, else the first stored one."""
-    if kind in graph.costs:
-        return kind
-    if "cpu" in graph.costs:
-        return "cpu"
-    if graph.costs:
-        return next(iter(graph.costs))
-    raise ValueError(f"graph {graph.name!r} has no op costs; profile it first (placer graph build --profile)")
-
-
-def op_time_s(graph: "OpGraph", cluster: "Cluster") -> np.ndarray:
-    """``(n, D)`` forward+backward seconds of every op on every device (see the module docstring)."""
-    if not graph.costs:
-        raise ValueError(f"graph {graph.name!r} has no op costs; profile it first (placer graph build --profile)")
-    cols = []
-    cache: dict[str, np.ndarray] = {}
-    for dev in cluster.devices:
-        kind = cost_kind(graph, dev.kind)
-        if kind not in cache:
-            cache[kind] = graph.costs[kind].step_s
-            if kind != dev.kind:
-                log.debug("graph %s has no %r costs; using %r for %s", graph.name, dev.kind, kind, dev.name)
-        cols.append(cache[kind] / dev.speed)
-    return np.stack(cols, axis=1) if cols else np.zeros((graph.n, 0))
-
-
-def is_cpu(device: "Device") -> bool:
-    """Host CPU devices (ColocRL's MinCut and Expert leave them out when GPUs exist)."""
-    return device.kind.lower() == "cpu" or device.name.lower().startswith("cpu")
+    from placer.core.cluster import Cluster
 
 
 def accelerators(cluster: "Cluster") -> list[int]:
-    """Indices of the non-CPU devices; all devices when the cluster has only CPUs."""
-    acc = [i for i, d in enumerate(cluster.devices) if not is_cpu(d)]
+    """Indices of the non-CPU devices (:attr:`Device.is_cpu`; ColocRL's MinCut and Expert leave the host CPUs out
+    when GPUs exist); all devices when the cluster has only CPUs."""
+    acc = [i for i, d in enumerate(cluster.devices) if not d.is_cpu]
     return acc or list(range(cluster.num_devices))
 
 

@@ -1,7 +1,7 @@
 """Baechi's memory-constrained placers ``m-topo``, ``m-etf`` and ``m-sct``.
 
 Jeon et al., "Baechi: Fast Device Placement of Machine Learning Graphs", SoCC 2020. All three respect device
-memory while placing (an op's colocation group reserves :func:`~placer.baselines._common.op_memory_bytes` of its
+memory while placing (an op's colocation group reserves :func:`~placer.costmodel.costs.op_memory_bytes` of its
 device when its first op is placed) and treat an op's forward+backward time as one task, as Baechi places the
 forward graph and colocates each backward op with its forward op.
 
@@ -75,6 +75,43 @@ def _fallback_device(free: np.ndarray, allowed: np.ndarray) -> int:
     return int(np.argmax(np.where(allowed, free, np.iinfo(np.int64).min)))
 
 
+def _favourite_parents(graph: "OpGraph", cluster: "Cluster") -> tuple[np.ndarray, np.ndarray]:
+    """SCT's favourite child relation: each op's favourite parent (-1: none) and the transfer time saved when they
+    share a device; edges taken greedily by saving, one favourite child per parent."""
+    n = graph.n
+    src, dst = graph.edge_index
+    fav_parent = np.full(n, -1, dtype=np.int64)
+    fav_saving_s = np.zeros(n)
+    if src.size:
+        saving = mean_transfer_s(cluster, graph.edge_bytes)
+        has_child = np.zeros(n, dtype=bool)
+        for e in np.argsort(-saving, kind="stable"):
+            p, c = int(src[e]), int(dst[e])
+            if saving[e] > 0 and not has_child[p] and fav_parent[c] < 0:
+                has_child[p] = True
+                fav_parent[c] = p
+                fav_saving_s[c] = saving[e]
+    return fav_parent, fav_saving_s
+
+
+def _candidates(ready_ops: list[int], gid: np.ndarray, dev_of_group: np.ndarray, allowed: np.ndarray,
+                free: np.ndarray, mem_bytes: np.ndarray) -> np.ndarray:
+    """``(R, D)`` devices each ready op may go to: its group's device once chosen, else the allowed devices
+    with room for the group (the one with most room when none has)."""
+    mask = np.zeros((len(ready_ops), allowed.size), dtype=bool)
+    for k, op in enumerate(ready_ops):
+        g = gid[op]
+        if dev_of_group[g] >= 0:
+            mask[k, dev_of_group[g]] = True
+        else:
+            ok = allowed & (free >= mem_bytes[g])
+            if ok.any():
+                mask[k] = ok
+            else:
+                mask[k, _fallback_device(free, allowed)] = True
+    return mask
+
+
 def list_schedule(graph: "OpGraph", cluster: "Cluster", groups: Groups, *, favourite: bool) -> np.ndarray:
     """ETF list scheduling with memory constraints (``favourite=True`` adds the SCT preference); returns the
     device per group."""
@@ -97,17 +134,7 @@ def list_schedule(graph: "OpGraph", cluster: "Cluster", groups: Groups, *, favou
     indeg = np.bincount(dst, minlength=n)
     blevel = bottom_level_s(graph, t)
 
-    fav_parent = np.full(n, -1, dtype=np.int64)
-    fav_saving_s = np.zeros(n)
-    if favourite and src.size:
-        saving = mean_transfer_s(cluster, graph.edge_bytes)
-        has_child = np.zeros(n, dtype=bool)
-        for e in np.argsort(-saving, kind="stable"):
-            p, c = int(src[e]), int(dst[e])
-            if saving[e] > 0 and not has_child[p] and fav_parent[c] < 0:
-                has_child[p] = True
-                fav_parent[c] = p
-                fav_saving_s[c] = saving[e]
+    fav_parent, fav_saving_s = _favourite_parents(graph, cluster) if favourite else (np.full(n, -1), np.zeros(n))
 
     def data_ready(op: int) -> np.ndarray:
         ready = np.zeros(d)
@@ -123,17 +150,7 @@ def list_schedule(graph: "OpGraph", cluster: "Cluster", groups: Groups, *, favou
     for _ in range(n):
         r = np.array(ready_ops, dtype=np.int64)
         est = np.maximum(np.stack([dr[i] for i in ready_ops]), dev_free_s[None, :])
-        mask = np.zeros((r.size, d), dtype=bool)
-        for k, op in enumerate(ready_ops):
-            g = gid[op]
-            if dev_of_group[g] >= 0:
-                mask[k, dev_of_group[g]] = True
-            else:
-                ok = allowed & (free >= groups.mem_bytes[g])
-                if ok.any():
-                    mask[k] = ok
-                else:
-                    mask[k, _fallback_device(free, allowed)] = True
+        mask = _candidates(ready_ops, gid, dev_of_group, allowed, free, groups.mem_bytes)
         key = np.where(mask, est, big)
         if favourite:
             for k, op in enumerate(ready_ops):

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from placer.baselines.registry import register
-from placer.baselines._common import Groups, accelerators, finish, groups_of, int_weights, is_cpu
+from placer.baselines._common import Groups, accelerators, finish, groups_of, int_weights
 from placer.core.placement import Placement
 
 if TYPE_CHECKING:
@@ -243,6 +243,6 @@ def place_mincut(graph: "OpGraph", cluster: "Cluster", *, seed: int = 0) -> Plac
     CPU). A CPU-only cluster keeps all its devices, so there ``mincut`` equals ``scotch``. Memory is ignored."""
     groups = groups_of(graph, cluster)
     devs = accelerators(cluster)
-    if all(is_cpu(d) for d in cluster.devices):
+    if all(d.is_cpu for d in cluster.devices):
         log.debug("mincut on CPU-only cluster %s: using all devices", cluster.name)
     return finish(graph, cluster, groups, scotch_map(groups, cluster, devs, seed=seed))

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from placer.baselines.registry import register
-from placer.baselines._common import groups_of, is_cpu, op_memory_bytes
+from placer.baselines._common import groups_of
+from placer.costmodel.costs import op_memory_bytes
 from placer.core.placement import Placement
 
 if TYPE_CHECKING:
@@ -46,9 +47,9 @@ def place_single(graph: "OpGraph", cluster: "Cluster", device: int | str) -> Pla
         return Placement.single(graph, cluster.index(key)).validate(graph, cluster)
     low = key.lower()
     if low == "cpu":
-        cands = [i for i, dev in enumerate(cluster.devices) if is_cpu(dev)]
+        cands = [i for i, dev in enumerate(cluster.devices) if dev.is_cpu]
     elif low in ("gpu", "accelerator"):
-        cands = [i for i, dev in enumerate(cluster.devices) if not is_cpu(dev)]
+        cands = [i for i, dev in enumerate(cluster.devices) if not dev.is_cpu]
     else:
         cands = [i for i, dev in enumerate(cluster.devices) if dev.kind.lower() == low]
     if not cands:

@@ -16,10 +16,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from graphs.jsonio import read_json, write_json_atomic
+from graphs.jsonio import JsonFile
 
 SCHEMA = "placer.cluster/v1"
 GiB = 1 << 30
+
+
+def is_cuda_name(name: str) -> bool:
+    """Whether the engine runs the device called ``name`` on a CUDA GPU: a torch device string ``cuda`` or
+    ``cuda:N``. Every other device, a simulated preset's ``gpu:0`` included, runs on a host CPU core."""
+    return name.startswith("cuda")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +39,12 @@ class Device:
     speed: float = 1.0
     """Speed relative to the ``kind`` profile: op time = profiled time / speed."""
 
+    @property
+    def is_cpu(self) -> bool:
+        """A host CPU: its cost set is ``cpu`` or its name is ``cpu...`` (the one "is this a CPU" rule: ColocRL's
+        MinCut and Expert leave these out when GPUs exist, the policies see it as a device feature)."""
+        return self.kind.lower() == "cpu" or self.name.lower().startswith("cpu")
+
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
             raise ValueError(f"device {self.name!r}: memory_bytes must be positive")
@@ -41,8 +53,10 @@ class Device:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class Cluster:
+class Cluster(JsonFile):
     """Devices plus a dense link model."""
+
+    JSON_WHAT = "cluster"
 
     name: str
     devices: tuple[Device, ...]
@@ -130,17 +144,6 @@ class Cluster:
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed cluster JSON: {e}") from None
-
-    def save(self, path: str | Path) -> None:
-        write_json_atomic(path, self.to_json())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Cluster":
-        d = read_json(path, "cluster")
-        try:
-            return cls.from_json(d)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def uniform(

@@ -33,7 +33,8 @@ class Placement:
         return cls(np.full(graph.n, device, dtype=np.int64))
 
     @classmethod
-    def from_groups(cls, group_of_op: Sequence[int] | np.ndarray, device_of_group: Sequence[int] | np.ndarray) -> "Placement":
+    def from_groups(cls, group_of_op: Sequence[int] | np.ndarray,
+                    device_of_group: Sequence[int] | np.ndarray) -> "Placement":
         """Expand a per-group placement to ops (the RL acts on groups, the engine on ops)."""
         return cls(np.asarray(device_of_group, dtype=np.int64)[np.asarray(group_of_op, dtype=np.int64)])
 

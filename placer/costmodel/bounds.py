@@ -5,8 +5,8 @@ ignoring transfers, so no placement or schedule can beat it:
 
 * **critical path**: the longest chain of forward then backward times through the graph (forward along a path,
   backward back along it), each op at its fastest device's time. With ``M`` micro-batches one micro-batch's
-  chain must still run end to end, so the per-micro-batch times of :func:`placer.costmodel.sim.per_microbatch_s` are used;
-  with ``M = 1`` this is the usual full-batch critical path.
+  chain must still run end to end, so the per-micro-batch times of :func:`placer.costmodel.sim.per_microbatch_s`
+  are used; with ``M = 1`` this is the usual full-batch critical path.
 * **work bound**: for any weights ``lam_d >= 0`` summing to 1, ``T >= sum_i min_d lam_d w_i(d)`` where
   ``w_i(d) = M x per-micro-batch time`` of op ``i`` on device ``d`` (the LP dual of spreading all work over the
   devices). We take the best of ``lam`` uniform and ``lam_d`` proportional to device ``d``'s speed

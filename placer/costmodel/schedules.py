@@ -51,31 +51,19 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 
+from placer.costmodel import _schedule_kernel as S
 from placer.costmodel import _sim_kernel as K
+from placer.costmodel.task import PHASES, Task
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
     from placer.core.placement import Placement
 
 log = logging.getLogger(__name__)
-
-PHASES: tuple[str, ...] = ("fwd", "bwd", "update")
-"""Phase names by code (``Schedule.phase`` holds the code)."""
-
-
-class Task(NamedTuple):
-    """One entry of a device's order."""
-
-    op: int
-    """Op index (-1 for ``update``)."""
-    microbatch: int
-    """Micro-batch index (-1 for ``update``)."""
-    phase: Literal["fwd", "bwd", "update"]
-
 
 class Transfer(NamedTuple):
     """A tensor sent between devices once per micro-batch (and its gradient back)."""
@@ -193,11 +181,11 @@ def virtual_stages(graph: "OpGraph", placement: "Placement | np.ndarray",
     """``(chunk_of_op, stage_of_device, chunks_per_device)`` as described in the module docstring."""
     dev = _device_array(placement, graph.n)
     ga = graph_arrays(graph)
-    level = K.virtual_chunks(dev, ga.pred_ptr, ga.pred_idx, num_devices)
-    stage, _, acyclic = K.chunk_stages(dev, level, ga.succ_src, ga.succ_idx, num_devices)
+    level = S.virtual_chunks(dev, ga.pred_ptr, ga.pred_idx, num_devices)
+    stage, _, acyclic = S.chunk_stages(dev, level, ga.succ_src, ga.succ_idx, num_devices)
     if not acyclic:  # separate paths close a cycle between chunks: cut in op order instead (always acyclic)
-        level = K.ordered_chunks(dev, ga.pred_ptr, ga.pred_idx, num_devices)
-        stage, _, acyclic = K.chunk_stages(dev, level, ga.succ_src, ga.succ_idx, num_devices)
+        level = S.ordered_chunks(dev, ga.pred_ptr, ga.pred_idx, num_devices)
+        stage, _, acyclic = S.chunk_stages(dev, level, ga.succ_src, ga.succ_idx, num_devices)
         assert acyclic
     nchunks = np.zeros(num_devices, dtype=np.int64)
     np.maximum.at(nchunks, dev, level + 1)
@@ -261,10 +249,10 @@ def _assemble(name: str, order: str, dev: np.ndarray, num_devices: int, microbat
               stage: np.ndarray, nchunks: np.ndarray, merge_chunks: bool, note: str = "") -> Schedule:
     used = stage >= 0
     s_count = int(used.sum())
-    blk_ptr, blk = K.pipeline_blocks(_KIND[order], stage, nchunks, s_count, microbatches)
+    blk_ptr, blk = S.pipeline_blocks(_KIND[order], stage, nchunks, s_count, microbatches)
     if merge_chunks:
         level = np.zeros_like(dev)
-    ptr, op, mb, ph = K.expand_blocks(blk_ptr, blk, dev, level, int(level.max(initial=0)) + 1)
+    ptr, op, mb, ph = S.expand_blocks(blk_ptr, blk, dev, level, int(level.max(initial=0)) + 1)
     return Schedule(name=name, order=order, microbatches=microbatches, num_devices=num_devices, device_ptr=ptr,
                     op=op, microbatch=mb, phase=ph, stage_of_device=stage, num_stages=s_count,
                     chunks_per_device=nchunks, note=note)

@@ -12,8 +12,7 @@ Model (kept identical to what the engine executes, so fidelity is a direct compa
   (:data:`graphs.roofline.GPUS`), else :data:`DISPATCH_OVERHEAD_S`, else :data:`DEFAULT_DISPATCH_OVERHEAD_S`.
   With ``M = 1`` the overhead changes nothing.
 * **Missing costs.** A device whose kind has no cost set in the graph is a one-line ``ValueError`` naming the
-  kind; pass ``cost_kind="cpu"`` (all devices use that set, still scaled by their ``speed``) or a mapping
-  ``{"K80": "cpu"}`` to substitute on purpose. We do not guess a CPU-to-GPU factor silently.
+  kind and the graph; ``cost_kind=`` substitutes on purpose (the one rule of :mod:`placer.costmodel.costs`).
 * **Transfers.** A tensor read by ops on another device goes through that directed link's FIFO queue once per
   micro-batch (``latency + bytes / M / bandwidth``; the link is busy for the whole time). Several readers on one
   device share one transfer (bytes = the largest edge from the producer to that device). The gradient goes back
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from placer.costmodel import _sim_kernel as K
+from placer.costmodel.costs import CostKind, cost_kind_of
 from placer.core.placement import Placement
 from placer.core.result import StepResult, TimelineEvent
 from placer.costmodel.schedules import PHASES, Schedule, build_schedule, graph_arrays, warn_schedule
@@ -148,7 +148,7 @@ def per_microbatch_s(t_s: np.ndarray, overhead_s: np.ndarray | float, microbatch
 class Simulator:
     """Precomputed arrays for one (graph, cluster); :meth:`run` simulates one placement (thousands per second)."""
 
-    def __init__(self, graph: "OpGraph", cluster: "Cluster", *, cost_kind: str | Mapping[str, str] | None = None,
+    def __init__(self, graph: "OpGraph", cluster: "Cluster", *, cost_kind: CostKind = None,
                  dispatch_overhead_s: float | Mapping[str, float] | None = None,
                  memory_bandwidth_Bps: float | Mapping[str, float] | None = None) -> None:
         """``cost_kind``: cost set to use for every device (a name) or per device kind (``{"K80": "cpu"}``);
@@ -161,12 +161,7 @@ class Simulator:
         overhead = np.zeros(d)
         mem_bw = np.zeros(d)
         for i, dev in enumerate(cluster.devices):
-            kind = cost_kind if isinstance(cost_kind, str) else (cost_kind or {}).get(dev.kind, dev.kind)
-            if kind not in graph.costs:
-                have = ", ".join(sorted(graph.costs)) or "none"
-                raise ValueError(
-                    f"graph {graph.name!r} has no op costs for device kind {kind!r} (device {dev.name}); it has: "
-                    f"{have}. Profile/estimate that kind, or pass cost_kind= to substitute one on purpose")
+            kind = cost_kind_of(graph, dev, cost_kind)
             self.kinds.append(kind)
             c = graph.costs[kind]
             fwd[i] = c.fwd_s / dev.speed
@@ -240,8 +235,8 @@ class Simulator:
             optimizer: str = "adam", timeline: bool = False) -> StepResult:
         """Simulate one training step; OOM gives a failed result, a bad placement a ``ValueError``.
 
-        ``schedule`` is a name from :data:`placer.costmodel.schedules.SCHEDULES` or a :class:`Schedule` already built for
-        this placement (e.g. the one the engine runs); ``microbatches`` is then taken from it.
+        ``schedule`` is a name from :data:`placer.costmodel.schedules.SCHEDULES` or a :class:`Schedule` already
+        built for this placement (e.g. the one the engine runs); ``microbatches`` is then taken from it.
         """
         dev = self.device_array(placement)
         if isinstance(schedule, Schedule):
@@ -338,7 +333,7 @@ _SIMS: "weakref.WeakKeyDictionary[OpGraph, weakref.WeakKeyDictionary[Cluster, di
     weakref.WeakKeyDictionary())
 
 
-def get_simulator(graph: "OpGraph", cluster: "Cluster", *, cost_kind: str | Mapping[str, str] | None = None,
+def get_simulator(graph: "OpGraph", cluster: "Cluster", *, cost_kind: CostKind = None,
                   dispatch_overhead_s: float | Mapping[str, float] | None = None) -> Simulator:
     """A cached :class:`Simulator` for this graph and cluster object."""
     per_cluster = _SIMS.setdefault(graph, weakref.WeakKeyDictionary())
@@ -353,7 +348,7 @@ def get_simulator(graph: "OpGraph", cluster: "Cluster", *, cost_kind: str | Mapp
 
 def simulate(graph: "OpGraph", cluster: "Cluster", placement: Placement | np.ndarray, *,
              schedule: str | Schedule = "none", microbatches: int = 1, optimizer: str = "adam",
-             cost_kind: str | Mapping[str, str] | None = None,
+             cost_kind: CostKind = None,
              dispatch_overhead_s: float | Mapping[str, float] | None = None, timeline: bool = False) -> StepResult:
     """Simulate one training step of ``graph`` placed by ``placement`` on ``cluster`` (see the module docstring)."""
     sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)

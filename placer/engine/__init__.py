@@ -5,6 +5,8 @@
 - :func:`measure` — one-shot measurement of one placement.
 - :func:`reference_step` — the single-process (optionally micro-batched) step the engine must reproduce.
 - ``python -m placer.engine.worker`` — the same workers under ``torchrun`` (see :mod:`placer.engine.worker`).
+- :mod:`placer.engine.command` — the typed commands the parent sends its workers, with the engine defaults;
+  :mod:`placer.engine.procs` — process helpers (die with the parent, pin to cores, one-line reasons).
 
 Names are imported lazily so that a worker process (which imports :mod:`placer.engine.worker`) does not pay
 for the parent-side modules (schedules and their compiled kernels).

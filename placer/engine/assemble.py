@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from placer.engine.ordering import Task
+from placer.core.cluster import is_cuda_name
 from placer.core.result import StepResult, TimelineEvent
 
 __all__ = ["assemble_result", "error_reason"]
@@ -93,7 +94,7 @@ def assemble_result(replies: Sequence[dict[str, Any]], *, graph: Any, cluster: A
     if loss_sum is not None:
         extra["loss"] = loss_sum
     over = [i for i in range(d) if peak[i] > cluster.devices[i].memory_bytes]
-    if over and not devices[over[0]].startswith("cuda"):
+    if over and not is_cuda_name(devices[over[0]]):
         i = over[0]
         return StepResult(step_time_s=med, source="engine", devices=devices, busy_s=busy, peak_memory_bytes=peak,
                           bytes_moved=bytes_moved, oom=True, oom_device=i,

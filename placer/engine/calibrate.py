@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from placer.core.cluster import Cluster, Device
+from placer.engine.procs import die_with_parent, free_port, pin_process
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
@@ -50,22 +50,6 @@ DEFAULT_SIZES_BYTES: tuple[int, ...] = (1 << 10, 1 << 16, 1 << 20, 1 << 22, 1 <<
 
 LINK_PERCENTILE = 10.0
 """Percentile of the one-way times that the link fit uses (robust to load; the median is recorded too)."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    try:  # Linux: the kernel kills us if the parent dies, so no orphan survives a crashed caller
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
 
 
 def _ping_pong(t: Any, peer: int, first: bool, blocking: bool) -> None:
@@ -94,17 +78,15 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, th
             cores: list[list[int]] | None, out_dir: str, matmul_n: int, matmul_iters: int, timeout_s: float) -> None:
     import threading
 
-    _die_with_parent()
+    die_with_parent()
     watchdog = threading.Timer(timeout_s, os._exit, args=(3,))
     watchdog.daemon = True
     watchdog.start()
-    if cores is not None:
-        os.sched_setaffinity(0, cores[rank])
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    pin_process(cores[rank] if cores is not None else (), threads)
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=_dt.timedelta(seconds=timeout_s))
     out: dict[str, Any] = {"rank": rank, "pairs": {}, "pairs_median": {}, "pairs_min": {}, "blocking": {}}
@@ -225,8 +207,7 @@ def engine_message_costs(devices: Sequence[Device], *, latency_s: float, bandwid
         "quarters": Placement(((idx * 4) // graph.n % 2).astype(np.int64)).colocated(graph),
         "alternate": Placement((groups % 2).astype(np.int64)),
     }
-    config = EngineConfig(optimizer="sgd", threads_per_device=threads_per_device, track_memory=False,
-                          timeout_s=timeout_s)
+    config = EngineConfig(threads_per_device=threads_per_device, track_memory=False, timeout_s=timeout_s)
     per_round: list[dict[str, Any]] = []
     with Measurer(graph, two, config=config) as m:
         for _ in range(rounds):
@@ -271,29 +252,16 @@ def chain_message_costs(got: dict[str, dict[str, float]], *, latency_s: float,
             "per_message_s": c, "placements": got}
 
 
-def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES, repeats: int = 20,
-                      threads_per_device: int = 1, matmul_n: int = 384, matmul_iters: int = 40,
-                      timeout_s: float = 60.0, name: str | None = None, engine_overheads: bool = True,
-                      engine_steps: int = 15) -> Cluster:
-    """Spawn ``num_devices`` gloo workers, measure links and speeds, and return the cluster (``meta`` records the
-    date, sizes, raw medians and the fit). Any failure or timeout is a one-line ``RuntimeError``; no child
-    outlives the call."""
+def _run_workers(num_devices: int, sizes: list[int], repeats: int, threads_per_device: int,
+                 cores: list[list[int]] | None, matmul_n: int, matmul_iters: int,
+                 timeout_s: float) -> list[dict[str, Any]]:
+    """Spawn the gloo workers, wait for them (killing any left at the deadline) and read their results; a
+    one-line ``RuntimeError`` on any failure."""
     import torch.multiprocessing as mp
 
-    if num_devices < 2:
-        raise ValueError("calibration needs at least 2 devices (it measures the links between them)")
-    if repeats < 1 or threads_per_device < 1 or engine_steps < 1 or not sizes_bytes:
-        raise ValueError("repeats, threads_per_device and engine_steps must be >= 1 and sizes_bytes non-empty")
-    sizes = sorted({int(s) for s in sizes_bytes})
-    if len(sizes) < 2 or sizes[0] < 1:
-        raise ValueError("need at least two distinct positive sizes to fit latency and bandwidth")
-    avail = sorted(os.sched_getaffinity(0))
-    pinned = len(avail) >= num_devices * threads_per_device
-    cores = ([avail[r * threads_per_device:(r + 1) * threads_per_device] for r in range(num_devices)]
-             if pinned else None)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="placer-calib-") as tmp:
-        ctx = mp.start_processes(_worker, args=(num_devices, _free_port(), sizes, repeats, threads_per_device,
+        ctx = mp.start_processes(_worker, args=(num_devices, free_port(), sizes, repeats, threads_per_device,
                                                 cores, tmp, matmul_n, matmul_iters, timeout_s),
                                  nprocs=num_devices, join=False, start_method="spawn")
         try:
@@ -311,11 +279,14 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
                     p.kill()
                 p.join(timeout=5)
         try:
-            results = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(num_devices)]
+            return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(num_devices)]
         except (OSError, ValueError) as e:
             raise RuntimeError(f"cluster calibration failed: a worker left no result ({e})") from None
-    elapsed = time.monotonic() - started
 
+
+def _fit_links(results: list[dict[str, Any]], sizes: list[int], num_devices: int
+               ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Latency and bandwidth matrices fitted per pair (:func:`fit_link`), and the records that go to ``meta``."""
     lat = np.zeros((num_devices, num_devices))
     bw = np.zeros((num_devices, num_devices))
     fits: dict[str, Any] = {}
@@ -335,6 +306,35 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
     off = ~np.eye(num_devices, dtype=bool)
     np.fill_diagonal(lat, 0.0)
     np.fill_diagonal(bw, float(bw[off].max()))
+    records = {"one_way_median_s": medians_all, "one_way_fitted_s": medians, "link_percentile": LINK_PERCENTILE,
+               "one_way_min_s": minima,
+               "blocking_one_way_median_s": {k: v for r in results for k, v in r["blocking"].items()},
+               "fit": fits}
+    return lat, bw, records
+
+
+def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES, repeats: int = 20,
+                      threads_per_device: int = 1, matmul_n: int = 384, matmul_iters: int = 40,
+                      timeout_s: float = 60.0, name: str | None = None, engine_overheads: bool = True,
+                      engine_steps: int = 15) -> Cluster:
+    """Spawn ``num_devices`` gloo workers, measure links and speeds, and return the cluster (``meta`` records the
+    date, sizes, raw medians and the fit). Any failure or timeout is a one-line ``RuntimeError``; no child
+    outlives the call."""
+    if num_devices < 2:
+        raise ValueError("calibration needs at least 2 devices (it measures the links between them)")
+    if repeats < 1 or threads_per_device < 1 or engine_steps < 1 or not sizes_bytes:
+        raise ValueError("repeats, threads_per_device and engine_steps must be >= 1 and sizes_bytes non-empty")
+    sizes = sorted({int(s) for s in sizes_bytes})
+    if len(sizes) < 2 or sizes[0] < 1:
+        raise ValueError("need at least two distinct positive sizes to fit latency and bandwidth")
+    avail = sorted(os.sched_getaffinity(0))
+    pinned = len(avail) >= num_devices * threads_per_device
+    cores = ([avail[r * threads_per_device:(r + 1) * threads_per_device] for r in range(num_devices)]
+             if pinned else None)
+    started = time.monotonic()
+    results = _run_workers(num_devices, sizes, repeats, threads_per_device, cores, matmul_n, matmul_iters, timeout_s)
+    elapsed = time.monotonic() - started
+    lat, bw, link_records = _fit_links(results, sizes, num_devices)
     alone = float(np.min([r["alone_s"] for r in results]))
     speeds = [alone / r["together_s"] for r in results]
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -350,12 +350,7 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
         "pinned_cores": cores,
         "sizes_bytes": sizes,
         "repeats": repeats,
-        "one_way_median_s": medians_all,
-        "one_way_fitted_s": medians,
-        "link_percentile": LINK_PERCENTILE,
-        "one_way_min_s": minima,
-        "blocking_one_way_median_s": {k: v for r in results for k, v in r["blocking"].items()},
-        "fit": fits,
+        **link_records,
         "matmul": {"n": matmul_n, "iters": matmul_iters, "alone_median_s": alone,
                    "together_s": [r["together_s"] for r in results], "speed": speeds},
         "elapsed_s": round(elapsed, 2),
@@ -369,7 +364,7 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
         meta["elapsed_s"] = round(time.monotonic() - started, 2)
     log.info("calibrated %d workers in %.1f s: %s", num_devices, elapsed,
              ", ".join(f"{k}: {v['latency_s'] * 1e6:.0f} us + {v['bandwidth_Bps'] / 1e9:.2f} GB/s"
-                       for k, v in fits.items()))
+                       for k, v in link_records["fit"].items()))
     return Cluster(name=name or f"cpu-{num_devices}-calibrated", devices=tuple(devices), bandwidth_Bps=bw,
                    latency_s=lat, meta=meta)
 

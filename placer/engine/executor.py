@@ -35,7 +35,7 @@ from placer.engine.program import StepProgram, ValueMeta
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StepRecord", "MemoryTracker", "run_step"]
+__all__ = ["StepRecord", "MemoryTracker", "optimizer_state_bytes", "run_step"]
 
 _WIRE_DTYPE = {torch.bool: torch.uint8}  # gloo has no bool
 
@@ -74,6 +74,14 @@ class StepRecord:
     @property
     def busy_s(self) -> float:
         return sum(e - s for _, s, e in self.task_times)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer | None) -> int:
+    """Bytes of the optimizer's state tensors (momenta...); 0 without an optimizer."""
+    if opt is None:
+        return 0
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+               if isinstance(t, torch.Tensor))
 
 
 class MemoryTracker:
@@ -168,156 +176,194 @@ def run_step(prog: StepProgram, metas: Sequence[ValueMeta], plan: StepPlan, inpu
     with ``peer`` live (CPU for gloo, this GPU for NCCL); ``update`` runs the optimizer (None: skip it);
     ``fault(task_position)`` is a test hook.
     """
-    M = plan.microbatches
-    ops = prog.ops
-    local_view = plan.local_view
-    has_bwd = plan.has_bwd
-    loss_op = prog.loss_op
-    env: list[dict[int, Any]] = [{} for _ in range(M)]
-    outs: dict[tuple[int, int], list[Any]] = {}
-    views: dict[tuple[int, int], list[Any]] = {}
-    recvd: dict[tuple[int, int], list[Any]] = {}
-    pending_sends: list[tuple[Any, torch.Tensor]] = []
-    rec = StepRecord(t0=0.0, t1=0.0, task_times=[])
-
+    step = _Step(prog, metas, plan, inputs, device=device, comm_device=comm_device, memory=memory)
+    rec = step.rec
     perf = time.perf_counter
     hooks = (torch.autograd.graph.saved_tensors_hooks(memory.pack, lambda t: t) if memory is not None
              else _NullContext())
     dist.barrier()
     rec.t0 = perf()  # posting the receives is part of the step: gloo spends ~10-20 us of CPU on each
-
-    # ---- post every receive of the step, in each sender's order
-    act_recvs: dict[tuple[int, int], list[tuple[Message, torch.Tensor, Any]]] = {}
-    grad_recvs: dict[tuple[int, int], tuple[torch.Tensor, Any]] = {}
-    waited: set[tuple[int, int]] = set()
-    for src, msgs in plan.recvs.items():
-        cdev = comm_device(src)
-        for msg in msgs:
-            dtype = metas[msg.op].leaves[msg.leaves[0]].dtype
-            buf = torch.empty(msg.numel, dtype=_WIRE_DTYPE.get(dtype, dtype), device=cdev)
-            work = dist.irecv(buf, src=src, tag=msg.tag)
-            if msg.kind == "act":
-                act_recvs.setdefault((msg.op, msg.mb), []).append((msg, buf, work))
-            else:
-                grad_recvs[(src, msg.tag)] = (buf, work)
-
-    seed = None
+    step.post_receives()
     with hooks:
         for k, tp in enumerate(plan.tasks):
-            i, m, phase = tp.op, tp.mb, tp.phase
             if fault is not None:
                 fault(k)
+            phase = tp.phase
             if phase == "fwd":
-                for j in tp.wait_values:  # remote inputs first needed here
-                    meta = metas[j]
-                    leaves = [leaf.const for leaf in meta.leaves]
-                    for msg, buf, work in act_recvs.pop((j, m), ()):
-                        work.wait()
-                        rec.recv_times[(msg.src, msg.tag)] = perf()
-                        waited.add((msg.src, msg.tag))
-                        for leaf_k, t in zip(msg.leaves, _split(buf, meta, msg.leaves)):
-                            t = _unwire(t, meta.leaves[leaf_k].dtype, device)
-                            if meta.leaves[leaf_k].requires_grad:
-                                t.requires_grad_(True)
-                            leaves[leaf_k] = t
-                    recvd[(j, m)] = leaves
-                    env[m][j] = meta.unflatten(leaves)
-                    if memory is not None:
-                        memory.begin()
-                        memory.end(("recv", j, m), leaves)
-                s = perf()
-                op = ops[i]
-                if memory is not None:
-                    memory.begin()
-                if op.kind == "compute":
-                    v = op.run([env[m][j] for j in op.inputs])
-                elif op.kind == "input":
-                    v = inputs[m][op.input_position]
-                else:
-                    v = op.attr
-                if isinstance(v, torch.Tensor):
-                    leaves = [v]
-                    spec = None
-                else:
-                    leaves, spec = tree_flatten(v)
-                if local_view[i]:
-                    vl = [x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.requires_grad else x
-                          for x in leaves]
-                    views[(i, m)] = vl
-                    env[m][i] = vl[0] if spec is None else metas[i].unflatten(vl)
-                else:
-                    env[m][i] = v
-                if has_bwd[i]:
-                    outs[(i, m)] = leaves
-                if i == loss_op:
-                    rec.losses.append(leaves[0].detach())
-                for msg in tp.sends:
-                    t = _wire([leaves[leaf_k] for leaf_k in msg.leaves], comm_device(msg.dst))
-                    rec.send_times[(msg.dst, msg.tag)] = perf()
-                    pending_sends.append((dist.isend(t, dst=msg.dst, tag=msg.tag), t))
-                if memory is not None:
-                    memory.end((i, m), leaves if has_bwd[i] else ())
-                rec.task_times.append((k, s, perf()))
+                step.forward(k, tp)
             elif phase == "bwd":
-                got: dict[int, list[torch.Tensor]] = {}
-                for msg in tp.grad_recvs:
-                    buf, work = grad_recvs[(msg.src, msg.tag)]
-                    work.wait()
-                    rec.recv_times[(msg.src, msg.tag)] = perf()
-                    waited.add((msg.src, msg.tag))
-                    for leaf_k, t in zip(msg.leaves, _split(buf, metas[i], msg.leaves)):
-                        got.setdefault(leaf_k, []).append(t)
-                s = perf()
-                if has_bwd[i]:
-                    leaves = outs.pop((i, m))
-                    vl = views.pop((i, m), None)
-                    tensors, grads = [], []
-                    for leaf_k in metas[i].grad_leaves:
-                        g = vl[leaf_k].grad if vl is not None else None
-                        for buf in got.get(leaf_k, ()):
-                            buf = _unwire(buf, metas[i].leaves[leaf_k].dtype, device)
-                            g = buf if g is None else g + buf
-                        if i == loss_op:
-                            if seed is None:
-                                seed = torch.full_like(leaves[leaf_k].detach(), 1.0 / M)
-                            g = seed if g is None else g + seed
-                        if g is not None:
-                            tensors.append(leaves[leaf_k])
-                            grads.append(g)
-                    if tensors:
-                        _backward(tensors, grads)
-                    if memory is not None:
-                        memory.release((i, m))
-                for msg in tp.sends:  # gradients of received values, after their last local consumer
-                    xs = [recvd[(msg.op, msg.mb)][leaf_k] for leaf_k in msg.leaves]
-                    t = _wire([x.grad if x.grad is not None else torch.zeros_like(x) for x in xs],
-                              comm_device(msg.dst))
-                    rec.send_times[(msg.dst, msg.tag)] = perf()
-                    pending_sends.append((dist.isend(t, dst=msg.dst, tag=msg.tag), t))
-                for j in tp.release_values:
-                    recvd.pop((j, m), None)
-                    if memory is not None:
-                        memory.release(("recv", j, m))
-                rec.task_times.append((k, s, perf()))
+                step.backward(k, tp)
             else:  # update
                 s = perf()
                 if update is not None:
                     update()
                 rec.task_times.append((k, s, perf()))
-        # receives nobody consumed (e.g. a value whose readers skip backward) must still complete
-        for pairs in act_recvs.values():
-            for msg, _, work in pairs:
-                work.wait()
-        for key, (_, work) in grad_recvs.items():
-            if key not in waited:
-                work.wait()
-        for work, _ in pending_sends:
-            work.wait()
+        step.drain()
         rec.t1 = perf()
     rec.losses = [float(x) for x in rec.losses]
     if memory is not None:
         rec.peak_dynamic_bytes = memory.peak
     return rec
+
+
+class _Step:
+    """The state one step's tasks share on this device: values per micro-batch, outputs awaiting backward, the
+    posted receives and sends (:func:`run_step` drives it task by task)."""
+
+    def __init__(self, prog: StepProgram, metas: Sequence[ValueMeta], plan: StepPlan,
+                 inputs: Sequence[Sequence[Any]], *, device: torch.device,
+                 comm_device: Callable[[int], torch.device], memory: MemoryTracker | None) -> None:
+        self.prog, self.metas, self.plan, self.inputs = prog, metas, plan, inputs
+        self.device, self.comm_device, self.memory = device, comm_device, memory
+        self.env: list[dict[int, Any]] = [{} for _ in range(plan.microbatches)]
+        self.outs: dict[tuple[int, int], list[Any]] = {}
+        self.views: dict[tuple[int, int], list[Any]] = {}
+        self.recvd: dict[tuple[int, int], list[Any]] = {}
+        self.pending_sends: list[tuple[Any, torch.Tensor]] = []
+        self.act_recvs: dict[tuple[int, int], list[tuple[Message, torch.Tensor, Any]]] = {}
+        self.grad_recvs: dict[tuple[int, int], tuple[torch.Tensor, Any]] = {}
+        self.waited: set[tuple[int, int]] = set()
+        self.seed: torch.Tensor | None = None
+        self.rec = StepRecord(t0=0.0, t1=0.0, task_times=[])
+
+    def post_receives(self) -> None:
+        """Post every receive of the step, in each sender's order."""
+        metas = self.metas
+        for src, msgs in self.plan.recvs.items():
+            cdev = self.comm_device(src)
+            for msg in msgs:
+                dtype = metas[msg.op].leaves[msg.leaves[0]].dtype
+                buf = torch.empty(msg.numel, dtype=_WIRE_DTYPE.get(dtype, dtype), device=cdev)
+                work = dist.irecv(buf, src=src, tag=msg.tag)
+                if msg.kind == "act":
+                    self.act_recvs.setdefault((msg.op, msg.mb), []).append((msg, buf, work))
+                else:
+                    self.grad_recvs[(src, msg.tag)] = (buf, work)
+
+    def _receive_inputs(self, tp: Any) -> None:
+        """Wait for the remote inputs first needed by forward task ``tp`` and unpack them into its micro-batch."""
+        m, metas, memory, rec, perf = tp.mb, self.metas, self.memory, self.rec, time.perf_counter
+        for j in tp.wait_values:
+            meta = metas[j]
+            leaves = [leaf.const for leaf in meta.leaves]
+            for msg, buf, work in self.act_recvs.pop((j, m), ()):
+                work.wait()
+                rec.recv_times[(msg.src, msg.tag)] = perf()
+                self.waited.add((msg.src, msg.tag))
+                for leaf_k, t in zip(msg.leaves, _split(buf, meta, msg.leaves)):
+                    t = _unwire(t, meta.leaves[leaf_k].dtype, self.device)
+                    if meta.leaves[leaf_k].requires_grad:
+                        t.requires_grad_(True)
+                    leaves[leaf_k] = t
+            self.recvd[(j, m)] = leaves
+            self.env[m][j] = meta.unflatten(leaves)
+            if memory is not None:
+                memory.begin()
+                memory.end(("recv", j, m), leaves)
+
+    def forward(self, k: int, tp: Any) -> None:
+        """Forward task ``k``: run the op on its (local or received) inputs and post its sends."""
+        if tp.wait_values:
+            self._receive_inputs(tp)
+        i, m, memory, rec, perf = tp.op, tp.mb, self.memory, self.rec, time.perf_counter
+        env = self.env[m]
+        plan = self.plan
+        s = perf()
+        op = self.prog.ops[i]
+        if memory is not None:
+            memory.begin()
+        if op.kind == "compute":
+            v = op.run([env[j] for j in op.inputs])
+        elif op.kind == "input":
+            v = self.inputs[m][op.input_position]
+        else:
+            v = op.attr
+        if isinstance(v, torch.Tensor):
+            leaves = [v]
+            spec = None
+        else:
+            leaves, spec = tree_flatten(v)
+        if plan.local_view[i]:
+            vl = [x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.requires_grad else x
+                  for x in leaves]
+            self.views[(i, m)] = vl
+            env[i] = vl[0] if spec is None else self.metas[i].unflatten(vl)
+        else:
+            env[i] = v
+        has_bwd = plan.has_bwd[i]
+        if has_bwd:
+            self.outs[(i, m)] = leaves
+        if i == self.prog.loss_op:
+            rec.losses.append(leaves[0].detach())
+        for msg in tp.sends:
+            t = _wire([leaves[leaf_k] for leaf_k in msg.leaves], self.comm_device(msg.dst))
+            rec.send_times[(msg.dst, msg.tag)] = perf()
+            self.pending_sends.append((dist.isend(t, dst=msg.dst, tag=msg.tag), t))
+        if memory is not None:
+            memory.end((i, m), leaves if has_bwd else ())
+        rec.task_times.append((k, s, perf()))
+
+    def backward(self, k: int, tp: Any) -> None:
+        """Backward task ``k``: sum the local and received output gradients, backpropagate through the op, and
+        send the gradients of received values back after their last local consumer."""
+        i, m, metas, memory, rec, perf = tp.op, tp.mb, self.metas, self.memory, self.rec, time.perf_counter
+        got: dict[int, list[torch.Tensor]] = {}
+        for msg in tp.grad_recvs:
+            buf, work = self.grad_recvs[(msg.src, msg.tag)]
+            work.wait()
+            rec.recv_times[(msg.src, msg.tag)] = perf()
+            self.waited.add((msg.src, msg.tag))
+            for leaf_k, t in zip(msg.leaves, _split(buf, metas[i], msg.leaves)):
+                got.setdefault(leaf_k, []).append(t)
+        s = perf()
+        if self.plan.has_bwd[i]:
+            self._backprop(i, m, got)
+            if memory is not None:
+                memory.release((i, m))
+        for msg in tp.sends:  # gradients of received values, after their last local consumer
+            xs = [self.recvd[(msg.op, msg.mb)][leaf_k] for leaf_k in msg.leaves]
+            t = _wire([x.grad if x.grad is not None else torch.zeros_like(x) for x in xs],
+                      self.comm_device(msg.dst))
+            rec.send_times[(msg.dst, msg.tag)] = perf()
+            self.pending_sends.append((dist.isend(t, dst=msg.dst, tag=msg.tag), t))
+        for j in tp.release_values:
+            self.recvd.pop((j, m), None)
+            if memory is not None:
+                memory.release(("recv", j, m))
+        rec.task_times.append((k, s, perf()))
+
+    def _backprop(self, i: int, m: int, got: dict[int, list[torch.Tensor]]) -> None:
+        """``torch.autograd.backward`` through op ``i`` of micro-batch ``m`` with its summed output gradients (the
+        loss op's seed is ``1/M``)."""
+        metas = self.metas
+        leaves = self.outs.pop((i, m))
+        vl = self.views.pop((i, m), None)
+        tensors, grads = [], []
+        for leaf_k in metas[i].grad_leaves:
+            g = vl[leaf_k].grad if vl is not None else None
+            for buf in got.get(leaf_k, ()):
+                buf = _unwire(buf, metas[i].leaves[leaf_k].dtype, self.device)
+                g = buf if g is None else g + buf
+            if i == self.prog.loss_op:
+                if self.seed is None:
+                    self.seed = torch.full_like(leaves[leaf_k].detach(), 1.0 / self.plan.microbatches)
+                g = self.seed if g is None else g + self.seed
+            if g is not None:
+                tensors.append(leaves[leaf_k])
+                grads.append(g)
+        if tensors:
+            _backward(tensors, grads)
+
+    def drain(self) -> None:
+        """Complete the receives nobody consumed (e.g. a value whose readers skip backward) and every send."""
+        for pairs in self.act_recvs.values():
+            for _msg, _, work in pairs:
+                work.wait()
+        for key, (_, work) in self.grad_recvs.items():
+            if key not in self.waited:
+                work.wait()
+        for work, _ in self.pending_sends:
+            work.wait()
 
 
 class _NullContext:

@@ -23,7 +23,6 @@ import signal
 import time
 import weakref
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -31,8 +30,11 @@ import torch.multiprocessing as tmp
 
 from graphs.build import model_factory
 from placer.engine.assemble import assemble_result, error_reason
+from placer.engine.command import (BACKENDS, DEFAULT_LR, DEFAULT_OPTIMIZER, Command, LoadCommand, MeasureCommand,
+                                   StopCommand, check_optimizer)
 from placer.engine.ordering import device_tasks
 from placer.engine.worker import WorkerSpec, worker_main
+from placer.core.cluster import is_cuda_name
 from placer.core.result import StepResult
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,9 @@ _GENERATION = itertools.count()
 class EngineConfig:
     """How the engine runs and measures."""
 
-    optimizer: str = "sgd"
-    """Parameter update on each owner: ``sgd`` or ``adam``."""
-    lr: float = 0.01
+    optimizer: str = DEFAULT_OPTIMIZER
+    """Parameter update on each owner: one of :data:`placer.engine.command.OPTIMIZERS` (``sgd`` or ``adam``)."""
+    lr: float = DEFAULT_LR
     """Learning rate of that optimizer."""
     threads_per_device: int = 0
     """``torch.set_num_threads`` of each CPU worker; 0: this process's cores divided among the CPU devices."""
@@ -66,14 +68,13 @@ class EngineConfig:
     stage-contiguous placements and the gpipe / 1f1b / interleaved-1f1b schedules only)."""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        check_optimizer(self.optimizer)
         if not self.timeout_s > 0 or not self.start_timeout_s > 0:
             raise ValueError("timeouts must be positive")
         if self.threads_per_device < 0:
             raise ValueError(f"threads_per_device must be >= 0, got {self.threads_per_device}")
-        if self.backend not in ("ops", "pipelining"):
-            raise ValueError(f"backend must be 'ops' or 'pipelining', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 @dataclass(eq=False)
@@ -91,7 +92,7 @@ class StepOutputs:
 
 def _cores_for(devices: Sequence[str], threads: int, pin: bool) -> tuple[list[tuple[int, ...]], int]:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    cpu_devs = [k for k, d in enumerate(devices) if not d.startswith("cuda")]
+    cpu_devs = [k for k, d in enumerate(devices) if not is_cuda_name(d)]
     per = threads or max(1, len(cores) // max(1, len(cpu_devs)))
     if len(cpu_devs) * per > len(cores):
         log.warning("%d CPU devices x %d threads > %d cores: workers share cores", len(cpu_devs), per, len(cores))
@@ -215,7 +216,7 @@ class Measurer:
                     return f"worker {self.devices[r]} crashed (exit code {self._procs[r].exitcode})"
         return [replies[r] for r in range(len(self._conns))]
 
-    def _broadcast(self, cmd: dict[str, Any], timeout_s: float, what: str) -> list[dict[str, Any]] | str:
+    def _broadcast(self, cmd: Command, timeout_s: float, what: str) -> list[dict[str, Any]] | str:
         """Send ``cmd`` to every worker and gather the replies (or the reason there are none)."""
         for r, c in enumerate(self._conns):
             try:
@@ -249,7 +250,7 @@ class Measurer:
             return
         for c in self._conns:
             try:
-                c.send({"cmd": "stop"})
+                c.send(StopCommand())
             except (BrokenPipeError, OSError):
                 pass
         deadline = time.monotonic() + 5.0
@@ -266,7 +267,7 @@ class Measurer:
         self.graph, self.factory = graph, factory
         if not self._procs:
             return
-        replies = self._broadcast({"cmd": "load", "factory": factory, "op_names": tuple(graph.op_names)},
+        replies = self._broadcast(LoadCommand(factory=factory, op_names=tuple(graph.op_names)),
                                   self.config.start_timeout_s, "load")
         if isinstance(replies, str):
             self._kill()
@@ -293,14 +294,14 @@ class Measurer:
              backend: str | None) -> tuple[StepResult, list[dict[str, Any]]]:
         placement.validate(self.graph, self.cluster)
         backend = backend or self.config.backend
-        if backend not in ("ops", "pipelining"):
-            raise ValueError(f"backend must be 'ops' or 'pipelining', got {backend!r}")
-        if steps < 1 or warmup < 0:
-            raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-        if fault not in (None, "crash", "hang", "oom", "error"):
-            raise ValueError(f"unknown fault {fault!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         tasks, order = device_tasks(self.graph, placement, len(self.devices), schedule=schedule,
                                     microbatches=microbatches)
+        cmd = MeasureCommand(device_of_op=np.asarray(placement.device_of_op), tasks=tasks, microbatches=microbatches,
+                             steps=steps, warmup=warmup, schedule=schedule, backend=backend, update=update,
+                             collect=collect, optimizer=self.config.optimizer, lr=self.config.lr,
+                             track_memory=self.config.track_memory, fault=fault)
         if self._procs and not all(_alive(p) for p in self._procs):  # one died while idle: start afresh
             dead = [self.devices[r] for r, p in enumerate(self._procs) if not _alive(p)]
             log.warning("engine worker(s) %s died while idle; restarting workers", ", ".join(dead))
@@ -310,11 +311,6 @@ class Measurer:
             why = self._start()
             if why is not None:
                 return self._failed(why, schedule=schedule, microbatches=microbatches), []
-        cmd = {"cmd": "measure", "device_of_op": np.asarray(placement.device_of_op), "tasks": tasks,
-               "microbatches": microbatches, "steps": steps, "warmup": warmup, "update": update,
-               "collect": collect, "optimizer": self.config.optimizer, "lr": self.config.lr,
-               "track_memory": self.config.track_memory, "fault": fault, "backend": backend,
-               "schedule": schedule}
         replies = self._broadcast(cmd, self.config.timeout_s if timeout_s is None else timeout_s, "measure")
         if isinstance(replies, str):
             replies = self._root_cause(replies)

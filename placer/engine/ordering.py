@@ -1,6 +1,7 @@
 """The per-device task order the engine executes, from :mod:`placer.costmodel.schedules`.
 
-A task is ``(op, microbatch, phase)`` with phase ``fwd``, ``bwd`` or ``update`` (``op = microbatch = -1``).
+A task is a :class:`placer.costmodel.task.Task` ``(op, microbatch, phase)`` with phase ``fwd``, ``bwd`` or ``update``
+(``op = microbatch = -1``), the same type the schedules build.
 The simulator (``placer/costmodel/sim.py``) models the same orders, so the engine runs exactly what
 :func:`device_tasks` returns: within a micro-batch a device runs forwards in op-index order and backwards in
 reverse op-index order, and ends with one update.
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from placer.costmodel.task import Task
+
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
     from placer.core.placement import Placement
-
-Task = tuple[int, int, str]
 
 __all__ = ["Task", "device_tasks", "tasks_from_schedule"]
 
@@ -30,5 +31,5 @@ def device_tasks(graph: "OpGraph", placement: "Placement", num_devices: int, *, 
 
 
 def tasks_from_schedule(sched: Any, num_devices: int) -> list[list[Task]]:
-    """``placer.costmodel.schedules.Schedule`` as plain ``(op, microbatch, phase)`` tuples per device."""
-    return [[(int(t.op), int(t.microbatch), str(t.phase)) for t in sched.tasks(d)] for d in range(num_devices)]
+    """``placer.costmodel.schedules.Schedule`` as :class:`Task` lists per device."""
+    return [sched.tasks(d) for d in range(num_devices)]

@@ -104,6 +104,53 @@ def _validate(tasks: list[list[Task]], dev: np.ndarray, microbatches: int, prog:
             raise ValueError(f"device {d}: schedule misses or repeats forward tasks (e.g. {missing})")
 
 
+class _Messages:
+    """Message sequences per ``(src, dst)`` in the sender's posting order (the tag is the position), and the
+    messages ``rank`` posts after each of its tasks."""
+
+    def __init__(self, metas: Sequence[ValueMeta], rank: int) -> None:
+        self.metas, self.rank = metas, rank
+        self.seqs: dict[tuple[int, int], list[Message]] = {}
+        self.sends_at: dict[int, list[Message]] = {}  # our task position -> messages we post after it
+
+    def add(self, src: int, dst: int, kind: str, op: int, mb: int, leaves: Sequence[int], pos: int) -> None:
+        """Messages carrying ``leaves`` of op ``op``'s output (one per dtype), posted after task ``pos`` of src."""
+        metas = self.metas
+        by_dtype: dict[object, list[int]] = {}
+        for leaf in leaves:
+            by_dtype.setdefault(metas[op].leaves[leaf].dtype, []).append(leaf)
+        for group in by_dtype.values():
+            seq = self.seqs.setdefault((src, dst), [])
+            lm = [metas[op].leaves[leaf] for leaf in group]
+            msg = Message(src=src, dst=dst, tag=len(seq), kind=kind, op=op, mb=mb, leaves=tuple(group),
+                          numel=sum(int(np.prod(x.shape, dtype=np.int64)) for x in lm),
+                          nbytes=sum(x.nbytes for x in lm))
+            seq.append(msg)
+            if src == self.rank:
+                self.sends_at.setdefault(pos, []).append(msg)
+
+
+def _task_plans(prog: StepProgram, dev: np.ndarray, my_tasks: list[Task], rank: int,
+                last_bwd: dict[tuple[int, int], int], grad_in: dict[tuple[int, int], list[Message]],
+                sends_at: dict[int, list[Message]]) -> list[TaskPlan]:
+    """``rank``'s tasks with what each waits for (remote inputs first needed, gradients) and posts."""
+    plans: list[TaskPlan] = []
+    first_use: set[tuple[int, int]] = set()
+    for k, (i, m, p) in enumerate(my_tasks):
+        tp = TaskPlan(op=i, mb=m, phase=p)
+        if p == "fwd":
+            for j in prog.ops[i].inputs:
+                if int(dev[j]) != rank and (j, m) not in first_use:
+                    first_use.add((j, m))
+                    tp.wait_values.append(j)
+        elif p == "bwd":
+            tp.grad_recvs = grad_in.get((i, m), [])
+            tp.release_values = [j for (j, mb) in last_bwd if mb == m and last_bwd[(j, mb)] == k]
+        tp.sends = sends_at.get(k, [])
+        plans.append(tp)
+    return plans
+
+
 def build_plan(prog: StepProgram, metas: Sequence[ValueMeta], device_of_op: Sequence[int] | np.ndarray,
                tasks: list[list[Task]], *, rank: int, microbatches: int) -> StepPlan:
     """The plan of device ``rank`` (raises a one-line ``ValueError`` for an inconsistent schedule)."""
@@ -117,7 +164,6 @@ def build_plan(prog: StepProgram, metas: Sequence[ValueMeta], device_of_op: Sequ
     has_bwd = np.array([metas[i].requires_grad for i in range(n)], dtype=bool)
     # remote devices reading each op, and which of their consumers run a backward that feeds a gradient back
     remote_devs = [sorted({int(dev[c]) for c in cons[i]} - {int(dev[i])}) for i in range(n)]
-    bwd_tasks = [{(i, m) for (i, m, p) in lst if p == "bwd"} for lst in tasks]
     local_view = np.array([prog.ops[i].kind == "compute" and has_bwd[i]
                            and any(int(dev[c]) == int(dev[i]) for c in cons[i]) for i in range(n)], dtype=bool)
 
@@ -140,24 +186,7 @@ def build_plan(prog: StepProgram, metas: Sequence[ValueMeta], device_of_op: Sequ
                         pos[(j, m)] = k
         last_bwd.append(pos)
 
-    # Message sequences per (src, dst), in the sender's posting order.
-    seqs: dict[tuple[int, int], list[Message]] = {}
-    sends_at: dict[int, list[Message]] = {}  # our task position -> messages we post after it
-
-    def add(src: int, dst: int, kind: str, op: int, mb: int, leaves: Sequence[int], pos: int) -> None:
-        by_dtype: dict[object, list[int]] = {}
-        for leaf in leaves:
-            by_dtype.setdefault(metas[op].leaves[leaf].dtype, []).append(leaf)
-        for group in by_dtype.values():
-            seq = seqs.setdefault((src, dst), [])
-            lm = [metas[op].leaves[leaf] for leaf in group]
-            msg = Message(src=src, dst=dst, tag=len(seq), kind=kind, op=op, mb=mb, leaves=tuple(group),
-                          numel=sum(int(np.prod(x.shape, dtype=np.int64)) for x in lm),
-                          nbytes=sum(x.nbytes for x in lm))
-            seq.append(msg)
-            if src == rank:
-                sends_at.setdefault(pos, []).append(msg)
-
+    messages = _Messages(metas, rank)
     for src, lst in enumerate(tasks):
         grads_after: dict[int, list[tuple[int, int]]] = {}
         for key, k in last_bwd[src].items():
@@ -166,34 +195,20 @@ def build_plan(prog: StepProgram, metas: Sequence[ValueMeta], device_of_op: Sequ
             if p == "fwd":
                 for dst in remote_devs[i]:
                     if metas[i].tensor_leaves:
-                        add(src, dst, "act", i, m, metas[i].tensor_leaves, k)
+                        messages.add(src, dst, "act", i, m, metas[i].tensor_leaves, k)
             elif p == "bwd":
                 for (j, mb) in sorted(grads_after.get(k, ()), key=lambda t: -t[0]):
                     if grad_back(j, src):
-                        add(src, int(dev[j]), "grad", j, mb, grad_back(j, src), k)
+                        messages.add(src, int(dev[j]), "grad", j, mb, grad_back(j, src), k)
 
+    seqs = messages.seqs
     recvs = {src: seqs.get((src, rank), []) for src in range(num_devices) if src != rank}
     grad_in: dict[tuple[int, int], list[Message]] = {}
     for msgs in recvs.values():
         for msg in msgs:
             if msg.kind == "grad":
                 grad_in.setdefault((msg.op, msg.mb), []).append(msg)
-
-    plans: list[TaskPlan] = []
-    first_use: set[tuple[int, int]] = set()
-    for k, (i, m, p) in enumerate(tasks[rank]):
-        tp = TaskPlan(op=i, mb=m, phase=p)
-        if p == "fwd":
-            for j in prog.ops[i].inputs:
-                if int(dev[j]) != rank and (j, m) not in first_use:
-                    first_use.add((j, m))
-                    tp.wait_values.append(j)
-        elif p == "bwd":
-            tp.grad_recvs = grad_in.get((i, m), [])
-            tp.release_values = [j for (j, mb) in last_bwd[rank] if mb == m and last_bwd[rank][(j, mb)] == k]
-        tp.sends = sends_at.get(k, [])
-        plans.append(tp)
-
+    plans = _task_plans(prog, dev, tasks[rank], rank, last_bwd[rank], grad_in, messages.sends_at)
     sent = np.zeros(num_devices, dtype=np.int64)
     for (src, dst), seq in seqs.items():
         if src == rank:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,8 @@ def placement_from_document(doc: Any, graph: OpGraph | None = None, cluster: Clu
         if d >= len(devices):
             raise ValueError(f"{where}: op {name!r} is on device {d}, but only {len(devices)} devices are listed")
     if cluster is not None and list(cluster.device_names) != list(devices):
-        raise ValueError(f"{where}: devices {devices} do not match cluster {cluster.name!r} {list(cluster.device_names)}")
+        raise ValueError(f"{where}: devices {devices} do not match cluster {cluster.name!r} "
+                         f"{list(cluster.device_names)}")
     if graph is None:
         return LoadedPlacement(Placement(np.array(list(doc["ops"].values()), dtype=np.int64)), doc)
     if doc["graph"]["hash"] != graph.content_hash:
@@ -166,3 +168,18 @@ def placement_from_document(doc: Any, graph: OpGraph | None = None, cluster: Clu
     if cluster is not None:
         placement.validate(graph, cluster)
     return LoadedPlacement(placement, doc)
+
+
+PlacementLike = Mapping[str, Any] | str | os.PathLike
+"""A placement document (dict), a path to a placement JSON, or a :class:`LoadedPlacement`."""
+
+
+def document_of(placement: Any) -> dict[str, Any]:
+    """The validated placement document from a dict, a path or a :class:`LoadedPlacement`."""
+    if isinstance(placement, LoadedPlacement):
+        return placement.doc
+    if isinstance(placement, (str, os.PathLike)):
+        return load_placement(placement).doc
+    if isinstance(placement, Mapping):
+        return placement_from_document(dict(placement)).doc
+    raise ValueError(f"placement must be a placement JSON path or document, got {type(placement).__name__}")

@@ -25,18 +25,15 @@ are fixed at their value for one micro-batch of ``example_inputs``.
 from __future__ import annotations
 
 import logging
-import os
-import re
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
-import torch.fx as fx
-from torch.fx.passes.split_module import split_module
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
+from torch.utils._pytree import tree_map_only
 
-from graphs.trace import TracedModel, buffers_restored, record_values, trace_model
-from placer.io.document import LoadedPlacement, load_placement, placement_from_document
+from graphs.trace import TracedModel
+from placer.io.document import PlacementLike, document_of
+from placer.io.stages import StageModule, stage_modules
 
 if TYPE_CHECKING:  # imported lazily at run time: torch.distributed is only needed by pipeline users
     from torch.distributed.pipelining import PipelineStage
@@ -47,23 +44,9 @@ log = logging.getLogger(__name__)
 __all__ = ["apply", "placed_devices", "resolve_device", "StageModule", "stage_modules", "pipeline_stages",
            "pipeline_schedule", "pipeline_loss"]
 
-PlacementLike = Mapping[str, Any] | str | os.PathLike
-"""A placement document (dict), a path to a placement JSON, or a ``LoadedPlacement``."""
 
 
 # ---------------------------------------------------------------------------------------------- documents
-
-
-def _document(placement: Any) -> dict[str, Any]:
-    """The validated placement document from a dict, a path or a ``LoadedPlacement``."""
-
-    if isinstance(placement, LoadedPlacement):
-        return placement.doc
-    if isinstance(placement, (str, os.PathLike)):
-        return load_placement(placement).doc
-    if isinstance(placement, Mapping):
-        return placement_from_document(dict(placement)).doc
-    raise ValueError(f"placement must be a placement JSON path or document, got {type(placement).__name__}")
 
 
 def resolve_device(name: str, device_map: Mapping[str, Any] | None = None) -> torch.device:
@@ -127,7 +110,7 @@ def apply(model: nn.Module, placement: PlacementLike, *, device_map: Mapping[str
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"apply needs an nn.Module, got {type(model).__name__}")
-    doc = _document(placement)
+    doc = document_of(placement)
     _check_device_map(doc, device_map)
     modules: dict[str, int] = dict(doc["modules"])
     targets: list[tuple[str, nn.Module]] = []
@@ -170,259 +153,6 @@ def placed_devices(model: nn.Module) -> dict[str, torch.device]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- stages
-
-_SUBMOD_RE = re.compile(r"^submod_(\d+)$")
-
-
-class StageModule(nn.Module):
-    """Pipeline stage ``index`` of a split step: ``forward(*tensors)`` → the next stage's tensors, or the loss.
-
-    Stage 0 takes the model's inputs; stage ``s > 0`` takes the tensors stage ``s - 1`` returned. The partition
-    ``split_module`` made for this stage (if the stage computes anything) is registered as ``part``, so
-    ``parameters()`` are exactly this stage's parameters (plus any parameter read by ``get_attr``).
-    """
-
-    def __init__(self, *, index: int, num_stages: int, nodes: list[fx.Node], part: nn.Module | None,
-                 attrs: Mapping[str, Any], inputs: list[str], carried_in: list[str], carried_out: list[str],
-                 layouts: Mapping[str, tuple[Any, list[Any], list[bool]]], loss_arg: Any,
-                 example_in: tuple[torch.Tensor, ...] = (), example_out: Any = (),
-                 param_names: Mapping[int, str] | None = None, origins: Mapping[str, str] | None = None) -> None:
-        super().__init__()
-        self.index = index
-        self.num_stages = num_stages
-        if part is not None:
-            self.part = part
-        self._nodes = nodes
-        # Tensors read by get_attr at the top level of the split (torch.export graphs read parameters so):
-        # registered here, so a stage's parameters() include them and .to(device) moves them.
-        self.attrs = nn.ParameterDict()
-        self._attr_keys: dict[str, str] = {}
-        self._attr_consts: dict[str, Any] = {}
-        for k, (target, value) in enumerate(attrs.items()):
-            key = f"attr_{k}"
-            if isinstance(value, nn.Parameter):
-                self.attrs[key] = value
-            elif isinstance(value, torch.Tensor):
-                self.register_buffer(key, value)
-            else:
-                self._attr_consts[target] = value
-                continue
-            self._attr_keys[target] = key
-        self._inputs = inputs
-        self._carried_in = carried_in
-        self._carried_out = carried_out
-        self._layouts = layouts
-        self._loss_arg = loss_arg
-        self.example_in = example_in
-        """This stage's inputs for one micro-batch of the example (detached), for PipelineStage's static shapes."""
-        self.example_out = example_out
-        """This stage's outputs for the same micro-batch (a tuple of tensors, or the loss)."""
-        origins = origins or {}
-        self.param_names = dict(param_names or {})
-        """``id(parameter)`` → its name in the user's model, for messages."""
-        self._consts_in = next((f"{origins.get(name, name)} = {c!r}" for name in carried_in
-                                for c, t in zip(layouts[name][1], layouts[name][2]) if not t and c is not None), "")
-
-    def _attr(self, target: str) -> Any:
-        if target in self._attr_consts:
-            return self._attr_consts[target]
-        key = self._attr_keys[target]
-        return self.attrs[key] if key in self.attrs else getattr(self, key)
-
-    def _env_from(self, flat: Sequence[Any]) -> dict[str, Any]:
-        env: dict[str, Any] = {}
-        if self.index == 0:
-            if len(flat) != len(self._inputs):
-                raise ValueError(f"stage 0 takes the model's {len(self._inputs)} inputs "
-                                 f"({', '.join(self._inputs)}), got {len(flat)}")
-            return dict(zip(self._inputs, flat))
-        if self._consts_in:  # Python values recorded for one micro-batch shape: other shapes would be wrong
-            for k, (x, ex) in enumerate(zip(flat, self.example_in)):
-                if isinstance(x, torch.Tensor) and x.shape != ex.shape:
-                    raise ValueError(f"stage {self.index} was built for inputs of one micro-batch of the example "
-                                     f"({self._consts_in} crosses into it as a fixed Python value); input {k} has "
-                                     f"shape {tuple(x.shape)}, not {tuple(ex.shape)}")
-        it = iter(flat)
-        for name in self._carried_in:
-            spec, consts, is_tensor = self._layouts[name]
-            env[name] = tree_unflatten([next(it) if t else c for c, t in zip(consts, is_tensor)], spec)
-        return env
-
-    def forward(self, *flat: Any) -> Any:
-        env = self._env_from(flat)
-
-        def value(a: fx.Node) -> Any:
-            return self._attr(a.target) if a.op == "get_attr" else env[a.name]
-
-        for node in self._nodes:
-            args = fx.node.map_arg(node.args, value)
-            kwargs = fx.node.map_arg(node.kwargs, value)
-            if node.op == "call_module":
-                env[node.name] = self.part(*args, **kwargs)
-            else:  # split_module's top level only unpacks partition outputs with operator.getitem
-                env[node.name] = node.target(*args, **kwargs)
-        if self.index == self.num_stages - 1:
-            return fx.node.map_arg(self._loss_arg, value)
-        out: list[torch.Tensor] = []
-        for name in self._carried_out:
-            _, _, is_tensor = self._layouts[name]
-            out.extend(leaf for leaf, t in zip(tree_leaves(env[name]), is_tensor) if t)
-        return tuple(out)
-
-
-def _traced(model_or_traced: nn.Module | TracedModel, example_inputs: Sequence[Any] | None) -> TracedModel:
-    if isinstance(model_or_traced, TracedModel):
-        return model_or_traced
-    if not isinstance(model_or_traced, nn.Module):
-        raise ValueError(f"expected an nn.Module or a TracedModel, got {type(model_or_traced).__name__}")
-    if example_inputs is None:
-        raise ValueError("pipeline stages of an nn.Module need example_inputs to trace it with")
-    return trace_model(model_or_traced, example_inputs, name=type(model_or_traced).__name__)
-
-
-def _stage_of_op(traced: TracedModel, doc: Mapping[str, Any]) -> list[int]:
-    """Stage index of every op, checking that ``stages`` tiles the traced ops in order."""
-    stages = doc.get("stages")
-    name = doc["graph"]["name"]
-    if not stages:
-        raise ValueError(f"placement of {name!r} has no 'stages' (it is not stage-contiguous): "
-                         f"use apply() for single-process model parallelism, or a contiguous placement")
-    ops = traced.graph.op_names
-    if set(doc["ops"]) != set(ops):
-        extra = sorted(set(doc["ops"]) ^ set(ops))
-        raise ValueError(f"placement of graph {name!r} does not match the traced model "
-                         f"({len(extra)} op names differ, e.g. {extra[0]!r})")
-    out: list[int] = []
-    for s, st in enumerate(stages):
-        first, last = traced.graph.index(st["first_op"]), traced.graph.index(st["last_op"])
-        if first != len(out) or last < first:
-            raise ValueError(f"placement stage {s} ({st['first_op']}..{st['last_op']}) does not continue "
-                             f"stage {s - 1}; stages must cover the ops in order")
-        out.extend([s] * (last - first + 1))
-    if len(out) != len(ops):
-        raise ValueError(f"placement stages end at op {len(out) - 1} of {len(ops)}; they must cover every op")
-    return out
-
-
-def _microbatch(inputs: Sequence[Any], microbatches: int) -> tuple[Any, ...]:
-    """The first micro-batch, split along dim 0 as ``torch.distributed.pipelining`` splits (``tensor_split``)."""
-    return tuple(torch.tensor_split(x, microbatches, dim=0)[0] if isinstance(x, torch.Tensor) and x.dim() else x
-                 for x in inputs)
-
-
-def stage_modules(model_or_traced: nn.Module | TracedModel, placement: PlacementLike, *,
-                  example_inputs: Sequence[Any] | None = None, microbatches: int | None = None) -> list[StageModule]:
-    """All pipeline stages of ``placement`` as plain modules (no process group), in stage order.
-
-    ``stages[0](*inputs)`` returns a tuple of tensors, each later stage takes the previous stage's tuple, and
-    the last returns the loss: composing them in one process computes the model's step (useful for tests and to
-    check a split). The modules share parameters with ``model_or_traced``. ``example_inputs`` (a whole batch)
-    is required for an ``nn.Module`` and defaults to the TracedModel's; one micro-batch of it (the
-    placement's ``schedule.microbatches`` unless ``microbatches`` is given) is run once to learn the structure
-    of the values crossing each cut.
-    """
-    doc = _document(placement)
-    traced = _traced(model_or_traced, example_inputs)
-    stage_of = _stage_of_op(traced, doc)
-    num_stages = len(doc["stages"])
-    stage_by_name = dict(zip(traced.graph.op_names, stage_of))
-    split = split_module(traced.gm, traced.gm, lambda n: stage_by_name[n.name])
-
-    inputs = tuple(traced.example_inputs if example_inputs is None else example_inputs)
-    m = int(microbatches or doc["schedule"]["microbatches"])
-    if m > 1 and traced.graph.meta.get("trace") == "export":
-        log.warning("%s was traced with torch.export, which specialises shapes to the example batch; "
-                    "micro-batches of another size may fail or compute wrong values", traced.graph.name)
-    mb = _microbatch(inputs, m)
-    # With autograd on, so each crossing tensor's requires_grad is known: PipelineStage derives from it
-    # which gradients flow back between stages.
-    with torch.enable_grad(), buffers_restored(split):
-        _, values = record_values(split, mb)
-
-    top = [n for n in split.graph.nodes]
-    output = top[-1]
-    avail: dict[str, int] = {}  # first stage at which a node's value exists
-    for n in top:
-        if n.op == "placeholder":
-            avail[n.name] = 0
-        elif n.op == "call_module":
-            avail[n.name] = int(_SUBMOD_RE.match(str(n.target)).group(1))
-        elif n.op == "call_function":  # getitem of a partition's outputs
-            avail[n.name] = avail[n.args[0].name]
-    last_use = {name: -1 for name in avail}
-    for n in top:
-        if n.op == "get_attr" or n is output:
-            continue
-        for u in n.users:
-            last_use[n.name] = max(last_use[n.name], num_stages - 1 if u is output else avail[u.name])
-
-    layouts: dict[str, tuple[Any, list[Any], list[bool]]] = {}
-    carried: list[list[str]] = []
-    for s in range(num_stages - 1):
-        names = [n.name for n in top if n.name in avail and avail[n.name] <= s < last_use[n.name]]
-        for name in names:
-            if name not in layouts:
-                leaves, spec = tree_flatten(values[name])
-                is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
-                layouts[name] = (spec, [None if t else x for x, t in zip(leaves, is_tensor)], is_tensor)
-        if not any(any(layouts[n][2]) for n in names):
-            raise ValueError(f"no tensor crosses the cut after stage {s}; a pipeline stage needs an input")
-        carried.append(names)
-
-    placeholders = [n.name for n in top if n.op == "placeholder"]
-    param_names = {id(p): name for name, p in traced.gm.named_parameters(remove_duplicate=False)}
-    origins = {n.name: _origin(split, n) for n in top if n.op == "call_function"}
-    loss_value = tree_map_only(torch.Tensor, _example,
-                               fx.node.map_arg(output.args[0], lambda a: values.get(a.name)))
-    examples = [tuple(tree_map_only(torch.Tensor, _example, mb))]
-    examples += [_flat_tensors(values, names, layouts) for names in carried] + [loss_value]
-    del values  # the recorded autograd graph
-    out: list[StageModule] = []
-    for s in range(num_stages):
-        nodes = [n for n in top if n.op in ("call_module", "call_function") and avail[n.name] == s]
-        part = getattr(split, f"submod_{s}", None)
-        used_attrs = {a.target: _fetch(split, a.target) for n in nodes for a in n.all_input_nodes
-                      if a.op == "get_attr"}
-        loss_arg = output.args[0] if s == num_stages - 1 else None
-        if loss_arg is not None:
-            used_attrs.update({a.target: _fetch(split, a.target) for a in output.all_input_nodes
-                               if a.op == "get_attr"})
-        out.append(StageModule(index=s, num_stages=num_stages, nodes=nodes, part=part, attrs=used_attrs,
-                               inputs=placeholders, carried_in=carried[s - 1] if s else [],
-                               carried_out=carried[s] if s < num_stages - 1 else [], layouts=layouts,
-                               loss_arg=loss_arg, example_in=examples[s], example_out=examples[s + 1],
-                               param_names=param_names, origins=origins))
-    return out
-
-
-def _flat_tensors(values: Mapping[str, Any], names: list[str],
-                  layouts: Mapping[str, tuple[Any, list[Any], list[bool]]]) -> tuple[torch.Tensor, ...]:
-    return tuple(_example(leaf) for name in names
-                 for leaf, t in zip(tree_leaves(values[name]), layouts[name][2]) if t)
-
-
-def _example(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().requires_grad_(t.requires_grad)
-
-
-def _origin(split: fx.GraphModule, node: fx.Node) -> str:
-    """The op name behind ``getitem(submod_k, i)`` of the split graph (for messages)."""
-    part, index = node.args[0], node.args[1]
-    try:
-        out = next(n for n in split.get_submodule(str(part.target)).graph.nodes if n.op == "output").args[0]
-        return out[index].name
-    except (AttributeError, IndexError, TypeError, StopIteration):
-        return node.name
-
-
-def _fetch(module: nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _shared_parameter(stages: Sequence[StageModule]) -> tuple[str, int, int] | None:
     """(model's name, first stage, second stage) of a parameter two stages both use, else None."""
     seen: dict[int, int] = {}
@@ -450,7 +180,7 @@ def pipeline_stages(model_or_traced: nn.Module | TracedModel, placement: Placeme
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
 
-    doc = _document(placement)
+    doc = document_of(placement)
     _check_device_map(doc, device_map)
     stages = stage_modules(model_or_traced, doc, example_inputs=example_inputs, microbatches=microbatches)
     n = len(stages)
@@ -496,7 +226,7 @@ def pipeline_schedule(stage: PipelineStage, placement: PlacementLike, *,
     """
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
-    doc = _document(placement)
+    doc = document_of(placement)
     name = doc["schedule"]["name"]
     m = int(microbatches or doc["schedule"]["microbatches"])
     if name in ("1f1b", "interleaved-1f1b"):

@@ -119,7 +119,8 @@ def plot_gantt(result: StepResult, path: str | Path, *, title: str | None = None
     mbs = sorted({e.microbatch for e in events if e.microbatch >= 0})
     handles = [Patch(facecolor=cmap(m % cmap.N), label=f"mb {m}") for m in mbs[:20]]
     if hatched:
-        handles += [Patch(facecolor="white", edgecolor="black", hatch=_HATCH[p], label=p) for p in ("fwd", "bwd", "send")]
+        handles += [Patch(facecolor="white", edgecolor="black", hatch=_HATCH[p], label=p)
+                    for p in ("fwd", "bwd", "send")]
     else:
         handles += [Patch(facecolor="0.35", label="fwd (full colour)"), Patch(facecolor="0.75", label="bwd (pale)")]
     handles.append(Patch(facecolor="0.6", edgecolor="black", hatch=_HATCH["update"] if hatched else None,
