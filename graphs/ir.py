@@ -164,6 +164,8 @@ class OpGraph(JsonFile):
             bad = np.flatnonzero(~(arr >= 0))
             if bad.size:
                 raise ValueError(f"op {self.op_names[bad[0]]!r} has negative or NaN {key}: {arr[bad[0]]}")
+            if np.isinf(arr).any():
+                raise ValueError(f"op {self.op_names[int(np.flatnonzero(np.isinf(arr))[0])]!r} has an infinite {key}")
         if self.colocation.size and self.colocation.min() < 0:
             i = int(np.argmin(self.colocation))
             raise ValueError(f"op {self.op_names[i]!r} has a negative colocation group")
@@ -200,6 +202,10 @@ class OpGraph(JsonFile):
                     raise ValueError(
                         f"op {self.op_names[bad[0]]!r} has negative or NaN {key} on {kind!r}: {arr[bad[0]]}"
                     )
+                bad = np.flatnonzero(np.isinf(arr))  # an op that never finishes: every step time would be inf
+                if bad.size:
+                    raise ValueError(f"op {self.op_names[bad[0]]!r} has an infinite {key} on {kind!r} (op costs are "
+                                     f"finite seconds)")
 
     # ------------------------------------------------------------------ accessors
     @property

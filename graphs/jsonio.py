@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 
 def write_json_atomic(path: str | Path, doc: Mapping[str, Any], *, indent: int = 1) -> Path:
-    """Write sorted-key JSON through a temporary file and rename, so readers never see half a file."""
+    """Write sorted-key JSON through a temporary file and rename, so readers never see half a file; a write that
+    fails (a full disk) leaves neither the temporary file nor a damaged ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=indent, sort_keys=True) + "\n")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
+    try:
+        tmp.write_text(json.dumps(doc, indent=indent, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -28,6 +34,8 @@ def read_json(path: str | Path, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
 
 
 class JsonFile:

@@ -156,5 +156,30 @@ def test_messages_name_the_file_they_are_about(tmp_path, placement):
                        "'graph' is a required property")
     (tmp_path / "deep.json").write_text("[" * 100_000)
     for args in (["show", tmp_path / "deep.json"], ["graph", "show", tmp_path / "deep.json"]):
-        one_line_error(placer(*args, cwd=tmp_path), "nested too deeply")
+        one_line_error(placer(*args, cwd=tmp_path), "deep.json", "nested too deeply")
     one_line_error(placer("run", tmp_path, cwd=tmp_path), str(tmp_path), "without a placement.json")
+
+
+def test_a_worker_hung_at_start_up_honours_run_timeout(tmp_path):
+    import time
+
+    r = placer("graph", "build", "tests.fixtures_hang:mlp", "--profile", "cpu", "--estimate", "none", "--out",
+               tmp_path / "built.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "built.json").read_text())
+    doc["meta"]["source"]["factory"] = "tests.fixtures_hang:hang"  # what the workers call at start-up
+    doc.pop("hash")
+    (tmp_path / "graph.json").write_text(json.dumps(doc))
+    r = placer("baseline", "--graph", tmp_path / "graph.json", "--cluster", "cpu-2", "--method", "single", "--out",
+               tmp_path / "p.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    t0 = time.monotonic()
+    r = placer("run", tmp_path / "p.json", "--timeout", "5s", cwd=tmp_path)
+    assert time.monotonic() - t0 < 60  # was 182 s with --timeout 20: start-up waited its own 180 s
+    one_line_error(r, "measurement failed", "within 5 s")
+
+
+def test_metis_c_library_prints_nothing_to_the_output(tmp_path):
+    r = placer("baseline", "--graph", "rnnlm-paper", "--cluster", "cpu+4gpu", "--method", "metis", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "***" not in r.stdout + r.stderr and r.stdout.startswith("metis on cpu+4gpu: step ")

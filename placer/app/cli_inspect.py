@@ -242,7 +242,8 @@ def _run_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int_at_least(1), default=20, help="measured steps (median reported)")
     p.add_argument("--warmup", type=int_at_least(0), default=3)
     p.add_argument("--timeout", type=parse_duration, default=300.0, metavar="DURATION",
-                   help="time before the measurement counts as failed (default 300s)")
+                   help="time the workers may take to start, and then to measure, before the run counts as failed "
+                        "(default 300s)")
     p.add_argument("--timeline", help="timeline PNG (default: beside the placement, *_timeline.png)")
     p.set_defaults(func=cmd_run)
 
@@ -264,7 +265,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     micro = args.microbatches or doc["schedule"]["microbatches"]
     with console.status(f"measuring {args.steps} steps on {cluster.num_devices} workers…"):
         result = measure(graph, cluster, placement, schedule=schedule, microbatches=micro, steps=args.steps,
-                         warmup=args.warmup, config=EngineConfig(timeout_s=args.timeout))
+                         warmup=args.warmup, config=EngineConfig(timeout_s=args.timeout,
+                                                                 start_timeout_s=args.timeout))
     predicted = simulate(graph, cluster, placement, schedule=schedule, microbatches=micro)
     if not result.ok:
         raise RuntimeError(f"measurement failed: {result.failure}")

@@ -9,18 +9,46 @@ appear as OOM in the simulator. ``seed`` is METIS's ``seed`` option.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
+import os
+import sys
+import tempfile
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from placer.baselines.registry import register
 from placer.baselines._common import finish, groups_of, int_weights
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
     from placer.core.cluster import Cluster
     from placer.core.placement import Placement
+
+
+@contextlib.contextmanager
+def _c_stdout_to_log() -> Iterator[None]:
+    """METIS's C library writes warnings ("***Cannot bisect a graph with 0 vertices!") straight to file
+    descriptor 1, past Python, into a user's terminal or piped output: they go to the debug log instead."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            ctypes.CDLL(None).fflush(None)  # C stdio buffers a pipe's output: flush it into the sink first
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").strip()
+            if text:
+                log.debug("METIS printed: %s", " | ".join(line.strip() for line in text.splitlines()))
 
 
 @register("metis")
@@ -48,7 +76,7 @@ def place_metis(graph: "OpGraph", cluster: "Cluster", *, seed: int = 0) -> "Plac
     xadj = np.searchsorted(a[order], np.arange(groups.num + 1)).astype(np.int64)
     tpwgts = (thr / thr.sum() * (1 - 1e-9)).tolist()  # METIS requires the sum to be at most 1
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _c_stdout_to_log():
             warnings.simplefilter("ignore", DeprecationWarning)
             res = pymetis.part_graph(
                 k,
