@@ -80,7 +80,8 @@ class TrainConfig:
     """The algorithm's hyper-parameters: its config dataclass, or a dict of fields replacing the preset's values
     (``None``: the preset as it is). Its ``seed`` is the run's ``seed`` plus the graph's index."""
     budget_s: float = 600.0
-    """Training wall time in seconds (total across resumes)."""
+    """Training wall time in seconds (total across resumes). Calibration, the baselines' simulation and the final
+    engine re-measurement (``sim+real``) come on top; ``placer train`` prints how long they took."""
     max_updates: int | None = None
     """Stop after this many updates (one per graph each) even if budget is left (tests, exact reproductions)."""
     reward: str = "sim"
