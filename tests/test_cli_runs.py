@@ -148,14 +148,14 @@ def _summary(measured=None, failed=0):
     out = SimpleNamespace(predicted=result(1.078, "sim"), measured=measured and result(measured, "engine"),
                           baselines={"expert": 0.9, "single": 1.2, "scotch": float("inf")},
                           reference_step_time_s=0.9, failed_measurements=failed, kept_on_disk=None)
-    return SimpleNamespace(only=out, samples=64, updates=8, elapsed_s=90.0, wall_s=150.0, setup_s=40.0,
-                           run_dir=Path("runs/x"))
+    return SimpleNamespace(only=out, samples=64, updates=8, elapsed_s=95.0, trained_s=90.0, wall_s=150.0,
+                           setup_s=40.0, outside_s=20.0, run_dir=Path("runs/x"))
 
 
 def test_train_summary_compares_like_with_like_and_labels_every_number(capsys):
     from placer.app.cli_train import print_train_summary
 
-    print_train_summary(_summary(measured=0.6248, failed=2))
+    print_train_summary(_summary(measured=0.6248, failed=2), budget_s=90.0)
     text = capsys.readouterr().out
     lines = text.splitlines()
     listed = [line for line in lines if line.startswith("  ")]
@@ -165,7 +165,8 @@ def test_train_summary_compares_like_with_like_and_labels_every_number(capsys):
     assert "1078.00 ms (sim)" in text and "624.80 ms (engine, median)" in text
     assert "the baselines were not measured" in text
     assert "2 engine measurement(s) failed" in text
-    assert "90 s of training (the budget); 150 s in all: 40 s before training" in text
+    assert "in 90 s (the budget, 90 s, bounds this); the command took 150 s: 40 s before training" in text
+    assert "20 s outside the budget (baselines, final engine re-measurement" in text
 
 
 def test_failed_remeasurements_are_warned_and_counted(caplog):

@@ -77,6 +77,11 @@ class TrainResult:
     setup_s: float = 0.0
     """Seconds before the run folder existed: loading the graphs and calibrating the cluster (``calibrate``);
     part of ``wall_s``."""
+    trained_s: float = 0.0
+    """Training seconds (across resumes) when the loop stopped: what ``budget_s`` bounds."""
+    outside_s: float = 0.0
+    """Seconds of this call neither in ``setup_s`` nor in the training loop: the baselines' simulation, the final
+    engine re-measurement (``sim+real``), the learning curve and the files."""
 
     @property
     def only(self) -> GraphOutcome:
@@ -216,9 +221,11 @@ def train(config: TrainConfig) -> TrainResult:
             trainer.warm_start()
         started = True
         outcomes = trainer.run()
+        wall_s = time.perf_counter() - t0
         return TrainResult(run_dir=run_dir, outcomes={g.name: o for g, o in zip(graphs, outcomes)},
                            samples=trainer.samples, updates=trainer.updates, elapsed_s=trainer.elapsed(),
-                           wall_s=time.perf_counter() - t0, setup_s=setup_s)
+                           wall_s=wall_s, setup_s=setup_s, trained_s=trainer.trained_s,
+                           outside_s=max(0.0, wall_s - setup_s - (trainer.trained_s - trainer.elapsed_before)))
     except BaseException:
         if fresh and not started:  # nothing was trained: a folder that cannot be resumed would only mislead
             shutil.rmtree(run_dir, ignore_errors=True)

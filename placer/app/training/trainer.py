@@ -184,6 +184,8 @@ class Trainer:
                 slot.algo.optimizer = first.optimizer
         self.updates = self.samples = 0
         self.elapsed_before = 0.0
+        self.trained_s = 0.0
+        """Training seconds (across resumes) when the loop stopped, before the final re-measurement."""
         ckpt = run_dir / "checkpoint.pt"
         self.resumed = bool(config.resume and ckpt.exists())
         if self.resumed:
@@ -369,6 +371,7 @@ class Trainer:
             raise
         finally:
             progress.close()
+        self.trained_s = self.elapsed()  # what the budget bounds; the final re-measurement and files come after
         return self._finish()
 
     def _update(self, slot: Slot, rate: float) -> float:
