@@ -53,7 +53,7 @@ def bad_outputs(tmp_path: Path) -> list[tuple[Path, str]]:
 
 
 @pytest.mark.parametrize("command", ["baseline", "export-json", "export-torch", "graph-build", "show-timeline",
-                                     "run-timeline"])
+                                     "run-timeline", "place"])
 def test_unwritable_outputs_are_refused_up_front(tmp_path, placement, command):
     for out, why in bad_outputs(tmp_path):
         args = {"baseline": ["baseline", "--graph", "rnnlm", "--cluster", "cpu-2", "--method", "single", "--out", out],
@@ -61,7 +61,9 @@ def test_unwritable_outputs_are_refused_up_front(tmp_path, placement, command):
                 "export-torch": ["export", placement, "--format", "torch", "--out", out],
                 "graph-build": ["graph", "build", "tests.fixtures_models:mlp", "--profile", "none", "--out", out],
                 "show-timeline": ["show", placement, "--timeline", out],
-                "run-timeline": ["run", placement, "--timeline", out]}[command]
+                "run-timeline": ["run", placement, "--timeline", out],
+                "place": ["place", "--policy-from", "nosuch", "--graph", "rnnlm", "--cluster", "cpu-2", "--out", out]
+                }[command]
         before = listing(tmp_path)
         r = placer(*args, cwd=tmp_path)
         one_line_error(r, str(out), why)

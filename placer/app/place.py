@@ -28,6 +28,7 @@ from placer.core.cluster import Cluster
 from placer.io.document import save_placement
 from placer.core.placement import Placement
 from placer.core.result import StepResult
+from placer.app.cli_base import int_at_least, writable_file
 from placer.app.runs import find_run
 from policies import PolicyInput, make_policy
 
@@ -111,7 +112,7 @@ def add_place_arguments(parser: argparse.ArgumentParser) -> None:
                         help="benchmark config for a bare name: small or paper (default %(default)s)")
     parser.add_argument("--cluster", required=True, help="cluster preset or JSON")
     parser.add_argument("--out", required=True, help="placement JSON to write")
-    parser.add_argument("--samples", type=int, default=256,
+    parser.add_argument("--samples", type=int_at_least(1), default=256,
                         help="1: the policy's most likely placement; K: best of it and K-1 samples, simulated "
                              "(default %(default)s: about a second for 180 groups)")
     parser.add_argument("--seed", type=int, default=0)
@@ -120,13 +121,14 @@ def add_place_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_place(args: argparse.Namespace) -> ZeroShotResult:
     """``placer place``: place, write ``--out``, print one summary line."""
+    out = writable_file(args.out, "placement")  # before the policy is loaded
     res = place_zero_shot(args.policy_from, args.graph, args.cluster, runs_dir=args.runs_dir, samples=args.samples,
                           seed=args.seed, graph_config=args.graph_config)
     graph = resolve_graph(args.graph, config=args.graph_config)
     cluster = resolve_cluster(args.cluster)
-    save_placement(args.out, graph, cluster, res.placement, method=res.method, seed=args.seed,
+    save_placement(out, graph, cluster, res.placement, method=res.method, seed=args.seed,
                    run=Path(args.policy_from).name, predicted=res.predicted)
     step = f"{res.predicted.step_time_s:.6g} s" if res.predicted.ok else f"failed ({res.predicted.failure})"
     print(f"placed {graph.name} on {cluster.name} with {res.method} in {res.elapsed_s:.2f} s: "
-          f"simulated step {step} -> {args.out}")
+          f"simulated step {step} -> {out}")
     return res
