@@ -138,6 +138,10 @@ def test_refused_runs_leave_no_run_folder(tmp_path):
                    cwd=tmp_path)
         one_line_error(r, match)
         assert not runs.exists()
+    r = placer("compare", "--graphs", "rnnlm", "--clusters", "cpu-2", "--methods", "single,nosuch", "--runs-dir", runs,
+               cwd=tmp_path)
+    one_line_error(r, "unknown placement method 'nosuch'")
+    assert not runs.exists()
 
 
 def test_messages_name_the_file_they_are_about(tmp_path, placement):

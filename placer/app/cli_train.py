@@ -42,7 +42,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     from placer.app.compare import compare
     from placer.app.place import zero_shot_placer
-    from placer.app.runs import find_run
+    from placer.app.runs import discard_run_dir, find_run, new_run_dir
     from placer.app.train import family_column, family_placer
 
     writable_folder(args.runs_dir, "runs folder")
@@ -56,11 +56,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
     for run in args.policy_from:
         run_dir = find_run(run, args.runs_dir, checkpoint=True)  # a missing run fails before anything is placed
         extra[f"zero-shot:{run_dir.name}"] = zero_shot_placer(run_dir, runs_dir=args.runs_dir)
-    out_dir = Path(args.runs_dir) / f"compare__{time.strftime('%Y%m%d-%H%M%S')}"
-    table = compare(graphs, [c for c in args.clusters.split(",") if c],
-                    methods=args.methods.split(",") if args.methods else None, seed=args.seed,
-                    schedule=args.schedule, microbatches=args.microbatches, out_dir=out_dir,
-                    extra=extra, train_budget_s=budget_s)
+    # claimed atomically up front (two comparisons started in one second get two folders), removed if refused
+    root_existed = Path(args.runs_dir).exists()
+    out_dir = new_run_dir(args.runs_dir, f"compare__{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        table = compare(graphs, [c for c in args.clusters.split(",") if c],
+                        methods=args.methods.split(",") if args.methods else None, seed=args.seed,
+                        schedule=args.schedule, microbatches=args.microbatches, out_dir=out_dir,
+                        extra=extra, train_budget_s=budget_s)
+    except BaseException:
+        discard_run_dir(out_dir, root_existed=root_existed)
+        raise
     # Markdown, not a rich table: the table has ~18 columns and must stay readable in any terminal width
     print(table.to_markdown())
     console.print(f"wrote {out_dir}/compare.md and compare.csv")

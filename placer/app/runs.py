@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,15 @@ def new_run_dir(runs_dir: str | Path, name: str) -> Path:
     except OSError as e:
         raise ValueError(f"cannot create a run folder under {root}: {e.strerror or e}") from None
     raise ValueError(f"cannot create a run folder under {root}: 1000 runs named {name!r} already")
+
+
+def discard_run_dir(run_dir: Path, *, root_existed: bool) -> None:
+    """Remove a run folder that a refused or failed start left, and its runs folder when this start created it and
+    nothing else is in it: a refused command leaves nothing behind."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    root = run_dir.parent
+    if not root_existed and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def find_run(run: str | Path, runs_dir: str | Path, *, checkpoint: bool = False) -> Path:

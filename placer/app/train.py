@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 
 from envs.placement_env import make_env, resolve_cluster, resolve_graph
 from graphs.ir import OpGraph
-from placer.app.runs import find_run, new_run_dir, stamped_name
+from placer.app.runs import discard_run_dir, find_run, new_run_dir, stamped_name
 from placer.app.training.checkpoint import seed_everything
 from placer.app.training.config import (ALGORITHMIC, CLASSIC, DEFAULT_BASELINES, RESUME_OVERRIDES, TrainConfig,
                                         config_from_saved)
@@ -228,9 +227,7 @@ def train(config: TrainConfig) -> TrainResult:
                            outside_s=max(0.0, wall_s - setup_s - (trainer.trained_s - trainer.elapsed_before)))
     except BaseException:
         if fresh and not started:  # nothing was trained: a folder that cannot be resumed would only mislead
-            shutil.rmtree(run_dir, ignore_errors=True)
-            if not runs_root_existed and not any(run_dir.parent.iterdir()):
-                run_dir.parent.rmdir()
+            discard_run_dir(run_dir, root_existed=runs_root_existed)
         raise
     finally:
         for env in envs:
