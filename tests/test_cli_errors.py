@@ -189,3 +189,30 @@ def test_metis_c_library_prints_nothing_to_the_output(tmp_path):
     r = placer("baseline", "--graph", "rnnlm-paper", "--cluster", "cpu+4gpu", "--method", "metis", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "***" not in r.stdout + r.stderr and r.stdout.startswith("metis on cpu+4gpu: step ")
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from graphs.jsonio import write_json_atomic
+    from placer.app.runs import save_torch_atomic
+
+    def disk_full(self, *args, **kwargs):  # half the file is written, then the disk is full
+        with open(self, "wb") as f:
+            f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    (tmp_path / "p.json").write_text('{"old": 1}\n')
+    torch.save({"old": 1}, tmp_path / "c.pt")
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_json_atomic(tmp_path / "p.json", {"new": 2})
+    monkeypatch.setattr(torch, "save", lambda obj, path: disk_full(path))
+    with pytest.raises(OSError, match="No space left"):
+        save_torch_atomic({"new": 2}, tmp_path / "c.pt")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "p.json"]  # no temporary left
+    assert json.loads((tmp_path / "p.json").read_text()) == {"old": 1}
+    assert torch.load(tmp_path / "c.pt") == {"old": 1}
