@@ -220,3 +220,25 @@ def placed_from_document(doc: dict, where: str | Path, graph_arg: str | None, cl
     graph = load_graph_arg(graph_arg) if graph_arg else _graph_for(doc, where)
     cluster = get_cluster(cluster_arg) if cluster_arg else _cluster_for(doc, where)
     return graph, cluster, placement_from_document(doc, graph, cluster, where=str(where)).placement
+
+
+# ---------------------------------------------------------------------------------------------- registry names
+def preset_names() -> str:
+    """The cluster presets, from :data:`placer.core.cluster.PRESETS`."""
+    from placer.core.cluster import PRESETS
+
+    return ", ".join(PRESETS)
+
+
+def schedule_names() -> list[str]:
+    """The micro-batch schedules, from :data:`placer.costmodel.schedules.SCHEDULES`."""
+    from placer.costmodel.schedules import SCHEDULES
+
+    return list(SCHEDULES)
+
+
+def method_names() -> str:
+    """The baseline methods, from :data:`placer.baselines.registry.BASELINES` (imports the baselines)."""
+    from placer.baselines import BASELINES
+
+    return ", ".join(sorted(BASELINES))

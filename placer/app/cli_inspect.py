@@ -6,21 +6,8 @@ from __future__ import annotations
 import argparse
 
 from placer.app.cli_base import (checked_document, command, console, int_at_least, load_graph_arg, parse_duration,
-                                 parse_overrides, placed_from_document, placement_file, writable_file)
-
-
-def preset_names() -> str:
-    """The cluster presets, from :data:`placer.core.cluster.PRESETS`."""
-    from placer.core.cluster import PRESETS
-
-    return ", ".join(PRESETS)
-
-
-def schedule_names() -> list[str]:
-    """The micro-batch schedules, from :data:`placer.costmodel.schedules.SCHEDULES`."""
-    from placer.costmodel.schedules import SCHEDULES
-
-    return list(SCHEDULES)
+                                 parse_overrides, placed_from_document, placement_file, preset_names, schedule_names,
+                                 writable_file)
 
 
 # ---------------------------------------------------------------------------------------------- graph
@@ -189,7 +176,7 @@ def cmd_cluster_calibrate(args: argparse.Namespace) -> None:
 @command("baseline", "place a graph with a classic method and simulate it")
 def _baseline_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph", required=True, help="graph JSON or shipped benchmark graph (rnnlm, nmt-paper, …)")
-    p.add_argument("--cluster", required=True, help="preset or cluster JSON")
+    p.add_argument("--cluster", required=True, help=f"cluster preset ({preset_names()}) or cluster JSON")
     from placer.baselines import BASELINES
 
     p.add_argument("--method", required=True, choices=sorted(BASELINES), metavar="METHOD",
@@ -230,7 +217,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 def _document_overrides(p: argparse.ArgumentParser) -> None:
     """``--graph`` / ``--cluster``: what a placement document names, overridden (:func:`placed_from_document`)."""
     p.add_argument("--graph", help="graph JSON or shipped graph (default: the placement's graph name)")
-    p.add_argument("--cluster", help="cluster preset or JSON (default: the placement's cluster)")
+    p.add_argument("--cluster", help=f"cluster preset ({preset_names()}) or JSON (default: the placement's cluster)")
 
 
 @command("run", "execute a placement for real (one worker process per device) and time it")

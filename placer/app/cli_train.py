@@ -9,17 +9,18 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from placer.app.cli_base import command, console, int_at_least, load_graph_arg, parse_duration, writable_folder
+from placer.app.cli_base import (command, console, int_at_least, load_graph_arg, method_names, parse_duration,
+                                 preset_names, schedule_names, writable_folder)
 from placer.app.cli_config import Option, add_options, given, options_of
-from placer.app.cli_inspect import schedule_names
 
 
 @command("compare", "ColocRL's table: every method on every graph and cluster")
 def _compare_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graphs", default="rnnlm-paper,nmt-paper,inception_v3-paper",
                    help="comma list of graph JSONs or shipped graphs")
-    p.add_argument("--clusters", default="cpu+2gpu,cpu+4gpu", help="comma list of presets or cluster JSONs")
-    p.add_argument("--methods", help="comma list of baselines (default: all)")
+    p.add_argument("--clusters", default="cpu+2gpu,cpu+4gpu",
+                   help=f"comma list of cluster presets ({preset_names()}) or cluster JSONs")
+    p.add_argument("--methods", help=f"comma list of baselines (default: all): {method_names()}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedule", default="none", choices=schedule_names(), help="micro-batch schedule (default none)")
     p.add_argument("--microbatches", type=int_at_least(1), default=1)
@@ -92,7 +93,7 @@ def cmd_place(args: argparse.Namespace) -> None:
 def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph", default="nmt", help="shipped benchmark graph (small config) or graph JSON")
     p.add_argument("--build", action="store_true", help="trace and profile the model afresh")
-    p.add_argument("--cluster", default="cpu-2")
+    p.add_argument("--cluster", default="cpu-2", help=f"cluster preset ({preset_names()}) or JSON (default cpu-2)")
     p.add_argument("--budget", type=parse_duration, default=180.0, help="RL training time (default 3m)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int_at_least(1), default=10, help="engine steps per measurement")
@@ -140,7 +141,6 @@ def _registries() -> dict[str, Callable[[], list[str]]]:
 def train_options() -> tuple[list[Option], dict[str, list[Option]]]:
     """The generated options: :class:`TrainConfig`'s, and per algorithm of :data:`policies.registry.ALGOS` those
     of its config dataclass (a field several algorithms share is one option, see :func:`_train_parser`)."""
-    from placer.app.cli_inspect import preset_names
     from placer.app.training.config import TrainConfig
     from placer.baselines import BASELINES
     from policies.registry import ALGOS

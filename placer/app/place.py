@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from envs.placement_env import resolve_cluster, resolve_graph
+from placer.app.cli_base import preset_names
 from envs.problem import build_problem
 from graphs.ir import OpGraph
 from placer.core.cluster import Cluster
@@ -110,7 +111,7 @@ def add_place_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph", required=True, help="benchmark name or graph JSON to place")
     parser.add_argument("--config", dest="graph_config", default="small",
                         help="benchmark config for a bare name: small or paper (default %(default)s)")
-    parser.add_argument("--cluster", required=True, help="cluster preset or JSON")
+    parser.add_argument("--cluster", required=True, help=f"cluster preset ({preset_names()}) or JSON")
     parser.add_argument("--out", required=True, help="placement JSON to write")
     parser.add_argument("--samples", type=int_at_least(1), default=256,
                         help="1: the policy's most likely placement; K: best of it and K-1 samples, simulated "
