@@ -127,6 +127,30 @@ def _compare(full: Any, part: Any, p: int) -> str | None:
     return f"splits samples apart along dim {d} (its result on a micro-batch is not part of the batch's)"
 
 
+def _is_random(gm: fx.GraphModule, node: fx.Node, values: Mapping[str, Any]) -> bool:
+    """Whether ``node`` gives other values on the same inputs (dropout inside a function, noise): its
+    difference between the runs is then randomness, not mixing."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a.name])
+    if node.op == "call_module":
+        fn: Any = gm.get_submodule(str(node.target))
+    elif node.op == "call_method":
+        fn = getattr(args[0], str(node.target))
+        args = args[1:]
+    elif node.op == "call_function":
+        fn = node.target
+    else:
+        return False
+    outs = []
+    try:
+        with torch.no_grad():
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                outs.append(fn(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - in-place ops on recorded values and the like: not random then
+        return False
+    return _compare(outs[0], outs[1], 1) != _SAME
+
+
 def find_batch_mixing(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[str, str] | None:
     """``(op name, why)`` of the first op of ``gm`` that mixes the samples of a batch, ``("", why)`` when the
     example cannot be split at all, or None when the step micro-batches (see the module docstring)."""
@@ -146,9 +170,12 @@ def find_batch_mixing(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[str, s
     full_in = [torch.cat([x] * p) if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in part_in]
     gen = torch.random.get_rng_state()
     try:
-        full, part = _run(gm, full_in), _run(gm, part_in)
+        return _first_mixing(gm, _run(gm, full_in), _run(gm, part_in), p)
     finally:
-        torch.random.set_rng_state(gen)
+        torch.random.set_rng_state(gen)  # the check leaves no trace, randomness included
+
+
+def _first_mixing(gm: fx.GraphModule, full: _Runner, part: _Runner, p: int) -> tuple[str, str] | None:
     if full.failed is not None:
         return full.failed[0], f"fails on the example batch: {full.failed[1]}"
     state: dict[str, str] = {}
@@ -163,7 +190,7 @@ def find_batch_mixing(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[str, s
         inputs_same = all(state.get(a.name) == _SAME for a in node.all_input_nodes)
         if why in (_SAME, _UNKNOWN):
             state[node.name] = why
-        elif why.startswith(_SHAPE) or inputs_same:
+        elif why.startswith(_SHAPE) or (inputs_same and not _is_random(gm, node, part.values)):
             return node.name, why.removeprefix(_SHAPE)
         else:
             state[node.name] = _UNKNOWN  # downstream of a random or reducing op: cannot be judged

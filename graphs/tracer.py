@@ -279,6 +279,10 @@ class StepTracer(fx.Tracer):
         for node in self._shape_nodes:
             if not getattr(node, "_erased", False) and not node.users:
                 self.graph.erase_node(node)
+        for node in reversed(list(self.graph.nodes)):  # attributes read for checks only (fast-path tests)
+            if not node.users and (node.op == "get_attr" or (node.op == "call_function"
+                                                              and node.target is builtins.getattr)):
+                self.graph.erase_node(node)
 
 
 def _example_runs(inputs: tuple[Any, ...]) -> list[tuple[Any, ...]]:

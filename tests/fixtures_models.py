@@ -118,6 +118,22 @@ def untraceable() -> tuple[nn.Module, tuple[Tensor]]:
     return DataBranch(), (torch.randn(3, 4),)
 
 
+class KeptWhole(nn.Module):
+    """A traceable model holding a module fx cannot trace inside (control flow on tensor values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.inner = DataBranch()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(torch.relu(self.pre(x))).sum(-1)
+
+
+def kept_whole() -> tuple[nn.Module, tuple[Tensor]]:
+    return KeptWhole(), (torch.randn(4, 4),)
+
+
 class InplaceBN(nn.Module):
     """In-place ReLU, an in-place add and BatchNorm running statistics: profiling must not change them."""
 

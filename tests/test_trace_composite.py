@@ -60,23 +60,13 @@ def test_leaf_rule_is_the_primitive_layers():
         assert not is_primitive(m), type(m).__name__
 
 
-class _Wrapper(nn.Module):
-    """A traceable model holding a module fx cannot trace inside (control flow on tensor values)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pre = nn.Linear(4, 4)
-        self.inner = fm.DataBranch()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(torch.relu(self.pre(x))).sum(-1)
-
-
 def test_module_fx_cannot_enter_is_kept_whole_and_recorded():
-    model, x = _Wrapper(), torch.randn(4, 4)
-    traced = trace_model(model, (x,), name="w", meta={}, method="fx")
-    g = traced.graph
-    assert list(g.meta["kept_whole"]) == ["inner"]
+    g = build_graph("tests.fixtures_models:kept_whole", profile=None)  # export fails too: fx's graph is used
+    traced = rebuild_traced(g.meta)
+    assert traced.graph.op_names == g.op_names and g.meta["trace"] == "fx"
+    torch.manual_seed(0)  # as build_graph seeds the factory: the same parameters and inputs
+    model, (x,) = fm.kept_whole()
+    assert list(g.meta["kept_whole"]) == ["inner"] and "export: " in g.meta["trace_note"]
     why = g.meta["kept_whole"]["inner"]
     assert "control flow" in why and "\n" not in why
     assert g.op_kinds[g.module_paths.index("inner")] == "DataBranch"  # one op, the module whole
@@ -109,6 +99,10 @@ def test_hard_coded_batch_is_found_and_refused_everywhere(tmp_path):
             call()
         msg = str(err.value)
         assert "\n" not in msg and "'view'" in msg and "4 micro-batches" in msg
+    from graphs.grouping import coarsen
+
+    with pytest.raises(ValueError, match="'view'"):  # the simulator on the coarse graph refuses too
+        check_microbatchable(coarsen(g, 2)[1], 2)
     check_microbatchable(g, 1)  # one micro-batch is the whole batch: fine
     build_schedule("none", g, pl, 2, microbatches=1)
     from placer.io.document import save_placement
@@ -151,6 +145,10 @@ def test_dropout_and_batchnorm_do_not_count_as_mixing():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
     traced = trace_model(model, (torch.randn(8, 4),), name="s", meta={})
     assert traced.graph.meta["microbatchable"] is True
+    # attention dropout inside F.multi_head_attention_forward (one op): random, not mixing
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True).train()
+    traced = trace_model(layer, (torch.randn(4, 5, 8),), name="l", meta={})
+    assert traced.graph.meta["microbatchable"] is True and traced.graph.meta["kept_whole"] == {}
 
 
 # ---------------------------------------------------------------------------------------------- default loss
