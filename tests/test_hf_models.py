@@ -20,8 +20,8 @@ from graphs.build import build_graph, rebuild_traced  # noqa: E402
 from placer.core.cluster import get_cluster  # noqa: E402
 from placer.core.placement import Placement  # noqa: E402
 from placer.engine import EngineConfig, Measurer, reference_step  # noqa: E402
-from placer.io.document import save_placement  # noqa: E402
-from placer.io.loaders import apply, placed_devices  # noqa: E402
+from placer.io.document import placement_to_json, save_placement  # noqa: E402
+from placer.io.loaders import apply, placed_devices, stage_modules  # noqa: E402
 from tests import fixtures_models as fm  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,8 @@ def pool():
         yield m
 
 
-@pytest.mark.parametrize("name, tracer", [("nn_transformer", "fx"), ("hf_gpt2", "export"), ("hf_llama", "export")])
+@pytest.mark.parametrize("name, tracer", [("nn_transformer", "fx"), ("hf_gpt2", "export"), ("hf_llama", "export"),
+                                          ("hf_bert", "export")])
 def test_pipeline_schedules_equal_single_process_training(pool, name, tracer):
     _needs(name)
     graph = _graph(name)
@@ -107,3 +108,22 @@ def test_hf_models_trace_place_and_reload(tmp_path, name):
     assert placed_devices(model)  # modules were placed
     with torch.no_grad():
         torch.testing.assert_close(model(*inputs), before)
+
+
+@pytest.mark.parametrize("name", ["nn_transformer", "hf_gpt2", "hf_llama"])
+def test_pipeline_stages_of_a_micro_batch_compose_to_the_step(name):
+    """The loaders' stages (``stage_modules``, what ``pipeline_stages`` hands to torch) at 4 micro-batches: the
+    stages built for one micro-batch compute that micro-batch's loss, batch-size values included."""
+    _needs(name)
+    graph = _graph(name)
+    traced = rebuild_traced(graph.meta)
+    cut = graph.n // 2  # colocation not enforced: stage_modules cuts where it is told
+    doc = placement_to_json(graph, CPU2, Placement.single(graph), method="test", schedule="1f1b",
+                            microbatches=MICROBATCHES)
+    doc["stages"] = [{"device": 0, "first_op": graph.op_names[0], "last_op": graph.op_names[cut - 1]},
+                     {"device": 1, "first_op": graph.op_names[cut], "last_op": graph.op_names[-1]}]
+    stages = stage_modules(traced, doc)
+    for m in range(MICROBATCHES):
+        mb = tuple(x.chunk(MICROBATCHES)[m] for x in traced.example_inputs)
+        out = stages[1](*stages[0](*mb))
+        torch.testing.assert_close(out, traced.gm(*mb), rtol=1e-5, atol=1e-6)
