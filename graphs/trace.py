@@ -50,8 +50,9 @@ from torch.utils._pytree import tree_leaves
 
 from graphs.ir import OpGraph
 from graphs.microbatch import microbatch_meta
-from graphs.tracer import STEP_PREFIX as _STEP_PREFIX
-from graphs.tracer import is_primitive, legacy_trace_fx, trace_export, trace_step
+from graphs.exporter import STEP_PREFIX as _STEP_PREFIX
+from graphs.exporter import trace_export
+from graphs.tracer import is_primitive, legacy_trace_fx, trace_step
 
 log = logging.getLogger(__name__)
 

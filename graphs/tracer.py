@@ -21,8 +21,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import inspect
-import io
-import logging
 import operator
 from typing import Any, Callable, Sequence
 
@@ -30,11 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["COMPOSITE_MODULES", "LEAF_CLASS_NAMES", "is_primitive", "StepTracer", "trace_step", "trace_export",
-           "legacy_trace_fx", "STEP_PREFIX"]
-
-log = logging.getLogger(__name__)
-STEP_PREFIX = "model"  # attribute name of the user model inside the export wrapper
+__all__ = ["COMPOSITE_MODULES", "LEAF_CLASS_NAMES", "is_primitive", "StepTracer", "trace_step", "legacy_trace_fx"]
 
 COMPOSITE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Sequential, nn.ModuleList, nn.ModuleDict,
@@ -60,6 +54,57 @@ def _unpatched() -> Any:
 
     revert = getattr(_symbolic_trace, "_maybe_revert_all_patches", None)
     return revert() if revert is not None else contextlib.nullcontext()
+
+
+# Calls whose size arguments the C++ argument parser reads as plain ints: with the batch size (a Proxy) among
+# them and a real tensor (a buffer) or no tensor at all, no __torch_function__ runs and the call fails. They are
+# recorded as nodes instead (Hugging Face's ``buffer.expand(batch_size, -1)``, ``torch.zeros(batch, n)``).
+_SIZE_METHODS = ("expand", "view", "reshape", "repeat", "tile", "new_zeros", "new_ones", "new_empty", "new_full")
+_SIZE_FUNCS = ("zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint", "eye")
+
+
+def _has_proxy(tree: Any) -> bool:
+    found = False
+
+    def look(a: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(a, fx.Proxy)
+        return a
+
+    fx.node.map_aggregate(tree, look)
+    return found
+
+
+@contextlib.contextmanager
+def _size_calls_recorded(tracer: "StepTracer") -> Any:
+    """Patch the calls of ``_SIZE_METHODS`` / ``_SIZE_FUNCS`` to record a node when a Proxy is among their
+    arguments (restored afterwards; the tracer's own evaluation of nodes calls the originals)."""
+    saved: list[tuple[Any, str, Any]] = []
+
+    def method(name: str, orig: Callable) -> Callable:
+        def call(self_: Any, *args: Any, **kwargs: Any) -> Any:
+            if tracer.recording and _has_proxy((args, kwargs)):
+                return tracer.create_proxy("call_method", name, (self_, *args), kwargs)
+            return orig(self_, *args, **kwargs)
+        return call
+
+    def function(orig: Callable) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if tracer.recording and _has_proxy((args, kwargs)):
+                return tracer.create_proxy("call_function", orig, args, kwargs)
+            return orig(*args, **kwargs)
+        return call
+
+    for owner, names, wrap in ((torch.Tensor, _SIZE_METHODS, True), (torch, _SIZE_FUNCS, False)):
+        for name in names:
+            orig = getattr(owner, name)
+            saved.append((owner, name, orig))
+            setattr(owner, name, method(name, orig) if wrap else function(orig))
+    try:
+        yield
+    finally:
+        for owner, name, orig in saved:
+            setattr(owner, name, orig)
 
 
 def is_primitive(m: nn.Module) -> bool:
@@ -143,6 +188,8 @@ class StepTracer(fx.Tracer):
         self._input_index = 0
         self._shape_nodes: list[fx.Node] = []
         self.node_vals: dict[fx.Node, list[Any]] = {}
+        self.recording = True
+        """False while the tracer evaluates a node: patched calls then run as they are."""
 
     # ------------------------------------------------------------------ leaves and fallback
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -226,6 +273,7 @@ class StepTracer(fx.Tracer):
             if k == 0:
                 raise RuntimeError(f"no traced value for an argument of {target}")
             return _MISSING
+        recording, self.recording = self.recording, False
         try:
             with _unpatched():  # run the real modules and functions, not fx's tracing patches
                 return self._evaluate(kind, target, a, kw, k)
@@ -233,6 +281,8 @@ class StepTracer(fx.Tracer):
             if k == 0:
                 raise
             return _MISSING  # the model fails on the other batch: nothing is made constant from it
+        finally:
+            self.recording = recording
 
     def _evaluate(self, kind: str, target: Any, a: Any, kw: dict, k: int) -> Any:
         if kind == "placeholder":
@@ -304,7 +354,8 @@ def trace_step(model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any
                ) -> tuple[fx.GraphModule, dict[str, str]]:
     """``loss_fn(model(*inputs))`` as a GraphModule (targets relative to ``model``) and the modules kept whole."""
     tracer = StepTracer(_example_runs(inputs))
-    graph = tracer.trace(model)
+    with _size_calls_recorded(tracer):
+        graph = tracer.trace(model)
     out = next(n for n in graph.nodes if n.op == "output")
     result = out.args[0]
     graph.erase_node(out)
@@ -326,7 +377,7 @@ def trace_step(model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any
     return fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Step"), dict(tracer.kept_whole)
 
 
-# ---------------------------------------------------------------------------------------------- legacy fx, export
+# ---------------------------------------------------------------------------------------------- legacy fx
 
 
 class _StepTracer(fx.Tracer):
@@ -351,67 +402,3 @@ def legacy_trace_fx(model: nn.Module, loss_fn: Callable[[Any], Any]) -> fx.Graph
     graph.output(tracer.create_arg(loss))
     graph.lint()
     return fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Step")
-
-
-class _Step(nn.Module):
-    """``loss_fn(model(*inputs))`` as one module, for torch.export."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Any], Any]) -> None:
-        super().__init__()
-        self.model = model
-        self.__dict__["_loss_fn"] = loss_fn  # not registered: a loss module's internals are inlined
-
-    def forward(self, *inputs: Any) -> Any:
-        return self.__dict__["_loss_fn"](self.model(*inputs))
-
-
-def _export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple, *, dynamic: bool) -> Any:
-    torch_log = logging.getLogger("torch")
-    old_level = torch_log.level
-    torch_log.setLevel(logging.CRITICAL)
-    noise = io.StringIO()  # export dumps partial graphs to stderr on failure; keep them out of the user's way
-    batch = ({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
-    try:
-        with contextlib.redirect_stderr(noise):
-            return torch.export.export(_Step(model, loss_fn), tuple(inputs),
-                                       dynamic_shapes=(tuple(batch),) if dynamic else None)
-    finally:
-        torch_log.setLevel(old_level)
-        if noise.getvalue():
-            log.debug("torch.export stderr:\n%s", noise.getvalue())
-
-
-def trace_export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple, *,
-                  legacy: bool = False) -> fx.GraphModule:
-    """torch.export of the step, the batch dimension dynamic (static when the model bakes it in, or ``legacy``)."""
-    try:
-        ep = _export(model, loss_fn, inputs, dynamic=not legacy)
-    except Exception:  # noqa: BLE001 - a model that specialises its batch: export it static, flagged later
-        if legacy:
-            raise
-        log.debug("dynamic-batch export failed; exporting static shapes", exc_info=True)
-        ep = _export(model, loss_fn, inputs, dynamic=False)
-    gm = ep.module()
-    # The smallest batch the export's guards allow (2 is export's 0/1 specialisation, not the model's): a model
-    # branching on its batch size is exported for one branch, which micro-batches below the bound do not take.
-    lowers = [int(r.lower) for r in ep.range_constraints.values() if str(r.lower).lstrip("-").isdigit()]
-    gm.meta["batch_min"] = max(lowers, default=0)
-    for key, hook in list(gm._forward_pre_hooks.items()):  # shapes are checked where they matter, per op
-        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
-            del gm._forward_pre_hooks[key]
-    # Input guards are a call_module with no users; they are not part of the step's computation.
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
-            gm.graph.erase_node(node)
-            if hasattr(gm, node.target):
-                delattr(gm, node.target)
-    # Same calling convention as the fx path: flat positional inputs in, the loss node itself out (export
-    # wraps both in pytree specs). Only possible when every input is a plain tensor.
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    flat_out = output.args[0]
-    if all(isinstance(x, torch.Tensor) for x in inputs) and isinstance(flat_out, (tuple, list)) \
-            and len(flat_out) == 1:
-        gm.graph.set_codegen(fx.graph.CodeGen())
-        output.args = (flat_out[0],)
-    gm.recompile()
-    return gm
