@@ -46,10 +46,14 @@ def _needs(name: str) -> None:
 _GRAPHS: dict[str, object] = {}
 
 
-def _graph(name: str):
-    if name not in _GRAPHS:
-        _GRAPHS[name] = build_graph(f"tests.fixtures_models:{name}", profile=None)
-    return _GRAPHS[name]
+def _graph(name: str, method: str = "auto"):
+    """The factory's graph; ``method="export"`` forces the torch.export fallback (rebuilt the same way by the
+    engine's workers, from the graph's meta)."""
+    if (name, method) not in _GRAPHS:
+        source = f"tests.fixtures_models:{name}"
+        _GRAPHS[name, method] = build_graph(source, profile=None) if method == "auto" else rebuild_traced(
+            {"source": {"factory": source, "seed": 0}, "trace": method, "kept_whole": {}}).graph
+    return _GRAPHS[name, method]
 
 
 def _random_placement(graph, seed: int) -> Placement:
@@ -67,11 +71,13 @@ def pool():
         yield m
 
 
-@pytest.mark.parametrize("name, tracer", [("nn_transformer", "fx"), ("hf_gpt2", "fx"), ("hf_llama", "fx"),
-                                          ("hf_bert", "fx")])
-def test_pipeline_schedules_equal_single_process_training(pool, name, tracer):
+@pytest.mark.parametrize("name, method, tracer", [
+    ("nn_transformer", "auto", "fx"), ("hf_gpt2", "auto", "fx"), ("hf_llama", "auto", "fx"), ("hf_bert", "auto", "fx"),
+    ("hf_gpt2", "export", "export"),  # the fallback's dynamic batch dimension micro-batches too
+])
+def test_pipeline_schedules_equal_single_process_training(pool, name, method, tracer):
     _needs(name)
-    graph = _graph(name)
+    graph = _graph(name, method)
     assert graph.meta["trace"] == tracer and graph.meta["microbatchable"] is True
     traced = rebuild_traced(graph.meta)
     init = {k: v.clone() for k, v in traced.gm.state_dict().items()}
