@@ -3,7 +3,8 @@
 A source is either a benchmark name (``rnnlm``, ``nmt``, ``inception_v3``: :func:`graphs.models.build_model`)
 or a user factory ``"package.module:function"``. A factory takes no arguments and returns ``(model,
 example_inputs)`` or ``(model, example_inputs, loss_fn)``; ``model(*example_inputs)`` gives the output and the
-step's loss is ``loss_fn(output)`` (default: the output itself when it is a scalar, else ``output.mean()``).
+step's loss is ``loss_fn(output)`` (default: the output itself when it is a scalar, else the mean of its squares,
+:func:`graphs.trace.default_loss`; ``meta["loss"]`` says which).
 
 ``graph.meta["source"]`` records everything needed to rebuild the identical model in another process (the
 execution engine does so with :func:`rebuild_traced`): ``{"benchmark": name, "config": ..., "overrides": ...,
@@ -121,9 +122,10 @@ def parse_profile_spec(spec: str) -> tuple[str, int]:
     return "cpu", threads
 
 
-def _trace_from(src: Mapping[str, Any], method: Literal["auto", "fx", "export"] = "auto") -> TracedModel:
+def _trace_from(src: Mapping[str, Any], method: Literal["auto", "fx", "export"] = "auto", *,
+                legacy: bool = False) -> TracedModel:
     model, inputs, loss_fn, name = _build(src)
-    return trace_model(model, inputs, loss_fn, name=name, meta={"source": dict(src)}, method=method)
+    return trace_model(model, inputs, loss_fn, name=name, meta={"source": dict(src)}, method=method, legacy=legacy)
 
 
 def build_graph(source: str, *, config: str = "small", overrides: Mapping[str, Any] | None = None,
@@ -151,7 +153,9 @@ def rebuild_traced(meta: Mapping[str, Any]) -> TracedModel:
     if not isinstance(meta, Mapping) or not isinstance(meta.get("source"), Mapping):
         raise ValueError("graph meta has no 'source' record; it was not built by graphs.build.build_graph")
     method = meta.get("trace")
-    return _trace_from(meta["source"], method if method in ("fx", "export") else "auto")
+    # A graph built before the tracer went inside composite modules has no "kept_whole": trace it as then.
+    return _trace_from(meta["source"], method if method in ("fx", "export") else "auto",
+                       legacy="kept_whole" not in meta)
 
 
 def model_factory(graph: OpGraph) -> Callable[[], Any]:

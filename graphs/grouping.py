@@ -249,5 +249,6 @@ def contract(graph: OpGraph, group_of_op: np.ndarray) -> OpGraph:
         costs=costs,
         meta={"coarsened_from": graph.content_hash, "source_graph": graph.name,
               "num_groups": int(group_of_op.max()) + 1 if graph.n else 0,
-              "node_of_op": node.tolist()},
+              "node_of_op": node.tolist(),
+              **{k: v for k, v in graph.meta.items() if k.startswith("microbatch")}},  # refused on both graphs
     )

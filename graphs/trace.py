@@ -1,10 +1,19 @@
 """Trace an ``nn.Module`` training step into an :class:`~graphs.ir.OpGraph` (structure only, no costs).
 
-The step is ``loss_fn(model(*example_inputs))``. It is traced with ``torch.fx`` over leaf modules (the torch.nn
-built-ins, fx's default), so recurrent models written with ``nn.LSTMCell`` in a Python loop unroll over time:
-their loop runs at trace time, exactly as TensorFlow's static unroll did for ColocRL (Mirhoseini et al.,
-ICML 2017). Where fx cannot trace (shape-dependent Python control flow, ``torch.zeros(x.shape[0], ...)``...)
-``torch.export.export`` is tried; its graph is ATen-level and is mapped to ops the same way.
+The step is ``loss_fn(model(*example_inputs))``. It is traced with ``torch.fx`` by :mod:`graphs.tracer`:
+primitive layers (Linear, Conv, LayerNorm, Embedding, LSTMCell...) are one op each, composite modules
+(containers, ``nn.TransformerEncoder`` and its layers, ``MultiheadAttention``, user modules) are traced into, a
+module whose inside fx cannot trace is kept whole (``meta["kept_whole"]``: path → why), and the batch dimension
+stays symbolic. Recurrent models written with ``nn.LSTMCell`` in a Python loop unroll over time: their loop runs
+at trace time, exactly as TensorFlow's static unroll did for ColocRL (Mirhoseini et al., ICML 2017). Where fx
+cannot trace the model at all, or keeps a composite module whole, ``torch.export.export`` is tried with a dynamic
+batch dimension (``Dim.AUTO``; a model that bakes its batch in is exported static); its graph is ATen-level and
+is mapped to ops the same way. ``meta["trace"]`` says which tracer ran (``fx`` / ``export``).
+
+Every new graph records whether it can be split into micro-batches, found by running it
+(:mod:`graphs.microbatch`: ``meta["microbatchable"]``, and ``microbatch_op`` / ``microbatch_why`` when not),
+and which loss it traced (``meta["loss"]``). Graphs built before these records (no ``kept_whole`` in their meta)
+are rebuilt with the earlier tracer (``legacy=True``: fx's own leaf rule, static export), so their op names hold.
 
 **The op ↔ node contract** (relied on by the execution engine):
 
@@ -27,7 +36,6 @@ ICML 2017). Where fx cannot trace (shape-dependent Python control flow, ``torch.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import re
@@ -41,6 +49,10 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from graphs.ir import OpGraph
+from graphs.microbatch import microbatch_meta
+from graphs.exporter import STEP_PREFIX as _STEP_PREFIX
+from graphs.exporter import trace_export
+from graphs.tracer import is_primitive, legacy_trace_fx, trace_step
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +60,6 @@ __all__ = ["TraceError", "TracedModel", "trace_model", "record_values", "value_b
            "buffers_restored"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_STEP_PREFIX = "model"  # attribute name of the user model inside the export wrapper
 
 
 class TraceError(ValueError):
@@ -81,8 +92,18 @@ class TracedModel:
         return self.graph.index(node_name)
 
 
+DEFAULT_LOSS = "mean of squares: output.pow(2).mean()"
+"""The default loss, as graph meta records it (``meta["loss"]``)."""
+
+
 def default_loss(output: Any) -> torch.Tensor:
-    """The loss when a factory gives none: ``output.mean()``."""
+    """The loss when a factory gives none and the output is not a scalar: the mean of the output's squares,
+    well-defined for any float output and not ~0 for one that ends in LayerNorm (whose mean is ~0)."""
+    return output.pow(2).mean()
+
+
+def _legacy_default_loss(output: Any) -> torch.Tensor:
+    """The default loss of graphs built before ``meta["loss"]`` existed."""
     return output.mean()
 
 
@@ -137,79 +158,6 @@ def _first_shape(value: Any) -> tuple[int, ...]:
         if isinstance(t, torch.Tensor):
             return tuple(t.shape)
     return ()
-
-
-# ---------------------------------------------------------------------------------------------- fx
-
-
-class _StepTracer(fx.Tracer):
-    """fx's default leaf rule; a module outside the traced root (e.g. a loss module) is inlined."""
-
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        try:
-            self.path_of_module(m)
-        except NameError:
-            return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
-
-
-def _trace_fx(model: nn.Module, loss_fn: Callable[[Any], Any]) -> fx.GraphModule:
-    """Trace ``model`` then append ``loss_fn`` on its output proxies, so targets stay relative to ``model``."""
-    tracer = _StepTracer()
-    graph = tracer.trace(model)
-    out = next(n for n in graph.nodes if n.op == "output")
-    result = out.args[0]
-    graph.erase_node(out)
-    loss = loss_fn(fx.node.map_arg(result, lambda n: fx.Proxy(n, tracer)))
-    graph.output(tracer.create_arg(loss))
-    graph.lint()
-    return fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Step")
-
-
-# ---------------------------------------------------------------------------------------------- export
-
-
-class _Step(nn.Module):
-    """``loss_fn(model(*inputs))`` as one module, for torch.export."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Any], Any]) -> None:
-        super().__init__()
-        self.model = model
-        self.__dict__["_loss_fn"] = loss_fn  # not registered: a loss module's internals are inlined
-
-    def forward(self, *inputs: Any) -> Any:
-        return self.__dict__["_loss_fn"](self.model(*inputs))
-
-
-def _trace_export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple) -> fx.GraphModule:
-    torch_log = logging.getLogger("torch")
-    old_level = torch_log.level
-    torch_log.setLevel(logging.CRITICAL)
-    noise = io.StringIO()  # export dumps partial graphs to stderr on failure; keep them out of the user's way
-    try:
-        with contextlib.redirect_stderr(noise):
-            ep = torch.export.export(_Step(model, loss_fn), tuple(inputs))
-    finally:
-        torch_log.setLevel(old_level)
-        if noise.getvalue():
-            log.debug("torch.export stderr:\n%s", noise.getvalue())
-    gm = ep.module()
-    # Input guards are a call_module with no users; they are not part of the step's computation.
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
-            gm.graph.erase_node(node)
-            if hasattr(gm, node.target):
-                delattr(gm, node.target)
-    # Same calling convention as the fx path: flat positional inputs in, the loss node itself out (export
-    # wraps both in pytree specs). Only possible when every input is a plain tensor.
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    flat_out = output.args[0]
-    if all(isinstance(x, torch.Tensor) for x in inputs) and isinstance(flat_out, (tuple, list)) \
-            and len(flat_out) == 1:
-        gm.graph.set_codegen(fx.graph.CodeGen())
-        output.args = (flat_out[0],)
-    gm.recompile()
-    return gm
 
 
 def _strip(path: str, method: str) -> str:
@@ -343,11 +291,24 @@ def _build_graph(gm: fx.GraphModule, values: Mapping[str, Any], *, name: str, me
         colocation=colocation,
         edge_index=[src, dst],
         edge_bytes=edge_bytes,
-        meta={**dict(meta), "trace": method},
+        meta=dict(meta),
     )
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+
+
+def _composite_kept_whole(model: nn.Module, kept: Mapping[str, str]) -> str | None:
+    """The first module fx kept whole that holds other modules (tracing lost the ops inside it)."""
+    return next((p for p in kept if not is_primitive(model.get_submodule(p))
+                 and any(True for _ in model.get_submodule(p).children())), None)
+
+
+def _attempt(how: str, model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple,
+             legacy: bool) -> tuple[fx.GraphModule, dict[str, str]]:
+    if how == "export":
+        return trace_export(model, loss_fn, inputs, legacy=legacy), {}
+    return (legacy_trace_fx(model, loss_fn), {}) if legacy else trace_step(model, inputs, loss_fn)
 
 
 def trace_model(
@@ -358,13 +319,16 @@ def trace_model(
     name: str,
     meta: Mapping[str, Any] | None = None,
     method: Literal["auto", "fx", "export"] = "auto",
+    legacy: bool = False,
 ) -> TracedModel:
     """Trace one training step of ``model`` into a :class:`TracedModel` (graph without costs).
 
     ``loss_fn`` maps the model's output to the scalar loss; when None the output itself is the loss if it is
-    already a scalar tensor (the benchmark models), else ``output.mean()``. ``method="auto"`` tries fx, then
-    torch.export; the one used is recorded as ``graph.meta["trace"]``. Raises :class:`TraceError` (one line)
-    when no method works, ``ValueError`` when the model fails on its own inputs.
+    already a scalar tensor (the benchmark models), else :func:`default_loss` (the mean of squares).
+    ``method="auto"`` tries fx, then torch.export (also when fx kept a composite module whole); the one used is
+    ``graph.meta["trace"]``. ``legacy`` traces as placer did before ``meta["kept_whole"]`` existed (rebuilding
+    such graphs). Raises :class:`TraceError` (one line) when no method works, ``ValueError`` when the model
+    fails on its own inputs.
     """
     if method not in ("auto", "fx", "export"):
         raise ValueError(f"trace method must be 'auto', 'fx' or 'export', got {method!r}")
@@ -375,15 +339,19 @@ def trace_model(
             output = model(*inputs)
     except Exception as e:  # the user's model, any error
         raise ValueError(f"model {model_name} fails on its example inputs: {_describe(e)}") from None
+    loss_note = "given by the model's factory"
     if loss_fn is None:
         scalar = isinstance(output, torch.Tensor) and output.dim() == 0
-        loss_fn = _identity if scalar else default_loss
+        loss_fn = _identity if scalar else (_legacy_default_loss if legacy else default_loss)
+        loss_note = "the model's output (a scalar)" if scalar else DEFAULT_LOSS
+    del output
 
     errors: list[str] = []
+    found: tuple[str, fx.GraphModule, dict[str, str], dict[str, Any]] | None = None
     for how in (("fx", "export") if method == "auto" else (method,)):
         try:
             with buffers_restored(model):
-                gm = _trace_fx(model, loss_fn) if how == "fx" else _trace_export(model, loss_fn, inputs)
+                gm, kept = _attempt(how, model, loss_fn, inputs, legacy)
             with buffers_restored(gm):
                 loss, values = record_values(gm, inputs)
         except Exception as e:  # tracing user code: anything can go wrong
@@ -393,8 +361,22 @@ def trace_model(
         if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"model {model_name}: the step's loss must be a float scalar tensor, got {shape}")
-        graph = _build_graph(gm, values, name=name, method=how, meta=meta or {})
+        composite = _composite_kept_whole(model, kept) if method == "auto" and how == "fx" else None
+        found = (how, gm, kept, values) if found is None or not composite else found
+        if composite is None:
+            break
+        errors.append(f"fx kept {composite!r} whole ({kept[composite]})")
+    if found is None:
+        raise TraceError(f"cannot trace model {model_name}: " + "; ".join(errors))
+    how, gm, kept, values = found
+    record = {**dict(meta or {}), "trace": how}
+    if not legacy:
+        record.update(kept_whole=dict(kept), loss=loss_note)
         if errors:
-            log.info("traced %s with torch.export (%s)", model_name, errors[0])
-        return TracedModel(graph=graph, gm=gm, example_inputs=inputs)
-    raise TraceError(f"cannot trace model {model_name}: " + "; ".join(errors))
+            record["trace_note"] = "; ".join(errors)
+        with buffers_restored(gm):
+            record.update(microbatch_meta(gm, inputs))
+    graph = _build_graph(gm, values, name=name, method=how, meta=record)
+    if errors:
+        log.info("traced %s with %s (%s)", model_name, how, errors[0])
+    return TracedModel(graph=graph, gm=gm, example_inputs=inputs)

@@ -118,6 +118,22 @@ def untraceable() -> tuple[nn.Module, tuple[Tensor]]:
     return DataBranch(), (torch.randn(3, 4),)
 
 
+class KeptWhole(nn.Module):
+    """A traceable model holding a module fx cannot trace inside (control flow on tensor values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.inner = DataBranch()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(torch.relu(self.pre(x))).sum(-1)
+
+
+def kept_whole() -> tuple[nn.Module, tuple[Tensor]]:
+    return KeptWhole(), (torch.randn(4, 4),)
+
+
 class InplaceBN(nn.Module):
     """In-place ReLU, an in-place add and BatchNorm running statistics: profiling must not change them."""
 
@@ -150,8 +166,9 @@ class Sized(nn.Module):
         return y[:, 0] * 2
 
 
-def sized() -> tuple[nn.Module, tuple[Tensor]]:
-    return Sized(), (torch.randn(3, 4),)
+def sized() -> tuple[nn.Module, tuple[Tensor], object]:
+    """``Sized`` with the mean of its output as the loss (the op list the profiling tests name)."""
+    return Sized(), (torch.randn(3, 4),), lambda out: out.mean()
 
 
 def returns_model_only() -> nn.Module:
@@ -164,3 +181,140 @@ def raises() -> tuple[nn.Module, tuple[Tensor]]:
 
 
 NOT_CALLABLE = 42
+
+
+# ---------------------------------------------------------------------------------------------- transformers (#18)
+
+LM_VOCAB, LM_WIDTH, LM_LAYERS, LM_BATCH, LM_SEQ = 100, 32, 4, 8, 12
+
+
+class EncoderLM(nn.Module):
+    """A language model on ``nn.TransformerEncoder``: token embedding, ``layers`` encoder layers, vocabulary
+    projection. fx's own leaf rule made the whole encoder one op."""
+
+    def __init__(self, vocab: int = LM_VOCAB, width: int = LM_WIDTH, layers: int = LM_LAYERS) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        logits = self.head(self.encoder(self.embed(tokens)))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _next_tokens(vocab: int, batch: int, seq: int) -> tuple[Tensor, Tensor]:
+    """Random token sequences and their next tokens (targets are an input: a loss closing over the whole
+    batch's targets could not be split into micro-batches)."""
+    tokens = torch.randint(0, vocab, (batch, seq + 1))
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def encoder_lm() -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """The encoder LM on random tokens; the model returns its next-token cross-entropy."""
+    return EncoderLM(), _next_tokens(LM_VOCAB, LM_BATCH, LM_SEQ)
+
+
+class Seq2SeqTransformer(nn.Module):
+    """``nn.Transformer`` (encoder-decoder, batch first) on float sequences: its output ends in LayerNorm."""
+
+    def __init__(self, width: int = LM_WIDTH) -> None:
+        super().__init__()
+        self.net = nn.Transformer(width, 4, 2, 2, 2 * width, dropout=0.0, batch_first=True)
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        return self.net(src, tgt)
+
+
+def nn_transformer() -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """``nn.Transformer`` with the default loss (its mean output is ~0: LayerNorm)."""
+    return Seq2SeqTransformer(), (torch.randn(LM_BATCH, 10, LM_WIDTH), torch.randn(LM_BATCH, 6, LM_WIDTH))
+
+
+HARD_BATCH = 4
+
+
+class HardCodedBatch(nn.Module):
+    """Reshapes with the example's batch size written in: runs on a smaller batch, but mixes its samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.fc(x).view(HARD_BATCH, -1)  # (B, 2, 8) → (4, 16 B / 4): rows are samples only when B == 4
+        return y.pow(2).mean()
+
+
+def hard_coded_batch() -> tuple[nn.Module, tuple[Tensor]]:
+    return HardCodedBatch(), (torch.randn(HARD_BATCH, 2, 8),)
+
+
+class Pairs(nn.Module):
+    """Adds each sample to its neighbour through a reshape: micro-batches of one sample cannot compute it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.fc(x)
+        return y.reshape(2, -1, 8).sum(0).pow(2).mean()
+
+
+def pairs() -> tuple[nn.Module, tuple[Tensor]]:
+    return Pairs(), (torch.randn(4, 8),)
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+
+HF_VOCAB, HF_WIDTH, HF_LAYERS, HF_BATCH, HF_SEQ = 1000, 64, 2, 8, 16
+
+
+class CausalLMStep(nn.Module):
+    """A Hugging Face model (``lm``) and its cross-entropy on ``targets``: one logit row per target token."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        logits = self.lm(tokens).logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _hf_lm(model: nn.Module) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """A model built from a config (no weights, nothing downloaded), in training mode, on random tokens."""
+    model.train()
+    return CausalLMStep(model), _next_tokens(HF_VOCAB, HF_BATCH, HF_SEQ)
+
+
+def hf_gpt2() -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """Hugging Face GPT-2 from a tiny config (2 layers, 64 wide, vocabulary 1,000)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=HF_VOCAB, n_positions=64, n_embd=HF_WIDTH, n_layer=HF_LAYERS, n_head=4,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                     bos_token_id=0, eos_token_id=0)
+    return _hf_lm(GPT2LMHeadModel(cfg))
+
+
+def hf_llama() -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """Hugging Face Llama from a tiny config (2 layers, 64 wide, vocabulary 1,000)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=HF_VOCAB, hidden_size=HF_WIDTH, intermediate_size=2 * HF_WIDTH,
+                      num_hidden_layers=HF_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, use_cache=False)
+    return _hf_lm(LlamaForCausalLM(cfg))
+
+
+def hf_bert() -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """Hugging Face BERT (masked-LM head) from a tiny config; cross-entropy on every position."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=HF_VOCAB, hidden_size=HF_WIDTH, num_hidden_layers=HF_LAYERS, num_attention_heads=4,
+                     intermediate_size=2 * HF_WIDTH, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return _hf_lm(BertForMaskedLM(cfg))

@@ -40,17 +40,18 @@ def _check_contract(traced):
 def test_mlp_from_factory_path_matches_hand_worked_graph():
     g = build_graph("tests.fixtures_models:mlp", profile=None)
     assert g.name == "mlp"
-    assert g.meta == {"source": {"factory": "tests.fixtures_models:mlp", "seed": 0}, "trace": "fx"}
-    assert g.op_names == ("x", "fc1", "act", "fc2", "mean")
-    assert g.op_kinds == ("input", "Linear", "ReLU", "Linear", "mean")
-    assert g.module_paths == ("", "fc1", "act", "fc2", "")
+    assert g.meta == {"source": {"factory": "tests.fixtures_models:mlp", "seed": 0}, "trace": "fx",
+                      "kept_whole": {}, "loss": "mean of squares: output.pow(2).mean()", "microbatchable": True}
+    assert g.op_names == ("x", "fc1", "act", "fc2", "pow_1", "mean")  # the default loss: mean of squares
+    assert g.op_kinds == ("input", "Linear", "ReLU", "Linear", "pow", "mean")
+    assert g.module_paths == ("", "fc1", "act", "fc2", "", "")
     b, i, h, o = fm.MLP_BATCH, fm.MLP_IN, fm.MLP_HIDDEN, fm.MLP_OUT
-    assert g.out_shapes == ((b, i), (b, h), (b, h), (b, o), ())
-    assert g.out_bytes.tolist() == [b * i * F32, b * h * F32, b * h * F32, b * o * F32, F32]
-    assert g.param_bytes.tolist() == [0, (i * h + h) * F32, 0, (h * o + o) * F32, 0]
-    assert g.edge_index.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4]]
-    assert g.edge_bytes.tolist() == [128, 256, 256, 48]
-    assert len(set(g.colocation.tolist())) == 5  # nothing shared
+    assert g.out_shapes == ((b, i), (b, h), (b, h), (b, o), (b, o), ())
+    assert g.out_bytes.tolist() == [b * i * F32, b * h * F32, b * h * F32, b * o * F32, b * o * F32, F32]
+    assert g.param_bytes.tolist() == [0, (i * h + h) * F32, 0, (h * o + o) * F32, 0, 0]
+    assert g.edge_index.tolist() == [[0, 1, 2, 3, 4], [1, 2, 3, 4, 5]]
+    assert g.edge_bytes.tolist() == [128, 256, 256, 48, 48]
+    assert len(set(g.colocation.tolist())) == 6  # nothing shared
     assert not g.costs
 
 
@@ -128,13 +129,15 @@ def test_export_fallback_when_fx_fails():
     traced = _trace(fm.shape_branch)
     g = traced.graph
     _check_contract(traced)
-    assert g.meta["trace"] == "export"
+    assert g.meta["trace"] == "export" and g.meta["trace_note"].startswith("fx: TraceError: ")
+    # export kept the batch dynamic but guarded it (`if x.shape[0] > 2`): micro-batches of 1 would branch otherwise
+    assert g.meta["microbatchable"] is False and "guarded the batch size >= 3" in g.meta["microbatch_why"]
     assert "linear" in g.op_kinds and "mul" in g.op_kinds
     assert g.module_paths[g.op_kinds.index("linear")] == "fc"
     assert {g.module_paths[i] for i, k in enumerate(g.op_kinds) if k == "get_attr"} == {"fc"}
     model, (x,) = fm.shape_branch()
     traced = trace_model(model, (x,), name="s", meta={})
-    torch.testing.assert_close(traced.gm(x), model(x).mean())
+    torch.testing.assert_close(traced.gm(x), model(x).pow(2).mean())
 
 
 def test_untraceable_model_gives_one_line_error_naming_both_tracers():

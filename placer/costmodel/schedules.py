@@ -316,7 +316,8 @@ def build_schedule(name: str, graph: "OpGraph", placement: "Placement | np.ndarr
     """The per-device task orders of schedule ``name`` for a placement; ``ValueError`` for a bad name or M.
 
     ``warn`` logs a warning when ``microbatches`` < pipeline stages (the pipeline cannot fill) and when a
-    fallback order was used.
+    fallback order was used. ``microbatches`` > 1 for a graph recorded as not micro-batchable is a one-line
+    ``ValueError`` naming the op (:func:`graphs.microbatch.check_microbatchable`).
     """
     try:
         builder = SCHEDULES[name]
@@ -326,6 +327,9 @@ def build_schedule(name: str, graph: "OpGraph", placement: "Placement | np.ndarr
         raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
     if num_devices < 1:
         raise ValueError(f"num_devices must be positive, got {num_devices}")
+    from graphs.microbatch import check_microbatchable  # noqa: PLC0415 - torch only where a schedule is built
+
+    check_microbatchable(graph, microbatches)  # the simulator never scores what the engine cannot run
     dev = _device_array(placement, graph.n)
     if dev.size and (dev.min() < 0 or dev.max() >= num_devices):
         raise ValueError(f"placement uses device {int(dev.max() if dev.max() >= num_devices else dev.min())}, "

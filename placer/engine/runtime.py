@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from graphs.microbatch import check_microbatchable
 from placer.core.cluster import is_cuda_name
 from placer.engine.command import MeasureCommand
 from placer.engine.executor import MemoryTracker, StepRecord, optimizer_state_bytes, run_step
@@ -62,6 +63,8 @@ class WorkerRuntime:
             raise ValueError(f"the rebuilt model's trace ({len(names)} ops) does not match the graph "
                              f"({len(op_names)} ops): different source, seed or torch version?")
         self.prog: StepProgram = compile_step(traced.gm)
+        self.graph_meta = dict(traced.graph.meta)
+        """The rebuilt graph's meta (whether it can be micro-batched)."""
         self.cpu_inputs = tuple(traced.example_inputs)
         self.inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in traced.example_inputs)
         self.init_state = {k: v.detach().clone() for k, v in traced.gm.state_dict(keep_vars=True).items()}
@@ -191,6 +194,7 @@ class WorkerRuntime:
         owned: list[tuple[str, torch.nn.Parameter]] = []
         try:
             check_microbatches(self.inputs, M)
+            check_microbatchable(self.graph_meta, M)  # also for torchrun ranks, whose tasks came from elsewhere
             metas = self.metas(M)
             owned = self.owned_params(dev)
             if cmd.backend == "ops":

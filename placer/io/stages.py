@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from graphs.microbatch import check_microbatchable
 from graphs.trace import TracedModel, trace_model
 from placer.engine.stages import StageModule, split_stages
 from placer.io.document import PlacementLike, document_of
@@ -84,8 +85,9 @@ def stage_modules(model_or_traced: nn.Module | TracedModel, placement: Placement
 
     inputs = tuple(traced.example_inputs if example_inputs is None else example_inputs)
     m = int(microbatches or doc["schedule"]["microbatches"])
-    if m > 1 and traced.graph.meta.get("trace") == "export":
-        log.warning("%s was traced with torch.export, which specialises shapes to the example batch; "
-                    "micro-batches of another size may fail or compute wrong values", traced.graph.name)
+    check_microbatchable(traced.graph, m)
+    if m > 1 and traced.graph.meta.get("trace") == "export" and "microbatchable" not in traced.graph.meta:
+        log.warning("%s was traced with torch.export before graphs recorded a dynamic batch; micro-batches of "
+                    "another size may fail or compute wrong values", traced.graph.name)
     mb = _microbatch(inputs, m)
     return split_stages(traced.gm, stage_by_name, num_stages, mb)

@@ -1,0 +1,88 @@
+"""torch.export of a training step with a dynamic batch dimension: the fallback of :mod:`graphs.trace` where fx
+cannot trace a model (or keeps a composite module whole).
+
+The batch dimension (dim 0 of every batched input) is ``Dim.AUTO``: export keeps it symbolic (``sym_size`` nodes
+feed the views), so the graph runs at any micro-batch size, or specialises it where the model bakes its batch in
+(that graph is then exported static and :mod:`graphs.microbatch` finds the op). The smallest batch export's
+guards allow is kept as ``gm.meta["batch_min"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["STEP_PREFIX", "trace_export"]
+
+log = logging.getLogger(__name__)
+STEP_PREFIX = "model"  # attribute name of the user model inside the export wrapper
+
+
+class _Step(nn.Module):
+    """``loss_fn(model(*inputs))`` as one module, for torch.export."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.__dict__["_loss_fn"] = loss_fn  # not registered: a loss module's internals are inlined
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.__dict__["_loss_fn"](self.model(*inputs))
+
+
+def _export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple, *, dynamic: bool) -> Any:
+    torch_log = logging.getLogger("torch")
+    old_level = torch_log.level
+    torch_log.setLevel(logging.CRITICAL)
+    noise = io.StringIO()  # export dumps partial graphs to stderr on failure; keep them out of the user's way
+    batch = ({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    try:
+        with contextlib.redirect_stderr(noise):
+            return torch.export.export(_Step(model, loss_fn), tuple(inputs),
+                                       dynamic_shapes=(tuple(batch),) if dynamic else None)
+    finally:
+        torch_log.setLevel(old_level)
+        if noise.getvalue():
+            log.debug("torch.export stderr:\n%s", noise.getvalue())
+
+
+def trace_export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple, *,
+                  legacy: bool = False) -> fx.GraphModule:
+    """torch.export of the step, the batch dimension dynamic (static when the model bakes it in, or ``legacy``)."""
+    try:
+        ep = _export(model, loss_fn, inputs, dynamic=not legacy)
+    except Exception:  # noqa: BLE001 - a model that specialises its batch: export it static, flagged later
+        if legacy:
+            raise
+        log.debug("dynamic-batch export failed; exporting static shapes", exc_info=True)
+        ep = _export(model, loss_fn, inputs, dynamic=False)
+    gm = ep.module()
+    # The smallest batch the export's guards allow (2 is export's 0/1 specialisation, not the model's): a model
+    # branching on its batch size is exported for one branch, which micro-batches below the bound do not take.
+    lowers = [int(r.lower) for r in ep.range_constraints.values() if str(r.lower).lstrip("-").isdigit()]
+    gm.meta["batch_min"] = max(lowers, default=0)
+    for key, hook in list(gm._forward_pre_hooks.items()):  # shapes are checked where they matter, per op
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del gm._forward_pre_hooks[key]
+    # Input guards are a call_module with no users; they are not part of the step's computation.
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
+            gm.graph.erase_node(node)
+            if hasattr(gm, node.target):
+                delattr(gm, node.target)
+    # Same calling convention as the fx path: flat positional inputs in, the loss node itself out (export
+    # wraps both in pytree specs). Only possible when every input is a plain tensor.
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    flat_out = output.args[0]
+    if all(isinstance(x, torch.Tensor) for x in inputs) and isinstance(flat_out, (tuple, list)) \
+            and len(flat_out) == 1:
+        gm.graph.set_codegen(fx.graph.CodeGen())
+        output.args = (flat_out[0],)
+    gm.recompile()
+    return gm

@@ -1,0 +1,220 @@
+"""Whether a traced step can be split into micro-batches, found by running it (not by guessing), and the one
+refusal every consumer calls.
+
+:func:`find_batch_mixing` runs the traced step twice: on one micro-batch ``h`` (the example's first ``1/p`` along
+dim 0, ``p`` the smallest factor of the batch) and on the batch made of ``p`` copies of ``h``. Per sample, a
+micro-batchable step computes the same thing in both, so each op's result on ``h`` must be the first part of its
+result on the copies, along the dimension that carries the batch (dim 0, or another after a transpose). Copies
+make batch statistics (BatchNorm, a mean loss) equal too, and dropout is run as the identity, so any difference
+is the op mixing samples: a reshape with a hard-coded batch (it fails, or slices samples apart), a constant of the
+example's batch size. The first op whose inputs agree but whose result does not is named.
+
+:func:`check_microbatchable` is the refusal: the schedules (so the simulator and the engine) and the loaders
+call it before splitting a batch, so a graph recorded as not micro-batchable is never scored nor run with M > 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["find_batch_mixing", "check_microbatchable", "microbatch_meta"]
+
+_DROPOUT_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                  torch.dropout, torch.nn.functional.dropout}
+_DROPOUT_ATEN = {"dropout", "native_dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
+_SAME, _UNKNOWN = "same", "unknown"
+_SHAPE = "shape:"  # prefix of a finding that holds whatever the op's inputs were
+
+
+def _smallest_factor(n: int) -> int:
+    return next((d for d in range(2, int(math.isqrt(n)) + 1) if n % d == 0), n)
+
+
+def _is_dropout(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.modules.dropout._DropoutNd)
+    if node.op == "call_function":
+        if node.target in _DROPOUT_FUNCS:
+            return True
+        packet = getattr(node.target, "overloadpacket", None)
+        return packet is not None and str(getattr(packet, "__name__", "")).split(".")[-1] in _DROPOUT_ATEN
+    return False
+
+
+def _identity_dropout(node: fx.Node, env: Mapping[fx.Node, Any]) -> Any:
+    x = env[node.args[0]]
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet is not None and str(getattr(packet, "__name__", "")).endswith("native_dropout"):
+        return x, torch.ones_like(x, dtype=torch.bool)  # (output, mask)
+    return x
+
+
+class _Runner(fx.Interpreter):
+    """Runs the step keeping every node's value; dropout is the identity; stops at the first failure."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+        self.failed: tuple[str, str] | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        if self.failed is None and n.op != "output":
+            try:
+                out = _identity_dropout(n, self.env) if _is_dropout(n, self.module) else super().run_node(n)
+            except Exception as e:  # the model on another batch: any error is the finding
+                self.failed = (n.name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                raise
+            self.values[n.name] = out
+            return out
+        return super().run_node(n)
+
+
+def _run(gm: fx.GraphModule, inputs: Sequence[Any]) -> _Runner:
+    runner = _Runner(gm)
+    state = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=True).items()}
+    try:
+        with torch.no_grad():
+            runner.run(*inputs)
+    except Exception:  # noqa: BLE001 - recorded in runner.failed
+        pass
+    finally:
+        with torch.no_grad():
+            for k, v in gm.state_dict(keep_vars=True).items():
+                v.copy_(state[k])
+    return runner
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point() and not a.is_complex():
+        return bool(torch.equal(a, b))
+    if not a.numel():
+        return True
+    # Root-mean-square difference within 5% of the values' RMS: float rounding differs between batch sizes
+    # (oneDNN picks other kernels) and grows through deep nets and small-batch BatchNorm, while an op that mixes
+    # samples moves whole values (other samples' data), far beyond it.
+    a, b = a.float(), b.float()
+    return bool((a - b).pow(2).mean().sqrt() <= 0.05 * b.pow(2).mean().sqrt() + 1e-6)
+
+
+def _compare(full: Any, part: Any, p: int) -> str | None:
+    """``same``, ``unknown`` (a batch reduction: not comparable), or why the op mixes samples."""
+    if isinstance(full, (tuple, list)) and isinstance(part, (tuple, list)):
+        if len(full) != len(part):
+            return f"{_SHAPE}returns {len(part)} values for a micro-batch and {len(full)} for the batch"
+        results = [_compare(f, h, p) for f, h in zip(full, part)]
+        bad = next((r for r in results if r not in (_SAME, _UNKNOWN)), None)
+        return bad or (_SAME if all(r == _SAME for r in results) else _UNKNOWN)
+    if not isinstance(full, torch.Tensor) or not isinstance(part, torch.Tensor):
+        return _SAME
+    if full.shape == part.shape:  # no batch dimension: a reduction over the batch, or batch-independent
+        return _SAME if _close(part, full) else _UNKNOWN
+    scaled = [d for d in range(full.dim()) if full.dim() == part.dim() and full.shape[d] == p * part.shape[d]
+              and all(full.shape[e] == part.shape[e] for e in range(full.dim()) if e != d)]
+    if not scaled:
+        return (f"{_SHAPE}gives shape {tuple(part.shape)} for a micro-batch of 1/{p} of the batch, "
+                f"{tuple(full.shape)} for the batch")
+    d = scaled[0]
+    if _close(part, full.narrow(d, 0, part.shape[d])):
+        return _SAME
+    return f"splits samples apart along dim {d} (its result on a micro-batch is not part of the batch's)"
+
+
+def _is_random(gm: fx.GraphModule, node: fx.Node, values: Mapping[str, Any]) -> bool:
+    """Whether ``node`` gives other values on the same inputs (dropout inside a function, noise): its
+    difference between the runs is then randomness, not mixing."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a.name])
+    if node.op == "call_module":
+        fn: Any = gm.get_submodule(str(node.target))
+    elif node.op == "call_method":
+        fn = getattr(args[0], str(node.target))
+        args = args[1:]
+    elif node.op == "call_function":
+        fn = node.target
+    else:
+        return False
+    outs = []
+    try:
+        with torch.no_grad():
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                outs.append(fn(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - in-place ops on recorded values and the like: not random then
+        return False
+    return _compare(outs[0], outs[1], 1) != _SAME
+
+
+def find_batch_mixing(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[str, str] | None:
+    """``(op name, why)`` of the first op of ``gm`` that mixes the samples of a batch, ``("", why)`` when the
+    example cannot be split at all, or None when the step micro-batches (see the module docstring)."""
+    batches = [x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not batches:
+        return "", "the example inputs have no batch dimension"
+    g = math.gcd(*batches)
+    if g < 2:
+        return "", f"the example batch ({batches[0]}) has no micro-batch to split into"
+    p = _smallest_factor(g)
+    guarded = int(getattr(gm, "meta", {}).get("batch_min", 0))
+    if guarded > 2 and batches[0] // p < guarded:
+        return "", (f"torch.export guarded the batch size >= {guarded} (control flow on the batch size), "
+                    f"a micro-batch of {batches[0] // p} would take another branch")
+    part_in = [x.narrow(0, 0, x.shape[0] // p) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+               for x in inputs]
+    full_in = [torch.cat([x] * p) if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in part_in]
+    gen = torch.random.get_rng_state()
+    try:
+        return _first_mixing(gm, _run(gm, full_in), _run(gm, part_in), p)
+    finally:
+        torch.random.set_rng_state(gen)  # the check leaves no trace, randomness included
+
+
+def _first_mixing(gm: fx.GraphModule, full: _Runner, part: _Runner, p: int) -> tuple[str, str] | None:
+    if full.failed is not None:
+        return full.failed[0], f"fails on the example batch: {full.failed[1]}"
+    state: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        if part.failed is not None and part.failed[0] == node.name:
+            return node.name, f"fails on a micro-batch of 1/{p} of the batch: {part.failed[1]}"
+        if node.name not in part.values:
+            return None  # pragma: no cover - the runner stopped without a recorded failure
+        why = _compare(full.values[node.name], part.values[node.name], p)
+        inputs_same = all(state.get(a.name) == _SAME for a in node.all_input_nodes)
+        if why in (_SAME, _UNKNOWN):
+            state[node.name] = why
+        elif why.startswith(_SHAPE) or (inputs_same and not _is_random(gm, node, part.values)):
+            return node.name, why.removeprefix(_SHAPE)
+        else:
+            state[node.name] = _UNKNOWN  # downstream of a random or reducing op: cannot be judged
+    return None
+
+
+def microbatch_meta(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
+    """The graph ``meta`` entries: ``microbatchable`` and, when false, ``microbatch_op`` and ``microbatch_why``."""
+    found = find_batch_mixing(gm, inputs)
+    if found is None:
+        return {"microbatchable": True}
+    return {"microbatchable": False, "microbatch_op": found[0], "microbatch_why": found[1]}
+
+
+def check_microbatchable(graph: Any, microbatches: int) -> None:
+    """One-line ``ValueError`` when ``microbatches`` > 1 and ``graph`` (an OpGraph, or its ``meta``) was recorded
+    as not micro-batchable at build time; graphs without the record (built before it, synthetic) pass."""
+    if int(microbatches) <= 1:
+        return
+    meta: Mapping[str, Any] = graph if isinstance(graph, Mapping) else (getattr(graph, "meta", None) or {})
+    if meta.get("microbatchable", True) is not False:
+        return
+    name = getattr(graph, "name", "") or "the graph"
+    op = meta.get("microbatch_op") or ""
+    where = f"op {op!r} " if op else ""
+    raise ValueError(f"{name} cannot be split into {int(microbatches)} micro-batches: {where}"
+                     f"{meta.get('microbatch_why', 'mixes the samples of a batch')}; use --microbatches 1")

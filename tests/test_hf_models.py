@@ -1,0 +1,137 @@
+"""Transformers on the engine: ``nn.Transformer`` and Hugging Face GPT-2, Llama and BERT built from tiny configs (no
+weights, nothing downloaded) trace, place, run gpipe and 1f1b at 4 micro-batches with the loss and gradients of
+single-process training, and re-load with :func:`placer.io.loaders.apply`.
+
+Hugging Face models need ``transformers`` (the ``test`` extra); without it those tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` factories
+
+from graphs.build import build_graph, rebuild_traced  # noqa: E402
+from placer.core.cluster import get_cluster  # noqa: E402
+from placer.core.placement import Placement  # noqa: E402
+from placer.engine import EngineConfig, Measurer, reference_step  # noqa: E402
+from placer.io.document import placement_to_json, save_placement  # noqa: E402
+from placer.io.loaders import apply, placed_devices, stage_modules  # noqa: E402
+from tests import fixtures_models as fm  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+CPU2 = get_cluster("cpu-2")
+MICROBATCHES = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _needs(name: str) -> None:
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+
+
+_GRAPHS: dict[str, object] = {}
+
+
+def _graph(name: str, method: str = "auto"):
+    """The factory's graph; ``method="export"`` forces the torch.export fallback (rebuilt the same way by the
+    engine's workers, from the graph's meta)."""
+    if (name, method) not in _GRAPHS:
+        source = f"tests.fixtures_models:{name}"
+        _GRAPHS[name, method] = build_graph(source, profile=None) if method == "auto" else rebuild_traced(
+            {"source": {"factory": source, "seed": 0}, "trace": method, "kept_whole": {}}).graph
+    return _GRAPHS[name, method]
+
+
+def _random_placement(graph, seed: int) -> Placement:
+    rng = np.random.default_rng(seed)
+    groups = rng.integers(0, 2, size=int(graph.colocation.max()) + 1)
+    dev = groups[graph.colocation]
+    dev[graph.colocation == graph.colocation[-1]] = 1 - dev[0]  # both devices take part
+    return Placement(dev)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """Warm workers shared by the module's models (switched per graph)."""
+    with Measurer(_graph("mlp"), CPU2, config=EngineConfig(timeout_s=300)) as m:
+        yield m
+
+
+@pytest.mark.parametrize("name, method, tracer", [
+    ("nn_transformer", "auto", "fx"), ("hf_gpt2", "auto", "fx"), ("hf_llama", "auto", "fx"), ("hf_bert", "auto", "fx"),
+    ("hf_gpt2", "export", "export"),  # the fallback's dynamic batch dimension micro-batches too
+])
+def test_pipeline_schedules_equal_single_process_training(pool, name, method, tracer):
+    _needs(name)
+    graph = _graph(name, method)
+    assert graph.meta["trace"] == tracer and graph.meta["microbatchable"] is True
+    traced = rebuild_traced(graph.meta)
+    init = {k: v.clone() for k, v in traced.gm.state_dict().items()}
+    ref_loss, ref_grads, _ = reference_step(traced.gm, traced.example_inputs, microbatches=1)  # the whole batch
+    traced.gm.load_state_dict(init)
+    pool.switch_graph(graph)
+    for schedule, seed in (("gpipe", 0), ("1f1b", 1)):
+        out = pool.run_step(_random_placement(graph, seed), schedule=schedule, microbatches=MICROBATCHES,
+                            update=False)
+        assert out.result.ok, out.result.failure
+        assert out.result.microbatches == MICROBATCHES
+        assert out.loss == pytest.approx(ref_loss, rel=1e-4)
+        assert set(out.grads) == set(ref_grads)
+        for pname, g in ref_grads.items():
+            torch.testing.assert_close(out.grads[pname], g, rtol=1e-3, atol=1e-5 * max(1.0, float(g.abs().max())),
+                                       msg=lambda m: f"{schedule} {pname}: {m}")  # noqa: B023 - called at once
+
+
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama", "hf_bert"])
+def test_hf_models_trace_place_and_reload(tmp_path, name):
+    _needs(name)
+    graph = _graph(name)
+    assert graph.meta["microbatchable"] is True and graph.meta["kept_whole"] == {}
+    for layer in range(fm.HF_LAYERS):  # per-layer ops: the layer's Linear layers are ops of their own
+        linears = [k for k, p in zip(graph.op_kinds, graph.module_paths) if f".{layer}." in p
+                   and k in ("Linear", "Conv1D")]
+        assert len(linears) >= 4, f"layer {layer}: {linears}"
+    cluster = get_cluster("cpu-2")
+    placement = _random_placement(graph, 2)
+    path = save_placement(tmp_path / "p.json", graph, cluster, placement, method="random", schedule="gpipe",
+                          microbatches=MICROBATCHES)
+    model, inputs = getattr(fm, name)()
+    with torch.no_grad():
+        before = model(*inputs)
+    apply(model, path, device_map={"cpu:0": "cpu", "cpu:1": "cpu"})
+    assert placed_devices(model)  # modules were placed
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs), before)
+
+
+@pytest.mark.parametrize("name", ["nn_transformer", "hf_gpt2", "hf_llama"])
+def test_pipeline_stages_of_a_micro_batch_compose_to_the_step(name):
+    """The loaders' stages (``stage_modules``, what ``pipeline_stages`` hands to torch) at 4 micro-batches: the
+    stages built for one micro-batch compute that micro-batch's loss, batch-size values included."""
+    _needs(name)
+    graph = _graph(name)
+    traced = rebuild_traced(graph.meta)
+    cut = graph.n // 2  # colocation not enforced: stage_modules cuts where it is told
+    doc = placement_to_json(graph, CPU2, Placement.single(graph), method="test", schedule="1f1b",
+                            microbatches=MICROBATCHES)
+    doc["stages"] = [{"device": 0, "first_op": graph.op_names[0], "last_op": graph.op_names[cut - 1]},
+                     {"device": 1, "first_op": graph.op_names[cut], "last_op": graph.op_names[-1]}]
+    stages = stage_modules(traced, doc)
+    for m in range(MICROBATCHES):
+        mb = tuple(x.chunk(MICROBATCHES)[m] for x in traced.example_inputs)
+        out = stages[1](*stages[0](*mb))
+        torch.testing.assert_close(out, traced.gm(*mb), rtol=1e-5, atol=1e-6)
