@@ -96,7 +96,7 @@ SMALL = MoEConfig(batch=8, seq_len=16, vocab=512, width=32, layers=5, heads=2, d
                   expert_width=32, shared_width=64)
 """For tests: 1 dense + 4 MoE blocks of 4 experts, milliseconds per step; batch 8 = 4 micro-batches of 2."""
 
-MEDIUM = MoEConfig(batch=16, seq_len=128, vocab=32_000, width=384, layers=10, heads=6, dense_layers=2, experts=8,
+MEDIUM = MoEConfig(batch=12, seq_len=128, vocab=32_000, width=384, layers=10, heads=6, dense_layers=2, experts=8,
                    expert_width=256, shared_width=512)
 """Real runs on this machine: 2 dense + 8 MoE blocks of 8 experts, a 32k vocabulary; a few seconds per step on
 one core (measured time in the closing note of issue #18)."""
