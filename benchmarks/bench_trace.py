@@ -3,17 +3,17 @@
 For ``gpt`` and ``moe`` (``small``, ``medium``, ``paper``) and any extra model source that exists (``EXTRA``:
 user factories such as Hugging Face models built from a config; a missing one is skipped with a comment), prints::
 
-    figure: ops[gpt-paper] = 870              # ops of the traced training step
-    figure: build_s[gpt-paper] = 250          # trace + profile, pinned to one core, one thread (wall seconds)
-    figure: microbatchable[gpt-paper] = 1     # the traced step runs on quarter batches, same mean loss
-    # one-core step[gpt-paper]: fwd+bwd 55.1 s (eager model, one thread)
+    figure: ops[gpt-paper] = 383              # ops of the traced training step
+    figure: build_s[gpt-paper] = 189          # trace + profile, pinned to one core, one thread (wall seconds)
+    figure: microbatchable[gpt-paper] = 1     # the traced step runs on smaller batches, same mean loss
+    # one-core step[gpt-paper]: fwd+bwd 17.2 s (eager model, one thread)
 
 ``build_s`` uses the warm-up/repeat counts that ``python -m graphs.data`` uses for the config. Graphs that
 ``graphs.data`` estimates from a profiled slice (``moe-paper``) are built that way here too, and their
 one-core step line is left out (it takes minutes). ``microbatchable`` is 1 when the traced step (whatever
-tracer ran) runs on each quarter of the batch and the quarters' mean loss equals the full batch's (rel. 1e-5);
-0 when it fails (e.g. a shape baked into a ``view``) or differs. Run:
-``python3 benchmarks/bench_trace.py [--configs small,medium,paper] [--models gpt,moe] [--core 0]``.
+tracer ran) runs on each quarter of the batch (each half for a batch of 2, as ``gpt-paper``'s) and the parts'
+mean loss equals the full batch's (rel. 1e-5); 0 when it fails (e.g. a shape baked into a ``view``) or differs.
+Run: ``python3 benchmarks/bench_trace.py [--configs small,medium,paper] [--models gpt,moe] [--core 0]``.
 Slow: the paper configs take several minutes each on one core.
 """
 
@@ -41,11 +41,14 @@ EXTRA = ("tests.fixtures_models:hf_gpt2", "tests.fixtures_models:hf_llama", "tes
 """User model sources measured too when they exist (issue #18 part B adds Hugging Face factories)."""
 
 
-def microbatchable(traced: TracedModel, parts: int = 4) -> int:
-    """1 if the traced step runs on ``parts`` equal slices of the batch with the full batch's mean loss."""
+def microbatchable(traced: TracedModel) -> int:
+    """1 if the traced step runs on 4 (or, for a batch of 2, 2) equal slices of the batch with the full batch's
+    mean loss."""
     inputs = traced.example_inputs
     batch = inputs[0].shape[0]
-    if batch % parts:
+    parts = next((p for p in (4, 2) if batch % p == 0), 0)
+    if not parts:
+        print(f"# batch {batch} does not split into 2 or 4 micro-batches")
         return 0
     size = batch // parts
     try:
