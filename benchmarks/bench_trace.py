@@ -92,7 +92,7 @@ def bench_benchmark(name: str, config: str, *, step_repeats: int) -> None:
     print(f"figure: microbatchable[{label}] = {microbatchable(traced)}")
     del traced
     if (name, config) not in ESTIMATED:
-        print(f"# one-core step[{label}]: fwd+bwd {eager_step_s(name, config, step_repeats):.2f} s "
+        print(f"# one-core step[{label}]: fwd+bwd {eager_step_s(name, config, step_repeats):.3f} s "
               "(eager model, one thread)", flush=True)
 
 

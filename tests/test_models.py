@@ -225,7 +225,7 @@ def test_overrides_replace_fields() -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "fragment"),
     [
-        (("resnet",), {}, "valid models: inception_v3, nmt, rnnlm"),
+        (("resnet",), {}, "valid models: gpt, inception_v3, moe, nmt, rnnlm"),
         (("rnnlm", "huge"), {}, "valid configs: paper, small"),
         (("nmt", "small"), {"seq_len": 3}, "valid: batch, src_len, tgt_len"),
         (("rnnlm", "small"), {"hidden": 0}, "hidden must be a positive int"),
