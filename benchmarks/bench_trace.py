@@ -6,7 +6,7 @@ user factories such as Hugging Face models built from a config; a missing one is
     figure: ops[gpt-paper] = 383              # ops of the traced training step
     figure: build_s[gpt-paper] = 189          # trace + profile, pinned to one core, one thread (wall seconds)
     figure: microbatchable[gpt-paper] = 1     # the traced step runs on smaller batches, same mean loss
-    # one-core step[gpt-paper]: fwd+bwd 17.2 s (eager model, one thread)
+    # one-core step[gpt-paper]: fwd+bwd 18.0 s wall, 17.2 s CPU (eager model, one thread)
 
 ``build_s`` uses the warm-up/repeat counts that ``python -m graphs.data`` uses for the config. Graphs that
 ``graphs.data`` estimates from a profiled slice (``moe-paper``) are built that way here too, and their
@@ -61,16 +61,18 @@ def microbatchable(traced: TracedModel) -> int:
     return int(abs(sum(pieces) / parts - full) <= 1e-5 * max(abs(full), 1e-12))
 
 
-def eager_step_s(name: str, config: str, repeats: int) -> float:
-    """Median wall time of forward + backward of the eager benchmark model (one thread)."""
+def eager_step_s(name: str, config: str, repeats: int) -> tuple[float, float]:
+    """Median wall and thread-CPU time of forward + backward of the eager benchmark model (one thread). On a
+    shared machine the CPU time is the robust one: wall time grows with whatever else runs on the core."""
     model, inputs, _ = build_model(name, config)
     times = []
     for _ in range(repeats + 1):  # the first step warms up the allocator and oneDNN
         model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         model(*inputs).backward()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[len(times[1:]) // 2]
+        times.append((time.perf_counter() - t0, time.thread_time() - c0))
+    walls, cpus = sorted(t[0] for t in times[1:]), sorted(t[1] for t in times[1:])
+    return walls[len(walls) // 2], cpus[len(cpus) // 2]
 
 
 def bench_benchmark(name: str, config: str, *, step_repeats: int) -> None:
@@ -92,8 +94,9 @@ def bench_benchmark(name: str, config: str, *, step_repeats: int) -> None:
     print(f"figure: microbatchable[{label}] = {microbatchable(traced)}")
     del traced
     if (name, config) not in ESTIMATED:
-        print(f"# one-core step[{label}]: fwd+bwd {eager_step_s(name, config, step_repeats):.3f} s "
-              "(eager model, one thread)", flush=True)
+        wall_s, cpu_s = eager_step_s(name, config, step_repeats)
+        print(f"# one-core step[{label}]: fwd+bwd {wall_s:.3f} s wall, {cpu_s:.3f} s CPU (eager model, one thread)",
+              flush=True)
 
 
 def bench_extra(source: str) -> None:
