@@ -94,16 +94,16 @@ SMALL = GPTConfig(batch=8, seq_len=16, vocab=256, width=32, layers=2, heads=2)
 """For tests: 2 blocks, milliseconds per step; batch 8 splits into 4 micro-batches of 2."""
 
 MEDIUM = GPTConfig(batch=16, seq_len=128, vocab=16_384, width=512, layers=8, heads=8)
-"""Real runs on this machine: one training step takes 2.9 s on one core (traced step, thread time: 1.0 s forward,
-1.8 s backward; 2026-12-03); forward + backward, a block 0.26 s (far above the ~3 ms a cross-worker
-message costs here), the head and loss 1.15 s: four and a half blocks."""
+"""Real runs on this machine: one training step takes 3.5 s on one core (eager; the profiled traced step 2.9 s:
+1.0 s forward, 1.8 s backward, thread time; 2026-12-03). Forward + backward, a block takes 0.26 s (far above the
+~3 ms a cross-worker message costs here), the head and loss 1.15 s: four and a half blocks."""
 
 PAPER = GPTConfig(batch=2, seq_len=1024, vocab=50_257, width=768, layers=12, heads=12)
-"""GPT-2 (117M; 163M parameters here with the head untied): 12 blocks, width 768, 12 heads, 50,257 tokens,
+"""GPT-2 small (124M parameters tied, 163M here with the head untied): 12 blocks, width 768, 12 heads, 50,257 tokens,
 1,024-token context. Batch 2, set by this machine's memory: profiling holds the activations of about two steps
 (12.4 GB peak at batch 2; batch 4 passed 19 GB of the 23 and was stopped), and 2 is the smallest batch that still
-splits into micro-batches. Measured 2026-12-03 on one core: 17.2 s per step (6.7 s forward, 10.6 s backward,
-thread time), build + profile 189 s. GPT-2 itself trained with 512 sequences per step."""
+splits into micro-batches. Measured 2026-12-03 on one core: 16.8 s per step (eager; the traced step 6.7 s
+forward, 10.6 s backward, thread time), build + profile 138-189 s. GPT-2 itself trained with 512 sequences per step."""
 
 XL_1_3B = GPTConfig(batch=4, seq_len=1024, vocab=50_257, width=2048, layers=24, heads=16)
 """The ~1.3B variant (GPT-3 XL's depth and width, Brown et al. 2020; 16 heads of 128): 1.42B parameters with
