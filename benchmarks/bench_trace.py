@@ -36,9 +36,11 @@ from graphs.models import CONFIGS, build_model, resolve_config  # noqa: E402
 from graphs.profile import profile  # noqa: E402
 from graphs.trace import TracedModel  # noqa: E402
 
-EXTRA = ("tests.fixtures_models:hf_gpt2", "tests.fixtures_models:hf_llama", "tests.fixtures_models:hf_bert",
-         "tests.fixtures_models:transformer_lm", "tests.fixtures_models:nn_transformer")
-"""User model sources measured too when they exist (issue #18 part B adds Hugging Face factories)."""
+EXTRA = tuple(f"tests.fixtures_models:{name}" for name in
+              ("encoder_lm", "nn_transformer", "hf_gpt2", "hf_llama", "hf_bert", "hard_coded_batch"))
+"""User model sources measured too when they exist (issue #18 part B's factories: an nn.TransformerEncoder LM,
+nn.Transformer, Hugging Face models from configs, and a model with its batch size baked in, which should
+report ``microbatchable`` 0)."""
 
 
 def microbatchable(traced: TracedModel) -> int:
