@@ -12,7 +12,8 @@ from torch.fx import GraphModule, symbolic_trace
 
 from graphs.models import CONFIGS, LAYER_OF_MODULE, MODELS, build_model, inception_v3, nmt, rnnlm
 
-ALL = [(name, config) for name in sorted(CONFIGS) for config in ("small", "paper")]
+COLOCRL = ("inception_v3", "nmt", "rnnlm")  # gpt and moe are tested in tests/test_models_lm.py
+ALL = [(name, config) for name in COLOCRL for config in ("small", "paper")]
 
 
 @cache
@@ -39,8 +40,8 @@ def _lstm_steps(name: str, cfg: object) -> int:
 # --- building and tracing ---------------------------------------------------------------------------------------
 
 def test_registry_names() -> None:
-    assert set(MODELS) == set(CONFIGS) == set(LAYER_OF_MODULE) == {"rnnlm", "nmt", "inception_v3"}
-    assert all(set(configs) == {"paper", "small"} for configs in CONFIGS.values())
+    assert set(MODELS) == set(CONFIGS) == set(LAYER_OF_MODULE) == {*COLOCRL, "gpt", "moe"}
+    assert all(set(CONFIGS[name]) == {"paper", "small"} for name in COLOCRL)
 
 
 @pytest.mark.parametrize(("name", "config"), ALL)
@@ -224,7 +225,7 @@ def test_overrides_replace_fields() -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "fragment"),
     [
-        (("resnet",), {}, "valid models: inception_v3, nmt, rnnlm"),
+        (("resnet",), {}, "valid models: gpt, inception_v3, moe, nmt, rnnlm"),
         (("rnnlm", "huge"), {}, "valid configs: paper, small"),
         (("nmt", "small"), {"seq_len": 3}, "valid: batch, src_len, tgt_len"),
         (("rnnlm", "small"), {"hidden": 0}, "hidden must be a positive int"),
