@@ -147,3 +147,18 @@ def test_train_refuses_inapplicable_hyperparameters_in_one_line(tmp_path, args, 
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("placer: error: ") and match in lines[0], \
         r.stderr
     assert not any(tmp_path.iterdir())  # refused before a run folder exists
+
+
+def test_graph_build_and_show_say_how_the_step_was_traced(tmp_path):
+    # a model whose reshape bakes in the batch size: both commands say it cannot be micro-batched, and where
+    out = tmp_path / "hcb.json"
+    r = placer("graph", "build", "tests.fixtures_models:hard_coded_batch", "--profile", "cpu", "--estimate", "none",
+               "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "traced with: torch.fx (inside composite modules" in r.stdout and "kept whole: none" in r.stdout
+    assert "micro-batchable: no: op 'view'" in r.stdout
+    show = placer("graph", "show", out).stdout
+    assert "micro-batchable" in show and "'view'" in show and "step loss" in show
+    # a shipped graph built before these records says so instead of claiming the new tracer
+    old = placer("graph", "show", "nmt").stdout
+    assert "built before tracing went inside composite modules" in old and "micro-batchable" not in old

@@ -24,7 +24,7 @@ def user_run(tmp_path_factory) -> Path:
     r = placer("graph", "build", "tests.fixtures_models:mlp", "--profile", "cpu", "--estimate", "none",
                "--out", work / "mlp.json", cwd=work)
     assert r.returncode == 0, r.stderr
-    assert "traced with torch.fx" in r.stdout  # graph build says which tracer ran
+    assert "traced with: torch.fx" in r.stdout  # graph build says which tracer ran
     r = placer("train", "--graph", work / "mlp.json", "--cluster", "cpu-2", "--budget", "30s", "--max-updates", "2",
                "--baselines", "single,expert", "--no-progress", "--runs-dir", work / "runs", "--run-name", "mlp_run",
                cwd=work)

@@ -11,12 +11,32 @@ from placer.app.cli_base import (checked_document, command, console, int_at_leas
 
 
 # ---------------------------------------------------------------------------------------------- graph
-TRACERS = {"fx": "torch.fx (symbolic trace over leaf modules)", "export": "torch.export (torch.fx could not trace it)"}
+TRACERS = {"fx": "torch.fx (inside composite modules, primitive layers one op each)",
+           "export": "torch.export (torch.fx could not trace it; batch dimension dynamic)"}
 """``graph.meta["trace"]`` -> what ``graph build`` and ``graph show`` say about the tracer that ran."""
 
-LOSS_DEFAULT = ("the loss_fn the factory returns (benchmark models: their own loss); without one, the output "
-                "itself when it is a scalar, else output.mean()")
-"""What :mod:`graphs.build` takes as the training step's loss, stated by ``graph show``."""
+LEGACY_LOSS = ("the loss_fn the factory returns (benchmark models: their own loss); without one, the output "
+               "itself when it is a scalar, else output.mean() (built before graphs recorded their loss)")
+"""The step's loss of a graph built before ``meta["loss"]`` existed (:mod:`graphs.trace` rebuilds it so)."""
+
+
+def trace_rows(meta: dict) -> list[tuple[str, str]]:
+    """What ``graph build`` and ``graph show`` say about how the step was traced: the tracer, the modules kept
+    whole and why, the loss, and whether (and where not) the step splits into micro-batches."""
+    tracer = TRACERS.get(meta.get("trace"), str(meta.get("trace", "an unknown tracer")))
+    if "kept_whole" not in meta and meta.get("trace") == "fx":  # graphs.trace rebuilds these with fx's leaf rule
+        tracer = "torch.fx (every torch.nn module one op: built before tracing went inside composite modules)"
+    rows = [("traced with", tracer)]
+    if meta.get("trace_note"):
+        rows.append(("trace note", str(meta["trace_note"])))
+    kept = meta.get("kept_whole")
+    if kept is not None:
+        rows.append(("kept whole", "; ".join(f"{k}: {v}" for k, v in kept.items()) or "none"))
+    rows.append(("step loss", str(meta.get("loss", LEGACY_LOSS))))
+    if "microbatchable" in meta:
+        rows.append(("micro-batchable", "yes" if meta["microbatchable"] else
+                     f"no: op {meta.get('microbatch_op', '?')!r} {meta.get('microbatch_why', '')}".rstrip()))
+    return rows
 
 
 def source_text(source) -> str:
@@ -36,7 +56,8 @@ def _graph_parser(p: argparse.ArgumentParser) -> None:
     gsub = p.add_subparsers(dest="graph_cmd", required=True)
     b = gsub.add_parser("build", help="trace a model to an op graph and profile it")
     b.add_argument("source", help="benchmark model (rnnlm, nmt, inception_v3) or pkg.module:factory")
-    b.add_argument("--config", default="small", help="benchmark config: paper or small (default small)")
+    b.add_argument("--config", default="small", help="benchmark config: small, medium, paper (gpt: also 1.3b)"
+                   " (default small)")
     b.add_argument("--batch", type=int_at_least(1), help="override the batch size")
     b.add_argument("--set", nargs="*", metavar="NAME=VALUE", help="override other config fields")
     b.add_argument("--profile", default="cpu", help="cpu, cpu:THREADS, cuda, or none (default cpu = 1 thread)")
@@ -69,9 +90,10 @@ def cmd_graph_build(args: argparse.Namespace) -> None:
     if profile and args.estimate != "none":
         graph = with_estimates(graph, tuple(k for k in args.estimate.split(",") if k))
     graph.save(out)
-    console.print(f"wrote {out}: {graph.n} ops, {graph.num_edges} edges, traced with "
-                  f"{TRACERS.get(graph.meta.get('trace'), graph.meta.get('trace', 'an unknown tracer'))}, "
+    console.print(f"wrote {out}: {graph.n} ops, {graph.num_edges} edges, "
                   f"costs for {', '.join(graph.costs) or 'none'} in {time.perf_counter() - t0:.1f} s")
+    for key, text in trace_rows(dict(graph.meta)):
+        console.print(f"  {key}: {text}")
 
 
 def cmd_graph_show(args: argparse.Namespace) -> None:
@@ -96,9 +118,8 @@ def cmd_graph_show(args: argparse.Namespace) -> None:
         summary.add_row(f"{kind}: critical path", f"{g.critical_path_s(kind) * 1e3:.2f} ms")
     if "source" in g.meta:
         summary.add_row("source", source_text(g.meta["source"]))
-    if "trace" in g.meta:
-        summary.add_row("traced with", TRACERS.get(g.meta["trace"], str(g.meta["trace"])))
-    summary.add_row("step loss", LOSS_DEFAULT)
+    for key, text in trace_rows(dict(g.meta)):
+        summary.add_row(key, text)
     console.print(summary)
     if g.costs:
         kind = g.default_cost_kind
