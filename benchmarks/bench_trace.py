@@ -5,14 +5,15 @@ user factories such as Hugging Face models built from a config; a missing one is
 
     figure: ops[gpt-paper] = 383              # ops of the traced training step
     figure: build_s[gpt-paper] = 138          # trace + profile, pinned to one core, one thread (wall seconds)
-    figure: microbatchable[gpt-paper] = 1     # the traced step runs on smaller batches, same mean loss
+    figure: microbatchable[gpt-paper] = 1     # every op of the traced step splits into micro-batches
     # one-core step[gpt-paper]: fwd+bwd 16.779 s wall, 16.766 s CPU (eager model, one thread)
 
 ``build_s`` uses the warm-up/repeat counts that ``python -m graphs.data`` uses for the config. Graphs that
 ``graphs.data`` estimates from a profiled slice (``moe-paper``) are built that way here too, and their
-one-core step line is left out (it takes minutes). ``microbatchable`` is 1 when the traced step (whatever
-tracer ran) runs on each quarter of the batch (each half for a batch of 2, as ``gpt-paper``'s) and the parts'
-mean loss equals the full batch's (rel. 1e-5); 0 when it fails (e.g. a shape baked into a ``view``) or differs.
+one-core step line is left out (it takes minutes). ``microbatchable`` is 1 when every op of the traced step
+(whatever tracer ran) gives on a micro-batch its share of its result on the batch
+(:func:`graphs.microbatch.find_batch_mixing`, the check ``graph build`` records and the engine relies on); 0, with
+the op named, when one mixes samples (e.g. a shape baked into a ``view``) or fails on a micro-batch.
 Run: ``python3 benchmarks/bench_trace.py [--configs small,medium,paper] [--models gpt,moe] [--core 0]``.
 Slow: the paper configs take several minutes each on one core.
 """
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 
 from graphs.build import build_graph, load_factory, rebuild_traced  # noqa: E402
 from graphs.data.__main__ import ESTIMATED, REPEATS, _slice_layers, estimate_from_slice  # noqa: E402
+from graphs.microbatch import find_batch_mixing  # noqa: E402
 from graphs.models import CONFIGS, build_model, resolve_config  # noqa: E402
 from graphs.profile import profile  # noqa: E402
 from graphs.trace import TracedModel  # noqa: E402
@@ -44,23 +46,14 @@ report ``microbatchable`` 0)."""
 
 
 def microbatchable(traced: TracedModel) -> int:
-    """1 if the traced step runs on 4 (or, for a batch of 2, 2) equal slices of the batch with the full batch's
-    mean loss."""
-    inputs = traced.example_inputs
-    batch = inputs[0].shape[0]
-    parts = next((p for p in (4, 2) if batch % p == 0), 0)
-    if not parts:
-        print(f"# batch {batch} does not split into 2 or 4 micro-batches")
-        return 0
-    size = batch // parts
-    try:
-        with torch.no_grad():
-            full = float(traced.gm(*inputs))
-            pieces = [float(traced.gm(*(x[k * size:(k + 1) * size] for x in inputs))) for k in range(parts)]
-    except Exception as e:  # a baked-in shape fails here: that is the measurement
-        print(f"# microbatch run failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-        return 0
-    return int(abs(sum(pieces) / parts - full) <= 1e-5 * max(abs(full), 1e-12))
+    """1 if the traced step splits into micro-batches: :func:`graphs.microbatch.find_batch_mixing`, the check the
+    build records and the engine's refusal relies on (every op's result on a micro-batch must be its share of the
+    op's result on the batch; comparing only the mean loss would pass a reshape that mixes samples, since a mean
+    does not care which sample a row came from)."""
+    found = find_batch_mixing(traced.gm, traced.example_inputs)
+    if found is not None:
+        print(f"# not micro-batchable at op {found[0]!r}: {found[1]}")
+    return int(found is None)
 
 
 def eager_step_s(name: str, config: str, repeats: int) -> tuple[float, float]:
