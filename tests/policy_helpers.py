@@ -103,3 +103,19 @@ class SimMeasurer:
         type(self).calls += 1
         r = self.sim.run(placement)
         return dataclasses.replace(r, step_time_s=r.step_time_s * self.scale + self.offset_s, source="engine")
+
+
+def chain_per_device_task(chain_len: int = 4) -> tuple[object, float, float]:
+    """(env, best reward, mean reward of 400 uniform random placements) for two independent chains on two
+    devices, whose best placement is one chain per device; then seeds torch for the policy that learns it."""
+    import numpy as np
+
+    from envs.placement_env import make_env
+    from envs.synthetic import two_chains
+
+    env = make_env(two_chains(chain_len), pair(), num_groups=64)
+    best = env.evaluate([0, 1] * chain_len)[0]
+    rng = np.random.default_rng(0)
+    random_mean = float(np.mean([env.evaluate(rng.integers(0, 2, 2 * chain_len))[0] for _ in range(400)]))
+    torch.manual_seed(0)
+    return env, best, random_mean

@@ -8,10 +8,10 @@ import torch
 from gymnasium import spaces
 
 from envs.placement_env import make_env
-from envs.synthetic import layered_dag, two_chains
+from envs.synthetic import layered_dag
 from policies import PolicyInput, make_algo, make_policy
 from policies.gnn import NS, GNNExtractor, GNNPolicy, current_index
-from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
+from tests.policy_helpers import chain_per_device_task, one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
 
 
 def batch(obs_list: list[dict]) -> dict[str, torch.Tensor]:
@@ -177,11 +177,7 @@ def test_one_set_of_weights_places_any_graph_and_cluster():
 
 
 def test_reinforce_with_gnn_learns_one_chain_per_device():
-    env = make_env(two_chains(4), pair(), num_groups=64)
-    best = env.evaluate([0, 1] * 4)[0]
-    rng = np.random.default_rng(0)
-    random_mean = np.mean([env.evaluate(rng.integers(0, 2, 8))[0] for _ in range(400)])
-    torch.manual_seed(0)
+    env, best, random_mean = chain_per_device_task()
     policy = make_policy("gnn", env.problem, hidden=16, layers=2)
     algo = make_algo("reinforce", policy, env, samples_per_update=16, lr=2e-2, entropy_coef=0.01, seed=0)
     stats = [algo.update() for _ in range(60)]

@@ -135,3 +135,22 @@ def test_pipeline_stages_of_a_micro_batch_compose_to_the_step(name):
         mb = tuple(x.chunk(MICROBATCHES)[m] for x in traced.example_inputs)
         out = stages[1](*stages[0](*mb))
         torch.testing.assert_close(out, traced.gm(*mb), rtol=1e-5, atol=1e-6)
+
+
+def test_placer_run_pipelines_a_hugging_face_model_from_the_command_line(tmp_path):
+    # the user's path end to end: graph build from a factory, a baseline placement, placer run with 1f1b x4
+    pytest.importorskip("transformers")
+    from tests.test_cli import placer
+
+    graph, placement = tmp_path / "gpt2.json", tmp_path / "p.json"
+    r = placer("graph", "build", "tests.fixtures_models:hf_gpt2", "--profile", "cpu", "--estimate", "none",
+               "--out", graph)
+    assert r.returncode == 0, r.stderr
+    assert "micro-batchable: yes" in r.stdout
+    r = placer("baseline", "--graph", graph, "--cluster", "cpu-2", "--method", "pipedream-dp", "--out", placement)
+    assert r.returncode == 0, r.stderr
+    for schedule in ("gpipe", "1f1b"):
+        r = placer("run", placement, "--graph", graph, "--schedule", schedule, "--microbatches", "4",
+                   "--steps", "1", "--warmup", "1", "--timeout", "120s", "--timeline", tmp_path / f"{schedule}.png")
+        assert r.returncode == 0, r.stderr
+        assert f"{schedule} x4" in r.stdout and "measured step" in r.stdout, r.stdout

@@ -8,21 +8,17 @@ import torch
 
 from envs.placement_env import make_env
 from envs.problem import build_problem
-from envs.synthetic import layered_dag, two_chains
+from envs.synthetic import layered_dag
 from placer.core.cluster import get_cluster
 from placer.io.document import load_placement
 from placer.app.train import TrainConfig, train
 from policies import make_algo, make_policy
 from policies.ppo import MaskablePPOAlgo, PPOConfig
-from tests.policy_helpers import one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
+from tests.policy_helpers import chain_per_device_task, one_thread, pair  # noqa: F401 - one_thread is an autouse fixture
 
 
 def test_ppo_learns_one_chain_per_device():
-    env = make_env(two_chains(4), pair(), num_groups=64)
-    best = env.evaluate([0, 1] * 4)[0]
-    rng = np.random.default_rng(0)
-    random_mean = np.mean([env.evaluate(rng.integers(0, 2, 8))[0] for _ in range(400)])
-    torch.manual_seed(0)
+    env, best, random_mean = chain_per_device_task()
     policy = make_policy("gnn", env.problem, hidden=16, layers=2)
     algo = make_algo("ppo", policy, env, samples_per_update=8, lr=1e-2, entropy_coef=0.01, seed=0)
     stats = [algo.update() for _ in range(16)]
