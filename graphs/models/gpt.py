@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +63,10 @@ def _check_positive(model: str, config: object, names: tuple[str, ...]) -> None:
 
 @dataclass(kw_only=True, frozen=True)
 class GPTConfig:
-    """Sizes of one GPT training step."""
+    """Sizes of one GPT training step (:class:`graphs.models.moe.MoEConfig` extends it)."""
+
+    MODEL: ClassVar[str] = "gpt"
+    """The model's name in error messages."""
 
     batch: int
     """Sequences per step."""
@@ -83,11 +87,11 @@ class GPTConfig:
     sqrt(2·layers) as in GPT-2."""
 
     def __post_init__(self) -> None:
-        _check_positive("gpt", self, ("batch", "seq_len", "vocab", "width", "layers", "heads", "mlp_ratio"))
+        _check_positive(self.MODEL, self, ("batch", "seq_len", "vocab", "width", "layers", "heads", "mlp_ratio"))
         if self.width % self.heads:
-            raise ValueError(f"gpt config: width {self.width} must divide by heads {self.heads}")
+            raise ValueError(f"{self.MODEL} config: width {self.width} must divide by heads {self.heads}")
         if not self.init_std > 0:
-            raise ValueError(f"gpt config: init_std must be > 0, got {self.init_std!r}")
+            raise ValueError(f"{self.MODEL} config: init_std must be > 0, got {self.init_std!r}")
 
 
 SMALL = GPTConfig(batch=8, seq_len=16, vocab=256, width=32, layers=2, heads=2)

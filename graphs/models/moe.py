@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from graphs.models._common import build_seeded
-from graphs.models.gpt import GPT, MLP, Block, _check_positive, example_inputs, layer_of_module
+from graphs.models.gpt import GPT, MLP, Block, GPTConfig, _check_positive, example_inputs, layer_of_module
 
 __all__ = ["MoEConfig", "MoEDecoder", "MoE", "Expert", "SMALL", "MEDIUM", "PAPER", "build", "layer_of_module",
            "expert_of_module"]
@@ -47,21 +48,12 @@ _EXPERT_RE = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)(?:\.|$)")
 
 
 @dataclass(kw_only=True, frozen=True)
-class MoEConfig:
-    """Sizes of one MoE decoder training step."""
+class MoEConfig(GPTConfig):
+    """Sizes of one MoE decoder training step: a GPT's (``layers`` counts the dense blocks too; ``mlp_ratio`` sizes
+    the dense blocks' MLP) plus the experts'."""
 
-    batch: int
-    """Sequences per step."""
-    seq_len: int
-    """Tokens per sequence."""
-    vocab: int
-    """Vocabulary size (the head's columns)."""
-    width: int
-    """Model width d."""
-    layers: int
-    """Transformer blocks, dense ones included."""
-    heads: int
-    """Attention heads per block; ``width`` must divide by it."""
+    MODEL: ClassVar[str] = "moe"
+
     dense_layers: int
     """The first blocks, with a dense MLP (DeepSeekMoE: 1); the other ``layers - dense_layers`` are MoE."""
     experts: int
@@ -72,24 +64,16 @@ class MoEConfig:
     """Hidden width of the shared expert's MLP (DeepSeekMoE 16B: 2 shared experts, here one twice as wide)."""
     top_k: int = 2
     """Experts each token is routed to."""
-    mlp_ratio: int = 4
-    """Dense blocks' MLP hidden width as a multiple of ``width``."""
-    init_std: float = 0.02
-    """Weights start normal with this std; residual output projections scaled by 1/sqrt(2·layers)."""
 
     def __post_init__(self) -> None:
-        _check_positive("moe", self, ("batch", "seq_len", "vocab", "width", "layers", "heads", "experts",
-                                      "expert_width", "shared_width", "top_k", "mlp_ratio"))
-        if self.width % self.heads:
-            raise ValueError(f"moe config: width {self.width} must divide by heads {self.heads}")
+        super().__post_init__()
+        _check_positive("moe", self, ("experts", "expert_width", "shared_width", "top_k"))
         if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) \
                 or not 0 <= self.dense_layers < self.layers:
             raise ValueError(f"moe config: dense_layers must be an int in [0, layers) = [0, {self.layers}), "
                              f"got {self.dense_layers!r}")
         if self.top_k > self.experts:
             raise ValueError(f"moe config: top_k {self.top_k} exceeds experts {self.experts}")
-        if not self.init_std > 0:
-            raise ValueError(f"moe config: init_std must be > 0, got {self.init_std!r}")
 
 
 SMALL = MoEConfig(batch=8, seq_len=16, vocab=512, width=32, layers=5, heads=2, dense_layers=1, experts=4,
@@ -145,8 +129,7 @@ class MoEDecoder(GPT):
     def __init__(self, config: MoEConfig) -> None:
         blocks = [Block(config) if i < config.dense_layers else Block(config, MoE(config), ffn_name="moe")
                   for i in range(config.layers)]
-        # MoEConfig has every GPTConfig field the embeddings, head and init read (GPT-2's init, experts included).
-        super().__init__(config, blocks=blocks)  # type: ignore[arg-type]
+        super().__init__(config, blocks=blocks)  # the embeddings, head and GPT-2's init, experts included
 
 
 def build(config: MoEConfig, *, seed: int = 0) -> tuple[MoEDecoder, tuple[Tensor, ...], None]:
