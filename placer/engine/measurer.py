@@ -296,7 +296,7 @@ class Measurer:
         backend = backend or self.config.backend
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        tasks, order = device_tasks(self.graph, placement, len(self.devices), schedule=schedule,
+        tasks, order, note = device_tasks(self.graph, placement, len(self.devices), schedule=schedule,
                                     microbatches=microbatches)
         cmd = MeasureCommand(device_of_op=np.asarray(placement.device_of_op), tasks=tasks, microbatches=microbatches,
                              steps=steps, warmup=warmup, schedule=schedule, backend=backend, update=update,
@@ -327,7 +327,8 @@ class Measurer:
                                 microbatches=microbatches), []
         result = assemble_result(replies, graph=self.graph, cluster=self.cluster, tasks=tasks, schedule=schedule,
                                  microbatches=microbatches, same_host=True,
-                                 order=order if backend == "ops" else schedule)
+                                 order=order if backend == "ops" else schedule,
+                                 note=note if backend == "ops" else "")
         return result, replies
 
     def measure(self, placement: Any, *, schedule: str = "none", microbatches: int = 1, steps: int = 5,

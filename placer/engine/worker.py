@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dist.init_process_group(backend_for(cluster.device_names), rank=rank, world_size=world)
     runtime = WorkerRuntime(rank=rank, world_size=world, device=device, device_names=cluster.device_names,
                             factory=model_factory(graph), op_names=graph.op_names)
-    tasks, order = device_tasks(graph, placement, cluster.num_devices, schedule=args.schedule,
+    tasks, order, note = device_tasks(graph, placement, cluster.num_devices, schedule=args.schedule,
                                 microbatches=args.microbatches)
     cmd = MeasureCommand(device_of_op=placement.device_of_op, tasks=tasks, microbatches=args.microbatches,
                          steps=args.steps, warmup=args.warmup, schedule=args.schedule)
@@ -209,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dist.gather_object(reply, replies if rank == 0 else None, dst=0)
     if rank == 0:
         result = assemble_result(replies, graph=graph, cluster=cluster, tasks=tasks, schedule=args.schedule,
-                                 microbatches=args.microbatches, same_host=False, order=order)
+                                 microbatches=args.microbatches, same_host=False, order=order,
+                                 note=note)
         text = json.dumps(result.to_json(), indent=1)
         if args.out:
             with open(args.out, "w") as f:
