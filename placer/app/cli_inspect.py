@@ -190,6 +190,9 @@ def cmd_cluster_calibrate(args: argparse.Namespace) -> None:
         cluster = calibrate_cluster(args.devices, repeats=args.repeats, threads_per_device=args.threads)
     cluster.save(out)
     print_cluster(cluster)
+    if "message_wakeup_s" in cluster.meta:
+        console.print(f"a receiver that has waited wakes {cluster.meta['message_wakeup_s'] * 1e3:.3f} ms after the "
+                      f"link latency (meta.message_wakeup_s)")
     console.print(f"wrote {out}")
 
 
