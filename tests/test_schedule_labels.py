@@ -77,3 +77,17 @@ def test_engine_fallback_is_labelled(toy, one_thread):
     assert r.ok, r.failure
     assert r.source == "engine" and r.schedule == "1f1b" and r.order == "gpipe" and "deadlock" in r.schedule_note
     assert r.schedule_label.startswith("1f1b x4 (ran gpipe order")
+
+
+def test_placement_document_names_the_order_that_ran(toy, tmp_path):
+    from placer.io.document import placement_to_json, validate_document  # noqa: PLC0415
+
+    pl = returning(toy)
+    r = simulate(toy, CPU2, pl, schedule="1f1b", microbatches=4)
+    doc = placement_to_json(toy, CPU2, pl, method="test", schedule="1f1b", microbatches=4, predicted=r)
+    validate_document(doc)
+    assert doc["predicted"]["schedule_ran"] == "gpipe" and "deadlock" in doc["predicted"]["schedule_note"]
+    half = Placement(np.arange(toy.n) * 2 // toy.n)
+    ok = simulate(toy, CPU2, half, schedule="1f1b", microbatches=4)
+    doc = placement_to_json(toy, CPU2, half, method="test", schedule="1f1b", microbatches=4, predicted=ok)
+    assert "schedule_ran" not in doc["predicted"]
