@@ -20,6 +20,20 @@ Prints per-round medians and, at the end::
     figure: message_latency_ms = X     # median over rounds of the median extra wait, mode wait (the engine's)
     figure: message_latency_ms[MODE] = X (spread A-B over rounds)
 
+Findings (2026-12-03, this 2-vCPU VM, load average ~3 from other sessions; 3 rounds x 40 trials):
+
+* a waiting receiver's extra wait is 0.24 ms (spread 0.23-0.28) against 0.045 ms one way in ping-pong; a
+  blocking read of an OS pipe pays 0.19 ms (0.17-0.21), so nearly all of it is the OS waking a process whose
+  vCPU went idle (``cpuidle`` driver ``haltpoll`` with ``guest_halt_poll_ns = 0``: the vCPU halts at once), not
+  gloo. No 3 ms here, with or without a busy job on the receiver's core (``--hog``: 0.27 ms, 0.22-0.39).
+* gloo's ``irecv`` cannot be polled: ``is_completed()`` stayed false until ``wait()`` in 0 of 120 trials (its
+  receive completes inside ``wait()``), so spinning before the blocking wait cannot cut anything.
+* The millisecond lumps come from a receiver that must win its core back from another runnable thread: with
+  ``--hog``, ping-pong (short waits, so no sleeper credit) takes 1.4 ms one way (1.29-1.44) instead of 0.045.
+  Other jobs on the machine do that; so did the engine itself under ``torchrun`` with two nodes on one host
+  (each rank took both cores with two OpenMP threads; fixed in ``placer.engine.worker``: RNNLM-small
+  round-robin 1f1b x4 went from 0.18-0.60 s to 0.06-0.09 s a step).
+
 Run: ``python3 benchmarks/bench_latency.py`` (about 30 s). Other jobs on the two cores distort the figures (a
 waiting process that is woken has to be scheduled again); the load average is printed at the start.
 """
