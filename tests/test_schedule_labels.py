@@ -74,6 +74,8 @@ def test_engine_fallback_is_labelled(toy, one_thread):
     pl = returning(toy)
     with Measurer(toy, CPU2, config=EngineConfig(timeout_s=120)) as m:
         r = m.measure(pl, schedule="1f1b", microbatches=4, steps=2, warmup=1)
+        bad = m.measure(pl, schedule="1f1b", microbatches=4, steps=1, warmup=0, _fault="error")
+    assert not bad.ok and bad.order == "gpipe"  # a failed step names its order too
     assert r.ok, r.failure
     assert r.source == "engine" and r.schedule == "1f1b" and r.order == "gpipe" and "deadlock" in r.schedule_note
     assert r.schedule_label.startswith("1f1b x4 (ran gpipe order")
