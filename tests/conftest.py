@@ -20,6 +20,14 @@ from placer.core.cluster import Cluster
 from tests.policy_helpers import chain, cpus, diamond, pair, torch_threads
 
 
+@pytest.fixture(autouse=True)
+def fresh_schedule_warnings() -> None:
+    """Schedule warnings are logged once per process; each test starts with none logged yet."""
+    from placer.costmodel.schedules import reset_schedule_warnings  # noqa: PLC0415
+
+    reset_schedule_warnings()
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     with torch_threads(1):

@@ -46,6 +46,9 @@ def test_two_gloo_workers():
     assert all(d.speed > 0 for d in c.devices)
     assert c.meta["source"] == "calibrated" and "0-1" in c.meta["one_way_median_s"]
     assert c.meta["blocking_one_way_median_s"]["0-1"] > 0
+    # a receiver that waited 2-6 ms for a send: its wake-up, measured (a sleeping receiver is never early)
+    assert c.latency_s[0, 1] * 0.5 < c.meta["waited_receive_s"]["0-1"] < 0.05
+    assert 0 <= c.meta["message_wakeup_s"] < 0.05
     # the engine's message and step costs land in meta, where the simulator reads them
     for key in ("send_overhead_s", "recv_overhead_s"):
         assert 0 <= c.meta[key]["cpu"] < 0.05

@@ -190,6 +190,9 @@ def cmd_cluster_calibrate(args: argparse.Namespace) -> None:
         cluster = calibrate_cluster(args.devices, repeats=args.repeats, threads_per_device=args.threads)
     cluster.save(out)
     print_cluster(cluster)
+    if "message_wakeup_s" in cluster.meta:
+        console.print(f"a receiver that has waited wakes {cluster.meta['message_wakeup_s'] * 1e3:.3f} ms after the "
+                      f"link latency (meta.message_wakeup_s)")
     console.print(f"wrote {out}")
 
 
@@ -278,9 +281,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     predicted = simulate(graph, cluster, placement, schedule=schedule, microbatches=micro)
     if not result.ok:
         raise RuntimeError(f"measurement failed: {result.failure}")
-    console.print(f"measured step {result.step_time_s * 1e3:.2f} ms (median of {args.steps}, {schedule} x{micro}); "
+    console.print(f"measured step {result.step_time_s * 1e3:.2f} ms (median of {args.steps}, {result.schedule_label}); "
                   f"simulator predicted {predicted.step_time_s * 1e3:.2f} ms")
-    plot_gantt(result, stem, title=f"{graph.name} on {cluster.name} ({schedule} x{micro}, measured)")
+    plot_gantt(result, stem, title=f"{graph.name} on {cluster.name} ({result.schedule_label}, measured)")
     to_chrome_trace(result, stem.with_suffix(".trace.json"))
     console.print(f"wrote {stem} and {stem.with_suffix('.trace.json')}")
 
@@ -346,8 +349,8 @@ def cmd_show(args: argparse.Namespace) -> None:
         title = f"{result.source} step"
     else:
         raise ValueError(f"{path} is neither a placement JSON nor a step result")
-    console.print(f"{title}: step {result.step_time_s * 1e3:.2f} ms ({result.source}), schedule {result.schedule} "
-                  f"x{result.microbatches}" if result.ok else f"{title}: failed — {result.failure}")
+    console.print(f"{title}: step {result.step_time_s * 1e3:.2f} ms ({result.source}), schedule "
+                  f"{result.schedule_label}" if result.ok else f"{title}: failed — {result.failure}")
     for d, busy, mem in zip(result.devices, result.busy_s, result.peak_memory_bytes):
         console.print(f"  {d}: busy {busy * 1e3:.2f} ms, peak memory {mem / 1e6:.1f} MB")
     if timeline:

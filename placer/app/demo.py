@@ -101,7 +101,7 @@ def _schedules(graph: OpGraph, cluster: Cluster, row: Any, best: str, config: De
         for sched, m in (("none", 1), ("gpipe", config.microbatches), ("1f1b", config.microbatches)):
             sim_r = simulate(graph, cluster, p, schedule=sched, microbatches=m)
             real_r = measure(graph, p, sched, m) if measure is not None else None
-            lines.append(f"| {name} | {sched} x{m} | {_ms(sim_r)} | {_ms(real_r) if real_r else '—'} |")
+            lines.append(f"| {name} | {sim_r.schedule_label} | {_ms(sim_r)} | {_ms(real_r) if real_r else '—'} |")
             if name == best:
                 r = real_r if real_r is not None else sim_r
                 candidates.append((r.step_time_s if r.ok else math.inf, sched, real_r))

@@ -52,7 +52,13 @@ class StepResult:
     oom_device: int | None = None
     failure: str | None = None
     schedule: str = "none"
+    """Schedule requested (a key of ``placer.costmodel.schedules.SCHEDULES``)."""
     microbatches: int = 1
+    schedule_ran: str = ""
+    """Order that actually ran when it differs from ``schedule`` (a 1F1B order that would deadlock runs
+    ``gpipe``'s); empty when ``schedule`` ran as requested."""
+    schedule_note: str = ""
+    """Why ``schedule_ran`` differs (the deadlock found), empty otherwise."""
     timeline: tuple[TimelineEvent, ...] = field(default_factory=tuple)
     extra: dict[str, Any] = field(default_factory=dict)
     """Backend-specific facts (engine: per-step samples; sim: event count)."""
@@ -60,6 +66,20 @@ class StepResult:
     @property
     def ok(self) -> bool:
         return self.failure is None and not self.oom and np.isfinite(self.step_time_s)
+
+    @property
+    def order(self) -> str:
+        """The order that ran: ``schedule_ran`` when set, else ``schedule``."""
+        return self.schedule_ran or self.schedule
+
+    @property
+    def schedule_label(self) -> str:
+        """``"1f1b x4"``, or ``"1f1b x4 (ran gpipe order: 1f1b would deadlock)"`` after a fallback."""
+        label = f"{self.schedule} x{self.microbatches}"
+        if self.order != self.schedule:
+            why = "would deadlock" if "deadlock" in self.schedule_note else "fell back"
+            label += f" (ran {self.order} order: {self.schedule} {why})"
+        return label
 
     @classmethod
     def failed(cls, reason: str, *, source: Literal["sim", "engine"], devices: tuple[str, ...],
@@ -84,6 +104,8 @@ class StepResult:
             "failure": self.failure,
             "schedule": self.schedule,
             "microbatches": self.microbatches,
+            "schedule_ran": self.order,
+            "schedule_note": self.schedule_note,
             "timeline": [e.to_json() for e in self.timeline],
             "extra": self.extra,
         }
@@ -96,6 +118,8 @@ class StepResult:
             peak_memory_bytes=np.array(d["peak_memory_bytes"], dtype=np.int64),
             bytes_moved=np.array(d["bytes_moved"], dtype=np.int64), critical_path_s=d["critical_path_s"],
             oom=d["oom"], oom_device=d["oom_device"], failure=d["failure"], schedule=d["schedule"],
-            microbatches=d["microbatches"], timeline=tuple(TimelineEvent(**e) for e in d["timeline"]),
+            microbatches=d["microbatches"],
+            schedule_ran="" if d.get("schedule_ran", d["schedule"]) == d["schedule"] else d["schedule_ran"],
+            schedule_note=d.get("schedule_note", ""), timeline=tuple(TimelineEvent(**e) for e in d["timeline"]),
             extra=d.get("extra", {}),
         )

@@ -42,8 +42,9 @@ the 1F1B order could deadlock.)
 irregular one, can deadlock an in-order executor (dev0 -> dev1 -> dev0: dev0's second forward needs dev1's
 forward, which waits for dev0's first backward). Every 1F1B-family order is therefore checked with a zero-cost
 run of the executor model before it is returned; if it would deadlock, ``interleaved-1f1b`` falls back to
-``1f1b`` and then ``gpipe``, and ``1f1b`` falls back to ``gpipe``, with a logged warning. ``Schedule.order``
-names the order actually built.
+``1f1b`` and then ``gpipe``, and ``1f1b`` falls back to ``gpipe``, with a logged warning (once per process and
+order: the simulator's prediction and the engine's measurement of a step share it). ``Schedule.order`` names the
+order actually built, and both backends' :class:`~placer.core.result.StepResult` carry it as ``schedule_ran``.
 """
 
 from __future__ import annotations
@@ -340,8 +341,29 @@ def build_schedule(name: str, graph: "OpGraph", placement: "Placement | np.ndarr
     return sched
 
 
+_WARNED: dict[tuple, None] = {}
+"""Schedules already warned about in this process (insertion-ordered, bounded by :data:`_WARNED_MAX`)."""
+_WARNED_MAX = 4096
+
+
+def reset_schedule_warnings() -> None:
+    """Forget which schedules were warned about (tests that check a warning start from here)."""
+    _WARNED.clear()
+
+
 def warn_schedule(sched: Schedule) -> None:
-    """Log the warnings a schedule deserves (micro-batches < stages; fallback order)."""
+    """Log the warnings a schedule deserves (micro-batches < stages; fallback order), once per process and order.
+
+    The simulator's prediction and the engine's measurement of one step build the same schedule; keying on the
+    task arrays (which the graph and placement determine) makes the pair warn once, not twice.
+    """
+    key = (sched.name, sched.order, sched.microbatches, sched.num_stages, sched.note,
+           hash(sched.device_ptr.tobytes()), hash(sched.op.tobytes()), hash(sched.phase.tobytes()))
+    if key in _WARNED:
+        return
+    if len(_WARNED) >= _WARNED_MAX:  # a long search over placements: forget the oldest, keep memory bounded
+        del _WARNED[next(iter(_WARNED))]
+    _WARNED[key] = None
     if sched.name != "none" and sched.microbatches < sched.num_stages:
         log.warning("schedule %s: %d micro-batches < %d pipeline stages; the pipeline never fills",
                     sched.name, sched.microbatches, sched.num_stages)

@@ -260,6 +260,7 @@ class Simulator:
         peak = static + act
         over = np.flatnonzero(peak > self.memory_bytes)
         extra: dict[str, Any] = {"schedule_order": sched.order, "stages": sched.num_stages}
+        ran = {"schedule": sched.name, "schedule_ran": sched.order, "schedule_note": sched.note}
         if sched.note:
             extra["note"] = sched.note
         if over.size:
@@ -269,7 +270,7 @@ class Simulator:
                       f"{static[i] / gib:.2f} GiB, activations+temporaries {act[i] / gib:.2f} GiB) > "
                       f"{self.memory_bytes[i] / gib:.2f} GiB")
             return StepResult.failed(reason, source="sim", devices=names, oom_device=i,
-                                     peak_memory_bytes=np.ceil(peak).astype(np.int64), schedule=sched.name,
+                                     peak_memory_bytes=np.ceil(peak).astype(np.int64), **ran,
                                      microbatches=m, extra=extra)
 
         dur_f = per_microbatch_s(self.fwd_s[dev, self._ar], self.overhead_s[dev], m)
@@ -291,7 +292,7 @@ class Simulator:
             k = int(stuck[d])
             op_name = self.graph.op_names[int(sched.op[k])] if sched.op[k] >= 0 else "update"
             return StepResult.failed(f"schedule deadlocks: {names[d]} waits forever at {PHASES[int(sched.phase[k])]} "
-                                     f"of {op_name!r}", source="sim", devices=names, schedule=sched.name,
+                                     f"of {op_name!r}", source="sim", devices=names, **ran,
                                      microbatches=m, extra=extra)
         # activations one way, their gradients (same size) back where autograd makes one
         dd = num_dev * num_dev
@@ -305,7 +306,7 @@ class Simulator:
             events = self._events(sched, prod, src, dst, t_start, t_end, x_start, x_end)
         return StepResult(step_time_s=float(step), source="sim", devices=names, busy_s=busy,
                           peak_memory_bytes=np.ceil(peak).astype(np.int64), bytes_moved=moved,
-                          critical_path_s=float(crit), schedule=sched.name, microbatches=m, timeline=events,
+                          critical_path_s=float(crit), **ran, microbatches=m, timeline=events,
                           extra=extra)
 
     def _events(self, sched: Schedule, prod: np.ndarray, src: np.ndarray, dst: np.ndarray, t_start: np.ndarray,

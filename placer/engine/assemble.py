@@ -29,14 +29,19 @@ def error_reason(msg: dict[str, Any], devices: Sequence[str]) -> str:
 
 
 def assemble_result(replies: Sequence[dict[str, Any]], *, graph: Any, cluster: Any, tasks: list[list[Task]],
-                    schedule: str, microbatches: int, same_host: bool, order: str | None = None) -> StepResult:
-    """Combine per-worker records into one :class:`StepResult` (median step, its timeline)."""
+                    schedule: str, microbatches: int, same_host: bool, order: str | None = None,
+                    note: str = "") -> StepResult:
+    """Combine per-worker records into one :class:`StepResult` (median step, its timeline).
+
+    ``order`` is the order the workers ran when it differs from ``schedule`` (a deadlock fallback), ``note`` why.
+    """
+    ran = {"schedule": schedule, "schedule_ran": order or schedule, "schedule_note": note}
     devices = tuple(cluster.device_names)
     d = len(devices)
     bad = [r for r in replies if not r.get("ok")]
     if bad:
         return StepResult.failed(error_reason(bad[0], devices), source="engine", devices=devices,
-                                 schedule=schedule, microbatches=microbatches)
+                                 **ran, microbatches=microbatches)
     nsteps = len(replies[0]["t0"])
     if same_host:
         starts = [min(r["t0"][s] for r in replies) for s in range(nsteps)]
@@ -99,8 +104,8 @@ def assemble_result(replies: Sequence[dict[str, Any]], *, graph: Any, cluster: A
         return StepResult(step_time_s=med, source="engine", devices=devices, busy_s=busy, peak_memory_bytes=peak,
                           bytes_moved=bytes_moved, oom=True, oom_device=i,
                           failure=f"{devices[i]} needs {int(peak[i])} bytes (engine accounting) > its "
-                                  f"{cluster.devices[i].memory_bytes}", schedule=schedule,
+                                  f"{cluster.devices[i].memory_bytes}", **ran,
                           microbatches=microbatches, timeline=tuple(events), extra=extra)
     return StepResult(step_time_s=med, source="engine", devices=devices, busy_s=busy, peak_memory_bytes=peak,
-                      bytes_moved=bytes_moved, schedule=schedule, microbatches=microbatches,
+                      bytes_moved=bytes_moved, **ran, microbatches=microbatches,
                       timeline=tuple(events), extra=extra)

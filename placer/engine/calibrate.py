@@ -13,6 +13,11 @@
   thread's CPU time (minimum of several runs), so other jobs taking the core away do not count but sharing
   caches and memory bandwidth with the other worker does: ``speed_d = alone / worker d's time while all work``
   (the ``cpu`` op profile is measured on one worker alone).
+* **Waited receives.** Per pair, a receiver posts its receive and blocks while the sender computes for 2-6 ms, as
+  an engine worker waits for its next input; ``meta["waited_receive_s"]`` records the median time from the send
+  to the receiver's ``wait()`` returning, and ``meta["message_wakeup_s"]`` its excess over the link latency (the
+  OS wake-up of a receiver that slept; ``benchmarks/bench_latency.py`` measures it at length). The simulator
+  does not read it: ``recv_overhead_s`` below is fitted on whole engine steps and includes it.
 * **Engine overheads.** :func:`engine_message_costs` runs the engine's toy chain on one device and split over
   two, and stores the per-message send cost, the receiver's wake-up cost and the start-up cost of a step that
   spans devices in ``meta`` (``send_overhead_s``, ``recv_overhead_s``, ``step_overhead_s``), where
@@ -52,6 +57,36 @@ LINK_PERCENTILE = 10.0
 """Percentile of the one-way times that the link fit uses (robust to load; the median is recorded too)."""
 
 
+WAITED_DELAY_S: tuple[float, float] = (0.002, 0.006)
+"""A waited receive: the sender computes for a uniform time in this range after the receive is posted."""
+
+
+def _waited_receives(peer: int, sender: bool, trials: int, seed: int) -> list[float]:
+    """Extra wait of a receiver that has waited: it posts ``irecv`` at a step's start and blocks while the sender
+    computes (busy, :data:`WAITED_DELAY_S`), then sends its ``perf_counter()``; per trial, the receiver's time
+    when ``wait()`` returned minus that (one clock for all processes of one host). Empty on the sender."""
+    import torch
+    import torch.distributed as dist
+
+    rng = np.random.default_rng(seed)
+    go, msg = torch.zeros(1), torch.zeros(2, dtype=torch.float64)
+    extra: list[float] = []
+    for _ in range(trials):
+        delay_s = float(rng.uniform(*WAITED_DELAY_S))
+        if sender:
+            dist.send(go, peer)  # the step starts: the receiver posts its receive now
+            end = time.perf_counter() + delay_s
+            while time.perf_counter() < end:  # computing, not sleeping, like a worker running ops
+                pass
+            msg[0] = time.perf_counter()
+            dist.send(msg, peer)
+        else:
+            dist.recv(go, peer)
+            dist.irecv(msg, src=peer).wait()
+            extra.append(time.perf_counter() - float(msg[0]))
+    return extra
+
+
 def _ping_pong(t: Any, peer: int, first: bool, blocking: bool) -> None:
     """One round trip of ``t`` with ``peer``; non-blocking = the receive is posted before the send, as the engine
     pre-posts every receive of a step."""
@@ -89,7 +124,8 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, th
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=_dt.timedelta(seconds=timeout_s))
-    out: dict[str, Any] = {"rank": rank, "pairs": {}, "pairs_median": {}, "pairs_min": {}, "blocking": {}}
+    out: dict[str, Any] = {"rank": rank, "pairs": {}, "pairs_median": {}, "pairs_min": {}, "blocking": {},
+                           "waited": {}}
     try:
         buf = {s: torch.zeros(s, dtype=torch.uint8) for s in sizes}
         for i in range(world):
@@ -115,6 +151,9 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, th
                     _ping_pong(buf[sizes[0]], peer, rank == i, blocking=True)
                     if k >= 5:
                         blocking.append((time.perf_counter() - t0) / 2)
+                waited = _waited_receives(peer, rank == i, repeats, seed=i * world + j)
+                if rank == j:
+                    out["waited"][f"{i}-{j}"] = float(np.median(waited))
                 if rank == i:
                     # the fit uses a low percentile: a round trip is never shortened by other jobs on the
                     # machine, only stretched when a woken receiver waits for its core (milliseconds when loaded)
@@ -310,6 +349,11 @@ def _fit_links(results: list[dict[str, Any]], sizes: list[int], num_devices: int
                "one_way_min_s": minima,
                "blocking_one_way_median_s": {k: v for r in results for k, v in r["blocking"].items()},
                "fit": fits}
+    waited = {k: v for r in results for k, v in r["waited"].items()}
+    if waited:  # beyond the link's latency (the message is 16 bytes): what waking the receiver costs
+        records["waited_receive_s"] = waited
+        records["message_wakeup_s"] = float(np.median(
+            [max(0.0, v - lat[tuple(map(int, k.split("-")))]) for k, v in waited.items()]))
     return lat, bw, records
 
 

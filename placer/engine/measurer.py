@@ -274,9 +274,12 @@ class Measurer:
             raise ValueError(f"workers cannot load graph {graph.name!r}: {replies}")
 
     # ------------------------------------------------------------------ measuring
-    def _failed(self, reason: str, *, schedule: str, microbatches: int, oom_device: int | None = None) -> StepResult:
+    def _failed(self, reason: str, *, schedule: str, microbatches: int, oom_device: int | None = None,
+                ran: tuple[str, str] = ("", "")) -> StepResult:
+        """A failed result; ``ran`` is ``(order, note)`` of :func:`device_tasks` once the order is built."""
         return StepResult.failed(reason, source="engine", devices=self.devices, oom_device=oom_device,
-                                 schedule=schedule, microbatches=microbatches)
+                                 schedule=schedule, microbatches=microbatches, schedule_ran=ran[0],
+                                 schedule_note=ran[1])
 
     def _root_cause(self, reason: str) -> str:
         """When a peer reports a broken connection because another worker died, name the dead worker instead."""
@@ -296,8 +299,9 @@ class Measurer:
         backend = backend or self.config.backend
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        tasks, order = device_tasks(self.graph, placement, len(self.devices), schedule=schedule,
-                                    microbatches=microbatches)
+        tasks, order, note = device_tasks(self.graph, placement, len(self.devices), schedule=schedule,
+                                          microbatches=microbatches)
+        ran = (order, note) if backend == "ops" else ("", "")  # the pipelining backend runs torch's own schedule
         cmd = MeasureCommand(device_of_op=np.asarray(placement.device_of_op), tasks=tasks, microbatches=microbatches,
                              steps=steps, warmup=warmup, schedule=schedule, backend=backend, update=update,
                              collect=collect, optimizer=self.config.optimizer, lr=self.config.lr,
@@ -310,7 +314,7 @@ class Measurer:
         if not self._procs:
             why = self._start()
             if why is not None:
-                return self._failed(why, schedule=schedule, microbatches=microbatches), []
+                return self._failed(why, schedule=schedule, microbatches=microbatches, ran=ran), []
         replies = self._broadcast(cmd, self.config.timeout_s if timeout_s is None else timeout_s, "measure")
         if isinstance(replies, str):
             replies = self._root_cause(replies)
@@ -318,16 +322,17 @@ class Measurer:
             self._kill()
             self.restarts += 1
             oom = _oom_device(replies, self.devices)
-            return self._failed(replies, schedule=schedule, microbatches=microbatches, oom_device=oom), []
+            return self._failed(replies, schedule=schedule, microbatches=microbatches, oom_device=oom,
+                                ran=ran), []
         plan_errors = [r for r in replies if not r.get("ok")]
         if plan_errors:
             reason = next((r["reason"] for r in plan_errors if r.get("reason") != "a peer failed to plan"),
                           plan_errors[0]["reason"])
             return self._failed(f"cannot run this placement: {reason}", schedule=schedule,
-                                microbatches=microbatches), []
+                                microbatches=microbatches, ran=ran), []
         result = assemble_result(replies, graph=self.graph, cluster=self.cluster, tasks=tasks, schedule=schedule,
                                  microbatches=microbatches, same_host=True,
-                                 order=order if backend == "ops" else schedule)
+                                 order=ran[0] or schedule, note=ran[1])
         return result, replies
 
     def measure(self, placement: Any, *, schedule: str = "none", microbatches: int = 1, steps: int = 5,

@@ -21,13 +21,13 @@ __all__ = ["Task", "device_tasks", "tasks_from_schedule"]
 
 
 def device_tasks(graph: "OpGraph", placement: "Placement", num_devices: int, *, schedule: str,
-                 microbatches: int) -> tuple[list[list[Task]], str]:
-    """Per-device ordered task lists and the order actually built (a 1F1B order that would deadlock falls
-    back to ``gpipe``; see :mod:`placer.costmodel.schedules`)."""
+                 microbatches: int) -> tuple[list[list[Task]], str, str]:
+    """Per-device ordered task lists, the order actually built and why it differs from ``schedule`` (a 1F1B order
+    that would deadlock falls back to ``gpipe``; see :mod:`placer.costmodel.schedules`; "" when it does not)."""
     from placer.costmodel.schedules import build_schedule  # noqa: PLC0415 - workers import Task only, not the kernels
 
     sched = build_schedule(schedule, graph, placement, num_devices, microbatches=microbatches)
-    return tasks_from_schedule(sched, num_devices), str(sched.order)
+    return tasks_from_schedule(sched, num_devices), str(sched.order), str(sched.note)
 
 
 def tasks_from_schedule(sched: Any, num_devices: int) -> list[list[Task]]:

@@ -146,6 +146,28 @@ def worker_main(spec: WorkerSpec, conn: Any) -> None:
 
 
 # ---------------------------------------------------------------------- torchrun entry point
+def _host_rank(rank: int, world: int) -> tuple[int, int]:
+    """``(this rank's index among the ranks on this host, their number)``. torchrun's ``LOCAL_RANK`` and
+    ``LOCAL_WORLD_SIZE`` count one node's ranks, but several nodes can share a host (a multi-node run tried on one
+    machine): each then took every core with as many threads, and a woken receiver waited for its core behind the
+    other rank's threads (2 nodes x 1 rank on 2 cores, RNNLM-small round-robin 1f1b x4: 0.60 s a step, 0.10 s
+    with one thread each, 0.06 s in the Measurer's workers pinned to a core each)."""
+    import socket  # noqa: PLC0415
+
+    hosts: list[Any] = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
+    mine = hosts[rank]
+    return sum(h == mine for h in hosts[:rank]), sum(h == mine for h in hosts)
+
+
+def _pin_among(local_rank: int, local_world: int, threads: int) -> None:
+    """Pin this worker to its share of the host's cores (``threads`` per worker; 0: cores / workers)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    per = max(1, len(cores) // max(1, local_world)) if cores else 1
+    mine = tuple(cores[(local_rank * per + k) % len(cores)] for k in range(per)) if cores else ()
+    pin_process(mine, threads or per)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``torchrun ... -m placer.engine.worker``: measure one placement; rank 0 writes the StepResult JSON."""
     from graphs.build import model_factory  # noqa: PLC0415 - heavy imports only for this entry point
@@ -186,18 +208,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         placement = Placement(np.asarray(raw)).validate(graph, cluster)
     except ValueError as e:
         raise SystemExit(f"placer.engine.worker: error: {e}") from None
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    per = max(1, len(cores) // max(1, local_world)) if cores else 1
-    mine = tuple(cores[(local_rank * per + k) % len(cores)] for k in range(per)) if cores else ()
-    pin_process(mine, args.threads or per)
     name = cluster.devices[rank].name
     device = torch_device(f"cuda:{local_rank}" if is_cuda_name(name) else name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(cluster.device_names), rank=rank, world_size=world)
+    backend = backend_for(cluster.device_names)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    if backend == "gloo":  # all CPU: count the ranks of every node on this host (see _pin_among)
+        local_rank, local_world = _host_rank(rank, world)
+    _pin_among(local_rank, local_world, args.threads)
     runtime = WorkerRuntime(rank=rank, world_size=world, device=device, device_names=cluster.device_names,
                             factory=model_factory(graph), op_names=graph.op_names)
-    tasks, order = device_tasks(graph, placement, cluster.num_devices, schedule=args.schedule,
+    tasks, order, note = device_tasks(graph, placement, cluster.num_devices, schedule=args.schedule,
                                 microbatches=args.microbatches)
     cmd = MeasureCommand(device_of_op=placement.device_of_op, tasks=tasks, microbatches=args.microbatches,
                          steps=args.steps, warmup=args.warmup, schedule=args.schedule)
@@ -209,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dist.gather_object(reply, replies if rank == 0 else None, dst=0)
     if rank == 0:
         result = assemble_result(replies, graph=graph, cluster=cluster, tasks=tasks, schedule=args.schedule,
-                                 microbatches=args.microbatches, same_host=False, order=order)
+                                 microbatches=args.microbatches, same_host=False, order=order,
+                                 note=note)
         text = json.dumps(result.to_json(), indent=1)
         if args.out:
             with open(args.out, "w") as f:

@@ -74,6 +74,9 @@ def _time_entry(result: StepResult | None, cluster: Cluster) -> dict[str, Any] |
         "step_time_s": float(result.step_time_s) if result.ok else None,
         "source": f"{result.source}:{cluster.name}",
         "failure": result.failure if not result.ok else None,
+        # a 1F1B order that would deadlock runs GPipe's: say which order the time is of
+        **({"schedule_ran": result.order, "schedule_note": result.schedule_note}
+           if result.order != result.schedule else {}),
     }
 
 

@@ -1,0 +1,194 @@
+"""Message latency between two engine workers: what a receiver that has *waited* pays on top of the wire.
+
+Two processes, pinned to cores 0 and 1 with one torch thread each (as the engine's ``cpu-2`` workers), joined by a
+gloo process group (the engine's transport). Measured, in ``--rounds`` interleaved rounds:
+
+* ``pingpong``: a 16-float tensor sent back and forth ``--pings`` times; half the median round trip. Both sides
+  are in ``wait()`` only for a few microseconds each time, like the calibration's latency probe.
+* ``waiting receiver``: the receiver posts ``irecv`` at the start of a "step" and waits while the sender computes
+  (busy loop) for 5-20 ms, then sends a tensor carrying its own ``perf_counter()``; the receiver notes when its
+  wait returned. ``perf_counter`` is one monotonic clock for both processes on one host, so the difference is the
+  extra wait, i.e. latency as the engine sees it. Receiver modes:
+
+  - ``wait``: ``work.wait()`` at once (what the engine's executor does);
+  - ``poll``: spin on ``work.is_completed()`` for up to ``--spin-ms``, then ``wait()``;
+  - ``pipe``: no gloo: a blocking read of an OS pipe (``multiprocessing.Pipe``), the same wake-up without the
+    transport, to tell the OS scheduler's share from gloo's.
+
+Prints per-round medians and, at the end::
+
+    figure: message_latency_ms = X     # median over rounds of the median extra wait, mode wait (the engine's)
+    figure: message_latency_ms[MODE] = X (spread A-B over rounds)
+
+Findings (2026-12-03, this 2-vCPU VM, load average ~3 from other sessions; 3 rounds x 40 trials):
+
+* a waiting receiver's extra wait is 0.24 ms (spread 0.23-0.28) against 0.045 ms one way in ping-pong; a
+  blocking read of an OS pipe pays 0.19 ms (0.17-0.21), so nearly all of it is the OS waking a process whose
+  vCPU went idle (``cpuidle`` driver ``haltpoll`` with ``guest_halt_poll_ns = 0``: the vCPU halts at once), not
+  gloo. No 3 ms here, with or without a busy job on the receiver's core (``--hog``: 0.27 ms, 0.22-0.39).
+* gloo's ``irecv`` cannot be polled: ``is_completed()`` stayed false until ``wait()`` in 0 of 120 trials (its
+  receive completes inside ``wait()``), so spinning before the blocking wait cannot cut anything.
+* The millisecond lumps come from a receiver that must win its core back from another runnable thread: with
+  ``--hog``, ping-pong (short waits, so no sleeper credit) takes 1.4 ms one way (1.29-1.44) instead of 0.045.
+  Other jobs on the machine do that; so did the engine itself under ``torchrun`` with two nodes on one host
+  (each rank took both cores with two OpenMP threads; fixed in ``placer.engine.worker``: RNNLM-small
+  round-robin 1f1b x4 went from 0.18-0.60 s to 0.06-0.09 s a step).
+
+Run: ``python3 benchmarks/bench_latency.py`` (about 30 s). Other jobs on the two cores distort the figures (a
+waiting process that is woken has to be scheduled again); the load average is printed at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+MODES = ("wait", "poll", "pipe")
+
+
+def _busy_until(deadline: float) -> None:
+    while time.perf_counter() < deadline:  # the sender computes; it does not sleep
+        pass
+
+
+def _pingpong(rank: int, pings: int) -> list[float]:
+    buf = torch.zeros(16)
+    half_rtt: list[float] = []
+    for _ in range(pings):
+        if rank == 0:
+            t0 = time.perf_counter()
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+            half_rtt.append((time.perf_counter() - t0) / 2)
+        else:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+    return half_rtt
+
+
+def _receive(mode: str, spin_s: float, conn: Any) -> tuple[float, bool]:
+    """Wait for the sender's message in ``mode``: (when the data was in hand minus the sender's timestamp, whether
+    ``is_completed()`` turned true while polling)."""
+    if mode == "pipe":
+        t_send = conn.recv()
+        return time.perf_counter() - t_send, False
+    buf = torch.zeros(16, dtype=torch.float64)
+    work = dist.irecv(buf, src=0)
+    completed = False
+    if mode == "poll":
+        give_up = time.perf_counter() + spin_s
+        while not completed and time.perf_counter() < give_up:
+            completed = work.is_completed()
+    work.wait()
+    return time.perf_counter() - float(buf[0]), completed
+
+
+def _waiting(rank: int, mode: str, args: argparse.Namespace, conn: Any, seed: int) -> tuple[list[float], int]:
+    rng = random.Random(seed)
+    go = torch.zeros(1)
+    extra: list[tuple[float, bool]] = []
+    spin_s = args.spin_ms / 1e3
+    for _ in range(args.trials):
+        delay_s = rng.uniform(*args.delay_ms) / 1e3
+        if rank == 0:
+            dist.send(go, 1)  # the step starts: the receiver posts its receive now
+            _busy_until(time.perf_counter() + delay_s)
+            t_send = time.perf_counter()
+            if mode == "pipe":
+                conn.send(t_send)
+            else:
+                dist.send(torch.full((16,), t_send, dtype=torch.float64), 1)
+        else:
+            dist.recv(go, 0)
+            extra.append(_receive(mode, spin_s, conn))
+        dist.barrier()
+    return [x for x, _ in extra] if rank == 1 else [], sum(c for _, c in extra)
+
+
+def _hog(core: int) -> None:
+    """Another job on the receiver's core (``--hog``): the situation of a loaded machine."""
+    os.sched_setaffinity(0, {core % os.cpu_count()})
+    while True:
+        pass
+
+
+def _worker(rank: int, init: str, args: argparse.Namespace, conn: Any, out: Any) -> None:
+    os.sched_setaffinity(0, {rank % os.cpu_count()})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    _pingpong(rank, 20)  # warm the connection
+    for rnd in range(args.rounds):
+        pp = _pingpong(rank, args.pings)
+        if rank == 0:
+            out.put(("pingpong", rnd, statistics.median(pp)))
+        for mode in args.modes:
+            extra, completed = _waiting(rank, mode, args, conn, seed=rnd)
+            if rank == 1:
+                out.put((mode, rnd, statistics.median(extra)))
+                if mode == "poll":
+                    out.put(("poll_completed", rnd, completed))
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--trials", type=int, default=40, help="waiting-receiver trials per mode and round")
+    ap.add_argument("--pings", type=int, default=200)
+    ap.add_argument("--delay-ms", type=float, nargs=2, default=(5.0, 20.0),
+                    help="the sender computes for a uniform time in this range before it sends")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--hog", action="store_true", help="run a busy process on the receiver's core meanwhile")
+    ap.add_argument("--spin-ms", type=float, default=25.0, help="poll mode: longest spin before a blocking wait")
+    args = ap.parse_args(argv)
+    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; torch {torch.__version__}")
+    ctx = mp.get_context("spawn")
+    hog = ctx.Process(target=_hog, args=(1,), daemon=True) if args.hog else None
+    if hog is not None:
+        hog.start()
+    out = ctx.Queue()
+    a, b = ctx.Pipe()
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"file://{tmp}/store"
+        procs = [ctx.Process(target=_worker, args=(r, init, args, b if r == 0 else a, out)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        n = args.rounds * (1 + len(args.modes) + ("poll" in args.modes))
+        rows = [out.get(timeout=600) for _ in range(n)]
+        for p in procs:
+            p.join(60)
+    if hog is not None:
+        hog.kill()
+        hog.join(5)
+    by: dict[str, list[float]] = {}
+    for name, rnd, v in sorted(rows, key=lambda r: (r[1], r[0])):
+        if name == "poll_completed":
+            print(f"round {rnd}: poll      is_completed() turned true before wait() in {v} of {args.trials} trials")
+            continue
+        print(f"round {rnd}: {name:9s} median {v * 1e3:7.3f} ms")
+        by.setdefault(name, []).append(v * 1e3)
+    for name in ("pingpong", *args.modes):
+        v = by[name]
+        print(f"figure: message_latency_ms[{name}] = {statistics.median(v):.3f} "
+              f"(spread {min(v):.3f}-{max(v):.3f} over {len(v)} rounds)")
+    if "wait" in by:
+        print(f"figure: message_latency_ms = {statistics.median(by['wait']):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
