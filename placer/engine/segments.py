@@ -15,6 +15,11 @@ A run of forward tasks ``i_1 < ... < i_k`` (micro-batch ``m``) is one segment wh
 * every local consumer outside the segment runs its backward before the segment's backward (true for the
   schedules' reverse op-index order within a micro-batch; checked anyway, else the run is split into single ops).
 
+Why a closure over the per-op callables and not fx sub-modules: measured 2026-12-03 (one thread, core 0, 7
+interleaved rounds), a whole-step forward + backward through the closure loop took 1.04x (nmt small), 1.02x (gpt
+small), 1.01x (inception_v3 small) of the traced ``fx.GraphModule`` itself, the best an fx sub-module could do,
+while splitting the graph and generating code per segment would cost milliseconds per placement planned.
+
 A single-op segment behaves exactly like per-op execution. Which ops a segment must expose: those read by local
 ops outside it (they read a detached *view* whose ``.grad`` collects their gradient), those with remote
 consumers that send a gradient back, and the loss op (seeded with ``1/M``).
