@@ -1,5 +1,10 @@
 """Runs one device's share of training steps: its tasks in schedule order, with point-to-point transfers.
 
+Fused segments (the default, :mod:`placer.engine.segments`): a device's run of consecutive ops of one micro-batch
+runs as one forward over live, autograd-connected values and one ``autograd.backward`` from the outputs the
+segment exposes; everything below then holds at segment instead of op granularity (a segment is a unit that reads
+detached inputs). With ``PLACER_ENGINE_PER_OP=1`` the engine runs op by op, as follows.
+
 Clean per-op autograd: every op runs on *detached* copies of its inputs (``requires_grad`` where the source
 requires grad), so its backward task is one ``torch.autograd.backward(outputs, accumulated output grads)`` that
 touches nothing but the op itself, whenever the schedule says. Input gradients land in the ``.grad`` of those
@@ -16,7 +21,8 @@ pre-posting allocates every receive buffer at the step start; peak-memory accoun
 activation only from its first use (as if it had been received just in time).
 
 Timestamps are ``time.perf_counter()`` pairs around each task (the waits for inputs excluded), cheap enough not
-to distort the step.
+to distort the step. In a fused segment each op's forward is timed; the one backward call's span is split among
+its tasks in proportion to their forward times (so busy time sums are exact, per-op backward times estimated).
 """
 
 from __future__ import annotations
