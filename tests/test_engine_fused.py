@@ -120,6 +120,9 @@ def test_fused_and_per_op_give_the_same_loss_and_gradients(pools, name, override
         for out in (fused, per_op):
             assert out.result.ok, out.result.failure
             assert out.result.bytes_moved.sum() > 0
+        # accounting at segment granularity drops the intermediates autograd does not save (0.89-1.0x here)
+        ratio = fused.result.peak_memory_bytes / per_op.result.peak_memory_bytes
+        assert ((ratio > 0.5) & (ratio <= 1.05)).all(), ratio
         assert fused.loss == pytest.approx(per_op.loss, rel=1e-6)
         assert set(fused.grads) == set(per_op.grads) and fused.grads
         for param, g in per_op.grads.items():
