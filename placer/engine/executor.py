@@ -1,5 +1,10 @@
 """Runs one device's share of training steps: its tasks in schedule order, with point-to-point transfers.
 
+Fused segments (the default, :mod:`placer.engine.segments`): a device's run of consecutive ops of one micro-batch
+runs as one forward over live, autograd-connected values and one ``autograd.backward`` from the outputs the
+segment exposes; everything below then holds at segment instead of op granularity (a segment is a unit that reads
+detached inputs). With ``PLACER_ENGINE_PER_OP=1`` the engine runs op by op, as follows.
+
 Clean per-op autograd: every op runs on *detached* copies of its inputs (``requires_grad`` where the source
 requires grad), so its backward task is one ``torch.autograd.backward(outputs, accumulated output grads)`` that
 touches nothing but the op itself, whenever the schedule says. Input gradients land in the ``.grad`` of those
@@ -16,7 +21,8 @@ pre-posting allocates every receive buffer at the step start; peak-memory accoun
 activation only from its first use (as if it had been received just in time).
 
 Timestamps are ``time.perf_counter()`` pairs around each task (the waits for inputs excluded), cheap enough not
-to distort the step.
+to distort the step. In a fused segment each op's forward is timed; the one backward call's span is split among
+its tasks in proportion to their forward times (so busy time sums are exact, per-op backward times estimated).
 """
 
 from __future__ import annotations
@@ -32,28 +38,17 @@ from torch.utils._pytree import tree_flatten
 
 from placer.engine.plan import Message, StepPlan
 from placer.engine.program import StepProgram, ValueMeta
+from placer.engine.memory import MemoryTracker, optimizer_state_bytes
+from placer.engine.segments import Segment
+from placer.engine.wire import WIRE_DTYPE as _WIRE_DTYPE
+from placer.engine.wire import backward as _backward
+from placer.engine.wire import split as _split
+from placer.engine.wire import unwire as _unwire
+from placer.engine.wire import wire as _wire
 
 log = logging.getLogger(__name__)
 
 __all__ = ["StepRecord", "MemoryTracker", "optimizer_state_bytes", "run_step"]
-
-_WIRE_DTYPE = {torch.bool: torch.uint8}  # gloo has no bool
-
-try:  # the C++ engine directly: torch.autograd.backward re-validates every gradient (~20 us per call here)
-    from torch.autograd.variable import Variable as _Variable
-
-    _run_backward = _Variable._execution_engine.run_backward
-except (ImportError, AttributeError):  # pragma: no cover - other torch versions
-    _run_backward = None
-
-
-def _backward(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-    """``torch.autograd.backward(tensors, grads)`` for gradients already of the right shape, dtype and device."""
-    if _run_backward is None:  # pragma: no cover
-        torch.autograd.backward(tensors, grads)
-    else:
-        _run_backward(tuple(tensors), tuple(grads), False, False, (), True, True)
-
 
 @dataclass(eq=False)
 class StepRecord:
@@ -76,97 +71,6 @@ class StepRecord:
         return sum(e - s for _, s, e in self.task_times)
 
 
-def optimizer_state_bytes(opt: torch.optim.Optimizer | None) -> int:
-    """Bytes of the optimizer's state tensors (momenta...); 0 without an optimizer."""
-    if opt is None:
-        return 0
-    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-               if isinstance(t, torch.Tensor))
-
-
-class MemoryTracker:
-    """Own accounting of activation memory on CPU devices (CUDA uses the allocator's peak instead).
-
-    Live bytes = tensors autograd saved for backward (unique storages, parameters excluded) plus the op's own
-    outputs, from an op's forward until its backward, plus received activations from first use until their
-    gradient is returned. Counted through ``torch.autograd.graph.saved_tensors_hooks``, which costs ~25 us per
-    op, so the worker tracks only the first step of a measurement (the peak is the same every step). The
-    device's peak reported in a :class:`StepResult` adds parameters, gradients and optimizer state.
-    """
-
-    def __init__(self, exclude: set[int]) -> None:
-        self.exclude = exclude
-        self.seen: set[int] = set()
-        self.live = 0
-        self.peak = 0
-        self._cur: list[int] = []
-        self.owned: dict[Any, tuple[int, list[int]]] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        self._add(t)
-        return t
-
-    def _add(self, t: Any) -> None:
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            p = st.data_ptr()
-            if p and p not in self.seen and p not in self.exclude:
-                self.seen.add(p)
-                self._cur.append(p)
-                self._bytes += st.nbytes()
-
-    def begin(self) -> None:
-        self._cur = []
-        self._bytes = 0
-
-    def end(self, key: Any, extra: Sequence[Any] = ()) -> None:
-        for t in extra:
-            self._add(t)
-        if self._cur:
-            self.owned[key] = (self._bytes, self._cur)
-            self.live += self._bytes
-            self.peak = max(self.peak, self.live)
-
-    def release(self, key: Any) -> None:
-        got = self.owned.pop(key, None)
-        if got is not None:
-            self.live -= got[0]
-            self.seen.difference_update(got[1])
-
-
-def _wire(ts: Sequence[torch.Tensor], comm_device: torch.device) -> torch.Tensor:
-    """The leaves of one message as one flat, contiguous buffer of a dtype gloo knows, on the comm device."""
-    t = ts[0].detach().reshape(-1) if len(ts) == 1 else torch.cat([x.detach().reshape(-1) for x in ts])
-    if t.dtype in _WIRE_DTYPE:
-        t = t.to(_WIRE_DTYPE[t.dtype])
-    if t.device != comm_device:
-        t = t.to(comm_device)
-    return t.contiguous()
-
-
-def _split(buf: torch.Tensor, meta: ValueMeta, leaves: Sequence[int]) -> list[torch.Tensor]:
-    """Views of a received flat buffer, one per leaf, in the leaves' shapes."""
-    if len(leaves) == 1:
-        return [buf.view(meta.leaves[leaves[0]].shape).detach()]  # detached: an autograd leaf, not a view
-    out, at = [], 0
-    for k in leaves:
-        shape = meta.leaves[k].shape
-        n = 1
-        for d in shape:
-            n *= d
-        out.append(buf[at:at + n].view(shape).detach())
-        at += n
-    return out
-
-
-def _unwire(buf: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if buf.dtype != dtype:
-        buf = buf.to(dtype)
-    if buf.device != device:
-        buf = buf.to(device)
-    return buf
-
-
 def run_step(prog: StepProgram, metas: Sequence[ValueMeta], plan: StepPlan, inputs: Sequence[Sequence[Any]], *,
              device: torch.device, comm_device: Callable[[int], torch.device], update: Callable[[], None] | None,
              memory: MemoryTracker | None, fault: Callable[[int], None] | None = None) -> StepRecord:
@@ -185,25 +89,47 @@ def run_step(prog: StepProgram, metas: Sequence[ValueMeta], plan: StepPlan, inpu
     rec.t0 = perf()  # posting the receives is part of the step: gloo spends ~10-20 us of CPU on each
     step.post_receives()
     with hooks:
-        for k, tp in enumerate(plan.tasks):
-            if fault is not None:
-                fault(k)
-            phase = tp.phase
-            if phase == "fwd":
-                step.forward(k, tp)
-            elif phase == "bwd":
-                step.backward(k, tp)
-            else:  # update
-                s = perf()
-                if update is not None:
-                    update()
-                rec.task_times.append((k, s, perf()))
+        if plan.segments is not None:
+            _run_segments(step, plan.segments, update, fault)
+        else:
+            for k, tp in enumerate(plan.tasks):
+                if fault is not None:
+                    fault(k)
+                phase = tp.phase
+                if phase == "fwd":
+                    step.forward(k, tp)
+                elif phase == "bwd":
+                    step.backward(k, tp)
+                else:  # update
+                    s = perf()
+                    if update is not None:
+                        update()
+                    rec.task_times.append((k, s, perf()))
         step.drain()
         rec.t1 = perf()
     rec.losses = [float(x) for x in rec.losses]
     if memory is not None:
         rec.peak_dynamic_bytes = memory.peak
     return rec
+
+
+def _run_segments(step: "_Step", segments: Sequence[Segment], update: Callable[[], None] | None,
+                  fault: Callable[[int], None] | None) -> None:
+    """Fused execution: one forward / backward per segment (a segment's time is recorded at its first task)."""
+    rec, perf = step.rec, time.perf_counter
+    for seg in segments:
+        if fault is not None:
+            for k in seg.positions:
+                fault(k)
+        if seg.phase == "fwd":
+            step.forward_segment(seg)
+        elif seg.phase == "bwd":
+            step.backward_segment(seg)
+        else:  # update
+            s = perf()
+            if update is not None:
+                update()
+            rec.task_times.append((seg.positions[0], s, perf()))
 
 
 class _Step:
@@ -224,6 +150,7 @@ class _Step:
         self.grad_recvs: dict[tuple[int, int], tuple[torch.Tensor, Any]] = {}
         self.waited: set[tuple[int, int]] = set()
         self.seed: torch.Tensor | None = None
+        self.fwd_marks: dict[tuple[int, int], list[float]] = {}
         self.rec = StepRecord(t0=0.0, t1=0.0, task_times=[])
 
     def post_receives(self) -> None:
@@ -335,10 +262,19 @@ class _Step:
     def _backprop(self, i: int, m: int, got: dict[int, list[torch.Tensor]]) -> None:
         """``torch.autograd.backward`` through op ``i`` of micro-batch ``m`` with its summed output gradients (the
         loss op's seed is ``1/M``)."""
+        tensors: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        self._grad_pairs(i, m, got, tensors, grads)
+        if tensors:
+            _backward(tensors, grads)
+
+    def _grad_pairs(self, i: int, m: int, got: dict[int, list[torch.Tensor]], tensors: list[torch.Tensor],
+                    grads: list[torch.Tensor]) -> None:
+        """Append op ``i``'s output leaves (micro-batch ``m``) and their summed gradients: a local view's ``.grad``,
+        the received ones ``got[leaf]``, the loss seed."""
         metas = self.metas
         leaves = self.outs.pop((i, m))
         vl = self.views.pop((i, m), None)
-        tensors, grads = [], []
         for leaf_k in metas[i].grad_leaves:
             g = vl[leaf_k].grad if vl is not None else None
             for buf in got.get(leaf_k, ()):
@@ -351,8 +287,91 @@ class _Step:
             if g is not None:
                 tensors.append(leaves[leaf_k])
                 grads.append(g)
+
+    def forward_segment(self, seg: Segment) -> None:
+        """Run a fused segment's ops on live (autograd-connected) values; expose its outputs, post its sends."""
+        tasks = self.plan.tasks
+        first = tasks[seg.positions[0]]
+        if first.wait_values:
+            self._receive_inputs(first)
+        m, memory, rec, perf = seg.mb, self.memory, self.rec, time.perf_counter
+        env, ops = self.env[m], self.prog.ops
+        s = perf()
+        if memory is not None:
+            memory.begin()
+        marks = []
+        for i in seg.ops:
+            marks.append(perf())
+            op = ops[i]
+            if op.kind == "compute":
+                env[i] = op.run([env[j] for j in op.inputs])
+            elif op.kind == "input":
+                env[i] = self.inputs[m][op.input_position]
+            else:
+                env[i] = op.attr
+        kept: list[Any] = []
+        for i in seg.outputs:
+            v = env[i]
+            leaves = [v] if isinstance(v, torch.Tensor) else tree_flatten(v)[0]
+            self.outs[(i, m)] = leaves
+            kept.extend(leaves)
+        if self.prog.loss_op in seg.ops:
+            rec.losses.append(env[self.prog.loss_op].detach())
+        for k in seg.positions:
+            for msg in tasks[k].sends:
+                v = env[msg.op]
+                leaves = [v] if isinstance(v, torch.Tensor) else tree_flatten(v)[0]
+                t = _wire([leaves[leaf_k] for leaf_k in msg.leaves], self.comm_device(msg.dst))
+                rec.send_times[(msg.dst, msg.tag)] = perf()
+                self.pending_sends.append((dist.isend(t, dst=msg.dst, tag=msg.tag), t))
+        for i in seg.views:  # local readers outside the segment get detached leaves collecting their gradients
+            v = env[i]
+            leaves = [v] if isinstance(v, torch.Tensor) else tree_flatten(v)[0]
+            vl = [x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.requires_grad else x
+                  for x in leaves]
+            self.views[(i, m)] = vl
+            env[i] = vl[0] if isinstance(v, torch.Tensor) else self.metas[i].unflatten(vl)
+        if memory is not None:
+            memory.end(("seg", seg.ops[0], m), kept)
+        marks[0] = s
+        marks.append(perf())
+        rec.task_times.extend((k, marks[n], marks[n + 1]) for n, k in enumerate(seg.positions))
+        self.fwd_marks[(seg.ops[0], m)] = marks
+
+    def backward_segment(self, seg: Segment) -> None:
+        """One ``autograd.backward`` from the segment's outputs; then the gradients of received values go back."""
+        tasks, metas = self.plan.tasks, self.metas
+        m, memory, rec, perf = seg.mb, self.memory, self.rec, time.perf_counter
+        got: dict[int, dict[int, list[torch.Tensor]]] = {}
+        for msg in tasks[seg.positions[0]].grad_recvs:  # only the first task waits (segments.py)
+            buf, work = self.grad_recvs[(msg.src, msg.tag)]
+            work.wait()
+            rec.recv_times[(msg.src, msg.tag)] = perf()
+            self.waited.add((msg.src, msg.tag))
+            for leaf_k, t in zip(msg.leaves, _split(buf, metas[msg.op], msg.leaves)):
+                got.setdefault(msg.op, {}).setdefault(leaf_k, []).append(t)
+        s = perf()
+        tensors: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for i in seg.outputs:
+            self._grad_pairs(i, m, got.get(i, {}), tensors, grads)
         if tensors:
             _backward(tensors, grads)
+        if memory is not None:
+            memory.release(("seg", seg.ops[0], m))
+        for k in seg.positions:
+            tp = tasks[k]
+            for msg in tp.sends:  # gradients of received values, after their last local consumer
+                xs = [self.recvd[(msg.op, msg.mb)][leaf_k] for leaf_k in msg.leaves]
+                t = _wire([x.grad if x.grad is not None else torch.zeros_like(x) for x in xs],
+                          self.comm_device(msg.dst))
+                rec.send_times[(msg.dst, msg.tag)] = perf()
+                self.pending_sends.append((dist.isend(t, dst=msg.dst, tag=msg.tag), t))
+            for j in tp.release_values:
+                self.recvd.pop((j, m), None)
+                if memory is not None:
+                    memory.release(("recv", j, m))
+        _split_times(rec, seg.positions, s, perf(), self.fwd_marks.pop((seg.ops[0], m), None))
 
     def drain(self) -> None:
         """Complete the receives nobody consumed (e.g. a value whose readers skip backward) and every send."""
@@ -364,6 +383,22 @@ class _Step:
                 work.wait()
         for work, _ in self.pending_sends:
             work.wait()
+
+
+def _split_times(rec: StepRecord, positions: Sequence[int], s: float, e: float, fwd_marks: list[float] | None) -> None:
+    """One backward call's span ``[s, e]`` recorded per task, split in proportion to the ops' forward times (one
+    autograd call has no per-op clock; ``positions`` run from the last op back to the first)."""
+    n = len(positions)
+    if n == 1 or not fwd_marks:
+        rec.task_times.append((positions[0], s, e))
+        return
+    fwd = [b - a for a, b in zip(fwd_marks, fwd_marks[1:])][::-1]  # in backward order
+    total = sum(fwd) or 1.0
+    t = s
+    for k, f in zip(positions, fwd):
+        end = t + (e - s) * f / total
+        rec.task_times.append((k, t, end))
+        t = end
 
 
 class _NullContext:

@@ -23,6 +23,7 @@ import numpy as np
 
 from placer.engine.ordering import Task
 from placer.engine.program import StepProgram, ValueMeta
+from placer.engine.segments import Segment, build_segments, fused_default
 
 __all__ = ["Message", "TaskPlan", "StepPlan", "build_plan"]
 
@@ -80,6 +81,8 @@ class StepPlan:
     """Per op: consumers on its own device read detached copies of its output (cuts autograd per op)."""
     has_bwd: np.ndarray
     """Per op: the output requires grad (its backward task does work)."""
+    segments: list[Segment] | None = None
+    """Fused execution (:mod:`placer.engine.segments`): the tasks grouped into segments; None: op by op."""
 
 
 def _validate(tasks: list[list[Task]], dev: np.ndarray, microbatches: int, prog: StepProgram) -> None:
@@ -152,8 +155,10 @@ def _task_plans(prog: StepProgram, dev: np.ndarray, my_tasks: list[Task], rank: 
 
 
 def build_plan(prog: StepProgram, metas: Sequence[ValueMeta], device_of_op: Sequence[int] | np.ndarray,
-               tasks: list[list[Task]], *, rank: int, microbatches: int) -> StepPlan:
-    """The plan of device ``rank`` (raises a one-line ``ValueError`` for an inconsistent schedule)."""
+               tasks: list[list[Task]], *, rank: int, microbatches: int, fused: bool | None = None) -> StepPlan:
+    """The plan of device ``rank`` (raises a one-line ``ValueError`` for an inconsistent schedule).
+
+    ``fused``: group the tasks into fused segments (None: :func:`placer.engine.segments.fused_default`)."""
     dev = np.asarray(device_of_op, dtype=np.int64)
     num_devices = len(tasks)
     n = prog.n
@@ -213,5 +218,9 @@ def build_plan(prog: StepProgram, metas: Sequence[ValueMeta], device_of_op: Sequ
     for (src, dst), seq in seqs.items():
         if src == rank:
             sent[dst] = sum(msg.nbytes for msg in seq)
+    if fused is None:
+        fused = fused_default()
+    segments = build_segments(prog, plans, dev, rank, has_bwd) if fused else None
     return StepPlan(rank=rank, num_devices=num_devices, microbatches=microbatches, device_of_op=dev,
-                    tasks=plans, recvs=recvs, sent_bytes=sent, local_view=local_view, has_bwd=has_bwd)
+                    tasks=plans, recvs=recvs, sent_bytes=sent, local_view=local_view, has_bwd=has_bwd,
+                    segments=segments)
