@@ -28,6 +28,25 @@ def error_reason(msg: dict[str, Any], devices: Sequence[str]) -> str:
 
 
 
+def _message_events(replies: Sequence[dict[str, Any]], k: int, names: Sequence[str], devices: Sequence[str],
+                    rel: Any) -> list[TimelineEvent]:
+    """One ``send`` event per message of step ``k``, from its send until its receive completed."""
+    recv_done: dict[tuple[int, int, int], float] = {}
+    for r in replies:
+        recvs = r.get("recvs")
+        for (src, tag), t in (recvs[k] if recvs else {}).items():
+            recv_done[(src, r["rank"], tag)] = t
+    events = []
+    for r in replies:
+        src, sends = r["rank"], r.get("sends")
+        for (dst, tag), t in (sends[k] if sends else {}).items():
+            op, mb, _kind = r["sent_msgs"][(dst, tag)]
+            end = recv_done.get((src, dst, tag), t)
+            events.append(TimelineEvent(track=f"{devices[src]}->{devices[dst]}", op=names[op], microbatch=mb,
+                                        phase="send", start_s=rel(src, t), end_s=max(rel(src, t), rel(dst, end))))
+    return events
+
+
 def assemble_result(replies: Sequence[dict[str, Any]], *, graph: Any, cluster: Any, tasks: list[list[Task]],
                     schedule: str, microbatches: int, same_host: bool, order: str | None = None,
                     note: str = "") -> StepResult:
@@ -72,17 +91,7 @@ def assemble_result(replies: Sequence[dict[str, Any]], *, graph: Any, cluster: A
             busy[rank] += e - s
             events.append(TimelineEvent(track=devices[rank], op=names[op] if op >= 0 else "update",
                                         microbatch=mb, phase=phase, start_s=rel(rank, s), end_s=rel(rank, e)))
-    recv_done: dict[tuple[int, int, int], float] = {}
-    for r in replies:
-        for (src, tag), t in r.get("recvs", [{}] * nsteps)[k].items():
-            recv_done[(src, r["rank"], tag)] = t
-    for r in replies:
-        src = r["rank"]
-        for (dst, tag), t in r.get("sends", [{}] * nsteps)[k].items():
-            op, mb, kind = r["sent_msgs"][(dst, tag)]
-            end = recv_done.get((src, dst, tag), t)
-            events.append(TimelineEvent(track=f"{devices[src]}->{devices[dst]}", op=names[op], microbatch=mb,
-                                        phase="send", start_s=rel(src, t), end_s=max(rel(src, t), rel(dst, end))))
+    events += _message_events(replies, k, names, devices, rel)
     events.sort(key=lambda e: (e.start_s, e.track))
     bytes_moved = np.zeros((d, d), dtype=np.int64)
     peak = np.zeros(d, dtype=np.int64)

@@ -109,6 +109,17 @@ def _ping_pong(t: Any, peer: int, first: bool, blocking: bool) -> None:
         dist.isend(t, dst=peer).wait()
 
 
+def _one_way_times(t: Any, peer: int, first: bool, repeats: int, *, blocking: bool) -> list[float]:
+    """Half of each of ``repeats`` round trips of ``t`` with ``peer``, after five warm-up round trips."""
+    out = []
+    for k in range(repeats + 5):
+        t0 = time.perf_counter()
+        _ping_pong(t, peer, first, blocking=blocking)
+        if k >= 5:
+            out.append((time.perf_counter() - t0) / 2)
+    return out
+
+
 def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, threads: int,
             cores: list[list[int]] | None, out_dir: str, matmul_n: int, matmul_iters: int, timeout_s: float) -> None:
     import threading
@@ -138,19 +149,9 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, th
                 # one size at a time, ascending, after warm-up (OSU-style steady state): a small message right
                 # after a multi-MB one can take milliseconds on loopback gloo, which is not the link's latency
                 for si, s in enumerate(sizes):
-                    t = buf[s]
-                    for k in range(repeats + 5):  # five warm-up round trips
-                        t0 = time.perf_counter()
-                        _ping_pong(t, peer, rank == i, blocking=False)
-                        if k >= 5:
-                            samples[si].append((time.perf_counter() - t0) / 2)
+                    samples[si] = _one_way_times(buf[s], peer, rank == i, repeats, blocking=False)
                 # blocking send/recv for the record: on a loaded box the blocked receiver sleeps and wakes late
-                blocking = []
-                for k in range(repeats + 5):
-                    t0 = time.perf_counter()
-                    _ping_pong(buf[sizes[0]], peer, rank == i, blocking=True)
-                    if k >= 5:
-                        blocking.append((time.perf_counter() - t0) / 2)
+                blocking = _one_way_times(buf[sizes[0]], peer, rank == i, repeats, blocking=True)
                 waited = _waited_receives(peer, rank == i, repeats, seed=i * world + j)
                 if rank == j:
                     out["waited"][f"{i}-{j}"] = float(np.median(waited))
