@@ -50,7 +50,7 @@ def plan_for(name: str, overrides: dict, placement: Placement | None, schedule: 
     metas = describe_values(prog, split_microbatch(traced.example_inputs, mb, 0))
     placement = placement or Placement.single(graph)
     ndev = 2 if placement.device_of_op.max() > 0 else 1
-    tasks, _ = device_tasks(graph, placement, ndev, schedule=schedule, microbatches=mb)
+    tasks, *_ = device_tasks(graph, placement, ndev, schedule=schedule, microbatches=mb)
     return prog, build_plan(prog, metas, placement.device_of_op, tasks, rank=rank, microbatches=mb, fused=fused)
 
 
