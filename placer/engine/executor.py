@@ -247,17 +247,22 @@ class _Step:
             self._backprop(i, m, got)
             if memory is not None:
                 memory.release((i, m))
-        for msg in tp.sends:  # gradients of received values, after their last local consumer
+        self._send_grads_and_release(tp, m, rec, memory)
+        rec.task_times.append((k, s, perf()))
+
+    def _send_grads_and_release(self, tp: Any, m: int, rec: Any, memory: Any) -> None:
+        """After a backward task: send the gradients of the values it received (their last local consumer has
+        run) and drop the received values it was the last to read."""
+        for msg in tp.sends:
             xs = [self.recvd[(msg.op, msg.mb)][leaf_k] for leaf_k in msg.leaves]
             t = _wire([x.grad if x.grad is not None else torch.zeros_like(x) for x in xs],
                       self.comm_device(msg.dst))
-            rec.send_times[(msg.dst, msg.tag)] = perf()
+            rec.send_times[(msg.dst, msg.tag)] = time.perf_counter()
             self.pending_sends.append((dist.isend(t, dst=msg.dst, tag=msg.tag), t))
         for j in tp.release_values:
             self.recvd.pop((j, m), None)
             if memory is not None:
                 memory.release(("recv", j, m))
-        rec.task_times.append((k, s, perf()))
 
     def _backprop(self, i: int, m: int, got: dict[int, list[torch.Tensor]]) -> None:
         """``torch.autograd.backward`` through op ``i`` of micro-batch ``m`` with its summed output gradients (the
@@ -360,17 +365,7 @@ class _Step:
         if memory is not None:
             memory.release(("seg", seg.ops[0], m))
         for k in seg.positions:
-            tp = tasks[k]
-            for msg in tp.sends:  # gradients of received values, after their last local consumer
-                xs = [self.recvd[(msg.op, msg.mb)][leaf_k] for leaf_k in msg.leaves]
-                t = _wire([x.grad if x.grad is not None else torch.zeros_like(x) for x in xs],
-                          self.comm_device(msg.dst))
-                rec.send_times[(msg.dst, msg.tag)] = perf()
-                self.pending_sends.append((dist.isend(t, dst=msg.dst, tag=msg.tag), t))
-            for j in tp.release_values:
-                self.recvd.pop((j, m), None)
-                if memory is not None:
-                    memory.release(("recv", j, m))
+            self._send_grads_and_release(tasks[k], m, rec, memory)
         _split_times(rec, seg.positions, s, perf(), self.fwd_marks.pop((seg.ops[0], m), None))
 
     def drain(self) -> None:
