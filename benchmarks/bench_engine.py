@@ -58,35 +58,7 @@ OVERHEAD_MODELS = ("nmt", "inception_v3", "gpt")
 
 def eager_step_s(name: str, config: str, overrides: dict, *, steps: int, warmup: int, device: str = "cpu") -> float:
     """Median eager training step of a benchmark model in this process (CPU: core 0, one thread)."""
-    old_aff = os.sched_getaffinity(0)
-    old_threads = torch.get_num_threads()
-    cuda = device.startswith("cuda")
-    if not cuda:
-        os.sched_setaffinity(0, {sorted(old_aff)[0]})
-        torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model, inputs, _ = build_model(name, config, seed=0, **overrides)
-        model = model.to(device)
-        inputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs]
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        samples = []
-        for s in range(warmup + steps):
-            if cuda:
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss = model(*inputs)
-            loss.backward()
-            opt.step()
-            if cuda:
-                torch.cuda.synchronize()
-            if s >= warmup:
-                samples.append(time.perf_counter() - t)
-        return float(statistics.median(samples))
-    finally:
-        torch.set_num_threads(old_threads)
-        os.sched_setaffinity(0, old_aff)
+    return _EagerStep(name, config, overrides, device=device).median_s(steps, warmup)
 
 
 def engine_overhead(args: argparse.Namespace, device: str = "cpu") -> float:
@@ -113,25 +85,33 @@ def engine_overhead(args: argparse.Namespace, device: str = "cpu") -> float:
 
 
 class _EagerStep:
-    """An eager training step of a benchmark model in this process, pinned to core 0 with one thread while it runs
-    (the engine's worker in :func:`model_overhead` is pinned to the same core with one thread)."""
+    """An eager training step of a benchmark model in this process; on the CPU pinned to core 0 with one thread
+    while it runs (the engine's worker in :func:`model_overhead` is pinned to the same core with one thread)."""
 
-    def __init__(self, name: str, config: str, overrides: dict) -> None:
+    def __init__(self, name: str, config: str, overrides: dict, *, device: str = "cpu") -> None:
         torch.manual_seed(0)
-        self.model, self.inputs, _ = build_model(name, config, seed=0, **overrides)
+        model, inputs, _ = build_model(name, config, seed=0, **overrides)
+        self.cuda = device.startswith("cuda")
+        self.model = model.to(device)
+        self.inputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs]
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
 
     def median_s(self, steps: int, warmup: int) -> float:
         old_aff, old_threads = os.sched_getaffinity(0), torch.get_num_threads()
-        os.sched_setaffinity(0, {sorted(old_aff)[0]})
-        torch.set_num_threads(1)
+        if not self.cuda:
+            os.sched_setaffinity(0, {sorted(old_aff)[0]})
+            torch.set_num_threads(1)
         try:
             samples = []
             for s in range(warmup + steps):
+                if self.cuda:
+                    torch.cuda.synchronize()
                 t = time.perf_counter()
                 self.opt.zero_grad(set_to_none=True)
                 self.model(*self.inputs).backward()
                 self.opt.step()
+                if self.cuda:
+                    torch.cuda.synchronize()
                 if s >= warmup:
                     samples.append(time.perf_counter() - t)
             return float(statistics.median(samples))

@@ -120,14 +120,16 @@ def test_out_of_range_and_non_finite_numbers_are_refused(tmp_path, placement, ar
 def test_a_graph_with_a_non_finite_op_cost_is_refused(tmp_path):
     from graphs.data import load_benchmark_graph
 
-    for bad in (float("inf"), float("nan"), -1.0):
+    for bad, why in ((float("inf"), "has an infinite fwd_s on 'cpu'"), (float("nan"), "has negative or NaN fwd_s"),
+                     (-1.0, "has negative or NaN fwd_s")):
         d = load_benchmark_graph("rnnlm").to_json()
         d["costs"]["cpu"]["fwd_s"][3] = bad
         d.pop("hash", None)
         path = tmp_path / "g.json"
         path.write_text(json.dumps(d))  # Infinity / NaN: what json.dumps writes for them
         for args in (["graph", "show", path], ["baseline", "--graph", path, "--cluster", "cpu-2", "--method", "heft"]):
-            one_line_error(placer(*args, cwd=tmp_path), "g.json")
+            line = one_line_error(placer(*args, cwd=tmp_path), "g.json", why)
+            assert f"op '{d['ops']['name'][3]}'" in line  # names the op, not only the file
 
 
 def test_refused_runs_leave_no_run_folder(tmp_path):
@@ -152,7 +154,8 @@ def test_messages_name_the_file_they_are_about(tmp_path, placement):
                         ('{"graph": "rnnlm", "algo_config": {}, "colour": 1}',
                          "unknown training config field(s): colour")):
         (run / "config.json").write_text(text)
-        one_line_error(placer("train", "--resume", run, cwd=tmp_path), f"{run / 'config.json'}", match)
+        line = one_line_error(placer("train", "--resume", run, cwd=tmp_path), match)
+        assert f"{run / 'config.json'}" in line, line  # the file the message is about
     doc = json.loads(placement.read_text())
     doc.pop("graph")
     (tmp_path / "nograph.json").write_text(json.dumps(doc))
