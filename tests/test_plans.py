@@ -134,3 +134,47 @@ def test_placement_document_records_the_chosen_plan(tmp_path):
     assert res.microbatches > 1
     with pytest.raises(ValueError, match="schedule 'auto' needs the predicted or measured result"):
         save_placement(tmp_path / "q.json", g, c, p, method="test", schedule=AUTO)
+
+
+# ---------------------------------------------------------------------------------------------- memory-tight clusters
+def test_h100x8_tight_preset_is_tight_for_gpt_1_3b():
+    """One device cannot hold the step; for the memory-balanced split GPipe x4 is OOM where 1F1B x4 fits."""
+    from graphs.data import load_benchmark_graph
+    from placer.core.cluster import get_cluster
+    from placer.costmodel.tight import balanced_split
+
+    g, c = load_benchmark_graph("gpt-1.3b"), get_cluster("h100x8-tight")
+    sim = Simulator(g, c)
+    assert sim.run(np.zeros(g.n, dtype=np.int64)).oom
+    dev = balanced_split(g, get_cluster("h100x8"), 4)
+    assert np.all(np.diff(dev) >= 0) and np.unique(dev).size == 8  # contiguous, every device used
+    assert sim.run(dev, schedule="gpipe", microbatches=4).oom
+    assert sim.run(dev, schedule="1f1b", microbatches=4).ok
+    plan, res = best_plan(sim, dev)
+    assert res.ok and plan.schedule != "gpipe"
+
+
+@pytest.mark.parametrize("name", ["gpt-paper", "moe-paper", "inception_v3-paper"])
+def test_memory_tight_gives_the_property_per_graph(name):
+    from graphs.data import load_benchmark_graph
+    from placer.core.cluster import get_cluster
+    from placer.costmodel.tight import memory_tight, tight_report
+
+    g, base = load_benchmark_graph(name), get_cluster("h100x8")
+    rep = tight_report(base, g)
+    assert not rep.single_fits and rep.one_f1b_fits and not rep.gpipe_fits
+    tight = memory_tight(base, g)
+    assert {d.memory_bytes for d in tight.devices} == {rep.capacity_bytes}
+    assert tight.name == f"h100x8-tight[{name}]" and [d.kind for d in tight.devices] == ["H100"] * 8
+
+
+def test_mixed_preset_has_both_gpu_kinds_and_their_costs():
+    from graphs.data import load_benchmark_graph
+    from placer.core.cluster import get_cluster
+
+    c = get_cluster("mixed")
+    assert [d.kind for d in c.devices] == ["A100"] * 4 + ["H100"] * 4
+    assert {d.memory_bytes for d in c.devices} == {80 << 30}
+    sim = Simulator(load_benchmark_graph("gpt-paper"), c)
+    a100, h100 = sim.fwd_s[0].sum(), sim.fwd_s[4].sum()
+    assert h100 < a100  # each device is timed with its own kind's costs
