@@ -13,7 +13,8 @@ Automatic Distributed Training on Heterogeneous GPUs", USENIX ATC 2024): PipeDre
   pipelined estimate of :mod:`placer.baselines._stages`;
 - memory per device is its own capacity, against what 1F1B with ``M`` micro-batches keeps resident.
 
-On a cluster of one kind the candidates are exactly ``pipedream-dp``'s, so the two agree. When no split fits
+The candidates include ``pipedream-dp``'s (first, so ties go to its split): on a cluster of one kind the two
+agree, and on a mixed one hetero-dp's estimate is never worse. When no split fits
 memory the best split without the limit is returned (the simulator reports the OOM). Deterministic (``seed``
 unused).
 """
@@ -51,16 +52,16 @@ def kind_orders(cluster: "Cluster", devices: list[int], throughput: np.ndarray) 
 
 
 def hetero_candidates(cluster: "Cluster", groups: Groups) -> list[list[int]]:
-    """Device orders to split over: for each stage count ``S``, the ``S`` fastest accelerators in each kind order;
-    on one kind, ``pipedream-dp``'s candidates."""
+    """Device orders to split over: ``pipedream-dp``'s candidates (all of them on one kind), then for each stage
+    count ``S`` the ``S`` fastest accelerators in each kind order."""
     devs = accelerators(cluster)
     thr = groups.throughput(devs)
     by_speed = [devs[int(x)] for x in np.argsort(-thr, kind="stable")]
+    orders = [devs] + ([by_speed] if by_speed != devs else [])
+    out = [o[:s] for s in range(1, len(devs) + 1) for o in orders]  # pipedream-dp's, so never worse than it
     kinds = kind_orders(cluster, devs, thr)
     if len(kinds) == 1:
-        orders = [devs] + ([by_speed] if by_speed != devs else [])
-        return [o[:s] for s in range(1, len(devs) + 1) for o in orders]
-    out: list[list[int]] = []
+        return out
     for s in range(1, len(devs) + 1):
         chosen = set(by_speed[:s])
         for kind_order in kinds:
