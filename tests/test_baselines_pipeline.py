@@ -115,6 +115,20 @@ def test_layers_of_the_shipped_graphs():
                                                       "decoder.0", "decoder.1", "attention", "proj", "loss"]
 
 
+def test_a_tied_embedding_used_again_by_the_head_stays_one_unit():
+    ops = [dict(name="tokens", kind="input"), dict(name="emb", module="emb", fwd_s=0.1, colocation=7),
+           dict(name="b0", module="blocks.0", fwd_s=1.0), dict(name="b1", module="blocks.1", fwd_s=1.0),
+           dict(name="head", module="emb", fwd_s=0.1, colocation=7), dict(name="loss", module="loss", fwd_s=0.1)]
+    names = [o["name"] for o in ops]
+    g = OpGraph.build(name="tied", ops=ops, edges=list(zip(names, names[1:])))
+    cl = equal(2)
+    layers = find_layers(g, groups_of(g, cl))
+    assert layers.names == ["emb", "blocks.0", "blocks.1", "loss"]
+    p = place("even-layers", g, cl)
+    assert p.device_of_op.tolist() == [0, 0, 0, 1, 0, 1]  # the head op goes with its group (the embedding)
+    assert group_contiguous(g, p, cl) and not is_stage_contiguous(g, p)
+
+
 # ---------------------------------------------------------------------------------------------- torchtitan, deepspeed
 def test_even_and_weighted_block_counts():
     assert even_blocks(12, 8) == [1, 2, 1, 2, 1, 2, 1, 2]

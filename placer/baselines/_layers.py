@@ -109,54 +109,51 @@ def _fill_gaps(unit_of_op: np.ndarray) -> np.ndarray:
     return unit_of_op[prev]
 
 
+def _run_units(paths: list[str], prefix: str, indices: list[int]) -> tuple[list[str], np.ndarray, int]:
+    """Units around a run of blocks: ``(names, unit of each op or -1, number of pre units)``. A top-level module
+    before the first block op is a pre unit, one after the last block op (and not a pre unit: a tied embedding
+    used again by the head stays with its group) a post unit; anything else between blocks joins its neighbour."""
+    rank = {k: r for r, k in enumerate(indices)}
+    block = np.array([rank[h[1]] if (h := _outer_index(p)) and h[0] == prefix else -1 for p in paths], dtype=np.int64)
+    in_block = np.flatnonzero(block >= 0)
+    first_op, last_op = int(in_block[0]), int(in_block[-1])
+    tops = [p.split(".", 1)[0] for p in paths]
+    pre = list(dict.fromkeys(t for i, t in enumerate(tops) if t and block[i] < 0 and i < first_op))
+    post = list(dict.fromkeys(t for i, t in enumerate(tops) if t and block[i] < 0 and i > last_op and t not in pre))
+    where = {t: u for u, t in enumerate(pre)} | {t: len(pre) + len(indices) + u for u, t in enumerate(post)}
+    unit = np.where(block >= 0, len(pre) + block, -1)
+    for i, t in enumerate(tops):
+        if block[i] < 0 and (i < first_op and t in pre or i > last_op and t in post):
+            unit[i] = where[t]
+    return pre + [f"{prefix}.{k}" for k in indices] + post, unit, len(pre)
+
+
+def _top_level_units(paths: list[str]) -> tuple[list[str], np.ndarray]:
+    """The top-level children in order of first appearance, a ``ModuleList`` child split into its items."""
+    index: dict[str, int] = {}
+    unit = np.full(len(paths), -1, dtype=np.int64)
+    for i, p in enumerate(paths):
+        if p:
+            hit = _outer_index(p)
+            top = p.split(".", 1)[0]
+            unit[i] = index.setdefault(f"{hit[0]}.{hit[1]}" if hit and hit[0] == top else top, len(index))
+    return list(index), unit
+
+
 def find_layers(graph: "OpGraph", groups: Groups) -> Layers:
     """The units of ``graph`` (module docstring) with the unit of each of ``groups``."""
     paths = [str(p) for p in graph.module_paths]
     op_time = groups.time_s[groups.group_of_op, 0] if groups.time_s.size else np.zeros(graph.n)
-    unit_of_op = np.full(graph.n, -1, dtype=np.int64)
-    names: list[str] = []
     run = _longest_run(paths, op_time)
     if run is not None:
-        prefix, indices = run
-        rank = {k: r for r, k in enumerate(indices)}
-        block = np.array([rank[h[1]] if (h := _outer_index(p)) and h[0] == prefix else -1 for p in paths])
-        in_block = np.flatnonzero(block >= 0)
-        first_op, last_op = int(in_block[0]), int(in_block[-1])
-        pre: list[str] = []
-        post: list[str] = []
-        for i, p in enumerate(paths):
-            top = p.split(".", 1)[0]
-            if block[i] >= 0 or not top:
-                continue
-            side = pre if i < first_op else post if i > last_op else None
-            if side is not None and top not in side:
-                side.append(top)
-        names = pre + [f"{prefix}.{k}" for k in indices] + post
-        index = {n: u for u, n in enumerate(names)}
-        for i, p in enumerate(paths):
-            top = p.split(".", 1)[0]
-            if block[i] >= 0:
-                unit_of_op[i] = len(pre) + block[i]
-            elif top and i < first_op:
-                unit_of_op[i] = index[top]
-            elif top and i > last_op:
-                unit_of_op[i] = index[top]
-        first_block, num_blocks = len(pre), len(indices)
+        names, unit_of_op, first_block = _run_units(paths, *run)
+        num_blocks = len(run[1])
     else:
-        index: dict[str, int] = {}
-        for i, p in enumerate(paths):
-            if not p:
-                continue
-            hit = _outer_index(p)
-            top = p.split(".", 1)[0]
-            key = f"{hit[0]}.{hit[1]}" if hit and hit[0] == top else top
-            unit_of_op[i] = index.setdefault(key, len(index))
-        names = list(index)
+        names, unit_of_op = _top_level_units(paths)
         first_block, num_blocks = 0, len(names)
     if not names:  # no module paths: one unit per colocation group
-        names = [f"group{g}" for g in range(groups.num)]
-        return Layers(names=names, unit_of_group=np.arange(groups.num, dtype=np.int64), first_block=0,
-                      num_blocks=len(names))
+        return Layers(names=[f"group{g}" for g in range(groups.num)], unit_of_group=np.arange(groups.num),
+                      first_block=0, num_blocks=groups.num)
     unit_of_op = _fill_gaps(unit_of_op)
     first_ops = np.array([int(ops[0]) for ops in groups.ops], dtype=np.int64)
     unit_of_group = np.maximum.accumulate(unit_of_op[first_ops]) if first_ops.size else first_ops
