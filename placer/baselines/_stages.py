@@ -11,9 +11,11 @@ Colocation groups in their order (:class:`placer.baselines._common.Groups`) are 
   keeps resident, the simulator's rule: GPipe (and ``none``) hold all ``M`` micro-batches, i.e. the whole stash;
   1F1B's stage ``k`` of ``S`` holds at most ``min(S − k, M)`` micro-batches of ``stash / M`` each.
 
-Exact min-max split for a fixed device order: binary search on the bottleneck ``B`` with a greedy probe that
-takes, stage by stage, the furthest cut whose stage fits ``B`` and memory and whose next stage's input transfer
-fits ``B`` (feasibility is monotone in where a stage starts, so the furthest cut is never worse). Each probe costs
+The min-max split for a fixed device order (to 1e-9 relative): binary search on the bottleneck ``B`` with a greedy
+probe that fills the stages from the last one back, each starting as early as ``B``, its memory and its input
+transfer allow (feasibility is monotone in where a stage ends, so the earliest start is never worse). Filling
+from the back leaves the early stages, which 1F1B makes hold the most micro-batches, the least work and stash
+(PipeDream's DP breaks its ties the same way). Each probe costs
 ``O(S log G)`` plus one vector pass, so the whole search is milliseconds on a 1000-op graph.
 
 Fewer stages can be faster: with ``M`` micro-batches a pipeline takes about ``(Σ_k t_k + (M − 1) × B) / M`` (one
@@ -120,22 +122,23 @@ class Split:
 
 def _probe(prob: StageProblem, order: list[int], comm: np.ndarray, mem_pre: list[np.ndarray], cap: np.ndarray,
            limit_s: float) -> list[int] | None:
-    """Stage bounds (one more than stages) of the greedy split under bottleneck ``limit_s``, or None."""
+    """Stage bounds (one more than stages) of the greedy split under bottleneck ``limit_s``, or None. From the
+    last stage back, each takes the earliest start whose time, memory and input transfer fit (a stage that cannot
+    start anywhere in reach stays empty); a later end never hurts the stages before it."""
     g_num = prob.cut.size - 1
-    i, bounds = 0, [0]
-    for k, dev in enumerate(order):
-        pre = prob.time_pre[dev]
-        j = int(np.searchsorted(pre, pre[i] + limit_s, side="right")) - 1
-        j = min(j, int(np.searchsorted(mem_pre[k], mem_pre[k][i] + cap[k], side="right")) - 1)
-        if j >= g_num:
-            return bounds + [g_num] * (len(order) - k)
-        if k == len(order) - 1 or j < i:
+    j, starts = g_num, []  # starts of stages S-1, S-2, ...
+    for k in range(len(order) - 1, -1, -1):
+        pre = prob.time_pre[order[k]]
+        i = max(int(np.searchsorted(pre, pre[j] - limit_s, side="left")),
+                int(np.searchsorted(mem_pre[k], mem_pre[k][j] - cap[k], side="left")))
+        if i == 0:
+            return [0] * (k + 1) + starts[::-1] + [g_num]
+        if k == 0:
             return None
-        ok = np.flatnonzero(comm[k + 1, i:j + 1] <= limit_s)
-        if ok.size == 0:
-            return None
-        i = i + int(ok[-1])
-        bounds.append(i)
+        ok = np.flatnonzero(comm[k, i:j] <= limit_s)
+        if ok.size:
+            j = i + int(ok[0])
+        starts.append(j)
     return None
 
 
@@ -145,13 +148,26 @@ def _stage_times(prob: StageProblem, order: list[int], comm: np.ndarray, bounds:
             for k, dev in enumerate(order) if bounds[k + 1] > bounds[k]]
 
 
+def _limits(prob: StageProblem, order: list[int], schedule: str, microbatches: int,
+            use_memory: bool) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """``(comm, memory prefix sums per stage, capacity per stage)`` of a device order."""
+    frac = stash_fraction(schedule, len(order), microbatches)
+    cap = np.array([prob.cluster.devices[d].memory_bytes if use_memory else np.inf for d in order], dtype=float)
+    return prob.comm_s(order), [prob.param_pre + f * prob.stash_pre for f in frac], cap
+
+
+def _split(prob: StageProblem, order: list[int], comm: np.ndarray, bounds: list[int]) -> Split:
+    dev = np.zeros(prob.cut.size - 1, dtype=np.int64)
+    for k, d in enumerate(order):
+        dev[bounds[k]:bounds[k + 1]] = d
+    times = _stage_times(prob, order, comm, bounds)
+    return Split(bottleneck_s=max(times), stage_sum_s=sum(times), stages=len(times), dev_of_group=dev)
+
+
 def split_in_order(prob: StageProblem, order: list[int], *, schedule: str, microbatches: int,
                    use_memory: bool = True) -> Split | None:
     """The min-bottleneck contiguous split on the devices of ``order`` in that order (None: nothing fits)."""
-    comm = prob.comm_s(order)
-    frac = stash_fraction(schedule, len(order), microbatches)
-    mem_pre = [prob.param_pre + f * prob.stash_pre for f in frac]
-    cap = np.array([prob.cluster.devices[d].memory_bytes if use_memory else np.inf for d in order], dtype=float)
+    comm, mem_pre, cap = _limits(prob, order, schedule, microbatches, use_memory)
     bounds = _probe(prob, order, comm, mem_pre, cap, np.inf)
     if bounds is None:
         return None
@@ -164,20 +180,56 @@ def split_in_order(prob: StageProblem, order: list[int], *, schedule: str, micro
             lo = 0.5 * (lo + hi)
         else:
             bounds, hi = trial, max(_stage_times(prob, order, comm, trial))
-    dev = np.zeros(prob.cut.size - 1, dtype=np.int64)
-    for k, d in enumerate(order):
-        dev[bounds[k]:bounds[k + 1]] = d
-    times = _stage_times(prob, order, comm, bounds)
-    return Split(bottleneck_s=max(times), stage_sum_s=sum(times), stages=len(times), dev_of_group=dev)
+    return _split(prob, order, comm, bounds)
+
+
+def dp_in_order(prob: StageProblem, order: list[int], *, schedule: str, microbatches: int,
+                use_memory: bool = True) -> Split | None:
+    """PipeDream's recurrence (``pipedream.py``'s docstring) on ``order``, one ``(G+1)²`` matrix per stage:
+    the same bottleneck as :func:`split_in_order`, with PipeDream's tie-breaking (the earliest start of each
+    stage, counted from the last, and a device left empty only when that is strictly better)."""
+    comm, mem_pre, cap = _limits(prob, order, schedule, microbatches, use_memory)
+    g_num = prob.cut.size - 1
+    later = np.triu(np.ones((g_num + 1, g_num + 1), dtype=bool), 1)  # [i, j]: i < j
+    best = np.full(g_num + 1, np.inf)
+    best[0] = 0.0
+    choices = []
+    for k, dev in enumerate(order):
+        pre = prob.time_pre[dev]
+        cost = np.maximum(np.maximum(best[:, None], pre[None, :] - pre[:, None]), comm[k][:, None])
+        cost[~later | (mem_pre[k][None, :] - mem_pre[k][:, None] > cap[k])] = np.inf
+        start = np.argmin(cost, axis=0)
+        value = cost[start, np.arange(g_num + 1)]
+        take = value < best
+        choices.append(np.where(take, start, -1))
+        best = np.where(take, value, best)
+    if not np.isfinite(best[g_num]):
+        return None
+    bounds, j = [g_num], g_num
+    for k in range(len(order) - 1, -1, -1):
+        if choices[k][j] >= 0:
+            j = int(choices[k][j])
+        bounds.append(j)
+    bounds[-1] = 0
+    return _split(prob, order, comm, bounds[::-1])
+
+
+DP_MAX_GROUPS = 2000
+"""Largest graph (colocation groups) the final split is recomputed for by :func:`dp_in_order` (its matrices grow
+as ``G²``); larger ones keep the greedy split."""
 
 
 def best_split(prob: StageProblem, candidates: list[list[int]], *, schedule: str, microbatches: int,
                use_memory: bool = True) -> Split | None:
     """The candidate order (a device list; fewer devices = fewer stages) whose split has the smallest pipelined
-    estimate; ties go to the earlier candidate."""
-    best: Split | None = None
+    estimate (ties: the earlier candidate), recomputed with PipeDream's tie-breaking when the graph is small
+    enough (:data:`DP_MAX_GROUPS`)."""
+    best: tuple[Split, list[int]] | None = None
     for order in candidates:
         split = split_in_order(prob, order, schedule=schedule, microbatches=microbatches, use_memory=use_memory)
-        if split is not None and (best is None or split.estimate_s(microbatches) < best.estimate_s(microbatches)):
-            best = split
-    return best
+        if split is not None and (best is None or split.estimate_s(microbatches) < best[0].estimate_s(microbatches)):
+            best = split, order
+    if best is None or prob.cut.size - 1 > DP_MAX_GROUPS:
+        return None if best is None else best[0]
+    exact = dp_in_order(prob, best[1], schedule=schedule, microbatches=microbatches, use_memory=use_memory)
+    return exact if exact is not None else best[0]

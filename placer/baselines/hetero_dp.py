@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from placer.baselines._common import Groups, accelerators
-from placer.baselines.pipedream import MICROBATCHES, SCHEDULE, place_stages
+from placer.baselines.pipedream import MICROBATCHES, SCHEDULE, pipedream_candidates, place_stages
 from placer.baselines.registry import register
 
 if TYPE_CHECKING:
@@ -57,8 +57,7 @@ def hetero_candidates(cluster: "Cluster", groups: Groups) -> list[list[int]]:
     devs = accelerators(cluster)
     thr = groups.throughput(devs)
     by_speed = [devs[int(x)] for x in np.argsort(-thr, kind="stable")]
-    orders = [devs] + ([by_speed] if by_speed != devs else [])
-    out = [o[:s] for s in range(1, len(devs) + 1) for o in orders]  # pipedream-dp's, so never worse than it
+    out = pipedream_candidates(cluster, groups)  # first, so hetero-dp's estimate is never worse than pipedream-dp's
     kinds = kind_orders(cluster, devs, thr)
     if len(kinds) == 1:
         return out
@@ -75,4 +74,4 @@ def hetero_candidates(cluster: "Cluster", groups: Groups) -> list[list[int]]:
 def place_hetero_dp(graph: "OpGraph", cluster: "Cluster", *, seed: int = 0) -> "Placement":
     """Contiguous min-max stages over mixed device kinds, the kind order and the stage count searched."""
     return place_stages(graph, cluster, lambda groups: hetero_candidates(cluster, groups), schedule=SCHEDULE,
-                        microbatches=MICROBATCHES, name="hetero-dp")
+                        microbatches=MICROBATCHES)

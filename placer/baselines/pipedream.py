@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from placer.baselines._common import accelerators, finish, groups_of
-from placer.baselines._stages import StageProblem, best_split
+from placer.baselines._common import Groups, accelerators, finish, groups_of
+from placer.baselines._stages import Split, StageProblem, best_split
 from placer.baselines.registry import register
 
 if TYPE_CHECKING:
@@ -48,37 +48,48 @@ MICROBATCHES = 8
 """Micro-batches the registered method assumes for memory and for the fill-and-drain estimate."""
 
 
-def place_stages(graph: "OpGraph", cluster: "Cluster", candidates, *, schedule: str, microbatches: int,
-                 name: str) -> "Placement":
-    """The best split over ``candidates(groups) -> list of device orders``, memory respected when any fits."""
+def plan_stages(graph: "OpGraph", cluster: "Cluster", candidates, *, schedule: str,
+                microbatches: int) -> tuple[Groups, Split | None]:
+    """The best split over ``candidates(groups) -> list of device orders``: memory respected when any split fits,
+    else the best without the limit; ``None`` only for a graph without ops."""
     groups = groups_of(graph, cluster)
     if groups.num == 0:
-        return finish(graph, cluster, groups, np.zeros(0, dtype=np.int64))
+        return groups, None
     prob = StageProblem.build(graph, cluster, groups)
     orders = candidates(groups)
     for use_memory in (True, False):
         split = best_split(prob, orders, schedule=schedule, microbatches=microbatches, use_memory=use_memory)
         if split is not None:
-            return finish(graph, cluster, groups, split.dev_of_group)
-    raise ValueError(f"{name}: no stage split for graph {graph.name!r}")  # unreachable: without memory all fit
+            return groups, split
+    raise ValueError(f"no stage split for graph {graph.name!r}")  # unreachable: without memory every split fits
+
+
+def place_stages(graph: "OpGraph", cluster: "Cluster", candidates, *, schedule: str,
+                 microbatches: int) -> "Placement":
+    """:func:`plan_stages` as a placement."""
+    groups, split = plan_stages(graph, cluster, candidates, schedule=schedule, microbatches=microbatches)
+    dev = np.zeros(0, dtype=np.int64) if split is None else split.dev_of_group
+    return finish(graph, cluster, groups, dev)
+
+
+def pipedream_candidates(cluster: "Cluster", groups: Groups, *, fewer_stages: bool = True) -> list[list[int]]:
+    """Device orders ``pipedream-dp`` splits over: the accelerators in cluster order and fastest first, and with
+    ``fewer_stages`` every prefix of each (a prefix of ``S`` devices is an ``S``-stage pipeline)."""
+    devs = accelerators(cluster)
+    orders = [devs]
+    fastest = [devs[int(x)] for x in np.argsort(-groups.throughput(devs), kind="stable")]
+    if fastest != orders[0]:
+        orders.append(fastest)
+    if not fewer_stages:
+        return orders
+    return [o[:s] for s in range(1, len(devs) + 1) for o in orders]
 
 
 def place_pipedream(graph: "OpGraph", cluster: "Cluster", *, schedule: str = SCHEDULE,
                     microbatches: int = MICROBATCHES, fewer_stages: bool = True) -> "Placement":
     """PipeDream's split with ``schedule``'s stage memory; ``fewer_stages`` also tries prefixes of each order."""
-
-    def candidates(groups) -> list[list[int]]:
-        devs = accelerators(cluster)
-        orders = [devs]
-        fastest = [devs[int(x)] for x in np.argsort(-groups.throughput(devs), kind="stable")]
-        if fastest != orders[0]:
-            orders.append(fastest)
-        if not fewer_stages:
-            return orders
-        return [o[:s] for s in range(1, len(devs) + 1) for o in orders]
-
-    return place_stages(graph, cluster, candidates, schedule=schedule, microbatches=microbatches,
-                        name="pipedream-dp")
+    return place_stages(graph, cluster, lambda groups: pipedream_candidates(cluster, groups, fewer_stages=fewer_stages),
+                        schedule=schedule, microbatches=microbatches)
 
 
 @register("pipedream-dp")
