@@ -21,6 +21,7 @@ from placer.baselines.even_layers import even_blocks, weighted_blocks
 from placer.baselines.hetero_dp import hetero_candidates, place_hetero_dp
 from placer.baselines.pipedream import pipedream_candidates, place_pipedream, plan_stages
 from placer.core.cluster import Cluster, Device, get_cluster
+from placer.costmodel.costs import op_memory_bytes
 from placer.costmodel.schedules import is_stage_contiguous
 from placer.costmodel.sim import simulate
 
@@ -213,6 +214,29 @@ def test_pipedream_uses_1f1b_memory_and_avoids_the_split_that_ooms():
     assert old.device_of_op.tolist() == [0, 0, 1, 1]
     assert not simulate(g, cl, new, schedule="1f1b", microbatches=8).oom
     assert simulate(g, cl, old, schedule="1f1b", microbatches=8).oom
+
+
+def _tight(g: OpGraph, share: float) -> Cluster:
+    """8 H100s holding ``share`` x an even eighth of the graph's whole-stash training memory each."""
+    h = get_cluster("h100x8")
+    cap = int(op_memory_bytes(g).sum() / 8 * share)
+    devs = [Device(name=f"cuda:{i}", kind="H100", memory_bytes=cap) for i in range(8)]
+    return Cluster.uniform("tight", devs, bandwidth_Bps=float(h.bandwidth_Bps[0, 1]),
+                           latency_s=float(h.latency_s[0, 1]))
+
+
+def test_memory_tight_shipped_graphs():
+    # gpt-paper with 85% of an even share per device: GPipe's whole stash fits no split (the old method's split
+    # OOMs under 1F1B too), 1F1B's stash does
+    g = resolve_graph("gpt-paper")
+    cl = _tight(g, 0.85)
+    new, old = place("pipedream-dp", g, cl), place_pipedream(g, cl, schedule="none", fewer_stages=False)
+    assert not simulate(g, cl, new, schedule="1f1b", microbatches=8).oom
+    assert simulate(g, cl, old, schedule="1f1b", microbatches=8).oom
+    # nmt-paper's shared LSTM cells make 1F1B's order deadlock, so the builder runs GPipe's: planned with its memory
+    g = resolve_graph("nmt-paper")
+    cl = _tight(g, 1.35)
+    assert not simulate(g, cl, place("pipedream-dp", g, cl), schedule="1f1b", microbatches=8).oom
 
 
 def test_pipedream_fewer_stages():

@@ -15,7 +15,9 @@ optimum is found by :mod:`placer.baselines._stages` (binary search on the bottle
 Memory per stage is what the schedule keeps resident (:func:`placer.baselines._stages.stash_fraction`): the
 registered method assumes **1F1B with** :data:`MICROBATCHES` micro-batches (stage ``k`` of ``S`` holds
 ``min(S − k, M)`` micro-batches of stash), so it does not hand back a split that only GPipe's memory rules out —
-nor one that OOMs under 1F1B when a fitting one exists. It also tries every number of stages ``S`` (the first
+nor one that OOMs under 1F1B when a fitting one exists. A split whose 1F1B order would deadlock (a device holding
+several chunks, e.g. an unrolled RNN's shared cells; the schedule builder then runs GPipe's order) is re-planned
+with GPipe's memory. It also tries every number of stages ``S`` (the first
 ``S`` devices of each order) and keeps the smallest pipelined estimate (:mod:`placer.baselines._stages`): fewer
 stages win when the pipeline's fill and drain or the transfers cost more than the split saves.
 :func:`place_pipedream` with ``schedule="none", fewer_stages=False`` is the method before these extensions
@@ -36,6 +38,7 @@ import numpy as np
 from placer.baselines._common import Groups, accelerators, finish, groups_of
 from placer.baselines._stages import Split, StageProblem, best_split
 from placer.baselines.registry import register
+from placer.costmodel.schedules import SCHEDULES
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
@@ -59,9 +62,20 @@ def plan_stages(graph: "OpGraph", cluster: "Cluster", candidates, *, schedule: s
     orders = candidates(groups)
     for use_memory in (True, False):
         split = best_split(prob, orders, schedule=schedule, microbatches=microbatches, use_memory=use_memory)
+        if split is not None and use_memory and schedule == "1f1b" and not _runs_1f1b(graph, cluster, groups,
+                                                                                        split, microbatches):
+            # a device holding several chunks whose 1F1B order would deadlock runs GPipe's: its memory rules
+            split = best_split(prob, orders, schedule="gpipe", microbatches=microbatches) or split
         if split is not None:
             return groups, split
     raise ValueError(f"no stage split for graph {graph.name!r}")  # unreachable: without memory every split fits
+
+
+def _runs_1f1b(graph: "OpGraph", cluster: "Cluster", groups: Groups, split: Split, microbatches: int) -> bool:
+    """Whether the schedule builder keeps 1F1B's order for this split (it falls back to GPipe's when a device
+    holds several chunks and 1F1B's order would deadlock, as in an unrolled RNN's shared cells)."""
+    dev_of_op = split.dev_of_group[groups.group_of_op]
+    return SCHEDULES["1f1b"](graph, dev_of_op, cluster.num_devices, microbatches=microbatches).order == "1f1b"
 
 
 def place_stages(graph: "OpGraph", cluster: "Cluster", candidates, *, schedule: str,
