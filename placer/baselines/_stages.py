@@ -15,8 +15,10 @@ The min-max split for a fixed device order (to 1e-9 relative): binary search on 
 probe that fills the stages from the last one back, each starting as early as ``B``, its memory and its input
 transfer allow (feasibility is monotone in where a stage ends, so the earliest start is never worse). Filling
 from the back leaves the early stages, which 1F1B makes hold the most micro-batches, the least work and stash
-(PipeDream's DP breaks its ties the same way). Each probe costs
-``O(S log G)`` plus one vector pass, so the whole search is milliseconds on a 1000-op graph.
+(PipeDream's DP breaks its ties similarly). Each probe costs ``O(S log G)`` plus one vector pass, so searching
+every candidate is milliseconds on a 1000-op graph; the chosen candidate is then re-split by PipeDream's own
+recurrence (:func:`dp_in_order`, one ``(G+1)²`` matrix per stage, ~0.1 s at 1000 groups) so that ties break as
+PipeDream's did.
 
 Fewer stages can be faster: with ``M`` micro-batches a pipeline takes about ``(Σ_k t_k + (M − 1) × B) / M`` (one
 micro-batch through every stage to fill and drain, then ``M − 1`` more at the bottleneck's pace; ``t_k`` is stage

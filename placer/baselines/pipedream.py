@@ -9,17 +9,22 @@ each device used at most once in a fixed order. PipeDream's recurrence without d
 
 ``T_k(i..j)``: forward+backward time of those groups on device ``k`` (∞ when they do not fit its memory);
 ``C(i)``: time to send the bytes crossing cut ``i`` forward and their gradients back (``2 × bytes``) over the mean
-link into device ``k``, plus latency. The objective is the slowest stage, i.e. pipelined throughput; the same
-optimum is found by :mod:`placer.baselines._stages` (binary search on the bottleneck, greedy probe).
+link into device ``k``, plus latency. The objective is the slowest stage, i.e. pipelined throughput.
+:mod:`placer.baselines._stages` finds that optimum quickly for every candidate device list (binary search on the
+bottleneck with a greedy probe) and recomputes the chosen one with this recurrence, so ties break as PipeDream's.
 
-Memory per stage is what the schedule keeps resident (:func:`placer.baselines._stages.stash_fraction`): the
-registered method assumes **1F1B with** :data:`MICROBATCHES` micro-batches (stage ``k`` of ``S`` holds
-``min(S − k, M)`` micro-batches of stash), so it does not hand back a split that only GPipe's memory rules out —
-nor one that OOMs under 1F1B when a fitting one exists. A split whose 1F1B order would deadlock (a device holding
-several chunks, e.g. an unrolled RNN's shared cells; the schedule builder then runs GPipe's order) is re-planned
-with GPipe's memory. It also tries every number of stages ``S`` (the first
-``S`` devices of each order) and keeps the smallest pipelined estimate (:mod:`placer.baselines._stages`): fewer
-stages win when the pipeline's fill and drain or the transfers cost more than the split saves.
+Extensions (issue #20):
+
+- **Schedule memory.** A stage holds what the schedule keeps resident
+  (:func:`placer.baselines._stages.stash_fraction`); the registered method assumes **1F1B with**
+  :data:`MICROBATCHES` micro-batches (stage ``k`` of ``S`` holds ``min(S − k, M)`` micro-batches of stash), so it
+  neither rules out a split that only GPipe's memory forbids nor hands back one that OOMs under 1F1B when a
+  fitting one exists. A split whose 1F1B order would deadlock (a device holding several chunks, e.g. an unrolled
+  RNN's shared cells: the schedule builder then runs GPipe's order) is re-planned with GPipe's memory.
+- **Fewer stages.** Every number of stages ``S`` is tried (the first ``S`` devices of each order) and the
+  smallest pipelined estimate kept (:mod:`placer.baselines._stages`): fewer stages win when fill and drain or the
+  transfers cost more than the finer split saves.
+
 :func:`place_pipedream` with ``schedule="none", fewer_stages=False`` is the method before these extensions
 (whole stash, every device).
 
