@@ -5,8 +5,11 @@ Model (kept identical to what the engine executes, so fidelity is a direct compa
 * **Order.** Every device is an in-order executor of its task list from :mod:`placer.costmodel.schedules` (not a dynamic
   list scheduler): a task starts when its device is free and its inputs have arrived.
 * **Compute.** Op time on device ``d`` = ``graph.costs[kind].fwd_s`` (or ``bwd_s``) ``/ d.speed`` for the full
-  batch. A micro-batch of ``M`` takes ``o + (t - o) / M`` with ``o = min(t, dispatch overhead)``: tiny
-  micro-batches do not scale linearly, each still pays the per-op dispatch (framework + kernel launch) cost.
+  batch. A micro-batch of ``M`` takes what the cost set measured at ``batch / M`` when it has that size
+  (``OpCosts.microbatch_s[M]``, profiled by :mod:`graphs.profile_batch`); between measured sizes the time is
+  interpolated linearly in the micro-batch's samples (a fixed plus a per-sample cost per op); beyond the
+  smallest measured size, and for cost sets with none, ``o + (t - o) / M`` with ``o = min(t, dispatch overhead)``:
+  tiny micro-batches do not scale linearly, each still pays the per-op dispatch (framework + kernel launch) cost.
   Overheads per device kind come from ``dispatch_overhead_s=`` (a number or ``{kind: s}``), else
   ``cluster.meta["dispatch_overhead_s"][kind]``, else the roofline spec's ``launch_s``
   (:data:`graphs.roofline.GPUS`), else :data:`DISPATCH_OVERHEAD_S`, else :data:`DEFAULT_DISPATCH_OVERHEAD_S`.
@@ -57,7 +60,7 @@ from placer.core.result import StepResult, TimelineEvent
 from placer.costmodel.schedules import PHASES, Schedule, build_schedule, graph_arrays, warn_schedule
 
 if TYPE_CHECKING:
-    from graphs.ir import OpGraph
+    from graphs.ir import OpCosts, OpGraph
     from placer.core.cluster import Cluster
 
 log = logging.getLogger(__name__)
@@ -137,12 +140,32 @@ def _meta_per_kind(cluster: "Cluster", key: str, kind: str) -> float:
     return float(v)
 
 
-def per_microbatch_s(t_s: np.ndarray, overhead_s: np.ndarray | float, microbatches: int) -> np.ndarray:
+def per_microbatch_s(t_s: np.ndarray, overhead_s: np.ndarray | float, microbatches: float) -> np.ndarray:
     """One micro-batch of an op whose full-batch time is ``t_s``: ``o + (t - o) / M`` with ``o = min(t, overhead)``."""
     if microbatches == 1:
         return np.asarray(t_s, dtype=np.float64)
     o = np.minimum(t_s, overhead_s)
     return o + (t_s - o) / microbatches
+
+
+def microbatch_costs_s(costs: "OpCosts", overhead_s: float, microbatches: int) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and backward seconds per op of one micro-batch of ``batch / microbatches`` (module docstring):
+    measured, interpolated in samples between measured sizes, or the dispatch rule beyond / without them."""
+    if microbatches == 1:
+        return costs.fwd_s, costs.bwd_s
+    if microbatches in costs.microbatch_s:
+        return costs.microbatch_s[microbatches]
+    # measured points as (samples as a fraction of the batch, fwd, bwd), the full batch included
+    pts = [(1.0, costs.fwd_s, costs.bwd_s)] + [(1.0 / m, f, b) for m, (f, b) in costs.microbatch_s.items()]
+    pts.sort(key=lambda p: p[0])
+    x = 1.0 / microbatches
+    if x < pts[0][0]:  # smaller than any measured size: the dispatch rule from the smallest one
+        k = pts[0][0] / x
+        return per_microbatch_s(pts[0][1], overhead_s, k), per_microbatch_s(pts[0][2], overhead_s, k)
+    hi = next(i for i, p in enumerate(pts) if p[0] >= x)
+    (x0, f0, b0), (x1, f1, b1) = pts[hi - 1], pts[hi]
+    w = (x - x0) / (x1 - x0)
+    return f0 + w * (f1 - f0), b0 + w * (b1 - b0)
 
 
 class Simulator:
@@ -156,6 +179,8 @@ class Simulator:
         self.graph, self.cluster = graph, cluster
         n, d = graph.n, cluster.num_devices
         self.kinds: list[str] = []
+        self._cost_sets: list[OpCosts] = []
+        self._mb_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         fwd = np.zeros((d, n))
         bwd = np.zeros((d, n))
         overhead = np.zeros(d)
@@ -164,6 +189,7 @@ class Simulator:
             kind = cost_kind_of(graph, dev, cost_kind)
             self.kinds.append(kind)
             c = graph.costs[kind]
+            self._cost_sets.append(c)
             fwd[i] = c.fwd_s / dev.speed
             bwd[i] = c.bwd_s / dev.speed
             overhead[i] = _per_kind(dispatch_overhead_s, "dispatch_overhead_s", cluster, dev.kind,
@@ -230,6 +256,17 @@ class Simulator:
             warn_schedule(sched)
         return sched
 
+    def microbatch_s(self, microbatches: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(D, n)`` forward and backward seconds of one micro-batch of every op on every device (cached)."""
+        got = self._mb_cache.get(microbatches)
+        if got is None:
+            fwd, bwd = np.zeros_like(self.fwd_s), np.zeros_like(self.bwd_s)
+            for i, (c, dv) in enumerate(zip(self._cost_sets, self.cluster.devices)):
+                f, b = microbatch_costs_s(c, float(self.overhead_s[i]) * dv.speed, microbatches)
+                fwd[i], bwd[i] = f / dv.speed, b / dv.speed
+            got = self._mb_cache[microbatches] = (fwd, bwd)
+        return got
+
     # ------------------------------------------------------------------ the step
     def run(self, placement: Placement | np.ndarray, *, schedule: str | Schedule = "none", microbatches: int = 1,
             optimizer: str = "adam", timeline: bool = False) -> StepResult:
@@ -273,8 +310,8 @@ class Simulator:
                                      peak_memory_bytes=np.ceil(peak).astype(np.int64), **ran,
                                      microbatches=m, extra=extra)
 
-        dur_f = per_microbatch_s(self.fwd_s[dev, self._ar], self.overhead_s[dev], m)
-        dur_b = per_microbatch_s(self.bwd_s[dev, self._ar], self.overhead_s[dev], m)
+        fwd_m, bwd_m = self.microbatch_s(m)
+        dur_f, dur_b = fwd_m[dev, self._ar], bwd_m[dev, self._ar]
         upd = np.where(params > 0, params * opt.touched / self.mem_bw_Bps + self.overhead_s, 0.0)
         ga = self.arrays
         tid_of, prod, src, dst, nbytes, ncons = K.transfer_table(dev, ga.succ_ptr, ga.succ_idx, ga.succ_bytes, num_dev)
