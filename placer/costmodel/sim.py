@@ -23,12 +23,16 @@ Model (kept identical to what the engine executes, so fidelity is a direct compa
   but cost nothing (as :meth:`Cluster.transfer_s`). A micro-batch's input data is already on its input op's
   device (the data loader puts it there), so inputs cost no transfer.
 * **Machine overheads** (0 unless ``cluster.meta`` declares them, a number or ``{kind: s}``; ``placer cluster
-  calibrate`` measures them on the engine, see :func:`placer.engine.calibrate.engine_message_costs`). A task that
+  calibrate`` measures them on the engine, see :mod:`placer.engine.calibrate_engine`). A task that
   posts ``s`` messages keeps its device ``s x send_overhead_s`` longer (gloo's send work runs on the worker's
   own core); a task whose device sat idle waiting for a message pays ``recv_overhead_s`` once before it runs
   (waking the blocked worker); a step whose tasks span several devices starts ``step_overhead_s`` late on
   each of them (start barrier and receive posting). Only values that depend on a parameter send a gradient
   back (autograd makes none for inputs and targets); a graph without parameters counts every value.
+  The engine runs each device's maximal runs of consecutive ops as fused segments (:mod:`placer.engine.segments`;
+  :meth:`Simulator.segment_starts` is the same rule on the schedule's arrays): the task that starts a forward
+  segment takes ``segment_fwd_overhead_s`` longer, the one that starts a backward segment
+  ``segment_bwd_overhead_s`` (one autograd call and the exposed views), for every schedule and ``M``.
 * **Update.** Each device updates its parameters once per step after its last backward:
   ``param_bytes x touched / (memory bandwidth x speed)`` plus one dispatch overhead, where ``touched`` is the
   bytes read and written per parameter byte (:data:`OPTIMIZERS`; Adam reads param, grad, m, v and writes
@@ -202,6 +206,11 @@ class Simulator:
                                          for dv in cluster.devices])
         self.recv_overhead_s = np.array([_meta_per_kind(cluster, "recv_overhead_s", dv.kind)
                                          for dv in cluster.devices])
+        # the fixed cost of each fused forward / backward segment the engine runs (0 unless declared)
+        self.segment_fwd_s = np.array([_meta_per_kind(cluster, "segment_fwd_overhead_s", dv.kind)
+                                       for dv in cluster.devices])
+        self.segment_bwd_s = np.array([_meta_per_kind(cluster, "segment_bwd_overhead_s", dv.kind)
+                                       for dv in cluster.devices])
         step_o = cluster.meta.get("step_overhead_s", 0.0)
         if not isinstance(step_o, (int, float)) or not step_o >= 0:
             raise ValueError(f"cluster {cluster.name!r}: meta step_overhead_s must be a number >= 0, got {step_o!r}")
@@ -320,10 +329,11 @@ class Simulator:
         # a step that spans devices starts late on each of them (see the module docstring)
         used = np.diff(sched.device_ptr) > 0
         start = np.where(used, self.step_overhead_s, 0.0) if used.sum() > 1 else np.zeros(num_dev)
+        extra_s, n_segments = self._segment_costs(sched, dev)
         status, step, busy, crit, t_start, t_end, x_start, x_end, stuck = K.sweep_costed(
             sched.device_ptr, sched.op, sched.microbatch, sched.phase, dev, ga.pred_ptr, ga.pred_idx,
             ga.succ_ptr, ga.succ_idx, tid_of, src, dst, ncons, x_time, dur_f, dur_b, upd, m, timeline,
-            self.send_overhead_s, self.recv_overhead_s, msg, self.needs_grad[prod], start)
+            self.send_overhead_s, self.recv_overhead_s, msg, self.needs_grad[prod], start, extra_s)
         if status != K.OK:  # build_schedule never returns such an order; a hand-made Schedule might
             d = int(np.flatnonzero(stuck >= 0)[0])
             k = int(stuck[d])
@@ -336,7 +346,8 @@ class Simulator:
         moved = (np.bincount(src * num_dev + dst, weights=nbytes, minlength=dd)
                  + np.bincount(dst * num_dev + src, weights=nbytes * self.needs_grad[prod], minlength=dd))
         moved = moved.astype(np.int64).reshape(num_dev, num_dev)
-        extra["transfers"] = int(prod.shape[0])
+        extra.update(transfers=int(prod.shape[0]), messages=int(msg.sum() + (msg & self.needs_grad[prod]).sum()) * m,
+                     segments=n_segments)  # segments: None when the cluster declares no segment costs
         extra["update_s"] = [float(x) for x in upd]
         events: tuple[TimelineEvent, ...] = ()
         if timeline:
@@ -345,6 +356,29 @@ class Simulator:
                           peak_memory_bytes=np.ceil(peak).astype(np.int64), bytes_moved=moved,
                           critical_path_s=float(crit), **ran, microbatches=m, timeline=events,
                           extra=extra)
+
+    def _segment_costs(self, sched: Schedule, dev: np.ndarray) -> tuple[np.ndarray, int | None]:
+        """Per task, the fixed cost of the fused segment it starts (:func:`segment_starts`), and how many
+        segments there are; zeros and None when the cluster declares no segment costs."""
+        if not (self.segment_fwd_s.any() or self.segment_bwd_s.any()):
+            return np.zeros(sched.num_tasks), None
+        starts = self.segment_starts(sched, dev)
+        dev_of_task = sched.device_of_task()
+        extra_s = np.where(starts == 1, self.segment_fwd_s[dev_of_task],
+                           np.where(starts == 2, self.segment_bwd_s[dev_of_task], 0.0))
+        return extra_s, int((starts > 0).sum())
+
+    def segment_starts(self, sched: Schedule, dev: np.ndarray) -> np.ndarray:
+        """Per task of ``sched``: 1 if it starts a fused forward segment of the engine, 2 a backward one, else 0
+        (:func:`placer.costmodel._sim_kernel.segment_starts`)."""
+        ga = self.arrays
+        remote_grad = np.zeros(self.graph.n, dtype=bool)  # a remote consumer sends this op's gradient back
+        src, dst = self.graph.edge_index
+        has_bwd = self.needs_grad & (self.graph.out_bytes > 0)  # sizes and other non-tensors get no gradient
+        cross = (dev[src] != dev[dst]) & has_bwd[src] & has_bwd[dst]
+        remote_grad[src[cross]] = True
+        return K.segment_starts(sched.device_ptr, sched.op, sched.microbatch, sched.phase, dev, ga.pred_ptr,
+                                ga.pred_idx, ga.succ_ptr, ga.succ_idx, remote_grad, sched.microbatches, self.graph.n)
 
     def _events(self, sched: Schedule, prod: np.ndarray, src: np.ndarray, dst: np.ndarray, t_start: np.ndarray,
                 t_end: np.ndarray, x_start: np.ndarray, x_end: np.ndarray) -> tuple[TimelineEvent, ...]:
