@@ -108,13 +108,13 @@ def sweep(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_
     return sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_idx, tid_of, x_src,
                         x_dst, x_ncons, x_time_s, dur_f, dur_b, upd_s, num_mb, record, zero, zero,
                         np.zeros(x_src.shape[0], np.bool_), np.ones(x_src.shape[0], np.bool_), zero,
-                        np.zeros(dev_ptr[num_dev]))
+                        np.zeros(dev_ptr[num_dev]), zero)
 
 
 @nb.njit(cache=True)
 def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_idx,
                  tid_of, x_src, x_dst, x_ncons, x_time_s, dur_f, dur_b, upd_s, num_mb, record,
-                 send_o, recv_o, x_msg, x_grad, start_s, task_extra_s):  # pragma: no cover
+                 send_o, recv_o, x_msg, x_grad, start_s, task_extra_s, recv_msg_o):  # pragma: no cover
     """Run every device's task list in order (an in-order executor per device) and time it.
 
     A task starts when its device is free and its inputs are there: forward of (op, m) waits for forward of its
@@ -132,7 +132,9 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
     depends on a parameter, so autograd produces its gradient) send a gradient back: for the others the
     producer's backward does not wait and nothing moves. Device ``d`` is free from ``start_s[d]``
     on (a fixed start-up cost of multi-device steps, see :mod:`placer.costmodel.sim`); it counts as busy time.
-    Task ``k`` takes ``task_extra_s[k]`` longer (the fixed cost of a fused segment it starts).
+    Task ``k`` takes ``task_extra_s[k]`` longer (the fixed cost of a fused segment it starts), and
+    ``recv_msg_o[d]`` longer per message it is the first on its device to use, waited for or not (the receiving
+    worker's own CPU work for a message: gloo's receive runs on the worker's core, stealing it from the task).
 
     Returns ``(status, step_s, busy_s[D], critical_path_s, task_start, task_end, x_start[2, T, M],
     x_end[2, T, M], stuck_task[D])`` (x index 0: activation, 1: gradient); ``status`` is ``DEADLOCK`` when
@@ -149,6 +151,8 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
     cp_grad = np.zeros((num_mb, num_x))
     got_f = np.zeros((num_mb, num_x), np.bool_)  # activation message already paid for by a consumer
     got_b = np.zeros((num_mb, num_x), np.bool_)  # gradient message already paid for
+    cnt_f = np.zeros((num_mb, num_x), np.bool_)  # activation message's receive work already charged
+    cnt_b = np.zeros((num_mb, num_x), np.bool_)  # gradient message's receive work already charged
     zero_t = np.empty(num_x + 1, np.int64)  # transfers whose gradient a backward task sends
     pend = np.empty((num_mb, num_x), np.int64)
     for m in range(num_mb):
@@ -202,6 +206,7 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
             n_recv = 0
             n_send = 0
             n_zero = 0
+            n_rmsg = 0
             if ph == 0:
                 for j in range(pred_ptr[op], pred_ptr[op + 1]):
                     p = pred_idx[j]
@@ -228,6 +233,14 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
                             if x_msg[t] and not got_f[m, t] and xf[m, t, 0] > dev_free[d]:
                                 got_f[m, t] = True
                                 n_recv = 1
+                if blocker < 0 and recv_msg_o[d] > 0.0:
+                    for j in range(pred_ptr[op], pred_ptr[op + 1]):
+                        p = pred_idx[j]
+                        if dev[p] != d:
+                            t = tid_of[p, d]
+                            if x_msg[t] and not cnt_f[m, t]:
+                                cnt_f[m, t] = True
+                                n_rmsg += 1
                 for q in range(num_dev):
                     t = tid_of[op, q]
                     if t >= 0 and x_msg[t]:
@@ -257,6 +270,14 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
                         if c > cp_in:
                             cp_in = c
                     if blocker < 0:
+                        if recv_msg_o[d] > 0.0:
+                            for j in range(succ_ptr[op], succ_ptr[op + 1]):
+                                s = succ_idx[j]
+                                if dev[s] != d:
+                                    t = tid_of[op, dev[s]]
+                                    if x_msg[t] and x_grad[t] and not cnt_b[m, t]:
+                                        cnt_b[m, t] = True
+                                        n_rmsg += 1
                         if recv_o[d] > 0.0 and ready > dev_free[d]:
                             for j in range(succ_ptr[op], succ_ptr[op + 1]):
                                 s = succ_idx[j]
@@ -286,7 +307,7 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
                 for z in range(n_zero):
                     if x_msg[zero_t[z]] and x_grad[zero_t[z]]:
                         n_send += 1
-            dur += n_recv * recv_o[d] + n_send * send_o[d] + task_extra_s[k]
+            dur += n_recv * recv_o[d] + n_send * send_o[d] + task_extra_s[k] + n_rmsg * recv_msg_o[d]
             end = ready + dur
             dev_free[d] = end
             busy[d] += dur
@@ -364,73 +385,3 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
             step = dev_free[d]
     return status, step, busy, critical, task_start, task_end, x_start, x_end, stuck
 
-
-@nb.njit(cache=True)
-def segment_starts(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_idx, grad_in, num_mb,
-                   n):  # pragma: no cover - numba
-    """Which tasks start one of the engine's fused segments (:mod:`placer.engine.segments`, the same rule on the
-    schedule's arrays): 1 a forward segment, 2 a backward segment, 0 neither (updates: 0).
-
-    A forward task joins the run of the task before it on its device when that one is a forward of the same
-    micro-batch, the task waits for no remote value (one not yet used by this micro-batch on this device), its
-    backward comes right before the previous op's backward, and the previous op gets no gradient from a remote
-    consumer (``grad_in``). A run of several ops whose local consumers outside it would run their backward after
-    the run's is split into single ops. A segment's backward starts at the backward of its last op.
-    """
-    n_tasks = dev_ptr[dev_ptr.shape[0] - 1]
-    start = np.zeros(n_tasks, np.int8)
-    bpos = np.full((num_mb, n), -1, np.int64)
-    fpos = np.full((num_mb, n), -1, np.int64)
-    for k in range(n_tasks):
-        if t_phase[k] == 1:
-            bpos[t_mb[k], t_op[k]] = k
-        elif t_phase[k] == 0:
-            fpos[t_mb[k], t_op[k]] = k
-    seen = np.zeros((num_mb, n), np.int64)  # d + 1 once device d received producer p's value for micro-batch m
-    for d in range(dev_ptr.shape[0] - 1):
-        a = -1  # first task of the open run (-1: none)
-        k = dev_ptr[d]
-        while k <= dev_ptr[d + 1]:
-            close = k == dev_ptr[d + 1] or t_phase[k] != 0
-            if not close:
-                op = t_op[k]
-                m = t_mb[k]
-                waits = False
-                for j in range(pred_ptr[op], pred_ptr[op + 1]):
-                    p = pred_idx[j]
-                    if dev[p] != d and seen[m, p] != d + 1:
-                        seen[m, p] = d + 1
-                        waits = True
-                if a >= 0:
-                    prev = t_op[k - 1]
-                    bl = bpos[m, prev]
-                    if (t_mb[k - 1] == m and not waits and bl >= 0 and bpos[m, op] == bl - 1
-                            and not grad_in[prev]):
-                        k += 1
-                        continue
-                close = a >= 0
-            if close and a >= 0:  # the run a..k-1 ends: mark its segments
-                b = k - 1
-                m = t_mb[a]
-                ok = True
-                if b > a:
-                    first_b = bpos[m, t_op[b]]
-                    for r in range(a, b + 1):
-                        for j in range(succ_ptr[t_op[r]], succ_ptr[t_op[r] + 1]):
-                            c = succ_idx[j]
-                            if dev[c] == d and not (a <= fpos[m, c] <= b) and bpos[m, c] >= first_b:
-                                ok = False
-                for r in range(a, b + 1):
-                    if ok and r > a:
-                        continue
-                    start[r] = 1
-                    last = b if ok else r
-                    for q in range(last, (a if ok else r) - 1, -1):  # first existing backward, last op first
-                        if bpos[m, t_op[q]] >= 0:
-                            start[bpos[m, t_op[q]]] = 2
-                            break
-                a = -1
-            if k < dev_ptr[d + 1] and t_phase[k] == 0:
-                a = k
-            k += 1
-    return start

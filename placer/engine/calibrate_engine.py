@@ -9,9 +9,9 @@ segment (forward and backward), of a message, and of a step that spans devices. 
 * **Messages.** Split over two devices (halves, quarters, alternating ops) every message is on the critical path.
   ``send_overhead_s`` is the alternating placement's extra busy time per message, less what its extra segments
   cost (the engine times a task including its ``isend`` posts).
-* **Step.** What a split step costs beyond its messages and segments comes on this machine in scheduler-tick
-  lumps that no per-message fit separates stably, so ``step_overhead_s`` is its median over the three splits
-  and ``recv_overhead_s`` is left at 0 (the simulator's term stays available for clusters that measure it).
+* **Waits and step.** What a split step costs beyond its sends, wire and segments is fitted over the three splits
+  as ``recv_overhead_s`` per message (on the chain every message is waited for: waking the receiver) plus
+  ``step_overhead_s`` (start barrier, receive posting).
 
 All clamped at 0. The placements are measured in ``rounds`` interleaved rounds and each cost is the median of
 the rounds' estimates: one round's estimate swung 2.4x between runs on this VM (121 vs 285 us per message).
@@ -137,16 +137,23 @@ def chain_message_costs(got: dict[str, dict[str, float]], *, latency_s: float,
         return sum(seg[ph] * (g.get(f"segments_{ph}", 0) - single.get(f"segments_{ph}", 0)) for ph in seg)
 
     # Per message the engine surely pays its send posts (extra busy time of the alternating placement, less its
-    # extra segments) and the wire. What else a split step costs comes in scheduler-tick-sized lumps (~4 ms here)
-    # that land in different places from run to run (the first task starts late, or one wait takes a tick
-    # longer); a fit of it against the number of messages is unstable, so it all goes into the fixed cost of a
-    # step that spans devices: the median over the splits of what messages and segments leave unexplained.
+    # extra segments) and the wire. What a split step costs beyond that is a line in the number of messages
+    # (measured 2026-12-03 on the fused engine: 1.28, 3.44, 7.42 ms for 3, 7, 21 messages): each message on the
+    # chain is waited for, and waking the receiver costs (recv_overhead_s, ~0.2 ms here), plus a fixed cost of
+    # a step that spans devices (step_overhead_s, the intercept). Least squares over the three splits, both
+    # clamped at 0 (refitted with the other alone).
     alt = got["alternate"]
     wire_s = latency_s + alt["bytes"] / max(alt["messages"], 1) / bandwidth_Bps
     send_s = max((alt["busy_s"] - single["busy_s"] - seg_s(alt)) / max(alt["messages"], 1), 0.0)
     c = send_s + wire_s
-    start_s = float(np.median([got[k]["step_s"] - single["step_s"] - got[k]["messages"] * c - seg_s(got[k])
-                               for k in SPLITS]))
-    return {"send_overhead_s": send_s, "recv_overhead_s": 0.0, "step_overhead_s": max(start_s, 0.0),
-            "per_message_s": c, "segment_fwd_overhead_s": seg["fwd"], "segment_bwd_overhead_s": seg["bwd"],
-            "placements": got}
+    waited = np.array([got[k]["messages"] for k in SPLITS], dtype=np.float64)
+    excess = np.array([got[k]["step_s"] - single["step_s"] - got[k]["messages"] * c - seg_s(got[k])
+                       for k in SPLITS])
+    recv_s, start_s = np.linalg.lstsq(np.stack([waited, np.ones_like(waited)], axis=1), excess, rcond=None)[0]
+    if recv_s < 0:
+        recv_s, start_s = 0.0, float(np.median(excess))
+    elif start_s < 0:
+        recv_s, start_s = float(excess @ waited / max(waited @ waited, 1e-30)), 0.0
+    return {"send_overhead_s": send_s, "recv_overhead_s": max(float(recv_s), 0.0),
+            "step_overhead_s": max(float(start_s), 0.0), "per_message_s": c, "segment_fwd_overhead_s": seg["fwd"],
+            "segment_bwd_overhead_s": seg["bwd"], "placements": got}
