@@ -68,7 +68,7 @@ def _tiny_graph():
 def test_chain_message_costs_hand_worked():
     # single 0.5 ms. Wire: 50 us + 500 B at 10 MB/s = 100 us; send: (busy alternate - busy single) / 20 messages
     # = (1.0 - 0.5) / 20 = 25 us, so 125 us per message. Unexplained per split: 2.45 - 3 x 0.125 = 2.075,
-    # 3.5 - 10 x 0.125 = 2.25, 5.0 - 20 x 0.125 = 2.5 ms -> least squares: 25 us per waited message + 2.0 ms
+    # 3.5 - 10 x 0.125 = 2.25, 5.0 - 20 x 0.125 = 2.5 ms -> step overhead = the median, 2.25 ms
     ms = 1e-3
     got = {"single": dict(step_s=0.5 * ms, busy_s=0.5 * ms, messages=0, bytes=0, first_task_s=0.0),
            "halves": dict(step_s=2.95 * ms, busy_s=0.6 * ms, messages=3, bytes=1500, first_task_s=2.0 * ms),
@@ -77,8 +77,11 @@ def test_chain_message_costs_hand_worked():
     out = chain_message_costs(got, latency_s=50e-6, bandwidth_Bps=10e6)
     assert out["send_overhead_s"] == pytest.approx(25e-6)
     assert out["per_message_s"] == pytest.approx(125e-6)
-    assert out["step_overhead_s"] == pytest.approx(2.0 * ms)
-    assert out["recv_overhead_s"] == pytest.approx(25e-6)
+    assert out["step_overhead_s"] == pytest.approx(2.25 * ms)
+    assert out["recv_overhead_s"] == 0.0
+    # a measured wake-up per waited message comes off first: 2.075 - 3 x 0.025, 2.25 - 10 x 0.025, ... -> 2.0 ms
+    out = chain_message_costs(got, latency_s=50e-6, bandwidth_Bps=10e6, wakeup_s=25e-6)
+    assert out["recv_overhead_s"] == pytest.approx(25e-6) and out["step_overhead_s"] == pytest.approx(2.0 * ms)
     # a wire slower than the steps allow: nothing is left for the fixed cost, clamped at 0
     out = chain_message_costs(got, latency_s=1e-3, bandwidth_Bps=10e6)
     assert out["step_overhead_s"] == 0.0 and out["send_overhead_s"] == pytest.approx(25e-6)

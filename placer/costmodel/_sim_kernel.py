@@ -108,13 +108,13 @@ def sweep(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_
     return sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_idx, tid_of, x_src,
                         x_dst, x_ncons, x_time_s, dur_f, dur_b, upd_s, num_mb, record, zero, zero,
                         np.zeros(x_src.shape[0], np.bool_), np.ones(x_src.shape[0], np.bool_), zero,
-                        np.zeros(dev_ptr[num_dev]), zero)
+                        np.zeros(dev_ptr[num_dev]))
 
 
 @nb.njit(cache=True)
 def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_idx,
                  tid_of, x_src, x_dst, x_ncons, x_time_s, dur_f, dur_b, upd_s, num_mb, record,
-                 send_o, recv_o, x_msg, x_grad, start_s, task_extra_s, recv_msg_o):  # pragma: no cover
+                 send_o, recv_o, x_msg, x_grad, start_s, task_extra_s):  # pragma: no cover
     """Run every device's task list in order (an in-order executor per device) and time it.
 
     A task starts when its device is free and its inputs are there: forward of (op, m) waits for forward of its
@@ -132,9 +132,7 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
     depends on a parameter, so autograd produces its gradient) send a gradient back: for the others the
     producer's backward does not wait and nothing moves. Device ``d`` is free from ``start_s[d]``
     on (a fixed start-up cost of multi-device steps, see :mod:`placer.costmodel.sim`); it counts as busy time.
-    Task ``k`` takes ``task_extra_s[k]`` longer (the fixed cost of a fused segment it starts), and
-    ``recv_msg_o[d]`` longer per message it is the first on its device to use, waited for or not (the receiving
-    worker's own CPU work for a message: gloo's receive runs on the worker's core, stealing it from the task).
+    Task ``k`` takes ``task_extra_s[k]`` longer (the fixed cost of a fused segment it starts).
 
     Returns ``(status, step_s, busy_s[D], critical_path_s, task_start, task_end, x_start[2, T, M],
     x_end[2, T, M], stuck_task[D])`` (x index 0: activation, 1: gradient); ``status`` is ``DEADLOCK`` when
@@ -151,8 +149,6 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
     cp_grad = np.zeros((num_mb, num_x))
     got_f = np.zeros((num_mb, num_x), np.bool_)  # activation message already paid for by a consumer
     got_b = np.zeros((num_mb, num_x), np.bool_)  # gradient message already paid for
-    cnt_f = np.zeros((num_mb, num_x), np.bool_)  # activation message's receive work already charged
-    cnt_b = np.zeros((num_mb, num_x), np.bool_)  # gradient message's receive work already charged
     zero_t = np.empty(num_x + 1, np.int64)  # transfers whose gradient a backward task sends
     pend = np.empty((num_mb, num_x), np.int64)
     for m in range(num_mb):
@@ -206,7 +202,6 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
             n_recv = 0
             n_send = 0
             n_zero = 0
-            n_rmsg = 0
             if ph == 0:
                 for j in range(pred_ptr[op], pred_ptr[op + 1]):
                     p = pred_idx[j]
@@ -233,14 +228,6 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
                             if x_msg[t] and not got_f[m, t] and xf[m, t, 0] > dev_free[d]:
                                 got_f[m, t] = True
                                 n_recv = 1
-                if blocker < 0 and recv_msg_o[d] > 0.0:
-                    for j in range(pred_ptr[op], pred_ptr[op + 1]):
-                        p = pred_idx[j]
-                        if dev[p] != d:
-                            t = tid_of[p, d]
-                            if x_msg[t] and not cnt_f[m, t]:
-                                cnt_f[m, t] = True
-                                n_rmsg += 1
                 for q in range(num_dev):
                     t = tid_of[op, q]
                     if t >= 0 and x_msg[t]:
@@ -270,14 +257,6 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
                         if c > cp_in:
                             cp_in = c
                     if blocker < 0:
-                        if recv_msg_o[d] > 0.0:
-                            for j in range(succ_ptr[op], succ_ptr[op + 1]):
-                                s = succ_idx[j]
-                                if dev[s] != d:
-                                    t = tid_of[op, dev[s]]
-                                    if x_msg[t] and x_grad[t] and not cnt_b[m, t]:
-                                        cnt_b[m, t] = True
-                                        n_rmsg += 1
                         if recv_o[d] > 0.0 and ready > dev_free[d]:
                             for j in range(succ_ptr[op], succ_ptr[op + 1]):
                                 s = succ_idx[j]
@@ -307,7 +286,7 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
                 for z in range(n_zero):
                     if x_msg[zero_t[z]] and x_grad[zero_t[z]]:
                         n_send += 1
-            dur += n_recv * recv_o[d] + n_send * send_o[d] + task_extra_s[k] + n_rmsg * recv_msg_o[d]
+            dur += n_recv * recv_o[d] + n_send * send_o[d] + task_extra_s[k]
             end = ready + dur
             dev_free[d] = end
             busy[d] += dur

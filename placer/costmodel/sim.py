@@ -25,12 +25,10 @@ Model (kept identical to what the engine executes, so fidelity is a direct compa
 * **Machine overheads** (0 unless ``cluster.meta`` declares them, a number or ``{kind: s}``; ``placer cluster
   calibrate`` measures them on the engine, see :mod:`placer.engine.calibrate_engine`). A task that
   posts ``s`` messages keeps its device ``s x send_overhead_s`` longer (gloo's send work runs on the worker's
-  own core); the first task on a device to use a received message is ``recv_message_overhead_s`` longer (the
-  receive work, on the receiver's core, whether it waited or not); a task whose device sat idle waiting for a
-  message pays ``recv_overhead_s`` once before it runs (waking the blocked worker); a step whose tasks span
-  several devices starts ``step_overhead_s`` late on each of them (start barrier and receive posting). Only
-  values that depend on a parameter send a gradient back (autograd makes none for inputs and targets); a graph
-  without parameters counts every value.
+  own core); a task whose device sat idle waiting for a message pays ``recv_overhead_s`` once before it runs
+  (waking the blocked worker); a step whose tasks span several devices starts ``step_overhead_s`` late on each
+  of them (start barrier and receive posting). Only values that depend on a parameter send a gradient back
+  (autograd makes none for inputs and targets); a graph without parameters counts every value.
   The engine runs each device's maximal runs of consecutive ops as fused segments (:mod:`placer.engine.segments`;
   :meth:`Simulator.segment_starts` is the same rule on the schedule's arrays): the task that starts a forward
   segment takes ``segment_fwd_overhead_s`` longer, the one that starts a backward segment
@@ -209,8 +207,6 @@ class Simulator:
                                          for dv in cluster.devices])
         self.recv_overhead_s = np.array([_meta_per_kind(cluster, "recv_overhead_s", dv.kind)
                                          for dv in cluster.devices])
-        self.recv_message_s = np.array([_meta_per_kind(cluster, "recv_message_overhead_s", dv.kind)
-                                        for dv in cluster.devices])
         # the fixed cost of each fused forward / backward segment the engine runs (0 unless declared)
         self.segment_fwd_s = np.array([_meta_per_kind(cluster, "segment_fwd_overhead_s", dv.kind)
                                        for dv in cluster.devices])
@@ -338,8 +334,7 @@ class Simulator:
         status, step, busy, crit, t_start, t_end, x_start, x_end, stuck = K.sweep_costed(
             sched.device_ptr, sched.op, sched.microbatch, sched.phase, dev, ga.pred_ptr, ga.pred_idx,
             ga.succ_ptr, ga.succ_idx, tid_of, src, dst, ncons, x_time, dur_f, dur_b, upd, m, timeline,
-            self.send_overhead_s, self.recv_overhead_s, msg, self.needs_grad[prod], start, extra_s,
-            self.recv_message_s)
+            self.send_overhead_s, self.recv_overhead_s, msg, self.needs_grad[prod], start, extra_s)
         if status != K.OK:  # build_schedule never returns such an order; a hand-made Schedule might
             d = int(np.flatnonzero(stuck >= 0)[0])
             k = int(stuck[d])

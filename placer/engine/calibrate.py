@@ -16,8 +16,8 @@
 * **Waited receives.** Per pair, a receiver posts its receive and blocks while the sender computes for 2-6 ms, as
   an engine worker waits for its next input; ``meta["waited_receive_s"]`` records the median time from the send
   to the receiver's ``wait()`` returning, and ``meta["message_wakeup_s"]`` its excess over the link latency (the
-  OS wake-up of a receiver that slept; ``benchmarks/bench_latency.py`` measures it at length). The simulator
-  does not read it: ``recv_overhead_s`` below is fitted on whole engine steps and includes it.
+  OS wake-up of a receiver that slept; ``benchmarks/bench_latency.py`` measures it at length); it becomes the
+  simulator's ``recv_overhead_s`` below.
 * **Engine overheads.** :func:`placer.engine.calibrate_engine.engine_message_costs` runs the engine's toy chain
   on one device (fused and op by op) and split over two, and stores the per-segment (forward, backward) and
   per-message costs and the start-up cost of a step that spans devices in ``meta`` (``segment_fwd_overhead_s``,
@@ -331,7 +331,8 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
     }
     if engine_overheads:
         msg = engine_message_costs(devices[:2], latency_s=float(lat[0, 1]), bandwidth_Bps=float(bw[0, 1]),
-                                   threads_per_device=threads_per_device, steps=engine_steps, timeout_s=timeout_s)
+                                   threads_per_device=threads_per_device, steps=engine_steps, timeout_s=timeout_s,
+                                   wakeup_s=link_records.get("message_wakeup_s"))
         meta.update({k: {"cpu": msg[k]} for k in ("send_overhead_s", "recv_overhead_s", "segment_fwd_overhead_s",
                                                   "segment_bwd_overhead_s")})
         meta.update({"step_overhead_s": msg["step_overhead_s"], "engine_chain": msg})
