@@ -22,7 +22,10 @@
   on one device (fused and op by op) and split over two, and stores the per-segment (forward, backward) and
   per-message costs and the start-up cost of a step that spans devices in ``meta`` (``segment_fwd_overhead_s``,
   ``segment_bwd_overhead_s``, ``send_overhead_s``, ``recv_overhead_s``, ``step_overhead_s``), where
-  :mod:`placer.costmodel.sim` reads them.
+  :mod:`placer.costmodel.sim` reads them. The chain's messages are tiny and all waited for, so with
+  ``fit_graph`` (default :data:`~placer.engine.calibrate_engine.FIT_GRAPH`) the per-message send cost, the
+  wake-up and the step cost are then fitted on whole engine steps of that shipped graph
+  (:func:`~placer.engine.calibrate_engine.fit_message_costs`; ``meta["engine_fit"]`` records it).
 
 It cannot hang: the process group has a timeout, every child has a watchdog and dies with its parent
 (``PR_SET_PDEATHSIG``), the parent joins with a deadline and kills all children on error or timeout.
@@ -43,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from placer.core.cluster import Cluster, Device
-from placer.engine.calibrate_engine import chain_message_costs, engine_message_costs
+from placer.engine.calibrate_engine import FIT_GRAPH, chain_message_costs, engine_message_costs, fit_message_costs
 from placer.engine.procs import die_with_parent, free_port, pin_process
 
 if TYPE_CHECKING:
@@ -51,7 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["calibrate_cluster", "fit_link", "engine_op_costs", "engine_message_costs", "chain_message_costs"]
+__all__ = ["calibrate_cluster", "fit_link", "engine_op_costs", "engine_message_costs", "chain_message_costs",
+           "fit_message_costs"]
 
 DEFAULT_SIZES_BYTES: tuple[int, ...] = (1 << 10, 1 << 16, 1 << 20, 1 << 22, 1 << 24)
 """1 KiB to 16 MiB: small sizes pin the latency, large ones the bandwidth."""
@@ -290,7 +294,7 @@ def _fit_links(results: list[dict[str, Any]], sizes: list[int], num_devices: int
 def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES, repeats: int = 20,
                       threads_per_device: int = 1, matmul_n: int = 384, matmul_iters: int = 40,
                       timeout_s: float = 60.0, name: str | None = None, engine_overheads: bool = True,
-                      engine_steps: int = 15) -> Cluster:
+                      engine_steps: int = 15, fit_graph: str | None = FIT_GRAPH) -> Cluster:
     """Spawn ``num_devices`` gloo workers, measure links and speeds, and return the cluster (``meta`` records the
     date, sizes, raw medians and the fit). Any failure or timeout is a one-line ``RuntimeError``; no child
     outlives the call."""
@@ -336,6 +340,12 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
         meta.update({k: {"cpu": msg[k]} for k in ("send_overhead_s", "recv_overhead_s", "segment_fwd_overhead_s",
                                                   "segment_bwd_overhead_s")})
         meta.update({"step_overhead_s": msg["step_overhead_s"], "engine_chain": msg})
+        if fit_graph:  # the chain under-measures what real graphs' messages and steps cost: fit on one
+            partial = Cluster(name="calibrating", devices=tuple(devices), bandwidth_Bps=bw, latency_s=lat, meta=meta)
+            fit = fit_message_costs(partial, graph_name=fit_graph, steps=max(engine_steps // 3, 2),
+                                    timeout_s=timeout_s)
+            meta.update({k: {"cpu": fit[k]} for k in ("send_overhead_s", "recv_overhead_s")})
+            meta.update({"step_overhead_s": fit["step_overhead_s"], "engine_fit": fit})
         meta["elapsed_s"] = round(time.monotonic() - started, 2)
     log.info("calibrated %d workers in %.1f s: %s", num_devices, elapsed,
              ", ".join(f"{k}: {v['latency_s'] * 1e6:.0f} us + {v['bandwidth_Bps'] / 1e9:.2f} GB/s"
