@@ -2,8 +2,9 @@
 
 Two sections, both on this machine's two pinned CPU workers, measured by a warm :class:`~placer.engine.Measurer`
 (``warmup`` + ``steps``, median; every configuration in ``--rounds`` interleaved rounds, the median round counts)
-and simulated on the cluster measured by ``calibrate_cluster(2)`` (links, speeds, and the engine's per-segment,
-per-message and multi-device start-up costs from its toy chain), SGD:
+and simulated on the cluster measured by ``calibrate_cluster(2)`` (links, speeds, the engine's per-segment costs
+from its toy chain, and its per-message and multi-device start-up costs fitted on steps of ``moe-small``, a graph
+this benchmark does not measure), SGD:
 
 * ``none``: for the shipped, profiled ``rnnlm-small`` and ``nmt-small`` graphs (``graphs/data``), about 25
   placements each — every registered baseline (``single``, ``expert``, ``scotch``, ``metis``, Baechi's, ``heft``,
