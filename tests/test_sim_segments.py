@@ -124,7 +124,7 @@ def test_message_costs_fit_recovers_known_costs(monkeypatch):
     from graphs.data import load_benchmark_graph
     from placer.engine.calibrate_engine import FIT_GRAPH, fit_message_costs
 
-    truth = two_cpus(send_overhead_s={"cpu": 150e-6}, recv_overhead_s={"cpu": 0.0}, step_overhead_s=3e-3)
+    truth = two_cpus(send_overhead_s={"cpu": 150e-6}, step_overhead_s=3e-3)
     truth_sim = Simulator(load_benchmark_graph(FIT_GRAPH), truth)
 
     class FakeMeasurer:
