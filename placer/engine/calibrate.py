@@ -23,8 +23,8 @@
   per-message costs and the start-up cost of a step that spans devices in ``meta`` (``segment_fwd_overhead_s``,
   ``segment_bwd_overhead_s``, ``send_overhead_s``, ``recv_overhead_s``, ``step_overhead_s``), where
   :mod:`placer.costmodel.sim` reads them. The chain's messages are tiny and all waited for, so with
-  ``fit_graph`` (default :data:`~placer.engine.calibrate_engine.FIT_GRAPH`) the per-message send cost, the
-  wake-up and the step cost are then fitted on whole engine steps of that shipped graph
+  ``fit_graph`` (default :data:`~placer.engine.calibrate_engine.FIT_GRAPH`) the per-message send cost and the
+  step cost are then fitted (and the wake-up set to 0) on whole engine steps of that shipped graph
   (:func:`~placer.engine.calibrate_engine.fit_message_costs`; ``meta["engine_fit"]`` records it).
 
 It cannot hang: the process group has a timeout, every child has a watchdog and dies with its parent
