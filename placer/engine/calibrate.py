@@ -23,8 +23,8 @@
   per-message costs and the start-up cost of a step that spans devices in ``meta`` (``segment_fwd_overhead_s``,
   ``segment_bwd_overhead_s``, ``send_overhead_s``, ``recv_overhead_s``, ``step_overhead_s``), where
   :mod:`placer.costmodel.sim` reads them. The chain's messages are tiny and all waited for, so with
-  ``fit_graph`` (default :data:`~placer.engine.calibrate_engine.FIT_GRAPH`) the per-message send cost and the
-  step cost are then fitted (and the wake-up set to 0) on whole engine steps of that shipped graph
+  ``fit_graph`` (default :data:`~placer.engine.calibrate_engine.FIT_GRAPH`) the wake-up is left at 0 (the
+  chain's step cost then keeps it) and the per-message send cost is fitted on whole engine steps of that graph
   (:func:`~placer.engine.calibrate_engine.fit_message_costs`; ``meta["engine_fit"]`` records it).
 
 It cannot hang: the process group has a timeout, every child has a watchdog and dies with its parent
@@ -336,7 +336,7 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
     if engine_overheads:
         msg = engine_message_costs(devices[:2], latency_s=float(lat[0, 1]), bandwidth_Bps=float(bw[0, 1]),
                                    threads_per_device=threads_per_device, steps=engine_steps, timeout_s=timeout_s,
-                                   wakeup_s=link_records.get("message_wakeup_s"))
+                                   wakeup_s=None if fit_graph else link_records.get("message_wakeup_s"))
         meta.update({k: {"cpu": msg[k]} for k in ("send_overhead_s", "recv_overhead_s", "segment_fwd_overhead_s",
                                                   "segment_bwd_overhead_s")})
         meta.update({"step_overhead_s": msg["step_overhead_s"], "engine_chain": msg})
@@ -344,8 +344,7 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
             partial = Cluster(name="calibrating", devices=tuple(devices), bandwidth_Bps=bw, latency_s=lat, meta=meta)
             fit = fit_message_costs(partial, graph_name=fit_graph, steps=max(engine_steps // 3, 2),
                                     timeout_s=timeout_s)
-            meta.update({k: {"cpu": fit[k]} for k in ("send_overhead_s", "recv_overhead_s")})
-            meta.update({"step_overhead_s": fit["step_overhead_s"], "engine_fit": fit})
+            meta.update({"send_overhead_s": {"cpu": fit["send_overhead_s"]}, "engine_fit": fit})
         meta["elapsed_s"] = round(time.monotonic() - started, 2)
     log.info("calibrated %d workers in %.1f s: %s", num_devices, elapsed,
              ", ".join(f"{k}: {v['latency_s'] * 1e6:.0f} us + {v['bandwidth_Bps'] / 1e9:.2f} GB/s"
