@@ -343,7 +343,7 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
         if fit_graph:  # the chain under-measures what real graphs' messages and steps cost: fit on one
             partial = Cluster(name="calibrating", devices=tuple(devices), bandwidth_Bps=bw, latency_s=lat, meta=meta)
             fit = fit_message_costs(partial, graph_name=fit_graph, steps=max(engine_steps // 3, 2),
-                                    timeout_s=timeout_s)
+                                    timeout_s=timeout_s, threads_per_device=threads_per_device)
             meta.update({"send_overhead_s": {"cpu": fit["send_overhead_s"]}, "engine_fit": fit})
         meta["elapsed_s"] = round(time.monotonic() - started, 2)
     log.info("calibrated %d workers in %.1f s: %s", num_devices, elapsed,

@@ -178,7 +178,7 @@ def _fit_configs(graph: Any) -> list[tuple[Any, str, int]]:
 
 
 def fit_message_costs(cluster: Cluster, *, graph_name: str = FIT_GRAPH, rounds: int = 3, steps: int = 5,
-                      warmup: int = 2, timeout_s: float = 60.0) -> dict[str, Any]:
+                      warmup: int = 2, timeout_s: float = 60.0, threads_per_device: int = 1) -> dict[str, Any]:
     """Per-message send cost fitted on whole engine steps of a real graph.
 
     The toy chain's messages are tiny and all waited for; a real graph's are kilobytes and mostly overlap with
@@ -195,7 +195,8 @@ def fit_message_costs(cluster: Cluster, *, graph_name: str = FIT_GRAPH, rounds: 
 
     graph = load_benchmark_graph(graph_name)
     configs = _fit_configs(graph)
-    config = EngineConfig(optimizer="sgd", threads_per_device=1, track_memory=False, timeout_s=timeout_s)
+    config = EngineConfig(optimizer="sgd", threads_per_device=threads_per_device, track_memory=False,
+                          timeout_s=timeout_s)
     runs: list[list[float]] = [[] for _ in configs]
     with Measurer(graph, cluster, config=config) as m:
         for _ in range(rounds):
