@@ -63,12 +63,18 @@ class OpCosts:
     bwd_s: np.ndarray
     """Backward time per op, seconds (gradients w.r.t. inputs and parameters)."""
     provenance: Provenance
+    microbatch_s: Mapping[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """Measured ``(fwd_s, bwd_s)`` per op of ONE micro-batch of ``batch / M``, keyed by ``M`` (> 1); a count absent
+    here is derived by the simulator (:func:`placer.costmodel.sim.per_microbatch_s`). Omitted from JSON when empty."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fwd_s", _frozen_array(self.fwd_s, np.float64, what="fwd_s"))
         object.__setattr__(self, "bwd_s", _frozen_array(self.bwd_s, np.float64, what="bwd_s"))
-        if self.fwd_s.shape != self.bwd_s.shape:
-            raise ValueError("fwd_s and bwd_s must have the same length")
+        mb = {int(m): tuple(_frozen_array(a, np.float64, self.fwd_s.shape[0], what=f"microbatch_s[{m}]") for a in v)
+              for m, v in sorted(self.microbatch_s.items(), key=lambda kv: int(kv[0]))}
+        if self.fwd_s.shape != self.bwd_s.shape or any(m < 2 or not (np.r_[v] >= 0).all() for m, v in mb.items()):
+            raise ValueError("fwd_s and bwd_s must have the same length; microbatch_s keys >= 2, times >= 0")
+        object.__setattr__(self, "microbatch_s", mb)
 
     @property
     def step_s(self) -> np.ndarray:
@@ -80,11 +86,14 @@ class OpCosts:
             "fwd_s": [float(x) for x in self.fwd_s],
             "bwd_s": [float(x) for x in self.bwd_s],
             "provenance": dataclasses.asdict(self.provenance),
+            **({"microbatch_s": {str(m): {"fwd_s": f.tolist(), "bwd_s": b.tolist()} for m, (f, b) in
+                                 self.microbatch_s.items()}} if self.microbatch_s else {}),
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "OpCosts":
-        return cls(fwd_s=d["fwd_s"], bwd_s=d["bwd_s"], provenance=Provenance(**d["provenance"]))
+        mb = {int(m): (v["fwd_s"], v["bwd_s"]) for m, v in d.get("microbatch_s", {}).items()}
+        return cls(fwd_s=d["fwd_s"], bwd_s=d["bwd_s"], provenance=Provenance(**d["provenance"]), microbatch_s=mb)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -283,9 +292,7 @@ class OpGraph(JsonFile):
         return dataclasses.replace(self, **changes)
 
     def with_costs(self, kind: str, costs: OpCosts) -> "OpGraph":
-        merged = dict(self.costs)
-        merged[kind] = costs
-        return self.replace(costs=merged)
+        return self.replace(costs={**self.costs, kind: costs})
 
     # ------------------------------------------------------------------ serialisation
     def to_json(self) -> dict[str, Any]:
@@ -412,8 +419,7 @@ def _adjacency(keys: np.ndarray, values: np.ndarray, n: int) -> list[np.ndarray]
 
 
 def _content_hash(d: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in d.items() if k != "hash"}
-    blob = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    blob = json.dumps({k: v for k, v in d.items() if k != "hash"}, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

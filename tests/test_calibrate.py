@@ -79,6 +79,9 @@ def test_chain_message_costs_hand_worked():
     assert out["per_message_s"] == pytest.approx(125e-6)
     assert out["step_overhead_s"] == pytest.approx(2.25 * ms)
     assert out["recv_overhead_s"] == 0.0
+    # a measured wake-up per waited message comes off first: 2.075 - 3 x 0.025, 2.25 - 10 x 0.025, ... -> 2.0 ms
+    out = chain_message_costs(got, latency_s=50e-6, bandwidth_Bps=10e6, wakeup_s=25e-6)
+    assert out["recv_overhead_s"] == pytest.approx(25e-6) and out["step_overhead_s"] == pytest.approx(2.0 * ms)
     # a wire slower than the steps allow: nothing is left for the fixed cost, clamped at 0
     out = chain_message_costs(got, latency_s=1e-3, bandwidth_Bps=10e6)
     assert out["step_overhead_s"] == 0.0 and out["send_overhead_s"] == pytest.approx(25e-6)

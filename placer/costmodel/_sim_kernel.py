@@ -107,13 +107,14 @@ def sweep(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_
     zero = np.zeros(num_dev)
     return sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_idx, tid_of, x_src,
                         x_dst, x_ncons, x_time_s, dur_f, dur_b, upd_s, num_mb, record, zero, zero,
-                        np.zeros(x_src.shape[0], np.bool_), np.ones(x_src.shape[0], np.bool_), zero)
+                        np.zeros(x_src.shape[0], np.bool_), np.ones(x_src.shape[0], np.bool_), zero,
+                        np.zeros(dev_ptr[num_dev]))
 
 
 @nb.njit(cache=True)
 def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr, succ_idx,
                  tid_of, x_src, x_dst, x_ncons, x_time_s, dur_f, dur_b, upd_s, num_mb, record,
-                 send_o, recv_o, x_msg, x_grad, start_s):  # pragma: no cover
+                 send_o, recv_o, x_msg, x_grad, start_s, task_extra_s):  # pragma: no cover
     """Run every device's task list in order (an in-order executor per device) and time it.
 
     A task starts when its device is free and its inputs are there: forward of (op, m) waits for forward of its
@@ -131,6 +132,7 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
     depends on a parameter, so autograd produces its gradient) send a gradient back: for the others the
     producer's backward does not wait and nothing moves. Device ``d`` is free from ``start_s[d]``
     on (a fixed start-up cost of multi-device steps, see :mod:`placer.costmodel.sim`); it counts as busy time.
+    Task ``k`` takes ``task_extra_s[k]`` longer (the fixed cost of a fused segment it starts).
 
     Returns ``(status, step_s, busy_s[D], critical_path_s, task_start, task_end, x_start[2, T, M],
     x_end[2, T, M], stuck_task[D])`` (x index 0: activation, 1: gradient); ``status`` is ``DEADLOCK`` when
@@ -284,7 +286,7 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
                 for z in range(n_zero):
                     if x_msg[zero_t[z]] and x_grad[zero_t[z]]:
                         n_send += 1
-            dur += n_recv * recv_o[d] + n_send * send_o[d]
+            dur += n_recv * recv_o[d] + n_send * send_o[d] + task_extra_s[k]
             end = ready + dur
             dev_free[d] = end
             busy[d] += dur
@@ -361,3 +363,4 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
         if dev_free[d] > step:
             step = dev_free[d]
     return status, step, busy, critical, task_start, task_end, x_start, x_end, stuck
+

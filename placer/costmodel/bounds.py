@@ -5,7 +5,7 @@ ignoring transfers, so no placement or schedule can beat it:
 
 * **critical path**: the longest chain of forward then backward times through the graph (forward along a path,
   backward back along it), each op at its fastest device's time. With ``M`` micro-batches one micro-batch's
-  chain must still run end to end, so the per-micro-batch times of :func:`placer.costmodel.sim.per_microbatch_s`
+  chain must still run end to end, so the per-micro-batch times of :meth:`placer.costmodel.sim.Simulator.microbatch_s`
   are used; with ``M = 1`` this is the usual full-batch critical path.
 * **work bound**: for any weights ``lam_d >= 0`` summing to 1, ``T >= sum_i min_d lam_d w_i(d)`` where
   ``w_i(d) = M x per-micro-batch time`` of op ``i`` on device ``d`` (the LP dual of spreading all work over the
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from placer.costmodel.sim import Simulator, get_simulator, per_microbatch_s
+from placer.costmodel.sim import Simulator, get_simulator
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
@@ -39,8 +39,7 @@ if TYPE_CHECKING:
 
 def _per_device_times(sim: Simulator, microbatches: int) -> tuple[np.ndarray, np.ndarray]:
     """``(fwd, bwd)`` per-micro-batch times, shape ``(D, n)``."""
-    o = sim.overhead_s[:, None]
-    return per_microbatch_s(sim.fwd_s, o, microbatches), per_microbatch_s(sim.bwd_s, o, microbatches)
+    return sim.microbatch_s(microbatches)
 
 
 def critical_path_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,

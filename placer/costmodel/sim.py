@@ -5,8 +5,11 @@ Model (kept identical to what the engine executes, so fidelity is a direct compa
 * **Order.** Every device is an in-order executor of its task list from :mod:`placer.costmodel.schedules` (not a dynamic
   list scheduler): a task starts when its device is free and its inputs have arrived.
 * **Compute.** Op time on device ``d`` = ``graph.costs[kind].fwd_s`` (or ``bwd_s``) ``/ d.speed`` for the full
-  batch. A micro-batch of ``M`` takes ``o + (t - o) / M`` with ``o = min(t, dispatch overhead)``: tiny
-  micro-batches do not scale linearly, each still pays the per-op dispatch (framework + kernel launch) cost.
+  batch. A micro-batch of ``M`` takes what the cost set measured at ``batch / M`` when it has that size
+  (``OpCosts.microbatch_s[M]``, profiled by :mod:`graphs.profile_batch`); between measured sizes the time is
+  interpolated linearly in the micro-batch's samples (a fixed plus a per-sample cost per op); beyond the
+  smallest measured size, and for cost sets with none, ``o + (t - o) / M`` with ``o = min(t, dispatch overhead)``:
+  tiny micro-batches do not scale linearly, each still pays the per-op dispatch (framework + kernel launch) cost.
   Overheads per device kind come from ``dispatch_overhead_s=`` (a number or ``{kind: s}``), else
   ``cluster.meta["dispatch_overhead_s"][kind]``, else the roofline spec's ``launch_s``
   (:data:`graphs.roofline.GPUS`), else :data:`DISPATCH_OVERHEAD_S`, else :data:`DEFAULT_DISPATCH_OVERHEAD_S`.
@@ -20,12 +23,16 @@ Model (kept identical to what the engine executes, so fidelity is a direct compa
   but cost nothing (as :meth:`Cluster.transfer_s`). A micro-batch's input data is already on its input op's
   device (the data loader puts it there), so inputs cost no transfer.
 * **Machine overheads** (0 unless ``cluster.meta`` declares them, a number or ``{kind: s}``; ``placer cluster
-  calibrate`` measures them on the engine, see :func:`placer.engine.calibrate.engine_message_costs`). A task that
+  calibrate`` measures them on the engine, see :mod:`placer.engine.calibrate_engine`). A task that
   posts ``s`` messages keeps its device ``s x send_overhead_s`` longer (gloo's send work runs on the worker's
   own core); a task whose device sat idle waiting for a message pays ``recv_overhead_s`` once before it runs
-  (waking the blocked worker); a step whose tasks span several devices starts ``step_overhead_s`` late on
-  each of them (start barrier and receive posting). Only values that depend on a parameter send a gradient
-  back (autograd makes none for inputs and targets); a graph without parameters counts every value.
+  (waking the blocked worker); a step whose tasks span several devices starts ``step_overhead_s`` late on each
+  of them (start barrier and receive posting). Only values that depend on a parameter send a gradient back
+  (autograd makes none for inputs and targets); a graph without parameters counts every value.
+  The engine runs each device's maximal runs of consecutive ops as fused segments (:mod:`placer.engine.segments`;
+  :meth:`Simulator.segment_starts` is the same rule on the schedule's arrays): the task that starts a forward
+  segment takes ``segment_fwd_overhead_s`` longer, the one that starts a backward segment
+  ``segment_bwd_overhead_s`` (one autograd call and the exposed views), for every schedule and ``M``.
 * **Update.** Each device updates its parameters once per step after its last backward:
   ``param_bytes x touched / (memory bandwidth x speed)`` plus one dispatch overhead, where ``touched`` is the
   bytes read and written per parameter byte (:data:`OPTIMIZERS`; Adam reads param, grad, m, v and writes
@@ -51,13 +58,14 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from placer.costmodel import _sim_kernel as K
+from placer.costmodel._segment_kernel import segment_starts as _segment_starts_kernel
 from placer.costmodel.costs import CostKind, cost_kind_of
 from placer.core.placement import Placement
 from placer.core.result import StepResult, TimelineEvent
 from placer.costmodel.schedules import PHASES, Schedule, build_schedule, graph_arrays, warn_schedule
 
 if TYPE_CHECKING:
-    from graphs.ir import OpGraph
+    from graphs.ir import OpCosts, OpGraph
     from placer.core.cluster import Cluster
 
 log = logging.getLogger(__name__)
@@ -137,12 +145,32 @@ def _meta_per_kind(cluster: "Cluster", key: str, kind: str) -> float:
     return float(v)
 
 
-def per_microbatch_s(t_s: np.ndarray, overhead_s: np.ndarray | float, microbatches: int) -> np.ndarray:
+def per_microbatch_s(t_s: np.ndarray, overhead_s: np.ndarray | float, microbatches: float) -> np.ndarray:
     """One micro-batch of an op whose full-batch time is ``t_s``: ``o + (t - o) / M`` with ``o = min(t, overhead)``."""
     if microbatches == 1:
         return np.asarray(t_s, dtype=np.float64)
     o = np.minimum(t_s, overhead_s)
     return o + (t_s - o) / microbatches
+
+
+def microbatch_costs_s(costs: "OpCosts", overhead_s: float, microbatches: int) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and backward seconds per op of one micro-batch of ``batch / microbatches`` (module docstring):
+    measured, interpolated in samples between measured sizes, or the dispatch rule beyond / without them."""
+    if microbatches == 1:
+        return costs.fwd_s, costs.bwd_s
+    if microbatches in costs.microbatch_s:
+        return costs.microbatch_s[microbatches]
+    # measured points as (samples as a fraction of the batch, fwd, bwd), the full batch included
+    pts = [(1.0, costs.fwd_s, costs.bwd_s)] + [(1.0 / m, f, b) for m, (f, b) in costs.microbatch_s.items()]
+    pts.sort(key=lambda p: p[0])
+    x = 1.0 / microbatches
+    if x < pts[0][0]:  # smaller than any measured size: the dispatch rule from the smallest one
+        k = pts[0][0] / x
+        return per_microbatch_s(pts[0][1], overhead_s, k), per_microbatch_s(pts[0][2], overhead_s, k)
+    hi = next(i for i, p in enumerate(pts) if p[0] >= x)
+    (x0, f0, b0), (x1, f1, b1) = pts[hi - 1], pts[hi]
+    w = (x - x0) / (x1 - x0)
+    return f0 + w * (f1 - f0), b0 + w * (b1 - b0)
 
 
 class Simulator:
@@ -156,6 +184,8 @@ class Simulator:
         self.graph, self.cluster = graph, cluster
         n, d = graph.n, cluster.num_devices
         self.kinds: list[str] = []
+        self._cost_sets: list[OpCosts] = []
+        self._mb_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         fwd = np.zeros((d, n))
         bwd = np.zeros((d, n))
         overhead = np.zeros(d)
@@ -164,6 +194,7 @@ class Simulator:
             kind = cost_kind_of(graph, dev, cost_kind)
             self.kinds.append(kind)
             c = graph.costs[kind]
+            self._cost_sets.append(c)
             fwd[i] = c.fwd_s / dev.speed
             bwd[i] = c.bwd_s / dev.speed
             overhead[i] = _per_kind(dispatch_overhead_s, "dispatch_overhead_s", cluster, dev.kind,
@@ -176,6 +207,11 @@ class Simulator:
                                          for dv in cluster.devices])
         self.recv_overhead_s = np.array([_meta_per_kind(cluster, "recv_overhead_s", dv.kind)
                                          for dv in cluster.devices])
+        # the fixed cost of each fused forward / backward segment the engine runs (0 unless declared)
+        self.segment_fwd_s = np.array([_meta_per_kind(cluster, "segment_fwd_overhead_s", dv.kind)
+                                       for dv in cluster.devices])
+        self.segment_bwd_s = np.array([_meta_per_kind(cluster, "segment_bwd_overhead_s", dv.kind)
+                                       for dv in cluster.devices])
         step_o = cluster.meta.get("step_overhead_s", 0.0)
         if not isinstance(step_o, (int, float)) or not step_o >= 0:
             raise ValueError(f"cluster {cluster.name!r}: meta step_overhead_s must be a number >= 0, got {step_o!r}")
@@ -230,6 +266,17 @@ class Simulator:
             warn_schedule(sched)
         return sched
 
+    def microbatch_s(self, microbatches: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(D, n)`` forward and backward seconds of one micro-batch of every op on every device (cached)."""
+        got = self._mb_cache.get(microbatches)
+        if got is None:
+            fwd, bwd = np.zeros_like(self.fwd_s), np.zeros_like(self.bwd_s)
+            for i, (c, dv) in enumerate(zip(self._cost_sets, self.cluster.devices)):
+                f, b = microbatch_costs_s(c, float(self.overhead_s[i]) * dv.speed, microbatches)
+                fwd[i], bwd[i] = f / dv.speed, b / dv.speed
+            got = self._mb_cache[microbatches] = (fwd, bwd)
+        return got
+
     # ------------------------------------------------------------------ the step
     def run(self, placement: Placement | np.ndarray, *, schedule: str | Schedule = "none", microbatches: int = 1,
             optimizer: str = "adam", timeline: bool = False) -> StepResult:
@@ -273,8 +320,8 @@ class Simulator:
                                      peak_memory_bytes=np.ceil(peak).astype(np.int64), **ran,
                                      microbatches=m, extra=extra)
 
-        dur_f = per_microbatch_s(self.fwd_s[dev, self._ar], self.overhead_s[dev], m)
-        dur_b = per_microbatch_s(self.bwd_s[dev, self._ar], self.overhead_s[dev], m)
+        fwd_m, bwd_m = self.microbatch_s(m)
+        dur_f, dur_b = fwd_m[dev, self._ar], bwd_m[dev, self._ar]
         upd = np.where(params > 0, params * opt.touched / self.mem_bw_Bps + self.overhead_s, 0.0)
         ga = self.arrays
         tid_of, prod, src, dst, nbytes, ncons = K.transfer_table(dev, ga.succ_ptr, ga.succ_idx, ga.succ_bytes, num_dev)
@@ -283,10 +330,11 @@ class Simulator:
         # a step that spans devices starts late on each of them (see the module docstring)
         used = np.diff(sched.device_ptr) > 0
         start = np.where(used, self.step_overhead_s, 0.0) if used.sum() > 1 else np.zeros(num_dev)
+        extra_s, n_segments = self._segment_costs(sched, dev)
         status, step, busy, crit, t_start, t_end, x_start, x_end, stuck = K.sweep_costed(
             sched.device_ptr, sched.op, sched.microbatch, sched.phase, dev, ga.pred_ptr, ga.pred_idx,
             ga.succ_ptr, ga.succ_idx, tid_of, src, dst, ncons, x_time, dur_f, dur_b, upd, m, timeline,
-            self.send_overhead_s, self.recv_overhead_s, msg, self.needs_grad[prod], start)
+            self.send_overhead_s, self.recv_overhead_s, msg, self.needs_grad[prod], start, extra_s)
         if status != K.OK:  # build_schedule never returns such an order; a hand-made Schedule might
             d = int(np.flatnonzero(stuck >= 0)[0])
             k = int(stuck[d])
@@ -299,7 +347,8 @@ class Simulator:
         moved = (np.bincount(src * num_dev + dst, weights=nbytes, minlength=dd)
                  + np.bincount(dst * num_dev + src, weights=nbytes * self.needs_grad[prod], minlength=dd))
         moved = moved.astype(np.int64).reshape(num_dev, num_dev)
-        extra["transfers"] = int(prod.shape[0])
+        extra.update(transfers=int(prod.shape[0]), messages=int(msg.sum() + (msg & self.needs_grad[prod]).sum()) * m,
+                     segments=n_segments)  # segments: None when the cluster declares no segment costs
         extra["update_s"] = [float(x) for x in upd]
         events: tuple[TimelineEvent, ...] = ()
         if timeline:
@@ -308,6 +357,29 @@ class Simulator:
                           peak_memory_bytes=np.ceil(peak).astype(np.int64), bytes_moved=moved,
                           critical_path_s=float(crit), **ran, microbatches=m, timeline=events,
                           extra=extra)
+
+    def _segment_costs(self, sched: Schedule, dev: np.ndarray) -> tuple[np.ndarray, int | None]:
+        """Per task, the fixed cost of the fused segment it starts (:func:`segment_starts`), and how many
+        segments there are; zeros and None when the cluster declares no segment costs."""
+        if not (self.segment_fwd_s.any() or self.segment_bwd_s.any()):
+            return np.zeros(sched.num_tasks), None
+        starts = self.segment_starts(sched, dev)
+        dev_of_task = sched.device_of_task()
+        extra_s = np.where(starts == 1, self.segment_fwd_s[dev_of_task],
+                           np.where(starts == 2, self.segment_bwd_s[dev_of_task], 0.0))
+        return extra_s, int((starts > 0).sum())
+
+    def segment_starts(self, sched: Schedule, dev: np.ndarray) -> np.ndarray:
+        """Per task of ``sched``: 1 if it starts a fused forward segment of the engine, 2 a backward one, else 0
+        (:func:`placer.costmodel._segment_kernel.segment_starts`)."""
+        ga = self.arrays
+        remote_grad = np.zeros(self.graph.n, dtype=bool)  # a remote consumer sends this op's gradient back
+        src, dst = self.graph.edge_index
+        has_bwd = self.needs_grad & (self.graph.out_bytes > 0)  # sizes and other non-tensors get no gradient
+        cross = (dev[src] != dev[dst]) & has_bwd[src] & has_bwd[dst]
+        remote_grad[src[cross]] = True
+        return _segment_starts_kernel(sched.device_ptr, sched.op, sched.microbatch, sched.phase, dev, ga.pred_ptr,
+                                ga.pred_idx, ga.succ_ptr, ga.succ_idx, remote_grad, sched.microbatches, self.graph.n)
 
     def _events(self, sched: Schedule, prod: np.ndarray, src: np.ndarray, dst: np.ndarray, t_start: np.ndarray,
                 t_end: np.ndarray, x_start: np.ndarray, x_end: np.ndarray) -> tuple[TimelineEvent, ...]:

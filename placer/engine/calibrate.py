@@ -16,12 +16,16 @@
 * **Waited receives.** Per pair, a receiver posts its receive and blocks while the sender computes for 2-6 ms, as
   an engine worker waits for its next input; ``meta["waited_receive_s"]`` records the median time from the send
   to the receiver's ``wait()`` returning, and ``meta["message_wakeup_s"]`` its excess over the link latency (the
-  OS wake-up of a receiver that slept; ``benchmarks/bench_latency.py`` measures it at length). The simulator
-  does not read it: ``recv_overhead_s`` below is fitted on whole engine steps and includes it.
-* **Engine overheads.** :func:`engine_message_costs` runs the engine's toy chain on one device and split over
-  two, and stores the per-message send cost, the receiver's wake-up cost and the start-up cost of a step that
-  spans devices in ``meta`` (``send_overhead_s``, ``recv_overhead_s``, ``step_overhead_s``), where
-  :mod:`placer.costmodel.sim` reads them.
+  OS wake-up of a receiver that slept; ``benchmarks/bench_latency.py`` measures it at length); it becomes the
+  simulator's ``recv_overhead_s`` below.
+* **Engine overheads.** :func:`placer.engine.calibrate_engine.engine_message_costs` runs the engine's toy chain
+  on one device (fused and op by op) and split over two, and stores the per-segment (forward, backward) and
+  per-message costs and the start-up cost of a step that spans devices in ``meta`` (``segment_fwd_overhead_s``,
+  ``segment_bwd_overhead_s``, ``send_overhead_s``, ``recv_overhead_s``, ``step_overhead_s``), where
+  :mod:`placer.costmodel.sim` reads them. The chain's messages are tiny and all waited for, so with
+  ``fit_graph`` (default :data:`~placer.engine.calibrate_engine.FIT_GRAPH`) the wake-up is left at 0 (the
+  chain's step cost then keeps it) and the per-message send cost is fitted on whole engine steps of that graph
+  (:func:`~placer.engine.calibrate_engine.fit_message_costs`; ``meta["engine_fit"]`` records it).
 
 It cannot hang: the process group has a timeout, every child has a watchdog and dies with its parent
 (``PR_SET_PDEATHSIG``), the parent joins with a deadline and kills all children on error or timeout.
@@ -42,12 +46,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from placer.core.cluster import Cluster, Device
+from placer.engine.calibrate_engine import FIT_GRAPH, chain_message_costs, engine_message_costs, fit_message_costs
 from placer.engine.procs import die_with_parent, free_port, pin_process
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
 
 log = logging.getLogger(__name__)
+
+__all__ = ["calibrate_cluster", "fit_link", "engine_op_costs", "engine_message_costs", "chain_message_costs",
+           "fit_message_costs"]
 
 DEFAULT_SIZES_BYTES: tuple[int, ...] = (1 << 10, 1 << 16, 1 << 20, 1 << 22, 1 << 24)
 """1 KiB to 16 MiB: small sizes pin the latency, large ones the bandwidth."""
@@ -217,81 +225,6 @@ def fit_link(sizes_bytes: Sequence[int], one_way_s: Sequence[float]) -> tuple[fl
     return lat, 1.0 / slope, r2
 
 
-def engine_message_costs(devices: Sequence[Device], *, latency_s: float, bandwidth_Bps: float,
-                         threads_per_device: int = 1, steps: int = 15, warmup: int = 3,
-                         timeout_s: float = 60.0, rounds: int = 5) -> dict[str, Any]:
-    """What a message and a multi-device step cost in the engine itself (:mod:`placer.engine`), from its toy chain.
-
-    The chain (:func:`placer.engine.toy.chain`: Linear+tanh layers, every op a colocation group) is measured on
-    one device and split over two devices three ways (halves, quarters, alternating ops), so every message is
-    on the critical path and every receiver waits for it. ``send_overhead_s`` is the extra busy time of the
-    alternating placement per message (the engine times a task including its ``isend`` posts). The rest of
-    what a split costs beyond ``messages x (send + latency + bytes/bandwidth)`` comes on this machine in
-    scheduler-tick lumps that no per-message fit separates stably, so ``step_overhead_s`` is its median over the
-    three splits (start barrier, receive posting, woken waits) and ``recv_overhead_s`` is left at 0 (the
-    simulator's term stays available for clusters that measure it). All clamped at 0. The four placements are
-    measured in ``rounds`` interleaved rounds and each cost is the median of the rounds' estimates. One warm
-    :class:`~placer.engine.Measurer`, a few seconds.
-    """
-    from graphs.build import build_graph
-    from placer.engine import EngineConfig, Measurer
-    from placer.core.placement import Placement
-
-    graph = build_graph("placer.engine.toy:chain", profile=None)
-    two = Cluster.uniform("calibration-pair", list(devices[:2]), bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
-    idx = np.arange(graph.n)
-    groups = graph.colocation
-    placements = {
-        "single": Placement.single(graph, 0),
-        "halves": Placement((idx >= graph.n // 2).astype(np.int64)).colocated(graph),
-        "quarters": Placement(((idx * 4) // graph.n % 2).astype(np.int64)).colocated(graph),
-        "alternate": Placement((groups % 2).astype(np.int64)),
-    }
-    config = EngineConfig(threads_per_device=threads_per_device, track_memory=False, timeout_s=timeout_s)
-    per_round: list[dict[str, Any]] = []
-    with Measurer(graph, two, config=config) as m:
-        for _ in range(rounds):
-            got: dict[str, dict[str, float]] = {}
-            for name, pl in placements.items():
-                r = m.measure(pl, steps=steps, warmup=warmup)
-                if not r.ok:
-                    raise RuntimeError(f"cluster calibration failed: engine chain {name}: {r.failure}")
-                sends = [e for e in r.timeline if e.phase == "send"]
-                first = [e.start_s for e in r.timeline if e.phase != "send" and e.track == "cpu:0"]
-                got[name] = {"step_s": r.step_time_s, "busy_s": float(r.busy_s.sum()), "messages": len(sends),
-                             "bytes": float(r.bytes_moved.sum()), "first_task_s": min(first) if first else 0.0}
-            per_round.append(chain_message_costs(got, latency_s=latency_s, bandwidth_Bps=bandwidth_Bps))
-    # One round's estimate swung 2.4x between runs on this VM (121 vs 285 us per message): slow spells hit one
-    # placement of a round and not another. Interleaved rounds and the median of their estimates hold still.
-    keys = ("send_overhead_s", "recv_overhead_s", "step_overhead_s", "per_message_s")
-    out: dict[str, Any] = {k: float(np.median([c[k] for c in per_round])) for k in keys}
-    out["rounds"] = [{k: c[k] for k in keys} for c in per_round]
-    out["placements"] = per_round[-1]["placements"]
-    return out
-
-
-def chain_message_costs(got: dict[str, dict[str, float]], *, latency_s: float,
-                        bandwidth_Bps: float) -> dict[str, Any]:
-    """The arithmetic of :func:`engine_message_costs` on its measurements: ``got[name]`` has ``step_s``,
-    ``busy_s`` (summed over devices), ``messages`` and ``bytes`` for ``single``, ``halves``, ``quarters`` and
-    ``alternate`` (``first_task_s``, when the first task on ``cpu:0`` started, is only recorded)."""
-    single = got["single"]
-    split = [got[k] for k in ("halves", "quarters", "alternate")]
-    # Per message the engine surely pays its send posts (extra busy time of the alternating placement) and the
-    # wire. What else a split step costs comes in scheduler-tick-sized lumps (~4 ms here) that land in different
-    # places from run to run (the first task starts late, or one wait takes a tick longer); a fit of it against
-    # the number of messages is unstable, so it all goes into the fixed cost of a step that spans devices:
-    # the median over the splits of what send + wire per message leave unexplained.
-    alt = got["alternate"]
-    wire_s = latency_s + alt["bytes"] / max(alt["messages"], 1) / bandwidth_Bps
-    send_s = max((alt["busy_s"] - single["busy_s"]) / max(alt["messages"], 1), 0.0)
-    c = send_s + wire_s
-    start_s = float(np.median([g["step_s"] - single["step_s"] - g["messages"] * c for g in split]))
-    recv_s = 0.0
-    return {"send_overhead_s": send_s, "recv_overhead_s": recv_s, "step_overhead_s": max(start_s, 0.0),
-            "per_message_s": c, "placements": got}
-
-
 def _run_workers(num_devices: int, sizes: list[int], repeats: int, threads_per_device: int,
                  cores: list[list[int]] | None, matmul_n: int, matmul_iters: int,
                  timeout_s: float) -> list[dict[str, Any]]:
@@ -361,7 +294,7 @@ def _fit_links(results: list[dict[str, Any]], sizes: list[int], num_devices: int
 def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFAULT_SIZES_BYTES, repeats: int = 20,
                       threads_per_device: int = 1, matmul_n: int = 384, matmul_iters: int = 40,
                       timeout_s: float = 60.0, name: str | None = None, engine_overheads: bool = True,
-                      engine_steps: int = 15) -> Cluster:
+                      engine_steps: int = 15, fit_graph: str | None = FIT_GRAPH) -> Cluster:
     """Spawn ``num_devices`` gloo workers, measure links and speeds, and return the cluster (``meta`` records the
     date, sizes, raw medians and the fit). Any failure or timeout is a one-line ``RuntimeError``; no child
     outlives the call."""
@@ -402,10 +335,16 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
     }
     if engine_overheads:
         msg = engine_message_costs(devices[:2], latency_s=float(lat[0, 1]), bandwidth_Bps=float(bw[0, 1]),
-                                   threads_per_device=threads_per_device, steps=engine_steps, timeout_s=timeout_s)
-        meta.update({"send_overhead_s": {"cpu": msg["send_overhead_s"]},
-                     "recv_overhead_s": {"cpu": msg["recv_overhead_s"]},
-                     "step_overhead_s": msg["step_overhead_s"], "engine_chain": msg})
+                                   threads_per_device=threads_per_device, steps=engine_steps, timeout_s=timeout_s,
+                                   wakeup_s=None if fit_graph else link_records.get("message_wakeup_s"))
+        meta.update({k: {"cpu": msg[k]} for k in ("send_overhead_s", "recv_overhead_s", "segment_fwd_overhead_s",
+                                                  "segment_bwd_overhead_s")})
+        meta.update({"step_overhead_s": msg["step_overhead_s"], "engine_chain": msg})
+        if fit_graph:  # the chain under-measures what real graphs' messages and steps cost: fit on one
+            partial = Cluster(name="calibrating", devices=tuple(devices), bandwidth_Bps=bw, latency_s=lat, meta=meta)
+            fit = fit_message_costs(partial, graph_name=fit_graph, steps=max(engine_steps // 3, 2),
+                                    timeout_s=timeout_s, threads_per_device=threads_per_device)
+            meta.update({"send_overhead_s": {"cpu": fit["send_overhead_s"]}, "engine_fit": fit})
         meta["elapsed_s"] = round(time.monotonic() - started, 2)
     log.info("calibrated %d workers in %.1f s: %s", num_devices, elapsed,
              ", ".join(f"{k}: {v['latency_s'] * 1e6:.0f} us + {v['bandwidth_Bps'] / 1e9:.2f} GB/s"
