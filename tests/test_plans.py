@@ -178,3 +178,19 @@ def test_mixed_preset_has_both_gpu_kinds_and_their_costs():
     sim = Simulator(load_benchmark_graph("gpt-paper"), c)
     a100, h100 = sim.fwd_s[0].sum(), sim.fwd_s[4].sum()
     assert h100 < a100  # each device is timed with its own kind's costs
+
+
+def test_best_plan_uses_measured_microbatch_costs_cheaper_than_division():
+    # Measured per-micro-batch costs below the divided rule (caches: an 8th of the batch runs faster per sample)
+    # must not be pruned by the work bound: the bound uses the simulator's own per-micro-batch times.
+    import dataclasses
+
+    g = chain(8, fwd_s=[1e-3, 2e-3, 1e-3, 3e-3, 1e-3, 1e-3, 2e-3, 1e-3], out_bytes=4 * MiB)
+    c = g.costs["cpu"]
+    fast = {m: (c.fwd_s / m * 0.6, c.bwd_s / m * 0.6) for m in (2, 4, 8)}
+    g = dataclasses.replace(g, costs={"cpu": dataclasses.replace(c, microbatch_s=fast)})
+    sim = Simulator(g, cpus(2, bandwidth_Bps=4e9, latency_s=2e-5))
+    dev = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    plan, res = best_plan(sim, dev)
+    assert res.step_time_s == pytest.approx(_exhaustive(sim, dev), rel=1e-9)
+    assert plan.microbatches > 1

@@ -29,7 +29,7 @@ interleaved-1f1b), then to fewer micro-batches. Settings skipped because they pr
   same task list as that order: simulated once;
 * **work bound**: a device runs its tasks one after the other, so a plan's step is at least
   ``max_d (start_d + M x sum of its per-micro-batch op times + its update)``, which grows with ``M``
-  (:func:`placer.costmodel.sim.per_microbatch_s`). A setting whose bound is not below the best step found so far
+  (:meth:`placer.costmodel.sim.Simulator.microbatch_s`). A setting whose bound is not below the best step found so far
   cannot win and is not simulated. ``M`` is tried largest first (small bubbles first), so a good plan is
   found early and prunes the rest.
 
@@ -46,7 +46,7 @@ import numpy as np
 
 from placer.core.result import StepResult
 from placer.costmodel.schedules import SCHEDULES, build_schedule, virtual_stages
-from placer.costmodel.sim import OPTIMIZERS, per_microbatch_s
+from placer.costmodel.sim import OPTIMIZERS
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
@@ -137,14 +137,14 @@ def _work_bounds_s(sim: "Simulator", dev: np.ndarray, ms: Sequence[int], optimiz
     """Per ``M``: ``max_d`` of the device's start + its tasks' total time + its update (see the module docstring)."""
     d = sim.cluster.num_devices
     ar = np.arange(dev.shape[0])
-    f, b, o = sim.fwd_s[dev, ar], sim.bwd_s[dev, ar], sim.overhead_s[dev]
     params = np.bincount(dev, weights=sim.param_bytes, minlength=d)
     upd = np.where(params > 0, params * OPTIMIZERS[optimizer].touched / sim.mem_bw_Bps + sim.overhead_s, 0.0)
     used = np.bincount(dev, minlength=d) > 0
     start = sim.step_overhead_s if used.sum() > 1 else 0.0
     out = {}
     for m in ms:
-        work = np.bincount(dev, weights=m * (per_microbatch_s(f, o, m) + per_microbatch_s(b, o, m)), minlength=d)
+        fwd_s, bwd_s = sim.microbatch_s(m)  # the simulator's own per-micro-batch times: measured or divided
+        work = np.bincount(dev, weights=m * (fwd_s[dev, ar] + bwd_s[dev, ar]), minlength=d)
         out[m] = float(np.max(np.where(used, work + upd + start, 0.0)))
     return out
 
