@@ -112,6 +112,10 @@ class TrainConfig:
     """Behaviour-clone this baseline's placement before RL (``best``: the best simulated baseline), and seed the
     self-imitation buffer with it (one-graph runs). Off by default; results of such runs are not "from scratch"
     and are labelled ``+warm:<method>`` in placement.json."""
+    seed_baselines: bool = False
+    """Seed the search with the best baseline's placement (one-graph runs): the run never reports a placement
+    worse than it, and labels the placement ``seeded by <baseline>`` while it is the best
+    (:mod:`placer.app.training.seeding`)."""
     warm_start_steps: int = 300
     """Most imitation steps of the warm start (it stops earlier once the policy reproduces the placement)."""
     hidden: int = 64
