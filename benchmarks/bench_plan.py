@@ -19,6 +19,9 @@ gets the memory that makes it tight), within ``--budget-s`` seconds per (G, C):
 **Real half** (``--real-only``): :func:`real_section`, written in ``benchmarks/bench_plan_real.py`` (cpu-2, the gpt
 model measured on two workers); this file calls it when that file is present.
 
+``--compare-fixed`` measures the choice of :mod:`placer.costmodel.plans` instead: RL with a fixed ``1f1b x M``
+reward against RL with the ``auto`` reward, same graph, cluster and ``--budget-s`` each.
+
 Run: ``flock /work/bench.lock python3 benchmarks/bench_plan.py [--budget-s 40] [--graphs gpt-paper]
 [--clusters h100x8] [--rl-share 0.3] [--sim-only]``. The default budget fits ~10 minutes for the 15 pairs of
 the simulated half on 2 cores (the issue's 600 s read as the benchmark's budget).
@@ -73,16 +76,38 @@ def score_baselines(sim: Simulator, seed: int) -> dict[str, tuple[float, str, np
     return out
 
 
-def rl_placement(graph: Any, cluster: Cluster, budget_s: float, seed: int, runs_dir: str) -> np.ndarray | None:
-    """RL from scratch under ``schedule="auto"`` for ``budget_s`` seconds: its best placement (None: no time)."""
+def rl_placement(graph: Any, cluster: Cluster, budget_s: float, seed: int, runs_dir: str, *,
+                 schedule: str = "auto", microbatches: int = 1) -> np.ndarray | None:
+    """RL from scratch with its reward under ``schedule`` for ``budget_s`` seconds: its best placement (None: no
+    time)."""
     if budget_s < 1.0:
         return None
     from placer.app.train import train
     from placer.app.training.config import flat_config
 
     res = train(flat_config(graph=graph, cluster=cluster, budget_s=budget_s, seed=seed, runs_dir=runs_dir,
-                            progress=False, schedule="auto", baselines=[]))
+                            progress=False, schedule=schedule, microbatches=microbatches, baselines=[]))
     return np.asarray(res.placement.device_of_op)
+
+
+def compare_fixed(args: argparse.Namespace) -> None:
+    """The design choice of :mod:`placer.costmodel.plans`, measured: RL whose reward uses one fixed plan
+    (``1f1b x M``) against RL whose reward is each placement's best plan (``auto``), same graph, cluster and
+    budget; both final placements are then scored under their best plan."""
+    g_name, c_name, m = args.fixed_graph, args.fixed_cluster, args.fixed_microbatches
+    graph = load_benchmark_graph(g_name)
+    cluster = cluster_for(c_name, graph)
+    sim = Simulator(graph, cluster)
+    for label, sched, micro in ((f"1f1b_x{m}", "1f1b", m), ("auto", "auto", 1)):
+        dev = rl_placement(graph, cluster, args.budget_s, args.seed, args.runs_dir, schedule=sched,
+                           microbatches=micro)
+        own = sim.run(dev, schedule="1f1b", microbatches=m) if sched != "auto" else None
+        plan, res = best_plan(sim, dev)
+        extra = f", under 1f1b x{m} {_ms(own.step_time_s if own.ok else math.inf)} ms" if own is not None else ""
+        print(f"# RL with reward {label} on {g_name}/{c_name}, {args.budget_s:.0f} s: best plan "
+              f"{_ms(res.step_time_s if res.ok else math.inf)} ms ({plan.label}){extra}", flush=True)
+        print(f"figure: rl_reward_{label}_best_plan_ms[{g_name},{c_name}] = "
+              f"{(res.step_time_s if res.ok else math.inf) * 1e3:.3f}")
 
 
 def lower_bound(graph: Any, cluster: Cluster) -> float:
@@ -174,6 +199,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     half = p.add_mutually_exclusive_group()
     half.add_argument("--sim-only", action="store_true")
     half.add_argument("--real-only", action="store_true")
+    half.add_argument("--compare-fixed", action="store_true",
+                      help="only RL with a fixed 1f1b x M reward against RL with the auto reward (--budget-s each)")
+    p.add_argument("--fixed-graph", default="inception_v3-paper")
+    p.add_argument("--fixed-cluster", default="h100x8")
+    p.add_argument("--fixed-microbatches", type=int, default=8)
     args = p.parse_args(argv)
     if not 0 <= args.rl_share < 1:
         p.error("--rl-share must be in [0, 1)")
@@ -183,6 +213,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.ERROR)
     args = parse_args(argv)
+    if args.compare_fixed:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.runs_dir = args.runs_dir or tmp
+            compare_fixed(args)
+        return
     if not args.real_only:
         with tempfile.TemporaryDirectory() as tmp:
             args.runs_dir = args.runs_dir or tmp
