@@ -48,8 +48,7 @@ import numpy as np  # noqa: E402
 from graphs.data import load_benchmark_graph  # noqa: E402
 from placer import baselines  # noqa: E402
 from placer.core.cluster import Cluster, get_cluster  # noqa: E402
-from placer.costmodel.bounds import lower_bound_s  # noqa: E402
-from placer.costmodel.plans import allowed_microbatches, best_plan  # noqa: E402
+from placer.costmodel.plans import best_plan, plan_lower_bound_s  # noqa: E402
 from placer.costmodel.refine import refine  # noqa: E402
 from placer.costmodel.sim import Simulator  # noqa: E402
 from placer.costmodel.tight import memory_tight  # noqa: E402
@@ -111,9 +110,9 @@ def compare_fixed(args: argparse.Namespace) -> None:
 
 
 def lower_bound(graph: Any, cluster: Cluster) -> float:
-    """No plan beats this: the lower bound of every allowed micro-batch count, the smallest."""
+    """No plan beats this (:func:`placer.costmodel.plans.plan_lower_bound_s`); NaN where it does not apply."""
     try:
-        return min(lower_bound_s(graph, cluster, microbatches=m) for m in allowed_microbatches(graph))
+        return plan_lower_bound_s(graph, cluster)
     except ValueError:
         return math.nan
 

@@ -178,3 +178,22 @@ def test_mixed_preset_has_both_gpu_kinds_and_their_costs():
     sim = Simulator(load_benchmark_graph("gpt-paper"), c)
     a100, h100 = sim.fwd_s[0].sum(), sim.fwd_s[4].sum()
     assert h100 < a100  # each device is timed with its own kind's costs
+
+
+def test_compare_with_auto_scores_each_method_with_its_own_plan():
+    from placer.app.compare import compare
+
+    g = chain(8, fwd_s=1e-3, out_bytes=MiB)
+    c = cpus(2, bandwidth_Bps=4e9, latency_s=2e-5)
+    table = compare([g], [c], methods=["single", "expert"], schedule="auto", out_dir=None)
+    row = table.rows[0]
+    sim = Simulator(g, c)
+    for m, cell in row.cells.items():
+        plan, res = best_plan(sim, cell.placement)
+        assert cell.step_time_s == res.step_time_s and cell.plan == plan.label
+        assert cell.text().endswith(plan.label)
+    assert row.cells["single"].plan == "none x1"
+    assert 0 < row.efficiency <= 1.0  # the bound covers every micro-batch count the plans may use
+    assert "_plan" in table.to_csv().splitlines()[0] and "best schedule x micro-batches" in table.to_markdown()
+    with pytest.raises(ValueError, match="unknown schedule 'fastest'"):
+        compare([g], [c], methods=["single"], schedule="fastest", out_dir=None)
