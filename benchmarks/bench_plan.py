@@ -84,8 +84,12 @@ def rl_placement(graph: Any, cluster: Cluster, budget_s: float, seed: int, runs_
     from placer.app.train import train
     from placer.app.training.config import flat_config
 
-    res = train(flat_config(graph=graph, cluster=cluster, budget_s=budget_s, seed=seed, runs_dir=runs_dir,
-                            progress=False, schedule=schedule, microbatches=microbatches, baselines=[]))
+    try:
+        res = train(flat_config(graph=graph, cluster=cluster, budget_s=budget_s, seed=seed, runs_dir=runs_dir,
+                                progress=False, schedule=schedule, microbatches=microbatches, baselines=[]))
+    except ValueError as e:  # e.g. every sample so far OOM on a memory-tight cluster: refinement goes on without
+        print(f"# RL on {graph.name}/{cluster.name}: {e}", flush=True)
+        return None
     return np.asarray(res.placement.device_of_op)
 
 

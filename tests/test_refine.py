@@ -54,5 +54,6 @@ def test_balanced_runs_and_the_interleaved_start():
     sim = _sim()
     assert list(balanced_runs(sim, [0, 1])) == [0, 0, 0, 0, 0, 0, 1, 1]  # 6 ms | 6 ms of forward
     starts = default_starts(sim)
-    assert set(starts) == {"balanced-1", "balanced-2", "interleaved-2x2", "memory-balanced-2"}
+    assert set(starts) == {"balanced-1", "balanced-2", "interleaved-2x2", "interleaved-2x3", "interleaved-2x4",
+                           "memory-balanced-2"}
     assert list(starts["interleaved-2x2"]) == [0, 0, 0, 1, 1, 1, 0, 1]  # 4 chunks of 3 ms, chunk j on device j mod 2

@@ -8,8 +8,8 @@ placement (maximal ranges of consecutive op indices on one device; for a pipelin
   longest run down to 1; a shift by a whole run removes it, which lets the search use fewer stages);
 * **device swaps**: exchange the ops of two devices (on a mixed cluster, which stage gets the faster GPU);
 * **starts** beside the given placements: contiguous splits balanced by compute over the ``S`` fastest
-  devices for ``S`` in 1, 2, 4, ... ``D``, the interleaved split with ``v = 2`` virtual stages per device
-  (``2D`` balanced chunks, chunk ``j`` on device ``j mod D``), which ``interleaved-1f1b`` can run, and the
+  devices for ``S`` in 1, 2, 4, ... ``D``, the interleaved splits with ``v = 2, 3, 4`` virtual stages per
+  device (``vD`` balanced chunks, chunk ``j`` on device ``j mod D``), which ``interleaved-1f1b`` can run, and the
   split balanced by 1F1B memory (:func:`placer.costmodel.tight.balanced_split`).
 
 An OOM placement scores above every feasible one, by how far its worst device is over memory
@@ -42,6 +42,8 @@ INFEASIBLE_S = 1e9
 feasible step, so the search prefers any plan that fits, and among OOM ones descends towards fitting."""
 
 
+INTERLEAVE_V = (2, 3, 4)
+"""Virtual stages per device of the interleaved starts."""
 _STALE_KICKS = 200
 """Kicks in a row that find nothing new before the search stops early (every neighbourhood seen)."""
 
@@ -112,7 +114,8 @@ def balanced_runs(sim: "Simulator", devices: Sequence[int], runs: int | None = N
 
 
 def default_starts(sim: "Simulator") -> dict[str, np.ndarray]:
-    """Balanced contiguous splits over the 1, 2, 4, ... fastest devices and the interleaved split (v = 2)."""
+    """Balanced contiguous splits over the 1, 2, 4, ... fastest devices, the interleaved splits
+    (:data:`INTERLEAVE_V` virtual stages per device) and the memory-balanced split."""
     order = device_speed_order(sim)
     d = len(order)
     out: dict[str, np.ndarray] = {}
@@ -122,7 +125,8 @@ def default_starts(sim: "Simulator") -> dict[str, np.ndarray]:
         s *= 2
     out[f"balanced-{d}"] = balanced_runs(sim, order)
     if d > 1:
-        out[f"interleaved-{d}x2"] = balanced_runs(sim, order, 2 * d)
+        for v in INTERLEAVE_V:
+            out[f"interleaved-{d}x{v}"] = balanced_runs(sim, order, v * d)
         # balanced by 1F1B memory instead of compute: what fits when memory is tight
         out[f"memory-balanced-{d}"] = balanced_split(sim.graph, sim.cluster, max(allowed_microbatches(sim.graph)))
     return out
