@@ -57,3 +57,14 @@ def test_balanced_runs_and_the_interleaved_start():
     assert set(starts) == {"balanced-1", "balanced-2", "interleaved-2x2", "interleaved-2x3", "interleaved-2x4",
                            "memory-balanced-2"}
     assert list(starts["interleaved-2x2"]) == [0, 0, 0, 1, 1, 1, 0, 1]  # 4 chunks of 3 ms, chunk j on device j mod 2
+
+
+def test_starts_that_split_a_colocation_group_are_repaired():
+    from graphs.ir import OpGraph
+
+    ops = [dict(name=f"op{i}", fwd_s=1e-3, out_bytes=MiB, colocation=0 if i in (0, 5) else i) for i in range(6)]
+    g = OpGraph.build(name="shared", ops=ops, edges=[(f"op{i}", f"op{i + 1}") for i in range(5)])
+    sim = Simulator(g, cpus(2))
+    got = refine(sim, {"split": np.array([0, 0, 0, 1, 1, 1])}, budget_s=30.0, max_evals=50)
+    dev = got.plan.device_of_op
+    assert got.result.ok and dev[0] == dev[5]

@@ -230,7 +230,8 @@ def refine(sim: "Simulator", starts: dict[str, np.ndarray] | None = None, *, bud
         raise ValueError("refine needs at least one start placement")
     scored = []
     for label, dev in cands.items():
-        dev = score.fix(sim.device_array(dev))
+        # a start's colocation groups follow their first op (the balanced splits cut through groups)
+        dev = sim.device_array(score.fix(np.asarray(getattr(dev, "device_of_op", dev), dtype=np.int64)))
         scored.append((score(dev), label, dev))
     scored.sort(key=lambda x: (x[0], x[1]))
     best_t, best_label, best_dev = scored[0]
