@@ -188,7 +188,7 @@ def test_compare_with_auto_scores_each_method_with_its_own_plan():
     table = compare([g], [c], methods=["single", "expert"], schedule="auto", out_dir=None)
     row = table.rows[0]
     sim = Simulator(g, c)
-    for m, cell in row.cells.items():
+    for cell in row.cells.values():
         plan, res = best_plan(sim, cell.placement)
         assert cell.step_time_s == res.step_time_s and cell.plan == plan.label
         assert cell.text().endswith(plan.label)
