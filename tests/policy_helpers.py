@@ -101,7 +101,7 @@ class SimMeasurer:
         import dataclasses
 
         type(self).calls += 1
-        r = self.sim.run(placement)
+        r = self.sim.run(placement, schedule=schedule, microbatches=microbatches)
         return dataclasses.replace(r, step_time_s=r.step_time_s * self.scale + self.offset_s, source="engine")
 
 

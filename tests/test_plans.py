@@ -194,3 +194,40 @@ def test_best_plan_uses_measured_microbatch_costs_cheaper_than_division():
     plan, res = best_plan(sim, dev)
     assert res.step_time_s == pytest.approx(_exhaustive(sim, dev), rel=1e-9)
     assert plan.microbatches > 1
+
+
+def test_compare_with_auto_scores_each_method_with_its_own_plan():
+    from placer.app.compare import compare
+
+    g = chain(8, fwd_s=1e-3, out_bytes=MiB)
+    c = cpus(2, bandwidth_Bps=4e9, latency_s=2e-5)
+    table = compare([g], [c], methods=["single", "expert"], schedule="auto", out_dir=None)
+    row = table.rows[0]
+    sim = Simulator(g, c)
+    for cell in row.cells.values():
+        plan, res = best_plan(sim, cell.placement)
+        assert cell.step_time_s == res.step_time_s and cell.plan == plan.label
+        assert cell.text().endswith(plan.label)
+    assert row.cells["single"].plan == "none x1"
+    assert 0 < row.efficiency <= 1.0  # the bound covers every micro-batch count the plans may use
+    assert "_plan" in table.to_csv().splitlines()[0] and "best schedule x micro-batches" in table.to_markdown()
+    with pytest.raises(ValueError, match="unknown schedule 'fastest'"):
+        compare([g], [c], methods=["single"], schedule="fastest", out_dir=None)
+
+
+def test_engine_backends_measure_the_plan_the_simulator_chooses(monkeypatch):
+    import envs.rewards as rewards
+    from envs.problem import build_problem
+    from tests.policy_helpers import SimMeasurer
+
+    monkeypatch.setattr(rewards, "load_measurer_class", lambda: SimMeasurer)
+    g = chain(8, fwd_s=1e-3, out_bytes=MiB)
+    g = g.replace(meta={**g.meta, "source": {"factory": "fake:fake"}})
+    c = cpus(2, bandwidth_Bps=4e9, latency_s=2e-5)
+    session = rewards.EngineSession(build_problem(g, c, 8), timeout_s=10, steps=1, warmup=0, schedule=AUTO,
+                                    microbatches=1)
+    p = Placement(np.array([0, 0, 0, 0, 1, 1, 1, 1]))
+    got = session.measure_placement(p)
+    plan, res = best_plan(Simulator(g, c), p)
+    assert plan.microbatches > 1 and (got.schedule, got.microbatches) == (plan.schedule, plan.microbatches)
+    assert got.source == "engine" and got.step_time_s == pytest.approx(res.step_time_s)

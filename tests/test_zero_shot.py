@@ -82,6 +82,29 @@ def test_placer_place_cli_writes_a_valid_placement_for_an_unseen_graph_and_clust
     assert doc.placement == out.placement and doc.doc["provenance"]["method"] == "rl:gnn+reinforce+zero-shot"
     assert doc.doc["predicted"]["step_time_s"] == pytest.approx(out.predicted.step_time_s)
     assert "placed layered-4x3-s99 on cpu+4gpu" in capsys.readouterr().out
+    # seeded by the baselines by default: the document says where the placement came from and which plan it is
+    assert doc.doc["provenance"]["source"] == out.source
+    assert doc.doc["schedule"]["chosen_by"] == "auto"
+    assert doc.doc["schedule"]["name"] == out.predicted.schedule
+
+
+def test_placer_place_is_never_worse_than_the_best_baseline_and_says_when_one_won(chains_run):
+    from placer import baselines
+    from placer.app.training.trainer import evaluate_baselines
+
+    tmp, res = chains_run
+    graph = layered_dag(4, 3, seed=99)
+    alone = place_zero_shot(res.run_dir, graph, "cpu+4gpu", schedule="auto")
+    seeded = place_zero_shot(res.run_dir, graph, "cpu+4gpu", schedule="auto", seed_baselines=True)
+    scored = evaluate_baselines(graph, get_cluster("cpu+4gpu"), baselines.names(), schedule="auto")
+    best_m = min(scored, key=lambda m: (scored[m][1].step_time_s, m))
+    best_s = scored[best_m][1].step_time_s
+    assert alone.source == "policy"
+    assert seeded.predicted.step_time_s == pytest.approx(min(alone.predicted.step_time_s, best_s))
+    if best_s < alone.predicted.step_time_s:  # the policy lost: the baseline's plan, labelled
+        assert seeded.source == f"seeded by {best_m}" and seeded.placement == scored[best_m][0]
+    else:
+        assert seeded.source == "policy" and seeded.placement == alone.placement
 
 
 def test_zero_shot_from_a_single_graph_ppo_run(tmp_path):

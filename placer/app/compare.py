@@ -9,7 +9,8 @@ the same layout from :mod:`placer.baselines` and the simulator:
   m-ETF / m-SCT, HEFT, PipeDream-DP, Random, Round-robin), then any ``extra`` columns (the RL placer joins here);
 - **Best**: the fastest column; **Speed-up**: ``t(best of Scotch, MinCut, Expert) / t(best) − 1`` (ColocRL's
   "speed-up", which compares RL with the best baseline; 0 % when a reference baseline is itself the best);
-- **Efficiency**: ``lower bound / t(best)``, the lower bound from :func:`placer.costmodel.bounds.lower_bound_s`.
+- **Efficiency**: ``lower bound / t(best)``, the lower bound of the plans scored
+  (:func:`placer.costmodel.plans.plan_lower_bound_s`: every allowed micro-batch count with ``auto``).
 
 Graphs are resolved by :func:`graphs.data.resolve_graph`: a bare name means the ``small`` config, so ColocRL's
 table names the paper graphs in full (``rnnlm-paper``; the CLI's default ``--graphs``).
@@ -40,7 +41,6 @@ from graphs.ir import OpGraph
 from placer import baselines
 from placer.baselines._common import groups_of
 from placer.core.cluster import Cluster, get_cluster
-from placer.costmodel.bounds import lower_bound_s
 from placer.costmodel.costs import CostKind, op_time_s, substitute_costs
 from placer.core.placement import Placement
 from placer.core.result import StepResult
@@ -345,7 +345,7 @@ def compare(
     ``ValueError`` before anything runs.
     """
     # simulator import kept local: it compiles numba kernels on first use
-    from placer.costmodel.plans import check_schedule, simulate_plan
+    from placer.costmodel.plans import check_schedule, plan_lower_bound_s, simulate_plan
 
     check_schedule(schedule)
     methods = list(default_methods() if methods is None else methods)
@@ -354,7 +354,8 @@ def compare(
             raise ValueError(f"unknown placement method {m!r}; known: {', '.join(baselines.names())}")
     extra = dict(extra or {})
     columns = methods + [k for k in extra if k not in methods]
-    bound = lower_bound or lower_bound_s
+    # the bound of the plans the table scores: every allowed M with auto, else the given M
+    bound = lower_bound or (lambda g, c: plan_lower_bound_s(g, c, None if schedule == "auto" else [microbatches]))
     gs = [resolve_graph(g) for g in graphs]
     cls = [c if isinstance(c, Cluster) else get_cluster(c) for c in clusters]
     table = CompareTable(columns=columns, meta={

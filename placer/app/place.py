@@ -48,13 +48,18 @@ class ZeroShotResult:
     """Wall time of grouping, inference and simulation."""
     schedule: str = "none"
     """The schedule asked for (``auto``: ``predicted`` says which schedule and micro-batches were chosen)."""
+    source: str = "policy"
+    """``policy``, or ``seeded by <baseline>`` when a baseline's placement beat the policy's (``seed_baselines``)."""
 
 
 def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Cluster | str | Path, *,
                     runs_dir: str | Path = "runs", samples: int = 1, seed: int = 0,
-                    graph_config: str = "small", schedule: str | None = None) -> ZeroShotResult:
+                    graph_config: str = "small", schedule: str | None = None,
+                    seed_baselines: bool = False) -> ZeroShotResult:
     """Place ``graph`` on ``cluster`` with the policy of ``run`` (module docstring); candidates are scored under
-    ``schedule`` (``None``: the run's; ``"auto"``: each under its best schedule and micro-batch count)."""
+    ``schedule`` (``None``: the run's; ``"auto"``: each under its best schedule and micro-batch count). With
+    ``seed_baselines`` every registered baseline's placement competes too, so the result is never worse than the
+    best of them (``source`` then says ``seeded by <baseline>`` when one won)."""
     from placer.costmodel.plans import check_schedule, simulate_plan
 
     if samples < 1:
@@ -92,10 +97,31 @@ def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Clust
         if best is None or t < best[0]:
             best = (t, groups, res)
     assert best is not None
-    _, groups, res = best
+    t_best, groups, res = best
     method = f"rl:{config.get('policy', 'gnn')}+{config.get('algo', 'reinforce')}+zero-shot"
-    return ZeroShotResult(placement=problem.expand(groups), device_of_group=groups, predicted=res, method=method,
-                          elapsed_s=time.perf_counter() - t0, schedule=schedule)
+    placement, source = problem.expand(groups), "policy"
+    if seed_baselines:
+        won = _best_baseline(graph, cluster, schedule, microbatches, seed)
+        if won is not None and won[2].step_time_s < t_best:
+            source, placement, res = f"seeded by {won[0]}", won[1], won[2]
+            groups = problem.project(placement)
+    return ZeroShotResult(placement=placement, device_of_group=groups, predicted=res, method=method,
+                          elapsed_s=time.perf_counter() - t0, schedule=schedule, source=source)
+
+
+def _best_baseline(graph: OpGraph, cluster: Cluster, schedule: str, microbatches: int,
+                   seed: int) -> tuple[str, Placement, StepResult] | None:
+    """The fastest feasible registered baseline under ``schedule`` (None when none fits)."""
+    from placer import baselines
+    from placer.app.training.trainer import evaluate_baselines
+
+    scored = evaluate_baselines(graph, cluster, baselines.names(), schedule=schedule, microbatches=microbatches,
+                                seed=seed)
+    ok = {m: v for m, v in scored.items() if v[1].ok}
+    if not ok:
+        return None
+    m = min(ok, key=lambda k: (ok[k][1].step_time_s, k))
+    return m, ok[m][0], ok[m][1]
 
 
 def zero_shot_placer(run: str | Path, *, runs_dir: str | Path = "runs", samples: int = 256):
@@ -124,6 +150,9 @@ def add_place_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default="auto", choices=schedule_names(),
                         help="schedule the candidates are scored under (default auto: each placement's best "
                              "schedule and micro-batch count)")
+    parser.add_argument("--no-seed-baselines", dest="seed_baselines", action="store_false",
+                        help="return the policy's placement even when a baseline's plan is faster (by default every "
+                             "baseline competes, and the result says 'seeded by <baseline>' when one wins)")
     parser.add_argument("--runs-dir", default="runs", help="where run names are looked up (default %(default)s)")
 
 
@@ -131,13 +160,15 @@ def run_place(args: argparse.Namespace) -> ZeroShotResult:
     """``placer place``: place, write ``--out``, print one summary line."""
     out = writable_file(args.out, "placement")  # before the policy is loaded
     res = place_zero_shot(args.policy_from, args.graph, args.cluster, runs_dir=args.runs_dir, samples=args.samples,
-                          seed=args.seed, graph_config=args.graph_config, schedule=args.schedule)
+                          seed=args.seed, graph_config=args.graph_config, schedule=args.schedule,
+                          seed_baselines=args.seed_baselines)
     graph = resolve_graph(args.graph, config=args.graph_config)
     cluster = resolve_cluster(args.cluster)
     save_placement(out, graph, cluster, res.placement, method=res.method, seed=args.seed,
                    run=Path(args.policy_from).name, predicted=res.predicted, schedule=res.schedule,
-                   microbatches=res.predicted.microbatches)
+                   microbatches=res.predicted.microbatches, source=res.source)
     step = f"{res.predicted.step_time_s:.6g} s" if res.predicted.ok else f"failed ({res.predicted.failure})"
-    print(f"placed {graph.name} on {cluster.name} with {res.method} in {res.elapsed_s:.2f} s: "
-          f"simulated step {step} -> {out}")
+    how = res.method if res.source == "policy" else f"{res.method}, {res.source}"
+    print(f"placed {graph.name} on {cluster.name} with {how} in {res.elapsed_s:.2f} s: "
+          f"simulated step {step} ({res.predicted.schedule_label}) -> {out}")
     return res

@@ -247,6 +247,15 @@ def run_plan(sim: "Simulator", placement: "Placement | np.ndarray", *, schedule:
     return res
 
 
+def plan_lower_bound_s(graph: "OpGraph", cluster: Any, microbatches: Sequence[int] | None = None) -> float:
+    """No plan of ``graph`` on ``cluster`` beats this: :func:`placer.costmodel.bounds.lower_bound_s` for each
+    allowed micro-batch count (``microbatches``: only these), the smallest."""
+    from placer.costmodel.bounds import lower_bound_s
+
+    ms = microbatches if microbatches is not None else allowed_microbatches(graph)
+    return min(lower_bound_s(graph, cluster, microbatches=int(m)) for m in ms)
+
+
 def simulate_plan(graph: "OpGraph", cluster: Any, placement: "Placement | np.ndarray", *, schedule: str = "none",
                   microbatches: int = 1, timeline: bool = False) -> StepResult:
     """:func:`placer.costmodel.sim.simulate` that also takes ``schedule="auto"`` (cached simulator)."""

@@ -108,6 +108,7 @@ def placement_to_json(
     microbatches: int = 1,
     predicted: StepResult | None = None,
     measured: StepResult | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     placement.validate(graph, cluster)
     from placer import __version__
@@ -126,6 +127,7 @@ def placement_to_json(
         "provenance": {
             "method": method,
             "run": run,
+            **({"source": source} if source else {}),
             "seed": int(seed),
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "placer_version": __version__,

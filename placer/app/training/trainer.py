@@ -29,6 +29,7 @@ from placer.app.runs import Progress, hparams_markdown, plot_learning_curve, saf
 from placer.app.training.callbacks import Callback, callbacks_for
 from placer.app.training.checkpoint import load_checkpoint, save_checkpoint
 from placer.app.training.config import TrainConfig
+from placer.app.training.seeding import seed_from_baselines, source_of
 from placer.core.cluster import Cluster
 from placer.core.placement import Placement
 from placer.core.result import StepResult
@@ -64,6 +65,8 @@ class Slot:
     """A better placement was found since the placement file was last written."""
     kept_on_disk: str | None = None
     """Why the placement file was left as it was (:meth:`Trainer.write_placement`), once it was."""
+    seeded: tuple[str, bytes] | None = None
+    """The baseline the search was seeded with and its groups (:mod:`placer.app.training.seeding`)."""
 
     def record(self, stats: Any, *, samples: int, elapsed_s: float) -> float:
         """Track the best of an update's placements and append to the history; returns the update's mean step
@@ -122,6 +125,8 @@ class GraphOutcome:
     kept_on_disk: str | None = None
     """Set when the run folder's placement file holds a better placement than this run's best (one written before
     a kill and a resume): what was kept, in words. The file is left as it is."""
+    source: str | None = None
+    """``seeded by <baseline>`` or ``policy`` for a run with ``seed_baselines``; None otherwise."""
 
 
 # ============================================================================================== the run
@@ -195,6 +200,8 @@ class Trainer:
             log.warning("run %s has no checkpoint yet; starting it from scratch", run_dir.name)
         if not several:
             self._evaluate_baselines(self.slots[0])
+            if config.seed_baselines and not self.resumed:
+                seed_from_baselines(self.slots[0])
         # on resume, TensorBoard drops what the killed run logged after its last checkpoint
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=self.samples + 1 if self.resumed else None)
         self.method = f"rl:{config.policy}+{config.algo}" + ("+multi" if several else "")
@@ -324,7 +331,7 @@ class Trainer:
             return
         save_placement(path, slot.graph, self.cluster, slot.env.problem.expand(groups),
                        method=self.method, seed=self.config.seed, run=self.run_dir.name,
-                       predicted=predicted, measured=measured,
+                       predicted=predicted, measured=measured, source=source_of(slot),
                        schedule=self.config.schedule, microbatches=self.config.microbatches)
         slot.dirty = False
 
@@ -410,6 +417,6 @@ class Trainer:
                                     predicted=self.predicted_of(slot, groups), measured=self.measured_of(slot),
                                     best_step_time_s=slot.best_time_s,
                                     reference_step_time_s=slot.env.reference_time_s, baselines=slot.baselines,
-                                    history=slot.history, kept_on_disk=slot.kept_on_disk,
+                                    history=slot.history, kept_on_disk=slot.kept_on_disk, source=source_of(slot),
                                     failed_measurements=sum(getattr(cb, "failures", 0) for cb in slot.callbacks)))
         return out

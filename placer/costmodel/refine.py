@@ -1,0 +1,255 @@
+"""Plan refinement: local search over placements, each candidate scored by its best plan (:func:`best_plan`).
+
+A policy (or a baseline) proposes placements; refinement polishes the best of them under the one measure that
+counts, the simulated step of the placement's best schedule and micro-batch count. It works on the *runs* of a
+placement (maximal ranges of consecutive op indices on one device; for a pipeline, its stages):
+
+* **boundary moves**: shift the cut between two neighbouring runs by ``k`` ops either way (``k`` from half the
+  longest run down to 1; a shift by a whole run removes it, which lets the search use fewer stages);
+* **device swaps**: exchange the ops of two devices (on a mixed cluster, which stage gets the faster GPU);
+* **starts** beside the given placements: contiguous splits balanced by compute over the ``S`` fastest
+  devices for ``S`` in 1, 2, 4, ... ``D``, the interleaved splits with ``v = 2, 3, 4`` virtual stages per
+  device (``vD`` balanced chunks, chunk ``j`` on device ``j mod D``), which ``interleaved-1f1b`` can run, and the
+  split balanced by 1F1B memory (:func:`placer.costmodel.tight.balanced_split`).
+
+An OOM placement scores above every feasible one, by how far its worst device is over memory
+(:data:`INFEASIBLE_S`), so from a start that does not fit the search walks towards one that does.
+
+Search: first-improvement hill climbing from each start (best first), then iterated local search (random kicks
+of a few boundaries from the best plan, climb again) until the time budget is spent. Colocation groups move
+with their first op. Deterministic for a seed and an evaluation budget; with a time budget, how far it gets
+depends on the machine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from placer.costmodel.plans import Plan, allowed_microbatches, best_plan
+from placer.costmodel.tight import balanced_split
+
+if TYPE_CHECKING:
+    from placer.core.result import StepResult
+    from placer.costmodel.sim import Simulator
+
+
+INFEASIBLE_S = 1e9
+"""Score of an OOM placement per unit of its worst device's memory ratio (peak / capacity): above every
+feasible step, so the search prefers any plan that fits, and among OOM ones descends towards fitting."""
+
+
+INTERLEAVE_V = (2, 3, 4)
+"""Virtual stages per device of the interleaved starts."""
+_STALE_KICKS = 200
+"""Kicks in a row that find nothing new before the search stops early (every neighbourhood seen)."""
+
+
+@dataclass
+class Refined:
+    """The best plan found and how the search got there."""
+
+    plan: Plan
+    result: "StepResult"
+    evaluations: int
+    """Placements scored (each by :func:`best_plan`)."""
+    start: str
+    """Label of the start the best plan descends from."""
+    start_step_s: float
+    """That start's own best-plan step (before refinement)."""
+
+
+class _Scorer:
+    """Best-plan step of a placement, cached; colocation groups follow their first op."""
+
+    def __init__(self, sim: "Simulator", deadline: float, max_evals: int | None) -> None:
+        self.sim, self.deadline, self.max_evals = sim, deadline, max_evals
+        _, first = np.unique(sim.graph.colocation, return_index=True)
+        _, inverse = np.unique(sim.graph.colocation, return_inverse=True)
+        self.coloc_first = first[inverse]
+        self.cache: dict[bytes, float] = {}
+        self.evals = 0
+
+    def fix(self, dev: np.ndarray) -> np.ndarray:
+        return dev[self.coloc_first]
+
+    @property
+    def done(self) -> bool:
+        return time.perf_counter() >= self.deadline or (self.max_evals is not None and self.evals >= self.max_evals)
+
+    def __call__(self, dev: np.ndarray) -> float:
+        key = dev.tobytes()
+        t = self.cache.get(key)
+        if t is None:
+            self.evals += 1
+            res = best_plan(self.sim, dev)[1]
+            if res.ok:
+                t = res.step_time_s
+            elif res.oom:  # worse than any feasible plan, but less over memory is better: the search can descend
+                t = INFEASIBLE_S * float(np.max(res.peak_memory_bytes / self.sim.memory_bytes))
+            else:
+                t = np.inf
+            self.cache[key] = t
+        return t
+
+
+def device_speed_order(sim: "Simulator") -> list[int]:
+    """Devices fastest first (by the whole graph's forward+backward time on each)."""
+    total = (sim.fwd_s + sim.bwd_s).sum(axis=1)
+    return [int(d) for d in np.argsort(total, kind="stable")]
+
+
+def balanced_runs(sim: "Simulator", devices: Sequence[int], runs: int | None = None) -> np.ndarray:
+    """Op-index order cut into ``runs`` (default ``len(devices)``) contiguous runs of about equal compute; run
+    ``j`` on ``devices[j mod len(devices)]`` (``runs = 2 x len(devices)``: the interleaved split, v = 2)."""
+    runs = runs or len(devices)
+    work = (sim.fwd_s[list(devices)] + sim.bwd_s[list(devices)]).mean(axis=0)
+    cum = np.cumsum(work) - work / 2
+    total = float(work.sum()) or 1.0
+    j = np.minimum((cum / total * runs).astype(np.int64), runs - 1)
+    return np.asarray(devices, dtype=np.int64)[j % len(devices)]
+
+
+def default_starts(sim: "Simulator") -> dict[str, np.ndarray]:
+    """Balanced contiguous splits over the 1, 2, 4, ... fastest devices, the interleaved splits
+    (:data:`INTERLEAVE_V` virtual stages per device) and the memory-balanced split."""
+    order = device_speed_order(sim)
+    d = len(order)
+    out: dict[str, np.ndarray] = {}
+    s = 1
+    while s < d:
+        out[f"balanced-{s}"] = balanced_runs(sim, order[:s])
+        s *= 2
+    out[f"balanced-{d}"] = balanced_runs(sim, order)
+    if d > 1:
+        for v in INTERLEAVE_V:
+            out[f"interleaved-{d}x{v}"] = balanced_runs(sim, order, v * d)
+        # balanced by 1F1B memory instead of compute: what fits when memory is tight
+        out[f"memory-balanced-{d}"] = balanced_split(sim.graph, sim.cluster, max(allowed_microbatches(sim.graph)))
+    return out
+
+
+def _cuts(dev: np.ndarray) -> np.ndarray:
+    """Op indices where a new run starts (excluding 0)."""
+    return np.flatnonzero(dev[1:] != dev[:-1]) + 1
+
+
+def _shift(dev: np.ndarray, cut: int, k: int) -> np.ndarray | None:
+    """The cut at op index ``cut`` moved by ``k`` ops (positive: the left run grows)."""
+    n = dev.shape[0]
+    out = dev.copy()
+    if k > 0:
+        end = min(cut + k, n)
+        out[cut:end] = dev[cut - 1]
+    else:
+        start = max(cut + k, 0)
+        out[start:cut] = dev[cut]
+    return None if np.array_equal(out, dev) else out
+
+
+def _neighbours(dev: np.ndarray, rng: np.random.Generator, num_devices: int, swaps: bool) -> list[np.ndarray]:
+    """Boundary moves at every scale (largest first, cuts in random order), then device swaps (``swaps``)."""
+    cuts = _cuts(dev)
+    if cuts.size == 0:
+        return []
+    lengths = np.diff(np.concatenate([[0], cuts, [dev.shape[0]]]))
+    ks = []
+    k = 1
+    while k <= int(lengths.max()):
+        ks.append(k)
+        k *= 2
+    out = []
+    for k in reversed(ks):
+        for c in rng.permutation(cuts):
+            for sign in (1, -1):
+                cand = _shift(dev, int(c), sign * k)
+                if cand is not None:
+                    out.append(cand)
+    used = np.unique(dev) if swaps else []
+    for a in used:
+        for b in range(num_devices):
+            if b != a and (b not in used or b > a):
+                cand = dev.copy()
+                cand[dev == a], cand[dev == b] = b, a
+                out.append(cand)
+    return out
+
+
+def _devices_differ(sim: "Simulator") -> bool:
+    """Whether exchanging two devices can change a step (other op times, memory or links); else swaps are idle."""
+    same_ops = bool(np.all(sim.fwd_s == sim.fwd_s[0]) and np.all(sim.bwd_s == sim.bwd_s[0]))
+    same_mem = bool(np.all(sim.memory_bytes == sim.memory_bytes[0]))
+    off = ~np.eye(sim.cluster.num_devices, dtype=bool)
+    same_links = bool(np.ptp(sim.bandwidth_Bps[off]) == 0 and np.ptp(sim.latency_s[off]) == 0) if off.any() else True
+    return not (same_ops and same_mem and same_links)
+
+
+def _climb(score: _Scorer, dev: np.ndarray, t: float, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """First-improvement hill climbing until no neighbour is better or the budget is spent."""
+    d = score.sim.cluster.num_devices
+    swaps = _devices_differ(score.sim)
+    improved = True
+    while improved and not score.done:
+        improved = False
+        for cand in _neighbours(dev, rng, d, swaps):
+            if score.done:
+                break
+            cand = score.fix(cand)
+            tc = score(cand)
+            if tc < t * (1 - 1e-9):
+                dev, t, improved = cand, tc, True
+                break
+    return dev, t
+
+
+def _kick(dev: np.ndarray, rng: np.random.Generator, score: _Scorer) -> np.ndarray:
+    """A few random boundary shifts (iterated local search's perturbation)."""
+    for _ in range(int(rng.integers(1, 4))):
+        cuts = _cuts(dev)
+        if cuts.size == 0:
+            break
+        lengths = np.diff(np.concatenate([[0], cuts, [dev.shape[0]]]))
+        k = int(rng.integers(1, max(2, int(lengths.max()) // 2)))
+        got = _shift(dev, int(rng.choice(cuts)), k * int(rng.choice([-1, 1])))
+        if got is not None:
+            dev = score.fix(got)
+    return dev
+
+
+def refine(sim: "Simulator", starts: dict[str, np.ndarray] | None = None, *, budget_s: float = 10.0,
+           max_evals: int | None = None, seed: int = 0, default: bool = True) -> Refined:
+    """The best plan found from ``starts`` (label -> device per op; with ``default``, plus
+    :func:`default_starts`) within ``budget_s`` seconds (and ``max_evals`` placements, when given)."""
+    score = _Scorer(sim, time.perf_counter() + budget_s, max_evals)
+    rng = np.random.default_rng(seed)
+    cands = {**(default_starts(sim) if default else {}), **(starts or {})}
+    if not cands:
+        raise ValueError("refine needs at least one start placement")
+    scored = []
+    for label, dev in cands.items():
+        # a start's colocation groups follow their first op (the balanced splits cut through groups)
+        dev = sim.device_array(score.fix(np.asarray(getattr(dev, "device_of_op", dev), dtype=np.int64)))
+        scored.append((score(dev), label, dev))
+    scored.sort(key=lambda x: (x[0], x[1]))
+    best_t, best_label, best_dev = scored[0]
+    start_t = {label: t for t, label, _ in scored}
+    for t0, label, dev in scored:
+        if score.done:
+            break
+        dev, t = _climb(score, dev, t0, rng)
+        if t < best_t:
+            best_t, best_label, best_dev = t, label, dev
+    stale = 0
+    while not score.done and stale < _STALE_KICKS:  # iterated local search from the best plan
+        before = score.evals
+        kicked = _kick(best_dev, rng, score)
+        dev, t = _climb(score, kicked, score(kicked), rng)
+        if t < best_t * (1 - 1e-9):
+            best_t, best_dev = t, dev
+        stale = stale + 1 if score.evals == before else 0  # only placements scored before: a small space, done
+    plan, res = best_plan(sim, best_dev)
+    return Refined(plan=plan, result=res, evaluations=score.evals, start=best_label,
+                   start_step_s=start_t[best_label])

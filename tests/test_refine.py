@@ -1,0 +1,70 @@
+"""Plan refinement: local search over placements scored by their best plan."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from placer.costmodel.plans import best_plan
+from placer.costmodel.refine import INFEASIBLE_S, balanced_runs, default_starts, refine
+from placer.costmodel.sim import Simulator
+from tests.policy_helpers import chain, cpus
+
+MiB = 1 << 20
+
+
+def _sim(memory_bytes: int = 1 << 40) -> Simulator:
+    # an uneven chain: the compute-balanced cut is not at op 4, and a bad split is easy to improve
+    fwd = [1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 3e-3, 3e-3]
+    return Simulator(chain(8, fwd_s=fwd, out_bytes=MiB, stash_bytes=32 * MiB), cpus(2, memory_bytes=memory_bytes))
+
+
+def test_refine_improves_a_bad_split_and_never_returns_worse_than_its_starts():
+    sim = _sim()
+    bad = np.array([0, 1, 1, 1, 1, 1, 1, 1])
+    start = best_plan(sim, bad)[1].step_time_s
+    got = refine(sim, {"bad": bad}, default=False, budget_s=30.0, max_evals=300)
+    assert got.result.ok and got.result.step_time_s < 0.7 * start
+    assert list(got.plan.device_of_op) == [0, 0, 0, 0, 0, 0, 1, 1]  # 6 ms | 6 ms of forward
+    assert got.start == "bad" and got.start_step_s == start and got.evaluations <= 301
+    # the plan it returns is the plan best_plan gives its placement
+    again = best_plan(sim, got.plan.device_of_op)[1]
+    assert again.step_time_s == got.result.step_time_s
+    # with the default starts too, it is at least as good as every start
+    full = refine(sim, {"bad": bad}, budget_s=30.0, max_evals=300)
+    starts = [best_plan(sim, d)[1].step_time_s for d in default_starts(sim).values()]
+    assert full.result.step_time_s <= min(starts + [start])
+
+
+def test_refine_is_deterministic_for_an_evaluation_budget():
+    sim = _sim()
+    a = refine(sim, {"rr": np.arange(8) % 2}, budget_s=60.0, max_evals=120, seed=3)
+    b = refine(sim, {"rr": np.arange(8) % 2}, budget_s=60.0, max_evals=120, seed=3)
+    assert np.array_equal(a.plan.device_of_op, b.plan.device_of_op) and a.plan.label == b.plan.label
+
+
+def test_refine_walks_from_an_oom_start_to_a_plan_that_fits():
+    sim = _sim(memory_bytes=200 * MiB)  # 256 MiB of stash: one device cannot hold it, two can
+    one = np.zeros(8, dtype=np.int64)
+    assert best_plan(sim, one)[1].oom or best_plan(sim, one)[0].microbatches > 1
+    got = refine(sim, {"one": one}, default=False, budget_s=30.0, max_evals=200)
+    assert got.result.ok and got.result.step_time_s < INFEASIBLE_S
+
+
+def test_balanced_runs_and_the_interleaved_start():
+    sim = _sim()
+    assert list(balanced_runs(sim, [0, 1])) == [0, 0, 0, 0, 0, 0, 1, 1]  # 6 ms | 6 ms of forward
+    starts = default_starts(sim)
+    assert set(starts) == {"balanced-1", "balanced-2", "interleaved-2x2", "interleaved-2x3", "interleaved-2x4",
+                           "memory-balanced-2"}
+    assert list(starts["interleaved-2x2"]) == [0, 0, 0, 1, 1, 1, 0, 1]  # 4 chunks of 3 ms, chunk j on device j mod 2
+
+
+def test_starts_that_split_a_colocation_group_are_repaired():
+    from graphs.ir import OpGraph
+
+    ops = [dict(name=f"op{i}", fwd_s=1e-3, out_bytes=MiB, colocation=0 if i in (0, 5) else i) for i in range(6)]
+    g = OpGraph.build(name="shared", ops=ops, edges=[(f"op{i}", f"op{i + 1}") for i in range(5)])
+    sim = Simulator(g, cpus(2))
+    got = refine(sim, {"split": np.array([0, 0, 0, 1, 1, 1])}, budget_s=30.0, max_evals=50)
+    dev = got.plan.device_of_op
+    assert got.result.ok and dev[0] == dev[5]
