@@ -23,10 +23,10 @@ from placer.core.result import StepResult
 from placer.engine.command import DEFAULT_OPTIMIZER
 from placer.io.parts import model_parts, split_after
 
-__all__ = ["SCHEDULES", "MICROBATCHES", "PlanRow", "best_schedule", "even_split", "best_split", "plan_row",
+__all__ = ["SEARCHED_SCHEDULES", "MICROBATCHES", "PlanRow", "best_schedule", "even_split", "best_split", "plan_row",
            "measure_interleaved"]
 
-SCHEDULES = ("gpipe", "1f1b")
+SEARCHED_SCHEDULES = ("gpipe", "1f1b")
 """Pipelined schedules searched for a placement on several devices (one stage per device: interleaving has
 nothing to interleave)."""
 MICROBATCHES = (2, 4, 8, 16)
@@ -67,12 +67,12 @@ class PlanRow:
 
 def best_schedule(sim: Any, placement: Placement) -> tuple[str, int, StepResult]:
     """``(schedule, M, simulated step)`` of ``placement``'s fastest schedule by simulation: ``none`` x1 on one
-    device, else the best of :data:`SCHEDULES` x :data:`MICROBATCHES` (the engine's optimizer). The plan search
+    device, else the best of :data:`SEARCHED_SCHEDULES` x :data:`MICROBATCHES` (the engine's optimizer). The plan search
     (``placer.costmodel.plans.best_plan``) replaces this where it is merged."""
     if np.unique(placement.device_of_op).size == 1:
         return "none", 1, sim.run(placement, optimizer=DEFAULT_OPTIMIZER)
     best: tuple[str, int, StepResult] | None = None
-    for name in SCHEDULES:
+    for name in SEARCHED_SCHEDULES:
         for m in MICROBATCHES:
             try:
                 res = sim.run(placement, schedule=name, microbatches=m, optimizer=DEFAULT_OPTIMIZER)
@@ -81,7 +81,7 @@ def best_schedule(sim: Any, placement: Placement) -> tuple[str, int, StepResult]
             if res.ok and (best is None or res.step_time_s < best[2].step_time_s):
                 best = (name, m, res)
     if best is None:
-        raise ValueError(f"no schedule of {', '.join(SCHEDULES)} with M in {MICROBATCHES} fits this placement")
+        raise ValueError(f"no schedule of {', '.join(SEARCHED_SCHEDULES)} with M in {MICROBATCHES} fits this placement")
     return best
 
 
