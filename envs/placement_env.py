@@ -380,7 +380,8 @@ def make_env(graph: OpGraph | str | Path | None = None, cluster: Cluster | str |
 
     Builds the problem (``graph`` grouped into at most ``num_groups`` groups for ``cluster``; ``None``:
     :data:`DEFAULT_GRAPH` / :data:`DEFAULT_CLUSTER`), the reward backend ``reward_backend`` of
-    :data:`envs.rewards.BACKENDS` simulating or measuring ``schedule`` x ``microbatches`` (``sim_graph``: the op
+    :data:`envs.rewards.BACKENDS` simulating or measuring ``schedule`` x ``microbatches`` (``"auto"``: each placement
+    under its best schedule and micro-batch count, :func:`placer.costmodel.plans.best_plan`; ``sim_graph``: the op
     graph or the coarse graph; ``engine_timeout_s``: seconds an engine measurement may take) and the reference
     (:func:`envs.rewards.pick_reference`: a baseline's name or a number of seconds). ``env_options`` go to
     :class:`PlacementEnv` (``incremental``, ``failure_penalty``, ``max_groups`` ...).

@@ -5,13 +5,16 @@ into a reward (and caches it by placement). Backends never raise for a bad place
 worker, or an engine error all come back as a failed ``StepResult`` with its reason.
 
 - ``sim``: the discrete-event simulator (:class:`placer.costmodel.sim.Simulator`) — thousands of placements per second.
+  ``schedule="auto"`` scores each placement under its best schedule and micro-batch count
+  (:func:`placer.costmodel.plans.best_plan`, a few simulations per placement); the result says which it chose.
   ``sim_graph="full"`` (default) simulates the op graph; ``"coarse"`` the problem's coarse graph. The coarse graph
   was meant for speed, but on our benchmark graphs it is only 4-15% faster (2,300 vs 2,200 placements/s on
   NMT-paper, 876 ops vs 425 nodes) while its step times can differ from the op graph's by up to ~4% (a coarse
   node sends its outputs only when the whole run of ops is done), and the policy network, not the simulator,
   dominates an update's time. Rewards on the full graph are exactly the step times we report.
 - ``real``: the execution engine (``placer.engine.Measurer``) on the full op graph, one worker process per
-  device; created on first use, reused for every placement (workers stay warm) and closed with the env.
+  device (``schedule="auto"``: it measures the plan the simulator chooses for the placement); created on first
+  use, reused for every placement (workers stay warm) and closed with the env.
 - ``sim+real``: the ``sim`` reward, plus a record of the best placements seen; :meth:`SimRealBackend.remeasure_top`
   measures the ``k`` best with the engine (the trainer calls it periodically and at the end), so training runs at
   simulator speed while the reported placement is a measured one.
@@ -87,6 +90,14 @@ def make_backend(name: str, problem: PlacementProblem, **options: Any) -> Reward
 
 
 # ---------------------------------------------------------------------------------------------- sim
+def _run_plan() -> Callable[..., StepResult]:
+    """:func:`placer.costmodel.plans.run_plan` (``Simulator.run`` that also takes ``schedule="auto"``), imported on
+    first use like the simulator."""
+    from placer.costmodel.plans import run_plan
+
+    return run_plan
+
+
 @register_backend("sim")
 class SimBackend(RewardBackend):
     """The simulator on the full op graph or on the coarse graph (``sim_graph``)."""
@@ -98,17 +109,18 @@ class SimBackend(RewardBackend):
         super().__init__(problem, **options)
         from placer.costmodel.sim import Simulator
 
+        self._run_plan = run_plan = _run_plan()
         graph = problem.graph if self.sim_graph == "full" else problem.coarse
         self.sim = Simulator(graph, problem.cluster)
         # fail now (one line) on a bad schedule name rather than inside every episode
-        self.sim.run(np.zeros(graph.n, dtype=np.int64), schedule=self.schedule, microbatches=self.microbatches)
+        run_plan(self.sim, np.zeros(graph.n, dtype=np.int64), schedule=self.schedule, microbatches=self.microbatches)
 
     def evaluate(self, device_of_group: np.ndarray) -> StepResult:
         p = self.problem
         try:
             dev = (p.expand(device_of_group).device_of_op if self.sim_graph == "full"
                    else p.coarse_devices(device_of_group))
-            return self.sim.run(dev, schedule=self.schedule, microbatches=self.microbatches)
+            return self._run_plan(self.sim, dev, schedule=self.schedule, microbatches=self.microbatches)
         except ValueError as e:  # an invalid placement: a failure, not an exception
             return StepResult.failed(f"invalid placement: {e}", source="sim",
                                      devices=self.problem.cluster.device_names)
@@ -158,7 +170,14 @@ class EngineSession:
                 m = cls(self.problem.graph, self.problem.cluster, timeout_s=self.timeout_s)
                 self._measurer = m.__enter__() or m
             self.measurements += 1
-            return self._measurer.measure(placement, schedule=self.schedule, microbatches=self.microbatches,
+            schedule, micro = self.schedule, self.microbatches
+            if schedule == "auto":  # measure the plan the simulator chooses for this placement
+                from placer.costmodel.plans import best_plan
+                from placer.costmodel.sim import get_simulator
+
+                plan, _ = best_plan(get_simulator(self.problem.graph, self.problem.cluster), placement)
+                schedule, micro = plan.schedule, plan.microbatches
+            return self._measurer.measure(placement, schedule=schedule, microbatches=micro,
                                           steps=self.steps, warmup=self.warmup)
         except Exception as e:  # the engine's own errors must not stop training: a penalised failure
             log.warning("engine measurement failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -322,7 +341,7 @@ def pick_reference(problem: PlacementProblem, backend: RewardBackend, reference:
                 raise
             tried.append(f"{method}: {e}")
             continue
-        res = sim.run(placement, schedule=schedule, microbatches=microbatches)
+        res = _run_plan()(sim, placement, schedule=schedule, microbatches=microbatches)
         if not res.ok:
             tried.append(f"{method}: {res.failure}")
             continue

@@ -35,6 +35,10 @@ def registry(kind: str) -> list[str]:
         from placer.baselines import BASELINES as names
     elif kind == "schedules":
         from placer.costmodel.schedules import SCHEDULES as names
+    elif kind == "schedule-choices":  # what --schedule accepts: the schedules and auto
+        from placer.costmodel.plans import schedule_choices
+
+        names = schedule_choices()
     elif kind == "presets":
         from placer.core.cluster import PRESETS as names
     elif kind == "policies":
@@ -137,19 +141,20 @@ def disagreement(block: str, names: list[str]) -> str | None:
 
 CLI_OPTIONS = [
     (("baseline",), "--method", "baselines"),
-    (("baseline",), "--schedule", "schedules"),
+    (("baseline",), "--schedule", "schedule-choices"),
     (("baseline",), "--cluster", "presets"),
     (("compare",), "--methods", "baselines"),
-    (("compare",), "--schedule", "schedules"),
+    (("compare",), "--schedule", "schedule-choices"),
     (("compare",), "--clusters", "presets"),
     (("train",), "--policy", "policies"),
     (("train",), "--algo", "algos"),
-    (("train",), "--schedule", "schedules"),
+    (("train",), "--schedule", "schedule-choices"),
     (("train",), "--cluster", "presets"),
     (("train",), "--reward", "backends"),
-    (("run",), "--schedule", "schedules"),
+    (("run",), "--schedule", "schedule-choices"),
     (("cluster", "show"), "cluster", "presets"),
     (("place",), "--cluster", "presets"),
+    (("place",), "--schedule", "schedule-choices"),
     (("demo",), "--cluster", "presets"),
 ]
 """(command, option, registry): the options whose values are registered names. Rename an option here when the

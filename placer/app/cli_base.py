@@ -231,10 +231,11 @@ def preset_names() -> str:
 
 
 def schedule_names() -> list[str]:
-    """The micro-batch schedules, from :data:`placer.costmodel.schedules.SCHEDULES`."""
-    from placer.costmodel.schedules import SCHEDULES
+    """What ``--schedule`` accepts: the micro-batch schedules of :data:`placer.costmodel.schedules.SCHEDULES` and
+    ``auto`` (each placement's best schedule and micro-batch count, :func:`placer.costmodel.plans.schedule_choices`)."""
+    from placer.costmodel.plans import schedule_choices
 
-    return list(SCHEDULES)
+    return schedule_choices()
 
 
 def method_names() -> str:

@@ -206,8 +206,9 @@ def _baseline_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, choices=sorted(BASELINES), metavar="METHOD",
                    help=f"placement method: {', '.join(sorted(BASELINES))}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--schedule", default="none", choices=schedule_names(), help="micro-batch schedule (default none)")
-    p.add_argument("--microbatches", type=int_at_least(1), default=1)
+    p.add_argument("--schedule", default="auto", choices=schedule_names(),
+                   help="micro-batch schedule (default auto: the placement's best schedule and micro-batch count)")
+    p.add_argument("--microbatches", type=int_at_least(1), default=1, help="micro-batches (ignored with auto)")
     p.add_argument("--out", help="write the placement JSON here")
     p.set_defaults(func=cmd_baseline)
 
@@ -219,14 +220,15 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     from placer.costmodel.bounds import efficiency
     from placer.core.cluster import get_cluster
     from placer.io.document import save_placement
-    from placer.costmodel.sim import simulate
+    from placer.costmodel.plans import simulate_plan
 
     out = writable_file(args.out, "placement") if args.out else None
     graph, cluster = load_graph_arg(args.graph), get_cluster(args.cluster)
     placement = baselines.place(args.method, graph, cluster, seed=args.seed)
-    result = simulate(graph, cluster, placement, schedule=args.schedule, microbatches=args.microbatches)
+    result = simulate_plan(graph, cluster, placement, schedule=args.schedule, microbatches=args.microbatches)
     if result.ok:
-        console.print(f"{args.method} on {cluster.name}: step {result.step_time_s * 1e3:.2f} ms (sim), "
+        console.print(f"{args.method} on {cluster.name}: step {result.step_time_s * 1e3:.2f} ms (sim, "
+                      f"{result.schedule_label}), "
                       f"efficiency {efficiency(result, graph, cluster):.2f}, ops per device "
                       f"{[int(x) for x in np.bincount(placement.device_of_op, minlength=cluster.num_devices)]}")
     else:
@@ -248,7 +250,8 @@ def _document_overrides(p: argparse.ArgumentParser) -> None:
 def _run_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("placement", help="placement JSON, or a run folder (its placement.json)")
     _document_overrides(p)
-    p.add_argument("--schedule", choices=schedule_names(), help="override the placement's schedule")
+    p.add_argument("--schedule", choices=schedule_names(),
+                   help="override the placement's schedule (auto: the simulator's best schedule and micro-batches)")
     p.add_argument("--microbatches", type=int_at_least(1), help="override the placement's micro-batch count")
     p.add_argument("--steps", type=int_at_least(1), default=20, help="measured steps (median reported)")
     p.add_argument("--warmup", type=int_at_least(0), default=3)
@@ -261,7 +264,8 @@ def _run_parser(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from placer.engine import EngineConfig, measure
-    from placer.costmodel.sim import simulate
+    from placer.costmodel.plans import AUTO, best_plan
+    from placer.costmodel.sim import get_simulator, simulate
     from placer.io.timeline import plot_gantt, to_chrome_trace
 
     from graphs.jsonio import read_json
@@ -274,6 +278,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     graph, cluster, placement = placed_from_document(doc, path, args.graph, args.cluster)
     schedule = args.schedule or doc["schedule"]["name"]
     micro = args.microbatches or doc["schedule"]["microbatches"]
+    if schedule == AUTO:  # measure the plan the simulator finds best for this placement
+        plan, _ = best_plan(get_simulator(graph, cluster), placement)
+        schedule, micro = plan.schedule, plan.microbatches
     with console.status(f"measuring {args.steps} steps on {cluster.num_devices} workers…"):
         result = measure(graph, cluster, placement, schedule=schedule, microbatches=micro, steps=args.steps,
                          warmup=args.warmup, config=EngineConfig(timeout_s=args.timeout,

@@ -22,8 +22,10 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
                    help=f"comma list of cluster presets ({preset_names()}) or cluster JSONs")
     p.add_argument("--methods", help=f"comma list of baselines (default: all): {method_names()}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--schedule", default="none", choices=schedule_names(), help="micro-batch schedule (default none)")
-    p.add_argument("--microbatches", type=int_at_least(1), default=1)
+    p.add_argument("--schedule", default="auto", choices=schedule_names(),
+                   help="micro-batch schedule (default auto: each placement under its best schedule and micro-batch "
+                        "count, named in its cell)")
+    p.add_argument("--microbatches", type=int_at_least(1), default=1, help="micro-batches (ignored with auto)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--train-budget", metavar="DURATION", type=parse_duration,
                    help="also train RL placers for this long per graph and cluster (e.g. 10m) and add their columns")
@@ -135,11 +137,11 @@ def _registries() -> dict[str, Callable[[], list[str]]]:
     """Allowed values of the ``TrainConfig`` fields that name registry entries."""
     from envs.rewards import BACKENDS
     from placer import baselines
-    from placer.costmodel.schedules import SCHEDULES
+    from placer.costmodel.plans import schedule_choices
     from policies.registry import ALGOS, POLICIES
 
     return {"policy": lambda: sorted(POLICIES), "algo": lambda: sorted(ALGOS), "reward": lambda: sorted(BACKENDS),
-            "schedule": lambda: list(SCHEDULES), "reference": lambda: sorted(baselines.BASELINES),
+            "schedule": schedule_choices, "reference": lambda: sorted(baselines.BASELINES),
             "warm_start": lambda: ["best", *sorted(baselines.BASELINES)]}
 
 

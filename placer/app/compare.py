@@ -15,7 +15,9 @@ Graphs are resolved by :func:`graphs.data.resolve_graph`: a bare name means the 
 table names the paper graphs in full (``rnnlm-paper``; the CLI's default ``--graphs``).
 
 A placement that does not fit memory shows as ``OOM``; a method that does not apply to a cluster (Single-GPU on a
-CPU-only cluster) as ``n/a``. With ``real=`` every placement is also measured by the engine and the cells read
+CPU-only cluster) as ``n/a``. With ``schedule="auto"`` each placement is scored under its best schedule and
+micro-batch count (:func:`placer.costmodel.plans.best_plan`), shown in its cell (``0.1234 1f1b x8``). With
+``real=`` every placement is also measured by the engine and the cells read
 ``sim (real)``. Results go to ``compare.md``, ``compare.csv`` and ``compare.json`` in ``out_dir``.
 """
 
@@ -65,8 +67,10 @@ class ExtraPlacer(Protocol):
     def __call__(self, graph: OpGraph, cluster: Cluster, *, seed: int, budget_s: float | None) -> Placement: ...
 
 
-Measure = Callable[[OpGraph, Placement], StepResult]
-"""Re-measures a placement on real devices (the engine): ``measure(graph, placement) -> StepResult``."""
+Measure = Callable[..., StepResult]
+"""Re-measures a placement on real devices (the engine): ``measure(graph, placement) -> StepResult``; with
+``schedule="auto"`` it is called ``measure(graph, placement, schedule=name, microbatches=m)`` with the plan the
+simulator chose for that placement."""
 
 
 @dataclass(kw_only=True)
@@ -84,10 +88,12 @@ class Cell:
     detail: str = ""
     """Why it is OOM / n/a / failed."""
     placement: Placement | None = None
+    plan: str = ""
+    """The schedule and micro-batches it was scored with (``1f1b x8``) when the table's schedule is ``auto``."""
 
     def text(self) -> str:
         if self.status == "ok":
-            s = _fmt(self.step_time_s)
+            s = _fmt(self.step_time_s) + (f" {self.plan}" if self.plan else "")
         else:
             s = {"oom": "OOM", "n/a": "n/a", "failed": "fail"}[self.status]
         if self.real_step_time_s is not None:
@@ -145,9 +151,12 @@ class CompareTable:
         head = self.header()
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         lines += ["| " + " | ".join(self._cells(r)) + " |" for r in self.rows]
-        note = (f"Step time in seconds ({self.meta.get('source', 'sim')}, schedule {self.meta.get('schedule')}, "
-                f"{self.meta.get('microbatches')} micro-batch(es)); OOM = out of memory; speed-up = best of "
-                "Scotch/MinCut/Expert vs best; efficiency = lower bound / best.")
+        if self.meta.get("schedule") == "auto":
+            how = "each placement under its best schedule x micro-batches, shown beside its time"
+        else:
+            how = f"schedule {self.meta.get('schedule')}, {self.meta.get('microbatches')} micro-batch(es)"
+        note = (f"Step time in seconds ({self.meta.get('source', 'sim')}, {how}); OOM = out of memory; speed-up = "
+                "best of Scotch/MinCut/Expert vs best; efficiency = lower bound / best.")
         if self.meta.get("real"):
             note += " Cells read `sim (real)`."
         return "\n".join(lines) + "\n\n" + note + "\n"
@@ -159,6 +168,9 @@ class CompareTable:
         cols = ["graph", "cluster", "num_devices", "lower_bound_s"] + [f"{m}_s" for m in self.columns]
         if real:
             cols += [f"{m}_real_s" for m in self.columns]
+        auto = self.meta.get("schedule") == "auto"
+        if auto:
+            cols += [f"{m}_plan" for m in self.columns]
         w.writerow(cols + ["best", "best_s", "speedup", "efficiency"])
         for r in self.rows:
             vals: list[Any] = [r.graph, r.cluster, r.num_devices, _num(r.lower_bound_s)]
@@ -169,6 +181,8 @@ class CompareTable:
                 for m in self.columns:
                     c = r.cells.get(m)
                     vals.append("" if c is None or c.real_step_time_s is None else _num(c.real_step_time_s))
+            if auto:
+                vals += [r.cells[m].plan if m in r.cells else "" for m in self.columns]
             vals += [r.best or "", _num(r.best_s) if r.best else "",
                      "" if r.speedup is None else f"{r.speedup:.6g}",
                      "" if r.efficiency is None else f"{r.efficiency:.6g}"]
@@ -179,7 +193,7 @@ class CompareTable:
         def cell(c: Cell) -> dict[str, Any]:
             return {"status": c.status, "step_time_s": _finite(c.step_time_s),
                     "real_step_time_s": None if c.real_step_time_s is None else _finite(c.real_step_time_s),
-                    "place_s": c.place_s, "detail": c.detail}
+                    "place_s": c.place_s, "detail": c.detail, "plan": c.plan}
 
         return {"columns": self.columns, "meta": self.meta,
                 "rows": [{"graph": r.graph, "cluster": r.cluster, "num_devices": r.num_devices,
@@ -260,7 +274,7 @@ def default_methods() -> list[str]:
 
 def _cell(col: str, g: OpGraph, c: Cluster, *, extra: Mapping[str, ExtraPlacer], seed: int,
           train_budget_s: float | None, simulate: Callable[[OpGraph, Cluster, Placement], StepResult],
-          real: Measure | None) -> Cell:
+          real: Measure | None, auto: bool = False) -> Cell:
     """Place ``g`` on ``c`` with one column's method, simulate it (and measure it with ``real``)."""
     t0 = time.perf_counter()
     try:
@@ -274,10 +288,11 @@ def _cell(col: str, g: OpGraph, c: Cluster, *, extra: Mapping[str, ExtraPlacer],
     res = simulate(g, c, p)
     cell = Cell(method=col, placement=p, place_s=place_s,
                 status="ok" if res.ok else ("oom" if res.oom else "failed"),
-                step_time_s=res.step_time_s if res.ok else math.inf, detail=res.failure or "")
+                step_time_s=res.step_time_s if res.ok else math.inf, detail=res.failure or "",
+                plan=f"{res.schedule} x{res.microbatches}" if auto and res.ok else "")
     if real is not None:
         try:
-            rr = real(g, p)
+            rr = real(g, p, schedule=res.schedule, microbatches=res.microbatches) if auto else real(g, p)
             cell.real_step_time_s = rr.step_time_s if rr.ok else math.inf
         except ValueError as e:
             cell.real_step_time_s = math.inf
@@ -323,12 +338,16 @@ def compare(
     ``rnnlm-small``). ``methods``: baseline names (default :func:`default_methods`). ``extra``: more columns, e.g.
     ``{"RL": rl_placer}``, each called with ``budget_s=train_budget_s``. ``real``: re-measure each placement with
     the engine (``measure(graph, placement)``). ``schedule`` / ``microbatches`` go to
-    :func:`placer.costmodel.sim.simulate`; ``cost_kind`` substitutes cost sets on purpose for every method, the
-    simulator and the bound (:func:`placer.costmodel.costs.substitute_costs`). Writes ``compare.md/.csv/.json``
-    into ``out_dir`` unless it is ``None``. Unknown methods are a one-line ``ValueError`` before anything runs.
+    :func:`placer.costmodel.plans.simulate_plan` (``"auto"``: every method is scored with its placement's best
+    schedule and micro-batch count, named in its cell); ``cost_kind`` substitutes cost sets on purpose for every
+    method, the simulator and the bound (:func:`placer.costmodel.costs.substitute_costs`). Writes
+    ``compare.md/.csv/.json`` into ``out_dir`` unless it is ``None``. Unknown methods and schedules are a one-line
+    ``ValueError`` before anything runs.
     """
-    from placer.costmodel.sim import simulate  # simulator import kept local: it compiles numba kernels on first use
+    # simulator import kept local: it compiles numba kernels on first use
+    from placer.costmodel.plans import check_schedule, simulate_plan
 
+    check_schedule(schedule)
     methods = list(default_methods() if methods is None else methods)
     for m in methods:
         if m not in baselines.BASELINES and not m.startswith("single:"):
@@ -345,13 +364,13 @@ def compare(
     })
 
     def run_sim(g: OpGraph, c: Cluster, p: Placement) -> StepResult:
-        return simulate(g, c, p, schedule=schedule, microbatches=microbatches)
+        return simulate_plan(g, c, p, schedule=schedule, microbatches=microbatches)
 
     for g in gs:
         for c in cls:
             gc = substitute_costs(g, c, cost_kind)
             cells = {col: _cell(col, gc, c, extra=extra, seed=seed, train_budget_s=train_budget_s,
-                                simulate=run_sim, real=real) for col in columns}
+                                simulate=run_sim, real=real, auto=schedule == "auto") for col in columns}
             table.rows.append(_row(gc, c, cells, columns, bound))
     if out_dir is not None:
         table.write(out_dir)

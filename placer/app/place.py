@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from envs.placement_env import resolve_cluster, resolve_graph
-from placer.app.cli_base import preset_names
+from placer.app.cli_base import preset_names, schedule_names
 from envs.problem import build_problem
 from graphs.ir import OpGraph
 from placer.core.cluster import Cluster
@@ -46,13 +46,16 @@ class ZeroShotResult:
     """``rl:<policy>+<algo>+zero-shot``."""
     elapsed_s: float
     """Wall time of grouping, inference and simulation."""
+    schedule: str = "none"
+    """The schedule asked for (``auto``: ``predicted`` says which schedule and micro-batches were chosen)."""
 
 
 def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Cluster | str | Path, *,
                     runs_dir: str | Path = "runs", samples: int = 1, seed: int = 0,
-                    graph_config: str = "small") -> ZeroShotResult:
-    """Place ``graph`` on ``cluster`` with the policy of ``run`` (module docstring)."""
-    from placer.costmodel.sim import simulate
+                    graph_config: str = "small", schedule: str | None = None) -> ZeroShotResult:
+    """Place ``graph`` on ``cluster`` with the policy of ``run`` (module docstring); candidates are scored under
+    ``schedule`` (``None``: the run's; ``"auto"``: each under its best schedule and micro-batch count)."""
+    from placer.costmodel.plans import check_schedule, simulate_plan
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -73,7 +76,8 @@ def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Clust
                          f"{first}") from None
     policy.eval()
     inp = PolicyInput.from_problem(problem)
-    schedule, microbatches = config.get("schedule", "none"), int(config.get("microbatches", 1))
+    schedule = check_schedule(schedule or config.get("schedule", "none"))
+    microbatches = int(config.get("microbatches", 1))
     found = []
     with torch.no_grad():
         for _ in policy.views():  # e.g. a GNN trained with finish_dropout: with and without its finish column
@@ -83,7 +87,7 @@ def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Clust
     cands = torch.cat(found)
     best: tuple[float, np.ndarray, StepResult] | None = None
     for groups in np.unique(cands.numpy(), axis=0):
-        res = simulate(graph, cluster, problem.expand(groups), schedule=schedule, microbatches=microbatches)
+        res = simulate_plan(graph, cluster, problem.expand(groups), schedule=schedule, microbatches=microbatches)
         t = res.step_time_s if res.ok else float("inf")
         if best is None or t < best[0]:
             best = (t, groups, res)
@@ -91,7 +95,7 @@ def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Clust
     _, groups, res = best
     method = f"rl:{config.get('policy', 'gnn')}+{config.get('algo', 'reinforce')}+zero-shot"
     return ZeroShotResult(placement=problem.expand(groups), device_of_group=groups, predicted=res, method=method,
-                          elapsed_s=time.perf_counter() - t0)
+                          elapsed_s=time.perf_counter() - t0, schedule=schedule)
 
 
 def zero_shot_placer(run: str | Path, *, runs_dir: str | Path = "runs", samples: int = 256):
@@ -117,6 +121,9 @@ def add_place_arguments(parser: argparse.ArgumentParser) -> None:
                         help="1: the policy's most likely placement; K: best of it and K-1 samples, simulated "
                              "(default %(default)s: about a second for 180 groups)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--schedule", default="auto", choices=schedule_names(),
+                        help="schedule the candidates are scored under (default auto: each placement's best "
+                             "schedule and micro-batch count)")
     parser.add_argument("--runs-dir", default="runs", help="where run names are looked up (default %(default)s)")
 
 
@@ -124,11 +131,12 @@ def run_place(args: argparse.Namespace) -> ZeroShotResult:
     """``placer place``: place, write ``--out``, print one summary line."""
     out = writable_file(args.out, "placement")  # before the policy is loaded
     res = place_zero_shot(args.policy_from, args.graph, args.cluster, runs_dir=args.runs_dir, samples=args.samples,
-                          seed=args.seed, graph_config=args.graph_config)
+                          seed=args.seed, graph_config=args.graph_config, schedule=args.schedule)
     graph = resolve_graph(args.graph, config=args.graph_config)
     cluster = resolve_cluster(args.cluster)
     save_placement(out, graph, cluster, res.placement, method=res.method, seed=args.seed,
-                   run=Path(args.policy_from).name, predicted=res.predicted)
+                   run=Path(args.policy_from).name, predicted=res.predicted, schedule=res.schedule,
+                   microbatches=res.predicted.microbatches)
     step = f"{res.predicted.step_time_s:.6g} s" if res.predicted.ok else f"failed ({res.predicted.failure})"
     print(f"placed {graph.name} on {cluster.name} with {res.method} in {res.elapsed_s:.2f} s: "
           f"simulated step {step} -> {out}")

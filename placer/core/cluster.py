@@ -222,6 +222,28 @@ def _h100x8() -> Cluster:
                            meta={"source": "preset", "note": "HGX H100, NVLink 4 via NVSwitch"})
 
 
+@register_preset("h100x8-tight")
+def _h100x8_tight() -> Cluster:
+    # h100x8 with 5.5 GiB per device: tight for gpt-1.3b (batch 4, M = 4). From
+    # placer.costmodel.tight.tight_report(h100x8, gpt-1.3b): its memory-balanced 8-stage split peaks at 5.13 GiB
+    # under 1F1B x4 and 7.99 GiB under GPipe x4; the whole step on one device needs 45.9 GiB. Other graphs get
+    # their own capacity from placer.costmodel.tight.memory_tight.
+    devs = [Device(name=f"cuda:{i}", kind="H100", memory_bytes=int(5.5 * GiB)) for i in range(8)]
+    return Cluster.uniform("h100x8-tight", devs, bandwidth_Bps=400e9, latency_s=5e-6,
+                           meta={"source": "preset", "note": "h100x8 links, 5.5 GiB per device (tight for gpt-1.3b)"})
+
+
+@register_preset("mixed")
+def _mixed() -> Cluster:
+    # 4x A100 80 GB + 4x H100 80 GB on NVLink-class links. Op costs: the graphs' ``A100`` and ``H100`` cost sets
+    # (measured where a graph has them, else roofline estimates). Links: 300 GB/s, 5 us -- A100's NVLink 3
+    # (600 GB/s both ways), which bounds every pair that involves an A100; uniform for simplicity.
+    devs = [Device(name=f"cuda:{i}", kind="A100", memory_bytes=80 * GiB) for i in range(4)]
+    devs += [Device(name=f"cuda:{i}", kind="H100", memory_bytes=80 * GiB) for i in range(4, 8)]
+    return Cluster.uniform("mixed", devs, bandwidth_Bps=300e9, latency_s=5e-6,
+                           meta={"source": "preset", "note": "4x A100 80GB + 4x H100 80GB, NVLink-class links"})
+
+
 @register_preset("h200x8")
 def _h200x8() -> Cluster:
     # Op costs: the ``H200`` cost set, measured on a lent H200 where a graph has one (graphs/data), else the

@@ -82,6 +82,22 @@ def _time_entry(result: StepResult | None, cluster: Cluster) -> dict[str, Any] |
     }
 
 
+def _schedule_entry(graph: OpGraph, cluster: Cluster, placement: Placement, schedule: str, microbatches: int,
+                    *results: StepResult | None) -> dict[str, Any]:
+    """The plan's schedule part: name, micro-batches, stages and virtual stages per device. ``schedule="auto"``
+    records what the search chose, read from the first result given (its ``schedule`` and ``microbatches``)."""
+    from placer.costmodel.plans import AUTO, make_plan
+
+    chosen_by = "given"
+    if schedule == AUTO:
+        res = next((r for r in results if r is not None), None)
+        if res is None:
+            raise ValueError("schedule 'auto' needs the predicted or measured result that says what was chosen")
+        schedule, microbatches, chosen_by = res.schedule, res.microbatches, AUTO
+    plan = make_plan(graph, placement, cluster.num_devices, schedule, microbatches)
+    return {**plan.to_json(), "chosen_by": chosen_by}
+
+
 def placement_to_json(
     graph: OpGraph,
     cluster: Cluster,
@@ -109,7 +125,7 @@ def placement_to_json(
         "stages": stages,
         # torchtitan's form of the split, for trainers that build stages from module names
         "module_fqns_per_model_part": model_part_fqns(graph, placement, stages),
-        "schedule": {"name": schedule, "microbatches": int(microbatches)},
+        "schedule": _schedule_entry(graph, cluster, placement, schedule, microbatches, predicted, measured),
         "predicted": _time_entry(predicted, cluster),
         "measured": _time_entry(measured, cluster),
         "provenance": {

@@ -102,10 +102,12 @@ class TrainConfig:
     """Reward of a failed/OOM placement (``None``: ``-sqrt(100)``, i.e. 100x the reference step time)."""
     sim_graph: Literal["full", "coarse"] = "full"
     """Simulate the full op graph (exact) or the ``coarse`` graph of runs of same-group ops."""
-    schedule: str = "none"
-    """Micro-batch schedule the reward simulates/measures (:data:`placer.costmodel.schedules.SCHEDULES`)."""
+    schedule: str = "auto"
+    """Micro-batch schedule the reward simulates/measures (:data:`placer.costmodel.schedules.SCHEDULES`), or
+    ``auto``: each placement under its best schedule and micro-batch count
+    (:func:`placer.costmodel.plans.best_plan`)."""
     microbatches: int = 1
-    """Micro-batches per step for ``schedule``."""
+    """Micro-batches per step for ``schedule`` (ignored with ``auto``, which chooses them)."""
     warm_start: str | None = None
     """Behaviour-clone this baseline's placement before RL (``best``: the best simulated baseline), and seed the
     self-imitation buffer with it (one-graph runs). Off by default; results of such runs are not "from scratch"

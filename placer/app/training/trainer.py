@@ -142,6 +142,7 @@ def evaluate_baselines(graph: OpGraph, cluster: Cluster, methods: Sequence[str],
                        microbatches: int = 1, seed: int = 0) -> dict[str, tuple[Placement, StepResult]]:
     """Each applicable baseline's placement and its simulated step on the full graph (``n/a`` ones left out)."""
     from placer import baselines
+    from placer.costmodel.plans import run_plan
     from placer.costmodel.sim import Simulator
 
     sim = Simulator(graph, cluster)
@@ -152,7 +153,7 @@ def evaluate_baselines(graph: OpGraph, cluster: Cluster, methods: Sequence[str],
         except ValueError as e:
             log.info("baseline %s does not apply: %s", m, e)
             continue
-        out[m] = (p, sim.run(p, schedule=schedule, microbatches=microbatches))
+        out[m] = (p, run_plan(sim, p, schedule=schedule, microbatches=microbatches))
     return out
 
 
@@ -286,10 +287,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ files
     def predicted_of(self, slot: Slot, groups: np.ndarray) -> StepResult:
         """``groups`` simulated on the full op graph."""
-        from placer.costmodel.sim import simulate
+        from placer.costmodel.plans import simulate_plan
 
         c = self.config
-        return simulate(slot.graph, self.cluster, slot.env.problem.expand(groups), schedule=c.schedule,
+        return simulate_plan(slot.graph, self.cluster, slot.env.problem.expand(groups), schedule=c.schedule,
                         microbatches=c.microbatches)
 
     def measured_of(self, slot: Slot) -> StepResult | None:
