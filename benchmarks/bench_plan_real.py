@@ -6,14 +6,14 @@ Prints, at the end (one run, ``--rounds`` interleaved rounds, medians)::
     figure: real_vs_even_split[gpt] = R       # winning plan's step / the even layer split's  (target <= 0.90)
     figure: sim_vs_real_err[gpt] = R          # |simulated - measured| / measured, winning plan (target <= 0.10)
 
-Three plans, each with the schedule and micro-batch count the simulator finds best for it
-(:func:`placer.app.measured.best_schedule`):
+Three plans, each with the schedule and micro-batch count the plan search finds best for it
+(:func:`placer.costmodel.plans.best_plan`, via :func:`placer.app.measured.plan_row`):
 
 * **Single**: the whole step on ``cpu:0`` (schedule ``none``, one micro-batch: plain training);
-* **even split**: torchtitan's default, the transformer blocks split evenly between the two stages (gpt
-  ``medium``: blocks 0-3 with the embeddings on ``cpu:0``, blocks 4-7, ``ln_f``, head and loss on ``cpu:1``);
-* **winner**: the fastest contiguous two-stage split by simulation (:func:`placer.app.measured.best_split`: every
-  cut between two model parts, :func:`placer.io.parts.model_parts`), until the plan search replaces it.
+* **even split**: torchtitan's default, the ``even-layers`` baseline (gpt ``medium``: blocks 0-3 with the
+  embeddings on ``cpu:0``, blocks 4-7, ``ln_f``, head and loss on ``cpu:1``);
+* **winner**: the fastest plan by simulation among every baseline and every contiguous two-stage split between
+  model parts (:func:`placer.app.measured.winning_plan`).
 
 The simulator runs on a calibrated ``cpu-2`` (``placer cluster calibrate``; ``--cluster FILE`` reuses one). The
 three plans are then measured on one warm :class:`placer.engine.Measurer` (one worker per core, one thread each)
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from graphs.data import resolve_graph  # noqa: E402
 from graphs.ir import OpGraph  # noqa: E402
-from placer.app.measured import PlanRow, best_split, even_split, measure_interleaved, plan_row  # noqa: E402
+from placer.app.measured import PlanRow, even_split, measure_interleaved, plan_row, winning_plan  # noqa: E402
 from placer.core.cluster import Cluster, get_cluster  # noqa: E402
 from placer.core.placement import Placement  # noqa: E402
 from placer.costmodel.sim import Simulator  # noqa: E402
@@ -58,8 +58,8 @@ def plans(graph: OpGraph, cluster: Cluster) -> list[PlanRow]:
     """Single, the even split and the winner, each with its best schedule by simulation."""
     sim = Simulator(graph, cluster)
     return [plan_row(sim, "Single", "all on cpu:0", Placement.single(graph)),
-            plan_row(sim, "even split", "blocks split evenly", even_split(graph)),
-            plan_row(sim, "winner", *best_split(sim))]
+            plan_row(sim, "even split", "even-layers", even_split(graph, cluster)),
+            plan_row(sim, "winner", *winning_plan(sim))]
 
 
 def real_rows(args: argparse.Namespace) -> list[dict]:

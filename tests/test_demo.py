@@ -21,8 +21,9 @@ def test_demo_writes_every_file(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| Graph | Cluster |" in r.stdout and "| RL |" in r.stdout
-    # the plans table: the winner measured beside Single and the even split, each under its best schedule
-    assert "| Single | all on cpu:0 | none x1 |" in r.stdout and "| even split | blocks split evenly |" in r.stdout
+    # the plans table: the winner measured beside Single and the even split, each under its best schedule (on
+    # gpt small, steps of milliseconds, that is often none x1: the plan search's choice, not asserted here)
+    assert "| Single | all on cpu:0 | none x1 |" in r.stdout and "| even split | even-layers |" in r.stdout
     assert "| winner: " in r.stdout
     (out,) = list(tmp_path.glob("demo__gpt-small__*"))
     summary = json.loads((out / "demo.json").read_text())
@@ -45,7 +46,6 @@ def test_demo_writes_every_file(tmp_path):
     assert set(plans) == {"Single", "even split", "winner"}
     for p in plans.values():
         assert len(p["real_rounds_s"]) == 2 and p["real_s"] > 0 and p["sim_s"] > 0
-    assert plans["even split"]["schedule"] != "none"  # a two-stage split runs pipelined
     assert doc["schedule"]["name"] == summary["best_schedule"]
     for png in (files["timeline"], files["learning_curve"]):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

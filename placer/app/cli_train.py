@@ -102,8 +102,8 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int_at_least(1), default=2, help="engine steps per plan per round (default 2)")
     p.add_argument("--rounds", type=int_at_least(1), default=3,
                    help="interleaved measurement rounds of the winner, Single and the even split (default 3)")
-    p.add_argument("--schedule", default="1f1b", choices=schedule_names(),
-                   help="schedule RL and the table score placements with (default 1f1b)")
+    p.add_argument("--schedule", default="auto", choices=schedule_names(),
+                   help="schedule RL and the table score placements with (default auto: each placement's best)")
     p.add_argument("--microbatches", type=int_at_least(1), default=8, help="micro-batches for --schedule (default 8)")
     p.add_argument("--no-real", action="store_true", help="simulator only")
     p.add_argument("--runs-dir", default="runs")

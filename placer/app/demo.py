@@ -4,7 +4,7 @@
    core, so a pipeline across the two workers pays off) and calibrates ``cpu-2`` (two worker processes pinned to
    one core each) so that the simulator describes these workers.
 2. Trains ColocRL's seq2seq policy with REINFORCE on the simulator for ``budget_s`` seconds, each placement
-   scored under ``schedule`` (``microbatches``).
+   scored under its best schedule and micro-batch count (``schedule="auto"``, the plan search).
 3. Places the graph with every classic baseline and tabulates them with RL, simulated (ColocRL's table).
 4. Takes the table's winner, Single and the even layer split (torchtitan's default), each under the schedule and
    micro-batch count the simulator finds best for it, and measures the three on the two workers in ``rounds``
@@ -30,11 +30,6 @@ from placer.core.placement import Placement
 
 log = logging.getLogger(__name__)
 
-DEMO_METHODS = ("single", "scotch", "mincut", "metis", "expert", "m-topo", "m-etf", "m-sct", "heft",
-                "pipedream-dp", "round-robin", "random")
-"""Baselines the demo compares (all registered ones that apply to a CPU-only cluster)."""
-
-
 @dataclass(kw_only=True)
 class DemoConfig:
     """What the demo runs."""
@@ -53,10 +48,11 @@ class DemoConfig:
     """Engine steps per plan per round (median reported), after one warm-up step."""
     rounds: int = 3
     """Interleaved measurement rounds of the three plans (median reported)."""
-    schedule: str = "1f1b"
-    """Schedule RL and the table score every placement with."""
+    schedule: str = "auto"
+    """Schedule RL and the table score every placement with; ``auto``: each placement under its best schedule
+    and micro-batch count (the plan search)."""
     microbatches: int = 8
-    """Micro-batches per step for ``schedule``."""
+    """Micro-batches per step for ``schedule`` (``auto`` chooses them)."""
     real: bool = True
     """Re-measure on the engine (False: simulator only, e.g. where processes cannot be spawned)."""
     progress: bool = True
@@ -112,6 +108,7 @@ def _plans_markdown(rows: list[Any], measured: bool) -> str:
 def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
     """Run the demo (see the module docstring); ``say`` prints progress lines."""
     from placer.app.compare import compare
+    from placer.app.compare import default_methods
     from placer.app.measured import even_split, measure_interleaved, plan_row
     from placer.app.train import TrainConfig, maybe_calibrate, needs_calibration, train
     from placer.costmodel.sim import Simulator
@@ -129,8 +126,9 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
         f"cluster {cluster.name}: {', '.join(cluster.device_names)}")
 
     # ---- RL: seq2seq + REINFORCE on the simulator, every placement scored under the schedule
-    say(f"[2/4] training seq2seq + REINFORCE for {config.budget_s:.0f} s (sim reward, {config.schedule} "
-        f"x{config.microbatches})…")
+    how = "each placement under its best schedule" if config.schedule == "auto" else \
+        f"{config.schedule} x{config.microbatches}"
+    say(f"[2/4] training seq2seq + REINFORCE for {config.budget_s:.0f} s (sim reward, {how})…")
     run = train(TrainConfig(graph=graph, cluster=cluster, policy="seq2seq", algo="reinforce", reward="sim",
                             budget_s=config.budget_s, seed=config.seed, runs_dir=str(out_dir),
                             schedule=config.schedule, microbatches=config.microbatches, progress=config.progress))
@@ -142,14 +140,15 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
 
     # ---- every baseline and RL, simulated
     say("[3/4] placing with every baseline (simulated)…")
-    table = compare([graph], [cluster], methods=list(DEMO_METHODS), extra={"RL": rl}, out_dir=out_dir,
+    table = compare([graph], [cluster], methods=[m for m in default_methods() if m != "single-gpu"],
+                    extra={"RL": rl}, out_dir=out_dir,
                     seed=config.seed, schedule=config.schedule, microbatches=config.microbatches)
     best = _winner(table.rows[0])
 
     # ---- the winner beside Single and the even split, each under its best schedule, on the workers
     sim = Simulator(graph, cluster)
     rows = [plan_row(sim, "Single", "all on cpu:0", Placement.single(graph)),
-            plan_row(sim, "even split", "blocks split evenly", even_split(graph)),
+            plan_row(sim, "even split", "even-layers", even_split(graph, cluster)),
             plan_row(sim, f"winner: {best}", f"{best}'s placement", table.rows[0].cells[best].placement)]
     if config.real:
         say(f"[4/4] measuring the winner ({best}), Single and the even split on the workers, {config.rounds} "

@@ -1,37 +1,32 @@
 """Plans measured on real workers beside the references a user compares against: Single and the even split.
 
 What ``placer demo`` and ``benchmarks/bench_plan_real.py`` share: a :class:`PlanRow` per plan (a placement and
-the schedule and micro-batch count the simulator finds best for it, :func:`best_schedule`), the even layer split
-(:func:`even_split`, torchtitan's default), the fastest contiguous split by simulation (:func:`best_split`), and
+the schedule and micro-batch count the plan search finds best for it, :func:`plan_row`), the even layer split
+(:func:`even_split`, torchtitan's default), the fastest plan by simulation (:func:`winning_plan`), and
 :func:`measure_interleaved`, which measures every row in rounds on one warm :class:`placer.engine.Measurer` so
 that a slow spell of a shared machine hits all plans alike (the median over rounds is the figure).
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from graphs.ir import OpGraph
+from placer import baselines
 from placer.core.cluster import Cluster
 from placer.core.placement import Placement
 from placer.core.result import StepResult
+from placer.costmodel.plans import best_plan
 from placer.engine.command import DEFAULT_OPTIMIZER
 from placer.io.parts import model_parts, split_after
 
-__all__ = ["SEARCHED_SCHEDULES", "MICROBATCHES", "PlanRow", "best_schedule", "even_split", "best_split", "plan_row",
-           "measure_interleaved"]
+log = logging.getLogger(__name__)
 
-SEARCHED_SCHEDULES = ("gpipe", "1f1b")
-"""Pipelined schedules searched for a placement on several devices (one stage per device: interleaving has
-nothing to interleave)."""
-MICROBATCHES = (2, 4, 8, 16)
-"""Micro-batch counts searched (those that do not divide the graph's batch are skipped by the simulator's
-schedules' own check, as a failed candidate)."""
+__all__ = ["PlanRow", "plan_row", "even_split", "contiguous_splits", "winning_plan", "measure_interleaved"]
 
 
 @dataclass(kw_only=True, eq=False)
@@ -65,51 +60,39 @@ class PlanRow:
                 "sim_s": self.sim_s, "real_s": self.real_s, "real_rounds_s": list(self.real_rounds_s)}
 
 
-def best_schedule(sim: Any, placement: Placement) -> tuple[str, int, StepResult]:
-    """``(schedule, M, simulated step)`` of ``placement``'s fastest schedule by simulation: ``none`` x1 on one
-    device, else the best of :data:`SEARCHED_SCHEDULES` x :data:`MICROBATCHES` (the engine's optimizer). The plan search
-    (``placer.costmodel.plans.best_plan``) replaces this where it is merged."""
-    if np.unique(placement.device_of_op).size == 1:
-        return "none", 1, sim.run(placement, optimizer=DEFAULT_OPTIMIZER)
-    best: tuple[str, int, StepResult] | None = None
-    for name in SEARCHED_SCHEDULES:
-        for m in MICROBATCHES:
-            try:
-                res = sim.run(placement, schedule=name, microbatches=m, optimizer=DEFAULT_OPTIMIZER)
-            except ValueError:  # M does not split this graph's batch
-                continue
-            if res.ok and (best is None or res.step_time_s < best[2].step_time_s):
-                best = (name, m, res)
-    if best is None:
-        raise ValueError(f"no schedule of {', '.join(SEARCHED_SCHEDULES)} with M in {MICROBATCHES} fits this placement")
-    return best
-
-
-def even_split(graph: OpGraph) -> Placement:
-    """torchtitan's default two-stage split: the first half of the transformer blocks (and everything before
-    them) on device 0, the rest on device 1. One-line ``ValueError`` for a model with fewer than two blocks."""
-    blocks = [p for p in model_parts(graph) if p.split(".")[-1].isdigit()]
-    if len(blocks) < 2:
-        raise ValueError(f"{graph.name} has {len(blocks)} repeated blocks; an even layer split needs 2 or more")
-    return split_after(graph, blocks[len(blocks) // 2 - 1])
-
-
-def best_split(sim: Any) -> tuple[str, Placement]:
-    """The fastest contiguous two-stage split between model parts, each under its :func:`best_schedule`:
-    ``(label, placement)``."""
-    found = []
-    for last in model_parts(sim.graph)[:-1]:
-        placement = split_after(sim.graph, last)
-        found.append((best_schedule(sim, placement)[2].step_time_s, f"split after {last}", placement))
-    _, label, placement = min(found, key=lambda f: f[0])
-    return label, placement
-
-
 def plan_row(sim: Any, name: str, label: str, placement: Placement) -> PlanRow:
-    """A row for ``placement`` under its best schedule by simulation."""
-    schedule, m, res = best_schedule(sim, placement)
-    return PlanRow(name=name, label=label, placement=placement, schedule=schedule, microbatches=m,
-                   sim_s=res.step_time_s)
+    """A row for ``placement`` under its best schedule and micro-batch count by simulation (the plan search's
+    :func:`placer.costmodel.plans.best_plan`, with the engine's optimizer)."""
+    plan, res = best_plan(sim, placement, optimizer=DEFAULT_OPTIMIZER)
+    return PlanRow(name=name, label=label, placement=placement, schedule=plan.schedule,
+                   microbatches=plan.microbatches, sim_s=res.step_time_s)
+
+
+def even_split(graph: OpGraph, cluster: Cluster) -> Placement:
+    """torchtitan's default split: the ``even-layers`` baseline (blocks split evenly over the devices, the
+    embeddings on the first stage, norm, head and loss on the last)."""
+    return baselines.place("even-layers", graph, cluster, seed=0)
+
+
+def contiguous_splits(graph: OpGraph) -> list[tuple[str, Placement]]:
+    """Every contiguous two-stage split between two model parts: ``(label, placement)``."""
+    return [(f"split after {last}", split_after(graph, last)) for last in model_parts(graph)[:-1]]
+
+
+def winning_plan(sim: Any, *, methods: Sequence[str] | None = None, seed: int = 0) -> tuple[str, Placement]:
+    """The fastest plan by simulation among every baseline's placement (``methods``, default all that apply)
+    and every contiguous two-stage split, each under its best schedule: ``(label, placement)``. The function
+    boundary a learned planner's result joins."""
+    graph, cluster = sim.graph, sim.cluster
+    candidates = list(contiguous_splits(graph)) if cluster.num_devices == 2 else []
+    for method in methods if methods is not None else baselines.names():
+        try:
+            candidates.append((method, baselines.place(method, graph, cluster, seed=seed)))
+        except ValueError as e:  # a method that does not apply here (single-gpu on a CPU cluster)
+            log.info("%s: %s", method, e)
+    timed = [(best_plan(sim, p, optimizer=DEFAULT_OPTIMIZER)[1].step_time_s, label, p) for label, p in candidates]
+    _, label, placement = min(timed, key=lambda t: t[0])
+    return label, placement
 
 
 def measure_interleaved(graph: OpGraph, cluster: Cluster, rows: Sequence[PlanRow], *, rounds: int, steps: int,
