@@ -37,7 +37,8 @@ class DemoConfig:
     graph: str = "gpt-medium"
     """Shipped benchmark graph (a bare name is its small config) or a graph JSON path."""
     build: bool = False
-    """Trace and profile the model afresh instead of loading the shipped graph (adds ~20 s)."""
+    """Trace and profile the model afresh instead of loading the shipped graph (``gpt-medium``: model ``gpt``,
+    config ``medium``; profiling adds a few minutes at that size)."""
     cluster: str = "cpu-2"
     """Cluster preset or JSON; ``cpu-2`` is this machine's two pinned workers."""
     budget_s: float = 120.0
@@ -73,7 +74,8 @@ def _load_graph(config: DemoConfig) -> OpGraph:
         from graphs.build import build_graph
         from graphs.roofline import with_estimates
 
-        return with_estimates(build_graph(config.graph, config="small", profile="cpu", progress=config.progress))
+        model, _, size = config.graph.partition("-")  # gpt-medium: model gpt, config medium
+        return with_estimates(build_graph(model, config=size or "small", profile="cpu", progress=config.progress))
     from graphs.data import resolve_graph
 
     return resolve_graph(config.graph, config="small")
