@@ -21,7 +21,8 @@ in ``--rounds`` rounds, each round measuring all three in turn so a slow spell o
 alike; every figure is the median over rounds (the rounds' range is printed beside it). Run under the shared
 lock: ``flock /work/bench.lock python3 benchmarks/bench_plan_real.py`` (about 3 minutes).
 
-``bench_plan.py --real-only`` calls :func:`real_rows` and :func:`figure_lines`.
+``bench_plan.py --real-only`` calls :func:`real_section` (the rows of :func:`real_rows`, printed with
+:func:`figure_lines`).
 """
 
 from __future__ import annotations
@@ -104,14 +105,27 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps before them")
 
 
+def real_section(args: argparse.Namespace | None = None) -> list[dict]:
+    """Measure, print the table and the figures, return the rows. ``args``: any namespace; the options of
+    :func:`add_args` it carries override their defaults (``bench_plan.py``'s own options are ignored)."""
+    ap = argparse.ArgumentParser()
+    add_args(ap)
+    ns = ap.parse_args([])
+    for key in vars(ns):
+        if args is not None and getattr(args, key, None) is not None:
+            setattr(ns, key, getattr(args, key))
+    rows = real_rows(ns)
+    print("\n".join(figure_lines(rows)), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_args(ap)
     ap.add_argument("--real-only", action="store_true", help="accepted for bench_plan's interface (always real)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    rows = real_rows(args)
-    print("\n".join(figure_lines(rows)))
+    real_section(args)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from placer.core.placement import Placement
 from placer.core.result import StepResult
 from placer.costmodel.plans import best_plan
 from placer.engine.command import DEFAULT_OPTIMIZER
+from placer.io.document import contiguous_stages
 from placer.io.parts import model_parts, split_after
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,10 @@ def winning_plan(sim: Any, *, methods: Sequence[str] | None = None, seed: int = 
             log.info("%s: %s", method, e)
     timed = [(best_plan(sim, p, optimizer=DEFAULT_OPTIMIZER)[1].step_time_s, label, p) for label, p in candidates]
     _, label, placement = min(timed, key=lambda t: t[0])
+    if not label.startswith("split after"):  # a baseline's name alone does not say where it cut
+        stages = contiguous_stages(graph, placement)
+        cuts = ", ".join(s["last_op"] for s in stages[:-1]) if stages else None
+        label += f" (stages end after {cuts})" if cuts else " (not stage-contiguous)"
     return label, placement
 
 
