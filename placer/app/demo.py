@@ -103,8 +103,8 @@ def _plans_markdown(rows: list[Any], measured: bool) -> str:
         rounds = f" ({', '.join(f'{x * 1e3:.2f}' for x in r.real_rounds_s)})" if measured else ""
         lines.append(f"| {r.name} | {r.label} | {r.schedule} x{r.microbatches} | {r.sim_s * 1e3:.2f} | "
                      f"{f'{r.real_s * 1e3:.2f}' if measured else '—'}{rounds} | {ref_s / t:.2f}x | {t / ref_e:.2f} |")
-    src = "measured, median of the rounds" if measured else "simulated"
-    return "\n".join(lines) + f"\n\n(vs columns: {src}; round times in brackets)\n"
+    src = "measured, median of the rounds; each round's time in brackets" if measured else "simulated"
+    return "\n".join(lines) + f"\n\n(vs columns: {src})\n"
 
 
 def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
