@@ -29,12 +29,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from graphs.build import load_factory  # noqa: E402
+from graphs.build import load_factory, rebuild_traced  # noqa: E402
 from graphs.data import load_benchmark_graph  # noqa: E402
 from graphs.ir import OpGraph  # noqa: E402
-from graphs.trace import trace_model  # noqa: E402
 from placer.io.document import load_placement  # noqa: E402
-from placer.io.loaders import apply, pipeline_schedule, pipeline_stages, placed_devices  # noqa: E402
+from placer.io.loaders import (apply, module_fqns_per_model_part, pipeline_schedule, pipeline_stages,  # noqa: E402
+                               placed_devices)
 
 
 def build_from_source(src: dict[str, Any]) -> tuple[nn.Module, tuple, Callable | None]:
@@ -118,8 +118,9 @@ def train_pipeline(args: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        model, inputs, loss_fn = build_from_source(graph.meta["source"])
-        traced = trace_model(model, inputs, loss_fn, name=graph.name, method=graph.meta.get("trace", "auto"))
+        # traced exactly as the graph was (same op names), from the same seed on every rank
+        traced = rebuild_traced(graph.meta)
+        inputs = traced.example_inputs
         stage = pipeline_stages(traced, doc, rank, device_map=device_map, microbatches=args.microbatches)
         schedule = pipeline_schedule(stage, doc, microbatches=args.microbatches)
         m = schedule._n_microbatches
@@ -134,6 +135,9 @@ def train_pipeline(args: argparse.Namespace) -> None:
         if rank == 0:
             print(f"{graph.name}: {len(doc['stages'])} stages, {doc['schedule']['name']} with {m} micro-batches, "
                   f"backend {dist.get_backend()}", flush=True)
+            if doc.get("module_fqns_per_model_part"):  # the same split by module names (torchtitan's form)
+                print("; ".join(f"stage {k} owns {', '.join(fqns)}" for k, fqns in
+                                enumerate(module_fqns_per_model_part(doc, traced.gm))), flush=True)
         for step in range(args.steps):
             t0 = time.perf_counter()
             opt.zero_grad()

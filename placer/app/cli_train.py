@@ -93,13 +93,18 @@ def cmd_place(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- demo
 @command("demo", "end to end: graph -> baselines -> RL -> real engine -> table + placement.json")
 def _demo_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--graph", default="nmt", help="shipped benchmark graph (small config) or graph JSON")
+    p.add_argument("--graph", default="gpt-medium",
+                   help="shipped benchmark graph (a bare name: its small config) or graph JSON (default gpt-medium)")
     p.add_argument("--build", action="store_true", help="trace and profile the model afresh")
     p.add_argument("--cluster", default="cpu-2", help=f"cluster preset ({preset_names()}) or JSON (default cpu-2)")
-    p.add_argument("--budget", type=parse_duration, default=180.0, help="RL training time (default 3m)")
+    p.add_argument("--budget", type=parse_duration, default=120.0, help="RL training time (default 2m)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int_at_least(1), default=10, help="engine steps per measurement")
-    p.add_argument("--microbatches", type=int_at_least(1), default=4)
+    p.add_argument("--steps", type=int_at_least(1), default=2, help="engine steps per plan per round (default 2)")
+    p.add_argument("--rounds", type=int_at_least(1), default=3,
+                   help="interleaved measurement rounds of the winner, Single and the even split (default 3)")
+    p.add_argument("--schedule", default="auto", choices=schedule_names(),
+                   help="schedule RL and the table score placements with (default auto: each placement's best)")
+    p.add_argument("--microbatches", type=int_at_least(1), default=8, help="micro-batches for --schedule (default 8)")
     p.add_argument("--no-real", action="store_true", help="simulator only")
     p.add_argument("--runs-dir", default="runs")
     p.set_defaults(func=cmd_demo)
@@ -112,12 +117,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise ValueError(f"--budget must be positive, got {args.budget:g} s")
     writable_folder(args.runs_dir, "runs folder")
     result = run_demo(DemoConfig(graph=args.graph, build=args.build, cluster=args.cluster, budget_s=args.budget,
-                                 seed=args.seed, runs_dir=args.runs_dir, steps=args.steps,
-                                 microbatches=args.microbatches, real=not args.no_real),
+                                 seed=args.seed, runs_dir=args.runs_dir, steps=args.steps, rounds=args.rounds,
+                                 schedule=args.schedule, microbatches=args.microbatches, real=not args.no_real),
                       say=console.print)
     print()
     print(result.table_markdown)
-    console.print(f"best: {result.best_method} at {result.best_step_time_s * 1e3:.2f} ms; "
+    console.print(f"best: {result.best_method} at {result.best_step_time_s:.3f} s; "
                   f"demo took {result.wall_s:.0f} s")
     for what, path in result.files.items():
         console.print(f"  {what:>15}: {path}")

@@ -1,14 +1,18 @@
-"""The end-to-end demo — the README's main command (``placer demo``).
+"""The end-to-end demo — the README's main command (``placer demo``): the mission on this machine.
 
-1. Loads the shipped, profiled small NMT graph (or builds and profiles it when ``--build`` is given).
-2. Places it on ``cpu-2`` (two worker processes pinned to one core each) with every classic baseline, simulated.
-3. Trains ColocRL's seq2seq policy with REINFORCE on the simulator for ``budget_s`` seconds.
-4. Re-measures every placement — baselines and RL — on the real engine (two gloo workers), then the winners
-   again with GPipe and 1F1B micro-batching.
-5. Prints ColocRL's table with the RL column and writes, under ``runs/demo__{graph}__{ts}/``: ``placement.json``
-   (the best measured placement), ``compare.md``/``.csv``/``.json``, ``schedules.md``, ``timeline.png`` (+ a
-   Perfetto trace) of the winner's measured step, and the training run's folder (``learning_curve.png``,
-   TensorBoard events, checkpoints).
+1. Loads the shipped, profiled gpt ``medium`` graph (8 blocks of width 512, a 16k vocabulary; a 3.5 s step on one
+   core, so a pipeline across the two workers pays off) and calibrates ``cpu-2`` (two worker processes pinned to
+   one core each) so that the simulator describes these workers.
+2. Trains ColocRL's seq2seq policy with REINFORCE on the simulator for ``budget_s`` seconds, each placement
+   scored under its best schedule and micro-batch count (``schedule="auto"``, the plan search).
+3. Places the graph with every classic baseline and tabulates them with RL, simulated (ColocRL's table).
+4. Takes the table's winner, Single and the even layer split (torchtitan's default), each under the schedule and
+   micro-batch count the simulator finds best for it, and measures the three on the two workers in ``rounds``
+   interleaved rounds (:mod:`placer.app.measured`); the median is what the table of plans shows.
+5. Writes, under ``runs/demo__{graph}__{ts}/``: ``placement.json`` (the winner, its schedule, its torchtitan
+   ``module_fqns_per_model_part``, predicted and measured times), ``compare.md``/``.csv``/``.json``,
+   ``plans.md``, ``timeline.png`` (+ a Perfetto trace) of the winner's measured step, and the training run's
+   folder (``learning_curve.png``, TensorBoard events, checkpoints). About 5 minutes with the defaults.
 """
 
 from __future__ import annotations
@@ -18,38 +22,38 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from graphs.ir import OpGraph
 from placer.core.cluster import Cluster, get_cluster
 from placer.core.placement import Placement
-from placer.core.result import StepResult
 
 log = logging.getLogger(__name__)
-
-DEMO_METHODS = ("single", "scotch", "mincut", "metis", "expert", "m-topo", "m-etf", "m-sct", "heft",
-                "pipedream-dp", "round-robin", "random")
-"""Baselines the demo compares (all registered ones that apply to a CPU-only cluster)."""
-
 
 @dataclass(kw_only=True)
 class DemoConfig:
     """What the demo runs."""
 
-    graph: str = "nmt"
-    """Shipped benchmark graph (small config) or a graph JSON path."""
+    graph: str = "gpt-medium"
+    """Shipped benchmark graph (a bare name is its small config) or a graph JSON path."""
     build: bool = False
-    """Trace and profile the model afresh instead of loading the shipped graph (adds ~20 s)."""
+    """Trace and profile the model afresh instead of loading the shipped graph (``gpt-medium``: model ``gpt``,
+    config ``medium``; profiling adds a few minutes at that size)."""
     cluster: str = "cpu-2"
     """Cluster preset or JSON; ``cpu-2`` is this machine's two pinned workers."""
-    budget_s: float = 180.0
+    budget_s: float = 120.0
     """RL training wall time."""
     seed: int = 0
     runs_dir: str = "runs"
-    steps: int = 10
-    """Engine steps per measurement (median reported)."""
-    microbatches: int = 4
-    """Micro-batches for the GPipe / 1F1B re-measurement of the winners."""
+    steps: int = 2
+    """Engine steps per plan per round (median reported), after one warm-up step."""
+    rounds: int = 3
+    """Interleaved measurement rounds of the three plans (median reported)."""
+    schedule: str = "auto"
+    """Schedule RL and the table score every placement with; ``auto``: each placement under its best schedule
+    and micro-batch count (the plan search)."""
+    microbatches: int = 8
+    """Micro-batches per step for ``schedule`` (``auto`` chooses them)."""
     real: bool = True
     """Re-measure on the engine (False: simulator only, e.g. where processes cannot be spawned)."""
     progress: bool = True
@@ -70,49 +74,47 @@ def _load_graph(config: DemoConfig) -> OpGraph:
         from graphs.build import build_graph
         from graphs.roofline import with_estimates
 
-        return with_estimates(build_graph(config.graph, config="small", profile="cpu", progress=config.progress))
+        model, _, size = config.graph.partition("-")  # gpt-medium: model gpt, config medium
+        return with_estimates(build_graph(model, config=size or "small", profile="cpu", progress=config.progress))
     from graphs.data import resolve_graph
 
     return resolve_graph(config.graph, config="small")
 
 
 def _winner(row: Any) -> str:
-    """The column with the best measured (else simulated) step among those that produced a placement."""
+    """The column with the best simulated step among those that produced a placement."""
     def key(name: str) -> float:
         cell = row.cells.get(name)
         if cell is None or cell.placement is None:
             return math.inf
-        t = cell.real_step_time_s if cell.real_step_time_s is not None else cell.step_time_s
-        return t if t is not None and math.isfinite(t) else math.inf
+        return cell.step_time_s if math.isfinite(cell.step_time_s) else math.inf
 
     return min(row.cells, key=key)
 
 
-def _schedules(graph: OpGraph, cluster: Cluster, row: Any, best: str, config: DemoConfig,
-               measure: Callable[..., StepResult] | None) -> tuple[str, tuple[float, str, StepResult | None]]:
-    """The winner and RL again under no schedule, GPipe and 1F1B: the Markdown table and the winner's best
-    ``(step time, schedule, measured result)``."""
-    from placer.costmodel.sim import simulate
-
-    lines = ["| placement | schedule | simulated (ms) | measured (ms) |", "|---|---|---|---|"]
-    candidates: list[tuple[float, str, StepResult | None]] = []  # the winner under each schedule
-    for name in dict.fromkeys([best, "RL"]):
-        p = row.cells[name].placement
-        for sched, m in (("none", 1), ("gpipe", config.microbatches), ("1f1b", config.microbatches)):
-            sim_r = simulate(graph, cluster, p, schedule=sched, microbatches=m)
-            real_r = measure(graph, p, sched, m) if measure is not None else None
-            lines.append(f"| {name} | {sim_r.schedule_label} | {_ms(sim_r)} | {_ms(real_r) if real_r else '—'} |")
-            if name == best:
-                r = real_r if real_r is not None else sim_r
-                candidates.append((r.step_time_s if r.ok else math.inf, sched, real_r))
-    return "\n".join(lines) + "\n", min(candidates, key=lambda c: c[0])
+def _plans_markdown(rows: list[Any], measured: bool) -> str:
+    """The plans table: simulated and measured step, speed-up over Single, step over the even split's."""
+    single, even = rows[0], rows[1]
+    lines = ["| plan | placement | schedule | simulated (ms) | measured (ms) | vs Single | vs even split |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r.real_s if measured else r.sim_s
+        ref_s, ref_e = (single.real_s, even.real_s) if measured else (single.sim_s, even.sim_s)
+        rounds = f" ({', '.join(f'{x * 1e3:.2f}' for x in r.real_rounds_s)})" if measured else ""
+        lines.append(f"| {r.name} | {r.label} | {r.schedule} x{r.microbatches} | {r.sim_s * 1e3:.2f} | "
+                     f"{f'{r.real_s * 1e3:.2f}' if measured else '—'}{rounds} | {ref_s / t:.2f}x | {t / ref_e:.2f} |")
+    src = "measured, median of the rounds; each round's time in brackets" if measured else "simulated"
+    return "\n".join(lines) + f"\n\n(vs columns: {src})\n"
 
 
 def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
     """Run the demo (see the module docstring); ``say`` prints progress lines."""
     from placer.app.compare import compare
-    from placer.io.document import write_json_atomic
+    from placer.app.compare import default_methods
+    from placer.app.measured import even_split, measure_interleaved, plan_row
     from placer.app.train import TrainConfig, maybe_calibrate, needs_calibration, train
+    from placer.costmodel.sim import Simulator
+    from placer.io.document import write_json_atomic
 
     t0 = time.perf_counter()
     graph = _load_graph(config)
@@ -125,83 +127,74 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
     say(f"[1/4] graph {graph.name}: {graph.n} ops, {graph.param_bytes.sum() / 1e6:.2f} MB parameters; "
         f"cluster {cluster.name}: {', '.join(cluster.device_names)}")
 
-    # ---- RL: seq2seq + REINFORCE on the simulator
-    say(f"[2/4] training seq2seq + REINFORCE for {config.budget_s:.0f} s (sim reward)…")
+    # ---- RL: seq2seq + REINFORCE on the simulator, every placement scored under the schedule
+    how = "each placement under its best schedule" if config.schedule == "auto" else \
+        f"{config.schedule} x{config.microbatches}"
+    say(f"[2/4] training seq2seq + REINFORCE for {config.budget_s:.0f} s (sim reward, {how})…")
     run = train(TrainConfig(graph=graph, cluster=cluster, policy="seq2seq", algo="reinforce", reward="sim",
                             budget_s=config.budget_s, seed=config.seed, runs_dir=str(out_dir),
-                            progress=config.progress))
+                            schedule=config.schedule, microbatches=config.microbatches, progress=config.progress))
     rl_placement = run.placement
-    say(f"      best simulated step {run.best_step_time_s * 1e3:.2f} ms after {run.samples} samples; run {run.run_dir}")
-
-    # ---- compare: baselines + RL, simulated and (with real=True) measured on warm engine workers
-    say("[3/4] placing with every baseline" + (" and re-measuring on the engine…" if config.real else "…"))
-    measurer = None
-    if config.real:
-        from placer.engine import Measurer
-
-        measurer = Measurer(graph, cluster)
-
-    def measure(g: OpGraph, p: Placement, schedule: str = "none", microbatches: int = 1) -> StepResult:
-        assert measurer is not None
-        return measurer.measure(p, schedule=schedule, microbatches=microbatches, steps=config.steps, warmup=2)
+    say(f"      best simulated step {run.best_step_time_s:.3f} s after {run.samples} samples; run {run.run_dir}")
 
     def rl(g: OpGraph, c: Cluster, *, seed: int, budget_s: float | None) -> Placement:
         return rl_placement
 
-    try:
-        table = compare([graph], [cluster], methods=[m for m in DEMO_METHODS], extra={"RL": rl},
-                        real=measure if measurer is not None else None, out_dir=out_dir, seed=config.seed)
-        row = table.rows[0]
-        best = _winner(row)
-        best_placement = row.cells[best].placement
-        # ---- the winners again with micro-batch pipelining
-        say(f"[4/4] re-measuring the winner ({best}) and RL with GPipe / 1F1B, {config.microbatches} micro-batches…")
-        sched_md, best_measured = _schedules(graph, cluster, row, best, config,
-                                             measure if measurer is not None else None)
-    finally:
-        if measurer is not None:
-            measurer.close()
+    # ---- every baseline and RL, simulated
+    say("[3/4] placing with every baseline (simulated)…")
+    table = compare([graph], [cluster], methods=[m for m in default_methods() if m != "single-gpu"],
+                    extra={"RL": rl}, out_dir=out_dir,
+                    seed=config.seed, schedule=config.schedule, microbatches=config.microbatches)
+    best = _winner(table.rows[0])
 
-    best_t, best_sched, best_result = best_measured
-    files = _write_outputs(out_dir, graph, cluster, table, sched_md, best, best_placement, best_sched, best_result,
-                           config=config, run_dir=run.run_dir)
+    # ---- the winner beside Single and the even split, each under its best schedule, on the workers
+    sim = Simulator(graph, cluster)
+    rows = [plan_row(sim, "Single", "all on cpu:0", Placement.single(graph)),
+            plan_row(sim, "even split", "even-layers", even_split(graph, cluster)),
+            plan_row(sim, f"winner: {best}", f"{best}'s placement", table.rows[0].cells[best].placement)]
+    if config.real:
+        say(f"[4/4] measuring the winner ({best}), Single and the even split on the workers, {config.rounds} "
+            f"interleaved rounds…")
+        measure_interleaved(graph, cluster, rows, rounds=config.rounds, steps=config.steps, warmup=1, say=say)
+    else:
+        say("[4/4] (no real measurement: simulated plans only)")
+    plans_md = _plans_markdown(rows, config.real)
+    files = _write_outputs(out_dir, graph, cluster, table, plans_md, rows[-1], config=config, run_dir=run.run_dir)
+    win = rows[-1]
     write_json_atomic(out_dir / "demo.json", {
-        "graph": graph.name, "cluster": cluster.name, "best": best, "best_schedule": best_sched,
-        "best_step_time_s": best_t, "rl_best_sim_s": run.best_step_time_s, "budget_s": config.budget_s,
+        "graph": graph.name, "cluster": cluster.name, "best": best, "best_schedule": win.schedule,
+        "best_microbatches": win.microbatches, "best_step_time_s": win.real_s if config.real else win.sim_s,
+        "plans": [r.to_json() for r in rows], "rl_best_sim_s": run.best_step_time_s, "budget_s": config.budget_s,
         "wall_s": time.perf_counter() - t0, "files": {k: str(v) for k, v in files.items()}})
     files["summary"] = out_dir / "demo.json"
-    return DemoResult(out_dir=out_dir, table_markdown=table.to_markdown() + "\n" + sched_md, best_method=best,
-                      best_step_time_s=best_t, files=files, wall_s=time.perf_counter() - t0)
+    return DemoResult(out_dir=out_dir, table_markdown=table.to_markdown() + "\n" + plans_md, best_method=best,
+                      best_step_time_s=win.real_s if config.real else win.sim_s, files=files,
+                      wall_s=time.perf_counter() - t0)
 
 
-def _write_outputs(out_dir: Path, graph: OpGraph, cluster: Cluster, table: Any, sched_md: str, best: str,
-                   best_placement: Placement, best_sched: str, best_result: StepResult | None, *,
+def _write_outputs(out_dir: Path, graph: OpGraph, cluster: Cluster, table: Any, plans_md: str, win: Any, *,
                    config: DemoConfig, run_dir: Path) -> dict[str, Path]:
-    """The table, the schedules, the winner's placement JSON, its timeline (measured when there is one, else
-    simulated) as a Gantt chart and a Chrome trace; the paths by name."""
+    """The tables, the winner's placement JSON, its timeline (measured when there is one, else simulated) as a
+    Gantt chart and a Chrome trace; the paths by name."""
     from placer.costmodel.sim import simulate
     from placer.io.document import save_placement
     from placer.io.timeline import plot_gantt, to_chrome_trace
 
-    micro = 1 if best_sched == "none" else config.microbatches
-    predicted = simulate(graph, cluster, best_placement, schedule=best_sched, microbatches=micro, timeline=True)
+    predicted = simulate(graph, cluster, win.placement, schedule=win.schedule, microbatches=win.microbatches,
+                         timeline=True)
     files = table.write(out_dir)
-    files["schedules"] = out_dir / "schedules.md"
-    files["schedules"].write_text(sched_md)
+    files["plans"] = out_dir / "plans.md"
+    files["plans"].write_text(plans_md)
     files["placement"] = save_placement(
-        out_dir / "placement.json", graph, cluster, best_placement, method=best, seed=config.seed,
-        run=str(run_dir), schedule=best_sched, microbatches=micro, predicted=predicted, measured=best_result)
-    timeline_src = best_result if best_result is not None and best_result.timeline else predicted
+        out_dir / "placement.json", graph, cluster, win.placement, method=win.name.removeprefix("winner: "),
+        seed=config.seed, run=str(run_dir), schedule=win.schedule, microbatches=win.microbatches,
+        predicted=predicted, measured=win.result)
+    timeline_src = win.result if win.result is not None and win.result.timeline else predicted
     files["timeline"] = plot_gantt(timeline_src, out_dir / "timeline.png",
-                                   title=f"{graph.name} on {cluster.name}: {best} ({best_sched} x{micro}, "
-                                         f"{'measured' if timeline_src is best_result else 'simulated'})")
+                                   title=f"{graph.name} on {cluster.name}: {win.name} ({win.schedule} "
+                                         f"x{win.microbatches}, "
+                                         f"{'measured' if timeline_src is win.result else 'simulated'})")
     files["trace"] = to_chrome_trace(timeline_src, out_dir / "timeline.trace.json")
     files["learning_curve"] = run_dir / "learning_curve.png"
     files["train_run"] = run_dir
     return files
-
-
-def _ms(result: StepResult | None) -> str:
-    if result is None:
-        return "—"
-    return f"{result.step_time_s * 1e3:.2f}" if result.ok else "fail"

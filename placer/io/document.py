@@ -2,8 +2,9 @@
 
 The file is what trainers consume: ``ops`` maps op names to device indices, ``modules`` maps ``nn.Module`` paths
 to device indices (what a single-process model-parallel trainer needs), and ``stages`` gives the contiguous
-pipeline split when there is one. ``placer/io/schemas/placement.schema.json`` is the JSON Schema; keys are sorted
-and files are written atomically, so a placement.json is always complete.
+pipeline split when there is one, ``module_fqns_per_model_part`` the same split as torchtitan names it (the
+model parts each stage owns, :mod:`placer.io.parts`). ``placer/io/schemas/placement.schema.json`` is the JSON
+Schema; keys are sorted and files are written atomically, so a placement.json is always complete.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from graphs.jsonio import read_json, write_json_atomic
 from placer.core.cluster import Cluster
 from placer.core.placement import Placement
 from placer.core.result import StepResult
+from placer.io.parts import model_part_fqns
 
 SCHEMA = "placer.placement/v1"
 
@@ -113,6 +115,7 @@ def placement_to_json(
     placement.validate(graph, cluster)
     from placer import __version__
 
+    stages = contiguous_stages(graph, placement)
     return {
         "schema": SCHEMA,
         "graph": {"name": graph.name, "hash": graph.content_hash, "num_ops": graph.n},
@@ -120,7 +123,9 @@ def placement_to_json(
         "devices": list(cluster.device_names),
         "ops": {name: int(d) for name, d in zip(graph.op_names, placement.device_of_op.tolist())},
         "modules": module_devices(graph, placement),
-        "stages": contiguous_stages(graph, placement),
+        "stages": stages,
+        # torchtitan's form of the split, for trainers that build stages from module names
+        "module_fqns_per_model_part": model_part_fqns(graph, placement, stages),
         "schedule": _schedule_entry(graph, cluster, placement, schedule, microbatches, predicted, measured),
         "predicted": _time_entry(predicted, cluster),
         "measured": _time_entry(measured, cluster),

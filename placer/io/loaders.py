@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # imported lazily at run time: torch.distributed is only need
 log = logging.getLogger(__name__)
 
 __all__ = ["apply", "placed_devices", "resolve_device", "StageModule", "stage_modules", "pipeline_stages",
-           "pipeline_schedule", "pipeline_loss"]
+           "pipeline_schedule", "pipeline_loss", "module_fqns_per_model_part"]
 
 
 
@@ -162,6 +162,24 @@ def _shared_parameter(stages: Sequence[StageModule]) -> tuple[str, int, int] | N
                 return mod.param_names.get(id(p), name), seen[id(p)], s
             seen.setdefault(id(p), s)
     return None
+
+
+def module_fqns_per_model_part(placement: PlacementLike, model: nn.Module | None = None) -> list[list[str]]:
+    """The placement's split as torchtitan's ``module_fqns_per_model_part`` (per stage, the module FQNs it owns),
+    for trainers that build their stages from module names (torchtitan's ``pipeline_module_split``). With
+    ``model``, every FQN must name one of its modules. One-line ``ValueError`` when the placement has no such
+    split (not stage-contiguous, or a stage boundary inside a module) or ``model`` lacks a module."""
+    doc = document_of(placement)
+    parts = doc.get("module_fqns_per_model_part")
+    if not parts:
+        why = "it is not stage-contiguous" if not doc.get("stages") else "a stage boundary cuts a module"
+        raise ValueError(f"placement of {doc['graph']['name']!r} has no module_fqns_per_model_part ({why})")
+    if model is not None:
+        missing = [f for stage in parts for f in stage if not _has_submodule(model, f)]
+        if missing:
+            raise ValueError(f"placement module {missing[0]!r} is not in model {type(model).__name__} "
+                             f"({len(missing)} unknown; placement made for graph {doc['graph']['name']!r})")
+    return [list(stage) for stage in parts]
 
 
 def pipeline_stages(model_or_traced: nn.Module | TracedModel, placement: PlacementLike, rank: int, *,

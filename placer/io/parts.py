@@ -1,0 +1,88 @@
+"""Model parts: a graph's top-level modules in execution order, the form trainers split pipelines by.
+
+torchtitan (``torchtitan/distributed/pipeline_parallel.py``) describes a pipeline split as
+``module_fqns_per_model_part``: one list per stage of the module FQNs that stage owns, a *part* being a top-level
+module or one layer of a layer list (``[["tok_embeddings", "layers.0", "layers.1"], ["layers.2", "norm",
+"output"]]``); it builds each stage by deleting every other part from a copy of the model. :func:`model_parts`
+finds those parts in a traced graph (``blocks.3.attn.qkv`` belongs to part ``blocks.3``, ``ln_f`` to ``ln_f``),
+:func:`model_part_fqns` says which stage of a stage-contiguous placement owns each, and
+:func:`split_after` makes the contiguous placement that cuts between parts (the even layer split, the splits a
+benchmark searches). Pure numpy: the placement JSON writer imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from graphs.ir import OpGraph
+from placer.core.placement import Placement
+
+__all__ = ["part_of_path", "model_parts", "part_of_ops", "model_part_fqns", "split_after"]
+
+
+def part_of_path(path: str) -> str:
+    """The model part of a module path: its first component, with the layer index when the first component is
+    a layer list (``blocks.3.attn.qkv`` -> ``blocks.3``, ``ln_f`` -> ``ln_f``, ``""`` -> ``""``)."""
+    head, _, rest = path.partition(".")
+    index = rest.partition(".")[0]
+    return f"{head}.{index}" if index.isdigit() else head
+
+
+def part_of_ops(graph: OpGraph) -> list[str]:
+    """Each op's model part; ``""`` for ops outside every module (inputs, functional adds between parts)."""
+    return [part_of_path(p) for p in graph.module_paths]
+
+
+def model_parts(graph: OpGraph) -> list[str]:
+    """The graph's model parts in order of their first op."""
+    return list(dict.fromkeys(p for p in part_of_ops(graph) if p))
+
+
+def model_part_fqns(graph: OpGraph, placement: Placement,
+                               stages: Sequence[dict[str, Any]] | None) -> list[list[str]] | None:
+    """torchtitan's ``module_fqns_per_model_part`` of a stage-contiguous placement: per stage (in ``stages``
+    order, as :func:`placer.io.document.contiguous_stages` gives them) the parts whose ops run on that stage's
+    device. None when there are no stages, or when a part's ops run on two stages (a cut inside a block: no list
+    of whole modules describes that split)."""
+    if not stages:
+        return None
+    stage_of_device = {int(s["device"]): k for k, s in enumerate(stages)}
+    out: list[list[str]] = [[] for _ in stages]
+    owner: dict[str, int] = {}
+    for part, dev in zip(part_of_ops(graph), placement.device_of_op.tolist()):
+        if not part:
+            continue
+        k = stage_of_device[int(dev)]
+        if owner.setdefault(part, k) != k:
+            return None
+        if part not in out[k]:
+            out[k].append(part)
+    return out
+
+
+def split_after(graph: OpGraph, *last_parts: str) -> Placement:
+    """The contiguous placement whose stage ``k`` (on device ``k``) ends with model part ``last_parts[k]``; the
+    last stage runs to the end. Ops outside every module go with the next part's stage (model inputs: with the
+    first stage, which a pipeline feeds), unless colocated with an op of another stage. One-line ``ValueError``
+    for an unknown part or parts out of order."""
+    parts = model_parts(graph)
+    rank = {p: i for i, p in enumerate(parts)}
+    for p in last_parts:
+        if p not in rank:
+            raise ValueError(f"{graph.name} has no model part {p!r} (parts: {', '.join(parts)})")
+    ends = [rank[p] for p in last_parts]
+    if ends != sorted(set(ends)) or (ends and ends[-1] >= len(parts) - 1):
+        raise ValueError(f"split points {list(last_parts)} must be distinct parts in order, before the last part "
+                         f"{parts[-1]!r}")
+    stage_of_part = {p: int(np.searchsorted(ends, i)) for i, p in enumerate(parts)}
+    dev = np.zeros(graph.n, dtype=np.int64)
+    nxt = len(last_parts)
+    for i, part in reversed(list(enumerate(part_of_ops(graph)))):  # a module-less op joins the next part's stage
+        nxt = stage_of_part[part] if part else nxt
+        dev[i] = nxt
+    # colocated ops (a module-less op sharing a group with a part's op) follow the group's first op
+    _, first = np.unique(graph.colocation, return_index=True)
+    _, inverse = np.unique(graph.colocation, return_inverse=True)
+    return Placement(dev[first[inverse]])
