@@ -12,7 +12,7 @@ from graphs.data import load_benchmark_graph
 from graphs.ir import OpCosts, OpGraph, Provenance
 from placer.core.cluster import Cluster, Device
 from placer.costmodel.bounds import critical_path_s
-from placer.costmodel.sim import microbatch_costs_s, simulate
+from placer.costmodel.sim import Simulator, microbatch_costs_s, simulate
 
 PROV = Provenance(device="cpu", threads=1, torch_version="x", date="2026-12-03", method="measured")
 FULL_F, FULL_B = np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.0])
@@ -103,3 +103,30 @@ def test_shipped_small_graphs_carry_measured_microbatch_costs(name):
     # a step cut into M micro-batches costs more than the full batch (fixed per-op costs), never less than half
     assert all(0.5 * per_step[0] < t for t in per_step[1:])
     assert per_step[-1] > per_step[0]
+
+
+def test_weight_traffic_is_charged_per_microbatch_pass_on_cpu_only():
+    from tests.policy_helpers import chain, cpus
+
+    g = chain(4, fwd_s=1e-3, param_bytes=40_000_000)
+    dev = np.zeros(4, np.int64)
+
+    def step(cluster: Cluster, m: int) -> float:
+        sim = Simulator(g, cluster, memory_bandwidth_Bps=20e9)
+        return sim.run(dev, schedule="gpipe" if m > 1 else "none", microbatches=m).step_time_s
+
+    off = cpus(1)
+    off = Cluster.uniform("off", off.devices, bandwidth_Bps=1e9, latency_s=0.0,
+                          meta={"param_traffic_per_microbatch": {"cpu": 0.0}})
+    per_pass_s = 5.0 * 4 * 40_000_000 / 20e9  # PARAM_TRAFFIC_PER_MICROBATCH["cpu"] x parameter bytes / bandwidth
+    for m in (1, 2, 4):
+        assert step(cpus(1), m) - step(off, m) == pytest.approx(m * per_pass_s, rel=1e-6)
+    gpu = cpus(1, kind="H100")
+    g_gpu = g.replace(costs={"H100": g.costs["cpu"]})
+    assert simulate(g_gpu, gpu, dev).step_time_s == pytest.approx(
+        simulate(g_gpu, Cluster.uniform("o", gpu.devices, bandwidth_Bps=1e9, latency_s=0.0,
+                                        meta={"param_traffic_per_microbatch": 0.0}), dev).step_time_s)
+    bad = Cluster.uniform("bad", off.devices, bandwidth_Bps=1e9, latency_s=0.0,
+                          meta={"param_traffic_per_microbatch": {"cpu": -1}})
+    with pytest.raises(ValueError, match="param_traffic_per_microbatch must be a number >= 0"):
+        simulate(g, bad, dev)

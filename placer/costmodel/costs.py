@@ -7,6 +7,8 @@ environment's features, the lower bounds and the comparison table).
   the graph. A caller that wants to substitute one set for another says so with ``cost_kind=``: a name (every
   device uses that set, still scaled by its ``speed``) or a mapping ``{"K80": "cpu"}`` per device kind. We do not
   guess a CPU-to-GPU factor silently.
+- **Weight traffic** (:func:`param_traffic_s`): what a micro-batch pass costs in streaming the op's weights and
+  gradients through memory on top of its profiled time (CPU only).
 - **Memory** of op ``i`` while training = ``PARAM_COPIES x param_bytes + stash_bytes``.
 """
 
@@ -67,3 +69,28 @@ def substitute_costs(graph: "OpGraph", cluster: "Cluster", cost_kind: CostKind) 
     for dev in cluster.devices:
         costs[dev.kind] = graph.costs[cost_kind_of(graph, dev, cost_kind)]
     return graph.replace(costs=costs)
+
+
+PARAM_TRAFFIC_PER_MICROBATCH: dict[str, float] = {
+    "cpu": 5.0,  # forward reads W (1); backward reads W, writes the new dW, reads it and .grad, writes .grad (4)
+}
+"""Bytes moved through memory per parameter byte of an op, per micro-batch pass, that its profiled time does not
+include. CPU op costs are profiled op by op with the op's weights hot in cache; in a whole step a micro-batch pass
+streams every weight and gradient from memory (gpt-medium on one core: +41 ms per extra micro-batch for 168 MB of
+parameters at ~19.5 GB/s, i.e. ~4.75 bytes per parameter byte). GPU kernels are timed with their weights in HBM
+already, so GPU kinds add nothing. Override per kind with ``cluster.meta["param_traffic_per_microbatch"]``."""
+
+
+def param_traffic_s(cluster: "Cluster", param_bytes: np.ndarray, memory_bandwidth_Bps: np.ndarray) -> np.ndarray:
+    """``(D, n)`` seconds per micro-batch pass of each op's weight and gradient memory traffic on each device:
+    ``k x param_bytes / bandwidth`` with ``k`` from ``cluster.meta["param_traffic_per_microbatch"]`` (a number or
+    ``{kind: k}``), else :data:`PARAM_TRAFFIC_PER_MICROBATCH`; the simulator puts a fifth of it in the forward."""
+    meta = cluster.meta.get("param_traffic_per_microbatch", {})
+    out = np.zeros((cluster.num_devices, param_bytes.shape[0]))
+    for i, dv in enumerate(cluster.devices):
+        k = meta.get(dv.kind, PARAM_TRAFFIC_PER_MICROBATCH.get(dv.kind, 0.0)) if isinstance(meta, Mapping) else meta
+        if not isinstance(k, (int, float)) or not k >= 0:
+            raise ValueError(f"cluster {cluster.name!r}: meta param_traffic_per_microbatch must be a number >= 0 "
+                             f"(or {{kind: number}}), got {k!r}")
+        out[i] = float(k) * param_bytes / memory_bandwidth_Bps[i]
+    return out

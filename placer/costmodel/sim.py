@@ -13,7 +13,10 @@ Model (kept identical to what the engine executes, so fidelity is a direct compa
   Overheads per device kind come from ``dispatch_overhead_s=`` (a number or ``{kind: s}``), else
   ``cluster.meta["dispatch_overhead_s"][kind]``, else the roofline spec's ``launch_s``
   (:data:`graphs.roofline.GPUS`), else :data:`DISPATCH_OVERHEAD_S`, else :data:`DEFAULT_DISPATCH_OVERHEAD_S`.
-  With ``M = 1`` the overhead changes nothing.
+  With ``M = 1`` the overhead changes nothing. Each micro-batch pass also streams its ops' weights and
+  gradients through memory, which op-by-op profiles (weights hot in cache) do not see:
+  ``k x param_bytes / memory bandwidth`` per op and pass
+  (:data:`placer.costmodel.costs.PARAM_TRAFFIC_PER_MICROBATCH`, CPU only).
 * **Missing costs.** A device whose kind has no cost set in the graph is a one-line ``ValueError`` naming the
   kind and the graph; ``cost_kind=`` substitutes on purpose (the one rule of :mod:`placer.costmodel.costs`).
 * **Transfers.** A tensor read by ops on another device goes through that directed link's FIFO queue once per
@@ -59,7 +62,7 @@ import numpy as np
 
 from placer.costmodel import _sim_kernel as K
 from placer.costmodel._segment_kernel import segment_starts as _segment_starts_kernel
-from placer.costmodel.costs import CostKind, cost_kind_of
+from placer.costmodel.costs import CostKind, cost_kind_of, param_traffic_s
 from placer.core.placement import Placement
 from placer.core.result import StepResult, TimelineEvent
 from placer.costmodel.schedules import PHASES, Schedule, build_schedule, graph_arrays, warn_schedule
@@ -91,6 +94,7 @@ MEMORY_BANDWIDTH_BPS: dict[str, float] = {
 """Sustained memory bandwidth by device kind for the optimizer update (bytes/s, estimates); the roofline spec
 (peak x efficiency) wins for GPUs it knows."""
 DEFAULT_MEMORY_BANDWIDTH_BPS = 100e9
+
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,7 @@ class Simulator:
         self.step_overhead_s = float(step_o)
         self._ar = np.arange(n)
         self.param_bytes = graph.param_bytes.astype(np.float64)
+        self.param_traffic_s = param_traffic_s(cluster, self.param_bytes, mem_bw)
         stash = graph.stash_bytes.astype(np.float64)
         is_input = np.array([k == "input" for k in graph.op_kinds], dtype=bool)
         self.stash_bytes = np.where(is_input, np.maximum(stash, graph.out_bytes), stash)
@@ -267,13 +272,15 @@ class Simulator:
         return sched
 
     def microbatch_s(self, microbatches: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(D, n)`` forward and backward seconds of one micro-batch of every op on every device (cached)."""
+        """``(D, n)`` forward and backward seconds of one micro-batch of every op on every device (cached),
+        including the weight traffic of :func:`placer.costmodel.costs.param_traffic_s`."""
         got = self._mb_cache.get(microbatches)
         if got is None:
             fwd, bwd = np.zeros_like(self.fwd_s), np.zeros_like(self.bwd_s)
             for i, (c, dv) in enumerate(zip(self._cost_sets, self.cluster.devices)):
                 f, b = microbatch_costs_s(c, float(self.overhead_s[i]) * dv.speed, microbatches)
-                fwd[i], bwd[i] = f / dv.speed, b / dv.speed
+                fwd[i] = f / dv.speed + 0.2 * self.param_traffic_s[i]
+                bwd[i] = b / dv.speed + 0.8 * self.param_traffic_s[i]
             got = self._mb_cache[microbatches] = (fwd, bwd)
         return got
 

@@ -332,6 +332,7 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
         "matmul": {"n": matmul_n, "iters": matmul_iters, "alone_median_s": alone,
                    "together_s": [r["together_s"] for r in results], "speed": speeds},
         "elapsed_s": round(elapsed, 2),
+        "memory_bandwidth_Bps": {"cpu": round(measure_memory_bandwidth_Bps(), -6)},
     }
     if engine_overheads:
         msg = engine_message_costs(devices[:2], latency_s=float(lat[0, 1]), bandwidth_Bps=float(bw[0, 1]),
@@ -351,6 +352,27 @@ def calibrate_cluster(num_devices: int = 2, *, sizes_bytes: Sequence[int] = DEFA
                        for k, v in link_records["fit"].items()))
     return Cluster(name=name or f"cpu-{num_devices}-calibrated", devices=tuple(devices), bandwidth_Bps=bw,
                    latency_s=lat, meta=meta)
+
+
+def measure_memory_bandwidth_Bps(*, nbytes: int = 64 << 20, repeats: int = 7) -> float:
+    """One core's streaming bandwidth as the simulator uses it (optimizer updates, weight traffic per micro-batch:
+    :data:`placer.costmodel.costs.PARAM_TRAFFIC_PER_MICROBATCH`): ``a += b`` over ``nbytes`` buffers on one thread,
+    3 x ``nbytes`` moved (read a and b, write a), median of ``repeats``."""
+    import torch  # noqa: PLC0415 - torch only where something is measured
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.ones(nbytes // 4), torch.ones(nbytes // 4)
+        a.add_(b)  # first touch of the pages
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a.add_(b)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(prev)
+    return 3 * nbytes / float(np.median(times))
 
 
 def engine_op_costs(graph: "OpGraph", measurer: Any, *, device: int = 0, steps: int = 10, warmup: int = 3,
