@@ -81,13 +81,27 @@ parameters at ~19.5 GB/s, i.e. ~4.75 bytes per parameter byte). GPU kernels are 
 already, so GPU kinds add nothing. Override per kind with ``cluster.meta["param_traffic_per_microbatch"]``."""
 
 
+CACHE_BYTES: dict[str, float] = {"cpu": 2 * 2**20}
+"""Per-core cache that holds a model's weights and gradients between micro-batch passes (this machine's L2 per
+core; its VM-reported L3 did not help: gpt-medium's 168 MB of weights cost +41 ms per extra micro-batch).
+Override per kind with ``cluster.meta["cache_bytes"]``."""
+
+
 def param_traffic_s(cluster: "Cluster", param_bytes: np.ndarray, memory_bandwidth_Bps: np.ndarray) -> np.ndarray:
     """``(D, n)`` seconds per micro-batch pass of each op's weight and gradient memory traffic on each device:
     ``k x param_bytes / bandwidth`` with ``k`` from ``cluster.meta["param_traffic_per_microbatch"]`` (a number or
-    ``{kind: k}``), else :data:`PARAM_TRAFFIC_PER_MICROBATCH`; the simulator puts a fifth of it in the forward."""
+    ``{kind: k}``), else :data:`PARAM_TRAFFIC_PER_MICROBATCH`; the simulator puts a fifth of it in the forward.
+    Nothing when the whole model's weights and gradients fit in the kind's cache (:data:`CACHE_BYTES`): they stay
+    there between passes (small models; a rule on the graph, not the placement, so that per-micro-batch times
+    stay placement-independent and the plan search's work bounds stay bounds)."""
     meta = cluster.meta.get("param_traffic_per_microbatch", {})
+    cache_meta = cluster.meta.get("cache_bytes", {})
     out = np.zeros((cluster.num_devices, param_bytes.shape[0]))
     for i, dv in enumerate(cluster.devices):
+        cache = (cache_meta.get(dv.kind, CACHE_BYTES.get(dv.kind, 0.0)) if isinstance(cache_meta, Mapping)
+                 else cache_meta)
+        if 2 * float(param_bytes.sum()) <= float(cache):
+            continue
         k = meta.get(dv.kind, PARAM_TRAFFIC_PER_MICROBATCH.get(dv.kind, 0.0)) if isinstance(meta, Mapping) else meta
         if not isinstance(k, (int, float)) or not k >= 0:
             raise ValueError(f"cluster {cluster.name!r}: meta param_traffic_per_microbatch must be a number >= 0 "
