@@ -81,6 +81,17 @@ parameters at ~19.5 GB/s, i.e. ~4.75 bytes per parameter byte). GPU kernels are 
 already, so GPU kinds add nothing. Override per kind with ``cluster.meta["param_traffic_per_microbatch"]``."""
 
 
+def meta_per_kind(cluster: "Cluster", key: str, kind: str, *, default: float = 0.0) -> float:
+    """``cluster.meta[key]`` for device kind ``kind``: a number, ``{kind: number}``, or absent (``default``); a
+    one-line ``ValueError`` for anything but a number >= 0."""
+    v = cluster.meta.get(key, default)
+    if isinstance(v, Mapping):
+        v = v.get(kind, default)
+    if not isinstance(v, (int, float)) or not v >= 0:
+        raise ValueError(f"cluster {cluster.name!r}: meta {key} must be a number >= 0 (or {{kind: number}}), got {v!r}")
+    return float(v)
+
+
 CACHE_BYTES: dict[str, float] = {"cpu": 2 * 2**20}
 """Per-core cache that holds a model's weights and gradients between micro-batch passes (this machine's L2 per
 core; its VM-reported L3 did not help: gpt-medium's 168 MB of weights cost +41 ms per extra micro-batch).
@@ -94,17 +105,12 @@ def param_traffic_s(cluster: "Cluster", param_bytes: np.ndarray, memory_bandwidt
     Nothing when the whole model's weights and gradients fit in the kind's cache (:data:`CACHE_BYTES`): they stay
     there between passes (small models; a rule on the graph, not the placement, so that per-micro-batch times
     stay placement-independent and the plan search's work bounds stay bounds)."""
-    meta = cluster.meta.get("param_traffic_per_microbatch", {})
-    cache_meta = cluster.meta.get("cache_bytes", {})
     out = np.zeros((cluster.num_devices, param_bytes.shape[0]))
     for i, dv in enumerate(cluster.devices):
-        cache = (cache_meta.get(dv.kind, CACHE_BYTES.get(dv.kind, 0.0)) if isinstance(cache_meta, Mapping)
-                 else cache_meta)
-        if 2 * float(param_bytes.sum()) <= float(cache):
+        k = meta_per_kind(cluster, "param_traffic_per_microbatch", dv.kind,
+                          default=PARAM_TRAFFIC_PER_MICROBATCH.get(dv.kind, 0.0))
+        cache = meta_per_kind(cluster, "cache_bytes", dv.kind, default=CACHE_BYTES.get(dv.kind, 0.0))
+        if 2 * float(param_bytes.sum()) <= cache:
             continue
-        k = meta.get(dv.kind, PARAM_TRAFFIC_PER_MICROBATCH.get(dv.kind, 0.0)) if isinstance(meta, Mapping) else meta
-        if not isinstance(k, (int, float)) or not k >= 0:
-            raise ValueError(f"cluster {cluster.name!r}: meta param_traffic_per_microbatch must be a number >= 0 "
-                             f"(or {{kind: number}}), got {k!r}")
         out[i] = float(k) * param_bytes / memory_bandwidth_Bps[i]
     return out

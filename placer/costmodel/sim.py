@@ -62,7 +62,7 @@ import numpy as np
 
 from placer.costmodel import _sim_kernel as K
 from placer.costmodel._segment_kernel import segment_starts as _segment_starts_kernel
-from placer.costmodel.costs import CostKind, cost_kind_of, param_traffic_s
+from placer.costmodel.costs import CostKind, cost_kind_of, meta_per_kind, param_traffic_s
 from placer.core.placement import Placement
 from placer.core.result import StepResult, TimelineEvent
 from placer.costmodel.schedules import PHASES, Schedule, build_schedule, graph_arrays, warn_schedule
@@ -139,16 +139,6 @@ def _per_kind(value: float | Mapping[str, float] | None, meta_key: str, cluster:
     return float(table.get(kind, default))
 
 
-def _meta_per_kind(cluster: "Cluster", key: str, kind: str) -> float:
-    """``cluster.meta[key]`` as seconds for device kind ``kind``: a number, ``{kind: s}``, or absent (0)."""
-    v = cluster.meta.get(key, 0.0)
-    if isinstance(v, Mapping):
-        v = v.get(kind, 0.0)
-    if not isinstance(v, (int, float)) or not v >= 0:
-        raise ValueError(f"cluster {cluster.name!r}: meta {key} must be a number >= 0 (or {{kind: number}}), got {v!r}")
-    return float(v)
-
-
 def per_microbatch_s(t_s: np.ndarray, overhead_s: np.ndarray | float, microbatches: float) -> np.ndarray:
     """One micro-batch of an op whose full-batch time is ``t_s``: ``o + (t - o) / M`` with ``o = min(t, overhead)``."""
     if microbatches == 1:
@@ -207,14 +197,14 @@ class Simulator:
                                   MEMORY_BANDWIDTH_BPS, DEFAULT_MEMORY_BANDWIDTH_BPS) * dev.speed
         self.fwd_s, self.bwd_s, self.overhead_s, self.mem_bw_Bps = fwd, bwd, overhead, mem_bw
         # per-message CPU costs and the multi-device step constant: 0 unless the cluster declares them
-        self.send_overhead_s = np.array([_meta_per_kind(cluster, "send_overhead_s", dv.kind)
+        self.send_overhead_s = np.array([meta_per_kind(cluster, "send_overhead_s", dv.kind)
                                          for dv in cluster.devices])
-        self.recv_overhead_s = np.array([_meta_per_kind(cluster, "recv_overhead_s", dv.kind)
+        self.recv_overhead_s = np.array([meta_per_kind(cluster, "recv_overhead_s", dv.kind)
                                          for dv in cluster.devices])
         # the fixed cost of each fused forward / backward segment the engine runs (0 unless declared)
-        self.segment_fwd_s = np.array([_meta_per_kind(cluster, "segment_fwd_overhead_s", dv.kind)
+        self.segment_fwd_s = np.array([meta_per_kind(cluster, "segment_fwd_overhead_s", dv.kind)
                                        for dv in cluster.devices])
-        self.segment_bwd_s = np.array([_meta_per_kind(cluster, "segment_bwd_overhead_s", dv.kind)
+        self.segment_bwd_s = np.array([meta_per_kind(cluster, "segment_bwd_overhead_s", dv.kind)
                                        for dv in cluster.devices])
         step_o = cluster.meta.get("step_overhead_s", 0.0)
         if not isinstance(step_o, (int, float)) or not step_o >= 0:
