@@ -222,15 +222,8 @@ def test_piped_output_is_wide_and_plain(tmp_path):
 
 
 def test_graph_show_imports_no_torch():
-    import os
-    import subprocess
-    import sys
-
-    from tests.test_cli import ROOT
+    from tests.test_cli import python_output
 
     code = ("import sys; from placer.app.cli import main; rc = main(['graph', 'show', 'nmt', '--top', '2']); "
             "print('RESULT', rc, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torch_geometric')))")
-    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "RESULT 0 []"  # benchmarks/bench_cli.py: well under 1.5 s
+    assert python_output(code) == "RESULT 0 []"  # benchmarks/bench_cli.py: well under 1.5 s
