@@ -15,10 +15,15 @@ gloo process group (the engine's transport). Measured, in ``--rounds`` interleav
   - ``pipe``: no gloo: a blocking read of an OS pipe (``multiprocessing.Pipe``), the same wake-up without the
     transport, to tell the OS scheduler's share from gloo's.
 
+* ``exchange``: both workers compute (0.3 / 0.5 ms) and then ``isend`` to the other, ``--exchanges`` times, as in
+  an interleaved 1F1B order; how long the ``isend`` *call* blocks on the worker whose peer's message arrived
+  while it computed, plain and after ``os.sched_yield()`` (what the engine's executor does before every send).
+
 Prints per-round medians and, at the end::
 
     figure: message_latency_ms = X     # median over rounds of the median extra wait, mode wait (the engine's)
     figure: message_latency_ms[MODE] = X (spread A-B over rounds)
+    figure: isend_blocked_ms[plain|yield] = X  # mean time an isend call blocks, exchange above
 
 Findings (2026-12-03, this 2-vCPU VM, load average ~3 from other sessions; 3 rounds x 40 trials):
 
@@ -33,6 +38,14 @@ Findings (2026-12-03, this 2-vCPU VM, load average ~3 from other sessions; 3 rou
   Other jobs on the machine do that; so did the engine itself under ``torchrun`` with two nodes on one host
   (each rank took both cores with two OpenMP threads; fixed in ``placer.engine.worker``: RNNLM-small
   round-robin 1f1b x4 went from 0.18-0.60 s to 0.06-0.09 s a step).
+
+Found 2026-12-03 (evening, machine otherwise idle): the engine's ~3-5 ms lumps in interleaved / 1F1B steps were
+``isend`` calls that blocked (a 8-byte send for 4.4 ms inside a forward task; at times both workers at once): a
+message that arrived while the worker computed has woken gloo's transport thread (``gloo_tcp_loop``), which
+shares the worker's core and takes the pair's lock to read it; an ``isend`` issued before that thread has run
+waited for it for up to a scheduler tick. Exchange, 3 rounds x 300: plain ``isend`` blocked 0.285 ms on average
+(0.191-0.318), over 1 ms in 21-24 of 300; with ``os.sched_yield()`` first, 0.033 ms (0.029-0.048), over 1 ms in 0
+of 300.
 
 Run: ``python3 benchmarks/bench_latency.py`` (about 30 s). Other jobs on the two cores distort the figures (a
 waiting process that is woken has to be scheduled again); the load average is printed at the start.
@@ -119,6 +132,27 @@ def _waiting(rank: int, mode: str, args: argparse.Namespace, conn: Any, seed: in
     return [x for x, _ in extra] if rank == 1 else [], sum(c for _, c in extra)
 
 
+def _exchange(rank: int, yield_first: bool, exchanges: int) -> list[float]:
+    """Both workers compute (0.3 / 0.5 ms), then ``isend`` to the other, as workers do in an interleaved 1F1B
+    order; returns how long each ``isend`` call blocked (rank 1's, whose peer's message arrives while it computes).
+    ``yield_first``: ``os.sched_yield()`` before the ``isend`` (what the engine's executor does)."""
+    a, b = torch.randn(4096), torch.empty(4096)
+    blocked: list[float] = []
+    for it in range(exchanges):
+        dist.barrier()
+        r = dist.irecv(b, 1 - rank, tag=it)
+        _busy_until(time.perf_counter() + (0.3e-3 if rank == 0 else 0.5e-3))
+        t0 = time.perf_counter()
+        if yield_first:
+            os.sched_yield()
+        s = dist.isend(a, 1 - rank, tag=it)
+        blocked.append(time.perf_counter() - t0)
+        _busy_until(time.perf_counter() + 0.2e-3)
+        r.wait()
+        s.wait()
+    return blocked if rank == 1 else []
+
+
 def _hog(core: int) -> None:
     """Another job on the receiver's core (``--hog``): the situation of a loaded machine."""
     os.sched_setaffinity(0, {core % os.cpu_count()})
@@ -141,6 +175,11 @@ def _worker(rank: int, init: str, args: argparse.Namespace, conn: Any, out: Any)
                 out.put((mode, rnd, statistics.median(extra)))
                 if mode == "poll":
                     out.put(("poll_completed", rnd, completed))
+        for label, yield_first in (("isend", False), ("yield+isend", True)):
+            blocked = _exchange(rank, yield_first, args.exchanges)
+            if rank == 1:
+                out.put((label, rnd, statistics.mean(blocked)))
+                out.put((label + " >1ms", rnd, sum(b > 1e-3 for b in blocked)))
     dist.destroy_process_group()
 
 
@@ -152,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--delay-ms", type=float, nargs=2, default=(5.0, 20.0),
                     help="the sender computes for a uniform time in this range before it sends")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--exchanges", type=int, default=300, help="compute-then-isend exchanges per round")
     ap.add_argument("--hog", action="store_true", help="run a busy process on the receiver's core meanwhile")
     ap.add_argument("--spin-ms", type=float, default=25.0, help="poll mode: longest spin before a blocking wait")
     args = ap.parse_args(argv)
@@ -167,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         procs = [ctx.Process(target=_worker, args=(r, init, args, b if r == 0 else a, out)) for r in (0, 1)]
         for p in procs:
             p.start()
-        n = args.rounds * (1 + len(args.modes) + ("poll" in args.modes))
+        n = args.rounds * (1 + len(args.modes) + ("poll" in args.modes) + 4)
         rows = [out.get(timeout=600) for _ in range(n)]
         for p in procs:
             p.join(60)
@@ -179,12 +219,19 @@ def main(argv: list[str] | None = None) -> int:
         if name == "poll_completed":
             print(f"round {rnd}: poll      is_completed() turned true before wait() in {v} of {args.trials} trials")
             continue
-        print(f"round {rnd}: {name:9s} median {v * 1e3:7.3f} ms")
+        if name.endswith(">1ms"):
+            print(f"round {rnd}: {name[:-5]} blocked over 1 ms in {v} of {args.exchanges} exchanges")
+            continue
+        print(f"round {rnd}: {name:11s} {'mean' if 'isend' in name else 'median'} {v * 1e3:7.3f} ms")
         by.setdefault(name, []).append(v * 1e3)
     for name in ("pingpong", *args.modes):
         v = by[name]
         print(f"figure: message_latency_ms[{name}] = {statistics.median(v):.3f} "
               f"(spread {min(v):.3f}-{max(v):.3f} over {len(v)} rounds)")
+    for name, label in (("isend", "plain"), ("yield+isend", "yield")):
+        v = by[name]
+        print(f"figure: isend_blocked_ms[{label}] = {statistics.median(v):.3f} (mean per isend; spread "
+              f"{min(v):.3f}-{max(v):.3f} over {len(v)} rounds)")
     if "wait" in by:
         print(f"figure: message_latency_ms = {statistics.median(by['wait']):.3f}")
     return 0

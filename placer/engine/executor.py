@@ -28,6 +28,7 @@ its tasks in proportion to their forward times (so busy time sums are exact, per
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -167,6 +168,18 @@ class _Step:
                 else:
                     self.grad_recvs[(src, msg.tag)] = (buf, work)
 
+    def send(self, msg: Message, tensors: list[torch.Tensor], rec: Any) -> None:
+        """Post ``msg`` (``tensors`` packed for the wire); the send is waited for at the step's end.
+
+        On gloo the core is yielded first: a message that arrived while this worker computed has woken gloo's
+        transport thread, which shares this worker's core, and an ``isend`` issued before that thread has run
+        often blocked on it for a scheduler tick (~4 ms; the exchange in ``benchmarks/bench_latency.py``)."""
+        t = _wire(tensors, self.comm_device(msg.dst))
+        if t.device.type == "cpu":
+            os.sched_yield()
+        rec.send_times[(msg.dst, msg.tag)] = time.perf_counter()
+        self.pending_sends.append((dist.isend(t, dst=msg.dst, tag=msg.tag), t))
+
     def _receive_inputs(self, tp: Any) -> None:
         """Wait for the remote inputs first needed by forward task ``tp`` and unpack them into its micro-batch."""
         m, metas, memory, rec, perf = tp.mb, self.metas, self.memory, self.rec, time.perf_counter
@@ -223,9 +236,7 @@ class _Step:
         if i == self.prog.loss_op:
             rec.losses.append(leaves[0].detach())
         for msg in tp.sends:
-            t = _wire([leaves[leaf_k] for leaf_k in msg.leaves], self.comm_device(msg.dst))
-            rec.send_times[(msg.dst, msg.tag)] = perf()
-            self.pending_sends.append((dist.isend(t, dst=msg.dst, tag=msg.tag), t))
+            self.send(msg, [leaves[leaf_k] for leaf_k in msg.leaves], rec)
         if memory is not None:
             memory.end((i, m), leaves if has_bwd else ())
         rec.task_times.append((k, s, perf()))
@@ -255,10 +266,7 @@ class _Step:
         run) and drop the received values it was the last to read."""
         for msg in tp.sends:
             xs = [self.recvd[(msg.op, msg.mb)][leaf_k] for leaf_k in msg.leaves]
-            t = _wire([x.grad if x.grad is not None else torch.zeros_like(x) for x in xs],
-                      self.comm_device(msg.dst))
-            rec.send_times[(msg.dst, msg.tag)] = time.perf_counter()
-            self.pending_sends.append((dist.isend(t, dst=msg.dst, tag=msg.tag), t))
+            self.send(msg, [x.grad if x.grad is not None else torch.zeros_like(x) for x in xs], rec)
         for j in tp.release_values:
             self.recvd.pop((j, m), None)
             if memory is not None:
@@ -326,9 +334,7 @@ class _Step:
             for msg in tasks[k].sends:
                 v = env[msg.op]
                 leaves = [v] if isinstance(v, torch.Tensor) else tree_flatten(v)[0]
-                t = _wire([leaves[leaf_k] for leaf_k in msg.leaves], self.comm_device(msg.dst))
-                rec.send_times[(msg.dst, msg.tag)] = perf()
-                self.pending_sends.append((dist.isend(t, dst=msg.dst, tag=msg.tag), t))
+                self.send(msg, [leaves[leaf_k] for leaf_k in msg.leaves], rec)
         for i in seg.views:  # local readers outside the segment get detached leaves collecting their gradients
             v = env[i]
             leaves = [v] if isinstance(v, torch.Tensor) else tree_flatten(v)[0]
