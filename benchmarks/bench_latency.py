@@ -19,11 +19,16 @@ gloo process group (the engine's transport). Measured, in ``--rounds`` interleav
   an interleaved 1F1B order; how long the ``isend`` *call* blocks on the worker whose peer's message arrived
   while it computed, plain and after ``os.sched_yield()`` (what the engine's executor does before every send).
 
+* ``early send``: a step's first messages, sent 0.5 ms into the step while the sender goes on computing, with
+  the receives posted right after the step's barrier or before it (what the engine does): gloo writes the data
+  from the ``isend`` call only if it has already read the receiver's "receive posted" notice.
+
 Prints per-round medians and, at the end::
 
     figure: message_latency_ms = X     # median over rounds of the median extra wait, mode wait (the engine's)
     figure: message_latency_ms[MODE] = X (spread A-B over rounds)
     figure: isend_blocked_ms[plain|yield] = X  # mean time an isend call blocks, exchange above
+    figure: early_send_latency_ms[posted after barrier|posted first] = X  # mean send-to-receipt, early send
 
 Findings (2026-12-03, this 2-vCPU VM, load average ~3 from other sessions; 3 rounds x 40 trials):
 
@@ -45,7 +50,11 @@ message that arrived while the worker computed has woken gloo's transport thread
 shares the worker's core and takes the pair's lock to read it; an ``isend`` issued before that thread has run
 waited for it for up to a scheduler tick. Exchange, 3 rounds x 300: plain ``isend`` blocked 0.285 ms on average
 (0.191-0.318), over 1 ms in 21-24 of 300; with ``os.sched_yield()`` first, 0.033 ms (0.029-0.048), over 1 ms in 0
-of 300.
+of 300. The larger cut: a step's first messages left late (``early send``: 1.93 ms mean, spread 1.51-2.05, from the
+send to the receipt) because gloo writes the data from the ``isend`` call only once it has read the receiver's
+"receive posted" notice, and an unread notice waits for the transport thread, which gets the core only when the
+compute thread blocks; with the receives posted before the step's barrier (the engine since then), 0.104 ms
+(0.100-0.104).
 
 Run: ``python3 benchmarks/bench_latency.py`` (about 30 s). Other jobs on the two cores distort the figures (a
 waiting process that is woken has to be scheduled again); the load average is printed at the start.
@@ -153,6 +162,37 @@ def _exchange(rank: int, yield_first: bool, exchanges: int) -> list[float]:
     return blocked if rank == 1 else []
 
 
+def _early_send(rank: int, posted_first: bool, trials: int) -> list[float]:
+    """A step's first messages: both workers post 8 receives; rank 0 computes 0.5 ms, sends 8 messages (each
+    carrying its send time) and computes 5 ms more; rank 1 waits for the first. ``posted_first``: the receives
+    are posted before the step's barrier (what the engine does), else right after it. Returns rank 1's
+    receive time minus the send time."""
+    n, late = 8, []
+    a = torch.zeros(256, dtype=torch.float64)
+    bufs = [torch.empty(256, dtype=torch.float64) for _ in range(n)]
+    for it in range(trials):
+        base = 10_000 + it * 2 * n  # clear of the other sections' tags
+        tags = [base + k + (n if rank == 0 else 0) for k in range(n)]  # rank 1 receives base .. base + n - 1
+        recvs = [dist.irecv(bufs[k], 1 - rank, tag=tags[k]) for k in range(n)] if posted_first else []
+        dist.barrier()
+        if not posted_first:
+            recvs = [dist.irecv(bufs[k], 1 - rank, tag=tags[k]) for k in range(n)]
+        if rank == 0:
+            _busy_until(time.perf_counter() + 0.5e-3)
+            a[0] = time.perf_counter()
+            sends = [dist.isend(a, 1, tag=base + k) for k in range(n)]
+            _busy_until(time.perf_counter() + 5e-3)
+        else:
+            recvs[0].wait()
+            late.append(time.perf_counter() - float(bufs[0][0]))
+            for w in recvs[1:]:
+                w.wait()
+            sends = [dist.isend(a, 0, tag=base + n + k) for k in range(n)]
+        for w in sends + (recvs if rank == 0 else []):
+            w.wait()
+    return late
+
+
 def _hog(core: int) -> None:
     """Another job on the receiver's core (``--hog``): the situation of a loaded machine."""
     os.sched_setaffinity(0, {core % os.cpu_count()})
@@ -175,6 +215,10 @@ def _worker(rank: int, init: str, args: argparse.Namespace, conn: Any, out: Any)
                 out.put((mode, rnd, statistics.median(extra)))
                 if mode == "poll":
                     out.put(("poll_completed", rnd, completed))
+        for label, posted_first in (("early send", False), ("early send, posted first", True)):
+            late = _early_send(rank, posted_first, args.trials)
+            if rank == 1:
+                out.put((label, rnd, statistics.mean(late)))
         for label, yield_first in (("isend", False), ("yield+isend", True)):
             blocked = _exchange(rank, yield_first, args.exchanges)
             if rank == 1:
@@ -207,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         procs = [ctx.Process(target=_worker, args=(r, init, args, b if r == 0 else a, out)) for r in (0, 1)]
         for p in procs:
             p.start()
-        n = args.rounds * (1 + len(args.modes) + ("poll" in args.modes) + 4)
+        n = args.rounds * (1 + len(args.modes) + ("poll" in args.modes) + 6)
         rows = [out.get(timeout=600) for _ in range(n)]
         for p in procs:
             p.join(60)
@@ -222,12 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         if name.endswith(">1ms"):
             print(f"round {rnd}: {name[:-5]} blocked over 1 ms in {v} of {args.exchanges} exchanges")
             continue
-        print(f"round {rnd}: {name:11s} {'mean' if 'isend' in name else 'median'} {v * 1e3:7.3f} ms")
+        print(f"round {rnd}: {name:11s} {'mean' if 'send' in name else 'median'} {v * 1e3:7.3f} ms")
         by.setdefault(name, []).append(v * 1e3)
     for name in ("pingpong", *args.modes):
         v = by[name]
         print(f"figure: message_latency_ms[{name}] = {statistics.median(v):.3f} "
               f"(spread {min(v):.3f}-{max(v):.3f} over {len(v)} rounds)")
+    for name, label in (("early send", "posted after barrier"), ("early send, posted first", "posted first")):
+        v = by[name]
+        print(f"figure: early_send_latency_ms[{label}] = {statistics.median(v):.3f} (mean per message; spread "
+              f"{min(v):.3f}-{max(v):.3f} over {len(v)} rounds)")
     for name, label in (("isend", "plain"), ("yield+isend", "yield")):
         v = by[name]
         print(f"figure: isend_blocked_ms[{label}] = {statistics.median(v):.3f} (mean per isend; spread "

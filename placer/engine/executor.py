@@ -14,9 +14,10 @@ used in place, so their gradients accumulate over micro-batches exactly as in si
 scale ``1/M`` is the seed gradient of each micro-batch's loss: the step loss is the mean of micro-batch losses.
 
 Transfers are non-blocking ``dist.isend``/``dist.irecv`` (see :mod:`placer.engine.plan` for the tags); every
-receive of a step is posted at its start, in the sender's order, and every send is waited for at its end, so a
-device blocks only on data it needs now. That cannot deadlock as long as the schedule respects the data
-dependencies (the per-device orders come from one global order). Posting is part of the measured step. Note:
+receive of a step is posted before the step's starting barrier, in the sender's order (see :func:`run_step` for
+why), and every send is waited for at its end, so a device blocks only on data it needs now. That cannot deadlock
+as long as the schedule respects the data dependencies (the per-device orders come from one global order).
+Posting is part of the measured step. Note:
 pre-posting allocates every receive buffer at the step start; peak-memory accounting counts a received
 activation only from its first use (as if it had been received just in time).
 
@@ -86,9 +87,17 @@ def run_step(prog: StepProgram, metas: Sequence[ValueMeta], plan: StepPlan, inpu
     perf = time.perf_counter
     hooks = (torch.autograd.graph.saved_tensors_hooks(memory.pack, lambda t: t) if memory is not None
              else _NullContext())
-    dist.barrier()
-    rec.t0 = perf()  # posting the receives is part of the step: gloo spends ~10-20 us of CPU on each
+    # Every receive of the step is posted before the starting barrier, so the barrier also carries each side's
+    # "receive posted" notices to the other: gloo writes a message's data from the ``isend`` call only once it
+    # has read that notice, and a notice still unread at the send is left to gloo's transport thread, which
+    # waits for this core's compute thread to block (messages then left 1.5 ms late in the median, up to 5 ms;
+    # benchmarks/bench_latency.py). Posting costs gloo ~10-20 us of CPU a receive and stays part of the step:
+    # t0 is moved back by it.
+    s_post = perf()
     step.post_receives()
+    post_s = perf() - s_post
+    dist.barrier()
+    rec.t0 = perf() - post_s
     with hooks:
         if plan.segments is not None:
             _run_segments(step, plan.segments, update, fault)
