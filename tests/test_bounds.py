@@ -16,7 +16,8 @@ from graphs.data import load_benchmark_graph
 from graphs.ir import OpGraph
 from placer import baselines
 from placer.core.cluster import get_cluster
-from placer.costmodel.bounds import colocation_bound_s, lower_bound_s, memory_fits
+from placer.costmodel.bounds import (colocation_bound_s, critical_path_s, fill_drain_bound_s, lower_bound_s,
+                                     memory_fits, work_bound_s)
 from placer.costmodel.plans import allowed_microbatches, best_plan, plan_lower_bound_s
 from placer.costmodel.schedules import SCHEDULES
 from placer.costmodel.sim import Simulator, simulate
@@ -73,6 +74,26 @@ def test_colocation_terms_through_the_loss_round_trip():
     g, c = chain3(), cluster(3)
     assert colocation_bound_s(g, c, microbatches=2, dispatch_overhead_s=0.0) == pytest.approx(
         max(10.0, 1.5 + 9.0 + 3.0))  # c: head 1.5, its work 2 x 4.5, then b's and a's backwards 3
+
+
+def test_fill_and_drain_hand_values_and_where_it_binds():
+    # stem s -> six parallel ops -> t on six devices: work 14; the six devices' first ops have heads 0, 1 x 5 and
+    # last backwards tails 0, 1 x 5: (14 + 5 + 5) / 6 = 4 (fewer devices: more per device)
+    ops = [dict(name="s", fwd_s=1.0, bwd_s=1.0)] + [dict(name=f"p{k}", fwd_s=1.0, bwd_s=1.0) for k in range(6)]
+    ops += [dict(name="t", fwd_s=0.0, bwd_s=0.0)]
+    g = OpGraph.build(name="fan", ops=ops, edges=[("s", f"p{k}") for k in range(6)] + [(f"p{k}", "t")
+                                                                                    for k in range(6)])
+    assert fill_drain_bound_s(g, cluster(6), dispatch_overhead_s=0.0) == pytest.approx(4.0)
+    assert fill_drain_bound_s(g, cluster(2), dispatch_overhead_s=0.0) == pytest.approx(8.0)  # (14 + 1 + 1) / 2
+    # eight devices: using all eight would add t (head 2, tail 2); the best count is seven, (14 + 6 + 6) / 7
+    assert fill_drain_bound_s(g, cluster(8), dispatch_overhead_s=0.0) == pytest.approx(26.0 / 7.0)
+    # Inception-V3 on eight H100s with M = 8: the devices that hold late ops idle while the stem runs, which
+    # neither the spread work nor one chain nor one op sees
+    graph, c = load_benchmark_graph("inception_v3-paper"), get_cluster("h100x8")
+    fill = fill_drain_bound_s(graph, c, microbatches=8)
+    assert fill > 1.01 * max(work_bound_s(graph, c, microbatches=8), critical_path_s(graph, c, microbatches=8),
+                             colocation_bound_s(graph, c, microbatches=8))
+    assert lower_bound_s(graph, c, microbatches=8) == fill
 
 
 @st.composite

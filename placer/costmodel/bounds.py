@@ -1,11 +1,11 @@
 """Lower bounds on the step time of any placement, and the efficiency of a result against them.
 
-``lower_bound_s = max(critical path, work bound, colocation bound)``, all on the best device for every op and
-ignoring transfers, so no placement or schedule can beat it. The simulator's rules the proofs use: a device runs
-its tasks one at a time, in its order; a forward of ``(op, m)`` waits for its predecessors' forwards of micro-batch
-``m``; a backward waits for its own forward and, for an op whose value depends on a parameter (``needs_grad``),
-for the backward of every successor (a remote one through the gradient's transfer). Backward times enter the
-chains below only for ``needs_grad`` ops (for the others the producer's backward does not wait on a remote
+``lower_bound_s = max(critical path, work bound, colocation bound, fill and drain)``, all on the best device for
+every op and ignoring transfers, so no placement or schedule can beat it. The simulator's rules the proofs use: a
+device runs its tasks one at a time, in its order; a forward of ``(op, m)`` waits for its predecessors' forwards of
+micro-batch ``m``; a backward waits for its own forward and, for an op whose value depends on a parameter
+(``needs_grad``), for the backward of every successor (a remote one through the gradient's transfer). Backward times
+enter the chains below only for ``needs_grad`` ops (for the others the producer's backward does not wait on a remote
 reader); they all still count as work.
 
 * **critical path**: the longest chain of forward then backward times through the graph (forward along a path,
@@ -34,6 +34,15 @@ reader); they all still count as work.
   ``T >= head_g + M F_g + min_i(down_i + b_i + tail_i)``. With an ``optimizer``, the group's device updates at
   least the group's parameters after its last backward: ``tail_g`` becomes ``max(tail_g, update_g)`` in the first
   two terms (``update_g`` = the group's parameter bytes x touched / the best memory bandwidth + one dispatch).
+* **fill and drain** (Carlier's bound for parallel machines with heads and tails): a device's first task is a
+  forward of some op ``i`` (a backward needs its own forward first), which starts no earlier than ``head_i``; its
+  last forward or backward is a backward of some op ``j`` (every forward has its backward later on the same
+  device), after which ``tail_j`` still has to run. Between the two it does all its work. Different devices have
+  different first ops and different last ops (an op, and a colocation group, lives on one device), so over the
+  ``U`` devices a plan uses, ``U T >= total work + the U smallest group heads + the U smallest group tails``:
+  ``T >= min over U = 1..D of (W + H_U + Q_U) / U``, with ``W`` every op on its fastest device. It is the
+  pipeline's fill and drain as far as the graph forces them on every placement (a device that holds only late
+  ops idles until their inputs can exist), without assuming stages.
 * **memory** (:func:`memory_fits`, with an ``optimizer``; :func:`placer.costmodel.plans.plan_lower_bound_s`
   drops the micro-batch counts that fail it): a device's peak is at least its parameters x (2 + optimizer state
   copies) plus every ``needs_grad`` op's per-micro-batch stash on it. Proof, for a graph with one sink (the loss;
@@ -162,6 +171,27 @@ def colocation_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: in
     return float(np.max(terms))
 
 
+def fill_drain_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
+                       cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None) -> float:
+    """``min over U of (work + U smallest group heads + U smallest group tails) / U`` (seconds); see the module
+    docstring."""
+    if not graph.n:
+        return 0.0
+    sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
+    f, b = _per_device_times(sim, microbatches)
+    f_min, b_min = f.min(axis=0), b.min(axis=0)
+    head, tail, _ = _chains(sim, f_min, b_min)
+    _, group = np.unique(graph.colocation, return_inverse=True)
+    group = group.reshape(-1)
+    head_g, tail_g = np.full(int(group.max()) + 1, np.inf), np.full(int(group.max()) + 1, np.inf)
+    np.minimum.at(head_g, group, head)
+    np.minimum.at(tail_g, group, tail)
+    work = float((microbatches * (f + b)).min(axis=0).sum())
+    u_max = min(cluster.num_devices, head_g.size)
+    u = np.arange(1, u_max + 1)
+    return float(((work + np.cumsum(np.sort(head_g))[:u_max] + np.cumsum(np.sort(tail_g))[:u_max]) / u).min())
+
+
 def memory_fits(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1, optimizer: str = "adam",
                 cost_kind: CostKind = None) -> bool:
     """False when no plan with ``microbatches`` can fit in memory (the memory argument of the module docstring);
@@ -183,11 +213,12 @@ def memory_fits(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1, 
 def lower_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
                   cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None,
                   optimizer: str | None = None) -> float:
-    """``max(critical path on the fastest devices, total work / total speed, colocation bound)``: no placement is
-    faster. With an ``optimizer`` the updates count too (module docstring); memory is :func:`memory_fits`'s."""
+    """``max(critical path on the fastest devices, total work / total speed, colocation bound, fill and drain)``: no
+    placement is faster. With an ``optimizer`` the updates count too (module docstring); memory is
+    :func:`memory_fits`'s."""
     kw = dict(microbatches=microbatches, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
     return max(critical_path_s(graph, cluster, **kw), work_bound_s(graph, cluster, optimizer=optimizer, **kw),
-               colocation_bound_s(graph, cluster, optimizer=optimizer, **kw))
+               colocation_bound_s(graph, cluster, optimizer=optimizer, **kw), fill_drain_bound_s(graph, cluster, **kw))
 
 
 def efficiency(result: "StepResult", graph: "OpGraph", cluster: "Cluster", *,
