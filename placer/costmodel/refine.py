@@ -15,13 +15,10 @@ placement (maximal ranges of consecutive op indices on one device; for a pipelin
 An OOM placement scores above every feasible one, by how far its worst device is over memory
 (:data:`INFEASIBLE_S`), so from a start that does not fit the search walks towards one that does.
 
-Search: first-improvement hill climbing from each start (best first; the best :data:`CLIMB_STARTS` starts first with
-an equal share of half the budget each, so that one long climb cannot starve a start that leads further: on
-nmt-paper / h100x8 the RL placement and the group start score within 1% of each other, and climbing the RL placement
-first ended at 51.25 ms in one 40 s run where the group start alone reaches 45.4-46.7 ms), then iterated local
-search (random kicks of a few boundaries from the best plan, climb again) until the time budget is spent. Colocation
-groups move with their first op. Deterministic for a seed and an evaluation budget; with a time budget, how far it
-gets depends on the machine.
+Search: first-improvement hill climbing from each start (best first), then iterated local search (random kicks
+of a few boundaries from the best plan, climb again) until the time budget is spent. Colocation groups move
+with their first op. Deterministic for a seed and an evaluation budget; with a time budget, how far it gets
+depends on the machine.
 """
 
 from __future__ import annotations
@@ -47,8 +44,6 @@ feasible step, so the search prefers any plan that fits, and among OOM ones desc
 
 INTERLEAVE_V = (2, 3, 4)
 """Virtual stages per device of the interleaved starts."""
-CLIMB_STARTS = 4
-"""Starts that first climb with an equal share of half the budget (the best ones by their own plan)."""
 _STALE_KICKS = 200
 """Kicks in a row that find nothing new before the search stops early (every neighbourhood seen)."""
 
@@ -77,25 +72,13 @@ class _Scorer:
         self.coloc_first = first[inverse]
         self.cache: dict[bytes, float] = {}
         self.evals = 0
-        self.cap: tuple[float, int | None] | None = None
-        """A tighter (deadline, evaluation count) while one start has its share of the budget (None: none)."""
 
     def fix(self, dev: np.ndarray) -> np.ndarray:
         return dev[self.coloc_first]
 
     @property
     def done(self) -> bool:
-        if self.cap is not None:
-            cap_t, cap_n = self.cap
-            if time.perf_counter() >= cap_t or (cap_n is not None and self.evals >= cap_n):
-                return True
         return time.perf_counter() >= self.deadline or (self.max_evals is not None and self.evals >= self.max_evals)
-
-    def share(self, parts: int) -> tuple[float, int | None]:
-        """A cap of ``1 / parts`` of what is left of the budget (time, and evaluations when counted)."""
-        now = time.perf_counter()
-        left_n = None if self.max_evals is None else self.evals + max(1, (self.max_evals - self.evals) // parts)
-        return now + max(0.0, self.deadline - now) / parts, left_n
 
     def __call__(self, dev: np.ndarray) -> float:
         key = dev.tobytes()
@@ -289,18 +272,7 @@ def refine(sim: "Simulator", starts: dict[str, np.ndarray] | None = None, *, bud
     scored.sort(key=lambda x: (x[0], x[1]))
     best_t, best_label, best_dev = scored[0]
     start_t = {label: t for t, label, _ in scored}
-    # the best CLIMB_STARTS starts first climb with an equal share of half the budget each, so that one start's
-    # long climb cannot starve another that would have gone further; then every start climbs on, best first
-    climbed = []
-    heads = scored[:CLIMB_STARTS]
-    for k, (t0, label, dev) in enumerate(heads):
-        score.cap = score.share(2 * (len(heads) - k))
-        dev, t = _climb(score, dev, t0, rng)
-        score.cap = None
-        climbed.append((t, label, dev))
-        if t < best_t:
-            best_t, best_label, best_dev = t, label, dev
-    for t0, label, dev in sorted(climbed, key=lambda x: (x[0], x[1])) + scored[CLIMB_STARTS:]:
+    for t0, label, dev in scored:
         if score.done:
             break
         dev, t = _climb(score, dev, t0, rng)
