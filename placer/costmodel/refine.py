@@ -9,8 +9,11 @@ placement (maximal ranges of consecutive op indices on one device; for a pipelin
 * **device swaps**: exchange the ops of two devices (on a mixed cluster, which stage gets the faster GPU);
 * **starts** beside the given placements: contiguous splits balanced by compute over the ``S`` fastest
   devices for ``S`` in 1, 2, 4, ... ``D``, the interleaved splits with ``v = 2, 3, 4`` virtual stages per
-  device (``vD`` balanced chunks, chunk ``j`` on device ``j mod D``), which ``interleaved-1f1b`` can run, and the
-  split balanced by 1F1B memory (:func:`placer.costmodel.tight.balanced_split`).
+  device (``vD`` balanced chunks, chunk ``j`` on device ``j mod D``), which ``interleaved-1f1b`` can run, the
+  split balanced by 1F1B memory (:func:`placer.costmodel.tight.balanced_split`), and, where colocation groups of
+  several ops carry the work (NMT's LSTM layers and output projection, each shared by all 30 time steps), the
+  heaviest groups one per device (:func:`group_start`): a group that recurs through the whole op order follows
+  its first op, so no contiguous split gives it a device of its own.
 
 An OOM placement scores above every feasible one, by how far its worst device is over memory
 (:data:`INFEASIBLE_S`), so from a start that does not fit the search walks towards one that does.
