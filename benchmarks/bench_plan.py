@@ -14,7 +14,11 @@ gets the memory that makes it tight), within ``--budget-s`` seconds per (G, C):
 
     figure: plan_vs_best_baseline[G,C] = X      plan step / best baseline step (target: geomean <= 0.85, none > 1)
     figure: plan_vs_best_baseline[geomean] = X
-    figure: plan_vs_lower_bound[G,C] = X        plan step / min over M of placer.costmodel.bounds.lower_bound_s
+    figure: plan_vs_lower_bound[G,C] = X        plan step / placer.costmodel.plans.plan_lower_bound_s (the smallest
+                                                placer.costmodel.bounds.lower_bound_s, Adam's updates included, over
+                                                the M that memory does not rule out)
+
+and, per pair, ``# bound of G on C: X ms at M = m, set by <term>`` (which term of the bound binds).
 
 **Real half** (``--real-only``): :func:`real_section`, written in ``benchmarks/bench_plan_real.py`` (cpu-2, the gpt
 model measured on two workers); this file calls it when that file is present.
@@ -121,6 +125,28 @@ def lower_bound(graph: Any, cluster: Cluster) -> float:
         return math.nan
 
 
+def bound_note(graph: Any, cluster: Cluster) -> str:
+    """Which term of :func:`lower_bound` binds, and at which micro-batch count (the M that memory rules out
+    skipped)."""
+    from placer.costmodel import bounds as B
+    from placer.costmodel.plans import allowed_microbatches
+
+    best = None
+    for m in allowed_microbatches(graph):
+        if not B.memory_fits(graph, cluster, microbatches=m):
+            continue
+        terms = {"critical path": B.critical_path_s(graph, cluster, microbatches=m),
+                 "work": B.work_bound_s(graph, cluster, microbatches=m, optimizer="adam"),
+                 "colocation": B.colocation_bound_s(graph, cluster, microbatches=m, optimizer="adam"),
+                 "fill and drain": B.fill_drain_bound_s(graph, cluster, microbatches=m)}
+        name = max(terms, key=lambda k: terms[k])
+        if best is None or terms[name] < best[0]:
+            best = (terms[name], m, name)
+    if best is None:
+        return "no micro-batch count fits in memory"
+    return f"{best[0] * 1e3:.2f} ms at M = {best[1]}, set by {best[2]}"
+
+
 def bench_pair(g_name: str, c_name: str, args: argparse.Namespace) -> dict[str, Any]:
     graph = load_benchmark_graph(g_name)
     cluster = cluster_for(c_name, graph)
@@ -142,7 +168,7 @@ def bench_pair(g_name: str, c_name: str, args: argparse.Namespace) -> dict[str, 
     lb = lower_bound(graph, cluster)
     return {"graph": g_name, "cluster": c_name, "base": base, "best_m": best_m, "rl_s": rl_s, "plan_s": plan_s,
             "plan": ref.plan.label, "source": ref.start, "evals": ref.evaluations, "lb": lb,
-            "wall_s": time.perf_counter() - t0}
+            "lb_note": bound_note(graph, cluster), "wall_s": time.perf_counter() - t0}
 
 
 def _ms(x: float) -> str:
@@ -232,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"# {g} on {c}: planner {_ms(r['plan_s'])} ms ({r['plan']}, from {r['source']}, "
                           f"{r['evals']} plans scored), best baseline {r['best_m']} "
                           f"{_ms(r['base'][r['best_m']][0])} ms, {r['wall_s']:.0f} s", flush=True)
+                    print(f"# bound of {g} on {c}: {r['lb_note']}", flush=True)
         print_table(rows)
         print_figures(rows)
     if not args.sim_only:

@@ -1,7 +1,12 @@
 """Lower bounds on the step time of any placement, and the efficiency of a result against them.
 
-``lower_bound_s = max(critical path, work bound, colocation bound)``, all on the best device for every op and
-ignoring transfers, so no placement or schedule can beat it:
+``lower_bound_s = max(critical path, work bound, colocation bound, fill and drain)``, all on the best device for
+every op and ignoring transfers, so no placement or schedule can beat it. The simulator's rules the proofs use: a
+device runs its tasks one at a time, in its order; a forward of ``(op, m)`` waits for its predecessors' forwards of
+micro-batch ``m``; a backward waits for its own forward and, for an op whose value depends on a parameter
+(``needs_grad``), for the backward of every successor (a remote one through the gradient's transfer). Backward times
+enter the chains below only for ``needs_grad`` ops (for the others the producer's backward does not wait on a remote
+reader); they all still count as work.
 
 * **critical path**: the longest chain of forward then backward times through the graph (forward along a path,
   backward back along it), each op at its fastest device's time. With ``M`` micro-batches one micro-batch's
@@ -11,16 +16,45 @@ ignoring transfers, so no placement or schedule can beat it:
   ``w_i(d) = M x per-micro-batch time`` of op ``i`` on device ``d`` (the LP dual of spreading all work over the
   devices). We take the best of ``lam`` uniform and ``lam_d`` proportional to device ``d``'s speed
   (``1 / its total work``); for devices of one kind that differ only in speed this is exactly
-  ``total work / total speed``.
+  ``total work / total speed``. With an ``optimizer``, ``w_i(d)`` also holds op ``i``'s share of its device's
+  parameter update (``param bytes x touched / memory bandwidth``: the update streams every parameter of the
+  device once, after its last backward, on that device).
 * **colocation bound**: the ops of one colocation group share a device, which runs one task at a time, so for
   every group ``g``: ``T >= head_g + work_g + tail_g``. ``work_g`` is the group's forward+backward work on its
   best device; ``head_g`` the earliest any of its forwards can start (the longest forward chain into the op, over
   the group's ops, the smallest); ``tail_g`` the least backward work that must follow its last backward (an op's
   backward releases its inputs' backwards, so the longest backward chain through its predecessors, the smallest
   over the group's ops). It matters where one shared module carries much of the work: NMT's output projection,
-  called once per decoder step, is ~43% of the graph's GPU time.
+  called once per decoder step, is ~43% of the graph's GPU time. Two more orders of the same tasks give two more
+  terms, with ``down_i`` the longest chain from the end of ``i``'s forward to the start of its backward (forward
+  to a sink and backward back to ``i``'s readers; 0 unless ``i`` is ``needs_grad``): no backward of ``g`` starts
+  before ``min_i (head_i + f_i + down_i)``, after which all ``M`` backwards of every op of ``g`` run on its device,
+  then ``tail_g``: ``T >= min_i(head_i + f_i + down_i) + M B_g + tail_g``; the last forward of ``g`` (op ``i``)
+  ends at ``>= head_g + M F_g`` and its own micro-batch still needs ``down_i + b_i + tail_i``:
+  ``T >= head_g + M F_g + min_i(down_i + b_i + tail_i)``. With an ``optimizer``, the group's device updates at
+  least the group's parameters after its last backward: ``tail_g`` becomes ``max(tail_g, update_g)`` in the first
+  two terms (``update_g`` = the group's parameter bytes x touched / the best memory bandwidth + one dispatch).
+* **fill and drain** (Carlier's bound for parallel machines with heads and tails): a device's first task is a
+  forward of some op ``i`` (a backward needs its own forward first), which starts no earlier than ``head_i``; its
+  last forward or backward is a backward of some op ``j`` (every forward has its backward later on the same
+  device), after which ``tail_j`` still has to run. Between the two it does all its work. Different devices have
+  different first ops and different last ops (an op, and a colocation group, lives on one device), so over the
+  ``U`` devices a plan uses, ``U T >= total work + the U smallest group heads + the U smallest group tails``:
+  ``T >= min over U = 1..D of (W + H_U + Q_U) / U``, with ``W`` every op on its fastest device. It is the
+  pipeline's fill and drain as far as the graph forces them on every placement (a device that holds only late
+  ops idles until their inputs can exist), without assuming stages.
+* **memory** (:func:`memory_fits`, with an ``optimizer``; :func:`placer.costmodel.plans.plan_lower_bound_s`
+  drops the micro-batch counts that fail it): a device's peak is at least its parameters x (2 + optimizer state
+  copies) plus every ``needs_grad`` op's per-micro-batch stash on it. Proof, for a graph with one sink (the loss;
+  every op is then its ancestor): let ``(i, m)`` be the first backward of a ``needs_grad`` op in the device's
+  order. It waits, through its successors' backwards, for the sink's backward of ``m``, hence for the forward of
+  ``m`` of every op, so every forward of ``m`` on this device comes earlier in its order (else the order
+  deadlocks), and no ``needs_grad`` stash on it has been freed yet. Summed over devices: if the parameters'
+  states and one micro-batch of ``needs_grad`` stash exceed the total memory, every plan with that ``M`` is out
+  of memory; likewise if one op's states, stash and temporaries (any graph) exceed the largest device.
 
-The parameter update is left out (it only adds), so the bound stays valid for every optimizer.
+The parameter update is left out unless an ``optimizer`` is given (it only adds), so the bound without one stays
+valid for every optimizer.
 """
 
 from __future__ import annotations
@@ -29,12 +63,15 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from placer.costmodel.sim import Simulator, get_simulator
+from placer.costmodel.sim import OPTIMIZERS, Simulator, get_simulator
 
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
     from placer.core.cluster import Cluster
     from placer.core.result import StepResult
+
+CostKind = str | Mapping[str, str] | None
+Overhead = float | Mapping[str, float] | None
 
 
 def _per_device_times(sim: Simulator, microbatches: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,27 +79,53 @@ def _per_device_times(sim: Simulator, microbatches: int) -> tuple[np.ndarray, np
     return sim.microbatch_s(microbatches)
 
 
+def _chains(sim: Simulator, f_min: np.ndarray, b_min: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per op ``(head, tail, down)``: the longest forward chain into it, the longest backward chain through its
+    predecessors after its backward, the longest chain from its forward's end to its backward's start (module
+    docstring); backward times count only for ``needs_grad`` ops."""
+    n = sim.graph.n
+    b_chain = np.where(sim.needs_grad, b_min, 0.0)
+    head, tail, down = np.zeros(n), np.zeros(n), np.zeros(n)
+    src, dst = sim.graph.edge_index
+    order = np.argsort(dst, kind="stable")  # dst ascending is a valid order since src < dst
+    for e in order:
+        i, j = src[e], dst[e]
+        head[j] = max(head[j], head[i] + f_min[i])
+        tail[j] = max(tail[j], tail[i] + b_chain[i])
+    for e in order[::-1]:  # consumers before producers
+        i, j = src[e], dst[e]
+        if sim.needs_grad[i]:
+            down[i] = max(down[i], f_min[j] + down[j] + b_chain[j])
+    return head, tail, down
+
+
+def _update_s(sim: Simulator, optimizer: str | None) -> np.ndarray:
+    """``(D, n)``: op ``i``'s parameters' share of device ``d``'s update (0 without an optimizer)."""
+    if optimizer is None:
+        return np.zeros_like(sim.fwd_s)
+    return OPTIMIZERS[optimizer].touched * sim.param_bytes[None, :] / sim.mem_bw_Bps[:, None]
+
+
 def critical_path_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
-                    cost_kind: str | Mapping[str, str] | None = None,
-                    dispatch_overhead_s: float | Mapping[str, float] | None = None) -> float:
+                    cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None) -> float:
     """Longest forward+backward chain of one micro-batch, each op on its fastest device, no transfers (seconds)."""
+    if not graph.n:
+        return 0.0
     sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
     f, b = _per_device_times(sim, microbatches)
-    step = (f + b).min(axis=0)
-    finish = step.copy()
-    src, dst = graph.edge_index
-    for e in np.argsort(dst, kind="stable"):  # dst ascending is a valid order since src < dst
-        finish[dst[e]] = max(finish[dst[e]], finish[src[e]] + step[dst[e]])
-    return float(finish.max()) if graph.n else 0.0
+    f_min, b_min = f.min(axis=0), b.min(axis=0)
+    head, tail, down = _chains(sim, f_min, b_min)
+    return float((head + f_min + down + np.where(sim.needs_grad, b_min, 0.0) + tail).max())
 
 
 def work_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
-                 cost_kind: str | Mapping[str, str] | None = None,
-                 dispatch_overhead_s: float | Mapping[str, float] | None = None) -> float:
-    """All the work spread perfectly over the devices (seconds); see the module docstring."""
+                 cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None,
+                 optimizer: str | None = None) -> float:
+    """All the work (and, with an ``optimizer``, the updates) spread perfectly over the devices (seconds); see the
+    module docstring."""
     sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
     f, b = _per_device_times(sim, microbatches)
-    work = microbatches * (f + b)  # (D, n)
+    work = microbatches * (f + b) + _update_s(sim, optimizer)  # (D, n)
     total = work.sum(axis=1)
     best = 0.0
     d = cluster.num_devices
@@ -72,44 +135,94 @@ def work_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
 
 
 def colocation_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
-                       cost_kind: str | Mapping[str, str] | None = None,
-                       dispatch_overhead_s: float | Mapping[str, float] | None = None) -> float:
-    """``max_g head_g + work_g + tail_g`` over the colocation groups (seconds); see the module docstring."""
+                       cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None,
+                       optimizer: str | None = None) -> float:
+    """``max_g`` of the three colocation terms of the module docstring over the groups (seconds)."""
+    if not graph.n:
+        return 0.0
+    sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
+    m = microbatches
+    f, b = _per_device_times(sim, m)
+    f_min, b_min = f.min(axis=0), b.min(axis=0)
+    head, tail, down = _chains(sim, f_min, b_min)
+    b_chain = np.where(sim.needs_grad, b_min, 0.0)
+    _, group = np.unique(graph.colocation, return_inverse=True)
+    group = group.reshape(-1)
+    g_num = int(group.max()) + 1
+    fw, bw = np.zeros((g_num, f.shape[0])), np.zeros((g_num, f.shape[0]))
+    np.add.at(fw, group, m * f.T)
+    np.add.at(bw, group, m * b.T)
+
+    def group_min(x: np.ndarray) -> np.ndarray:
+        out = np.full(g_num, np.inf)
+        np.minimum.at(out, group, x)
+        return out
+
+    head_g, tail_g = group_min(head), group_min(tail)
+    after = tail_g
+    if optimizer is not None:
+        params = np.bincount(group, weights=sim.param_bytes, minlength=g_num)
+        upd = np.where(params > 0, (OPTIMIZERS[optimizer].touched * params[:, None] / sim.mem_bw_Bps[None, :]
+                                    + sim.overhead_s[None, :]).min(axis=1), 0.0)
+        after = np.maximum(tail_g, upd)
+    terms = (head_g + (fw + bw).min(axis=1) + after,
+             group_min(head + f_min + down) + bw.min(axis=1) + after,
+             head_g + fw.min(axis=1) + group_min(down + b_chain + tail))
+    return float(np.max(terms))
+
+
+def fill_drain_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
+                       cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None) -> float:
+    """``min over U of (work + U smallest group heads + U smallest group tails) / U`` (seconds); see the module
+    docstring."""
     if not graph.n:
         return 0.0
     sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
     f, b = _per_device_times(sim, microbatches)
     f_min, b_min = f.min(axis=0), b.min(axis=0)
-    head, tail = np.zeros(graph.n), np.zeros(graph.n)
-    src, dst = graph.edge_index
-    for e in np.argsort(dst, kind="stable"):  # producers before consumers
-        i, j = src[e], dst[e]
-        head[j] = max(head[j], head[i] + f_min[i])
-        tail[j] = max(tail[j], tail[i] + b_min[i])
+    head, tail, _ = _chains(sim, f_min, b_min)
     _, group = np.unique(graph.colocation, return_inverse=True)
     group = group.reshape(-1)
-    g_num = int(group.max()) + 1
-    work = np.zeros((g_num, f.shape[0]))
-    np.add.at(work, group, microbatches * (f + b).T)
-    head_g, tail_g = np.full(g_num, np.inf), np.full(g_num, np.inf)
+    head_g, tail_g = np.full(int(group.max()) + 1, np.inf), np.full(int(group.max()) + 1, np.inf)
     np.minimum.at(head_g, group, head)
     np.minimum.at(tail_g, group, tail)
-    return float((head_g + work.min(axis=1) + tail_g).max())
+    work = float((microbatches * (f + b)).min(axis=0).sum())
+    u_max = min(cluster.num_devices, head_g.size)
+    u = np.arange(1, u_max + 1)
+    return float(((work + np.cumsum(np.sort(head_g))[:u_max] + np.cumsum(np.sort(tail_g))[:u_max]) / u).min())
+
+
+def memory_fits(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1, optimizer: str = "adam",
+                cost_kind: CostKind = None) -> bool:
+    """False when no plan with ``microbatches`` can fit in memory (the memory argument of the module docstring);
+    True says only that this argument excludes nothing."""
+    if not graph.n:
+        return True
+    sim = get_simulator(graph, cluster, cost_kind=cost_kind)
+    m = microbatches
+    static = sim.param_bytes * (2 + OPTIMIZERS[optimizer].state_copies)
+    if float((static + (sim.stash_bytes + sim.temp_bytes) / m).max()) > float(sim.memory_bytes.max()):
+        return False  # one op alone does not fit on the largest device
+    sinks = np.setdiff1d(np.arange(graph.n), graph.edge_index[0])
+    if sinks.size != 1:
+        return True  # the summed argument needs one sink (the loss)
+    held = static + np.where(sim.needs_grad, sim.stash_bytes, 0.0) / m
+    return float(held.sum()) <= float(sim.memory_bytes.sum())
 
 
 def lower_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
-                  cost_kind: str | Mapping[str, str] | None = None,
-                  dispatch_overhead_s: float | Mapping[str, float] | None = None) -> float:
-    """``max(critical path on the fastest devices, total work / total speed, colocation bound)``: no placement is
-    faster."""
+                  cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None,
+                  optimizer: str | None = None) -> float:
+    """``max(critical path on the fastest devices, total work / total speed, colocation bound, fill and drain)``: no
+    placement is faster. With an ``optimizer`` the updates count too (module docstring); memory is
+    :func:`memory_fits`'s."""
     kw = dict(microbatches=microbatches, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
-    return max(critical_path_s(graph, cluster, **kw), work_bound_s(graph, cluster, **kw),
-               colocation_bound_s(graph, cluster, **kw))
+    return max(critical_path_s(graph, cluster, **kw), work_bound_s(graph, cluster, optimizer=optimizer, **kw),
+               colocation_bound_s(graph, cluster, optimizer=optimizer, **kw), fill_drain_bound_s(graph, cluster, **kw))
 
 
 def efficiency(result: "StepResult", graph: "OpGraph", cluster: "Cluster", *,
-               cost_kind: str | Mapping[str, str] | None = None,
-               dispatch_overhead_s: float | Mapping[str, float] | None = None) -> float:
+               cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None) -> float:
     """``lower_bound / step_time`` in (0, 1] (0 for a failed step); 1 means no placement could be faster."""
     if not result.ok or result.step_time_s <= 0:
         return 0.0

@@ -247,13 +247,16 @@ def run_plan(sim: "Simulator", placement: "Placement | np.ndarray", *, schedule:
     return res
 
 
-def plan_lower_bound_s(graph: "OpGraph", cluster: Any, microbatches: Sequence[int] | None = None) -> float:
-    """No plan of ``graph`` on ``cluster`` beats this: :func:`placer.costmodel.bounds.lower_bound_s` for each
-    allowed micro-batch count (``microbatches``: only these), the smallest."""
-    from placer.costmodel.bounds import lower_bound_s
+def plan_lower_bound_s(graph: "OpGraph", cluster: Any, microbatches: Sequence[int] | None = None, *,
+                       optimizer: str = "adam") -> float:
+    """No plan of ``graph`` on ``cluster`` beats this: :func:`placer.costmodel.bounds.lower_bound_s` (updates of
+    ``optimizer`` included) for each allowed micro-batch count (``microbatches``: only these) that
+    :func:`placer.costmodel.bounds.memory_fits`, the smallest; ``inf`` when no count can fit."""
+    from placer.costmodel.bounds import lower_bound_s, memory_fits
 
     ms = microbatches if microbatches is not None else allowed_microbatches(graph)
-    return min(lower_bound_s(graph, cluster, microbatches=int(m)) for m in ms)
+    return min((lower_bound_s(graph, cluster, microbatches=int(m), optimizer=optimizer) for m in ms
+                if memory_fits(graph, cluster, microbatches=int(m), optimizer=optimizer)), default=float("inf"))
 
 
 def simulate_plan(graph: "OpGraph", cluster: Any, placement: "Placement | np.ndarray", *, schedule: str = "none",

@@ -9,8 +9,11 @@ placement (maximal ranges of consecutive op indices on one device; for a pipelin
 * **device swaps**: exchange the ops of two devices (on a mixed cluster, which stage gets the faster GPU);
 * **starts** beside the given placements: contiguous splits balanced by compute over the ``S`` fastest
   devices for ``S`` in 1, 2, 4, ... ``D``, the interleaved splits with ``v = 2, 3, 4`` virtual stages per
-  device (``vD`` balanced chunks, chunk ``j`` on device ``j mod D``), which ``interleaved-1f1b`` can run, and the
-  split balanced by 1F1B memory (:func:`placer.costmodel.tight.balanced_split`).
+  device (``vD`` balanced chunks, chunk ``j`` on device ``j mod D``), which ``interleaved-1f1b`` can run, the
+  split balanced by 1F1B memory (:func:`placer.costmodel.tight.balanced_split`), and, where colocation groups of
+  several ops carry the work (NMT's LSTM layers and output projection, each shared by all 30 time steps), the
+  heaviest groups one per device (:func:`group_start`): a group that recurs through the whole op order follows
+  its first op, so no contiguous split gives it a device of its own.
 
 An OOM placement scores above every feasible one, by how far its worst device is over memory
 (:data:`INFEASIBLE_S`), so from a start that does not fit the search walks towards one that does.
@@ -115,7 +118,8 @@ def balanced_runs(sim: "Simulator", devices: Sequence[int], runs: int | None = N
 
 def default_starts(sim: "Simulator") -> dict[str, np.ndarray]:
     """Balanced contiguous splits over the 1, 2, 4, ... fastest devices, the interleaved splits
-    (:data:`INTERLEAVE_V` virtual stages per device) and the memory-balanced split."""
+    (:data:`INTERLEAVE_V` virtual stages per device), the memory-balanced split and, where it applies, the heavy
+    colocation groups one per device (:func:`group_start`)."""
     order = device_speed_order(sim)
     d = len(order)
     out: dict[str, np.ndarray] = {}
@@ -129,7 +133,42 @@ def default_starts(sim: "Simulator") -> dict[str, np.ndarray]:
             out[f"interleaved-{d}x{v}"] = balanced_runs(sim, order, v * d)
         # balanced by 1F1B memory instead of compute: what fits when memory is tight
         out[f"memory-balanced-{d}"] = balanced_split(sim.graph, sim.cluster, max(allowed_microbatches(sim.graph)))
+        groups = group_start(sim)
+        if groups is not None:
+            out[f"groups-{d}"] = groups
     return out
+
+
+def group_start(sim: "Simulator") -> np.ndarray | None:
+    """The ``D`` heaviest colocation groups of several ops, heaviest first, each on the least loaded device (LPT);
+    every other op on its first producer's device (the chains stay local), the graph's sources on the least loaded
+    one. None when no group has several ops."""
+    graph = sim.graph
+    _, group = np.unique(graph.colocation, return_inverse=True)
+    group = group.reshape(-1)
+    multi = np.flatnonzero(np.bincount(group) > 1)
+    if not multi.size:
+        return None
+    d = sim.cluster.num_devices
+    work = sim.fwd_s + sim.bwd_s  # (D, n): full-batch time of every op on every device
+    group_work = np.stack([np.bincount(group, weights=work[k], minlength=group.max() + 1) for k in range(d)])
+    dev = np.full(graph.n, -1, dtype=np.int64)
+    load = np.zeros(d)
+    for g in multi[np.argsort(-group_work[:, multi].mean(axis=0), kind="stable")][:d]:
+        k = int(np.argmin(load + group_work[:, g]))
+        dev[group == g] = k
+        load[k] += group_work[k, g]
+    src, dst = graph.edge_index
+    first_pred = np.full(graph.n, -1, dtype=np.int64)
+    for e in np.argsort(dst, kind="stable")[::-1]:  # the smallest-index producer wins
+        first_pred[dst[e]] = src[e]
+    for i in range(graph.n):  # op-index order is topological: a producer is placed before its readers
+        if dev[i] < 0:
+            p = first_pred[i]
+            k = int(dev[p]) if p >= 0 else int(np.argmin(load))
+            dev[group == group[i]] = k
+            load[k] += group_work[k, group[i]]
+    return dev
 
 
 def _cuts(dev: np.ndarray) -> np.ndarray:
