@@ -30,13 +30,12 @@ model is off (a != 1: compute speed or per-op overhead; b != 0: per-message cost
 ``--op-costs engine`` replaces each graph's shipped per-op profile by the per-op times of the engine's own
 single-device run (:func:`placer.engine.calibrate.engine_op_costs`), section ``none`` only.
 
-Measured 2026-12-03 (three runs, both sections, machine shared with other sessions, load 1.3-2.9): Spearman
-0.934/0.943/0.943, median error 0.116/0.098/0.092 (none); Spearman 0.948/0.961/0.946, median error
-0.083/0.092/0.106 (pipelined). Per order that ran, GPipe's median error is 0.06-0.08 but 1F1B's 0.24-0.31 and
-interleaved 1F1B's 0.42-0.51, both predicted too fast (engine/sim 1.3 and 1.7-2.0): the engine's in-order
-workers alternate forward and backward tasks that each wait on the other worker, and lose a scheduler tick
-(~3-5 ms, e.g. a 4.7 ms first forward segment in a 1F1B step whose GPipe twin took 0.56 ms) more often than the
-simulated wake-ups say.
+Measured 2026-12-03, 20:52-21:00 UTC (three runs, both sections, engine posting every receive before the step's
+barrier): Spearman 0.930/0.924/0.933, median error 0.070/0.083/0.146 (none); Spearman 0.958/0.945/0.944, median
+error 0.066/0.079/0.103 (pipelined). Per order that ran, GPipe's median error is 0.05-0.06 (engine / sim
+0.98-1.00) but 1F1B's 0.20-0.25 and interleaved 1F1B's 0.53-0.56, both predicted too fast (engine / sim 1.25-1.33
+and 2.1-2.3): on these millisecond steps the engine's per-task busy times grow under the orders that alternate
+forward and backward, which no per-message or per-wait cost in the simulator reproduces.
 
 Run: ``python3 benchmarks/bench_fidelity.py [--section none|pipelined|both] [--graphs ...] [--steps 5]
 [--rounds 3]`` (both sections: about three minutes). Other jobs on the two cores make the engine numbers noisy;
