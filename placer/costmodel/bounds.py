@@ -99,6 +99,17 @@ def _chains(sim: Simulator, f_min: np.ndarray, b_min: np.ndarray) -> tuple[np.nd
     return head, tail, down
 
 
+def _fastest(graph: "OpGraph", cluster: "Cluster", microbatches: int, cost_kind: CostKind,
+             dispatch_overhead_s: Overhead) -> tuple[Simulator, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                     tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """What the bounds share: the simulator, per-device ``(fwd, bwd)`` per-micro-batch times ``(D, n)``, each op's
+    fastest ``fwd`` and ``bwd`` and its :func:`_chains` on those."""
+    sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
+    f, b = _per_device_times(sim, microbatches)
+    f_min, b_min = f.min(axis=0), b.min(axis=0)
+    return sim, f, b, f_min, b_min, _chains(sim, f_min, b_min)
+
+
 def _update_s(sim: Simulator, optimizer: str | None) -> np.ndarray:
     """``(D, n)``: op ``i``'s parameters' share of device ``d``'s update (0 without an optimizer)."""
     if optimizer is None:
@@ -111,10 +122,8 @@ def critical_path_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int =
     """Longest forward+backward chain of one micro-batch, each op on its fastest device, no transfers (seconds)."""
     if not graph.n:
         return 0.0
-    sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
-    f, b = _per_device_times(sim, microbatches)
-    f_min, b_min = f.min(axis=0), b.min(axis=0)
-    head, tail, down = _chains(sim, f_min, b_min)
+    sim, _, _, f_min, b_min, (head, tail, down) = _fastest(graph, cluster, microbatches, cost_kind,
+                                                         dispatch_overhead_s)
     return float((head + f_min + down + np.where(sim.needs_grad, b_min, 0.0) + tail).max())
 
 
@@ -140,11 +149,8 @@ def colocation_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: in
     """``max_g`` of the three colocation terms of the module docstring over the groups (seconds)."""
     if not graph.n:
         return 0.0
-    sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
     m = microbatches
-    f, b = _per_device_times(sim, m)
-    f_min, b_min = f.min(axis=0), b.min(axis=0)
-    head, tail, down = _chains(sim, f_min, b_min)
+    sim, f, b, f_min, b_min, (head, tail, down) = _fastest(graph, cluster, m, cost_kind, dispatch_overhead_s)
     b_chain = np.where(sim.needs_grad, b_min, 0.0)
     _, group = np.unique(graph.colocation, return_inverse=True)
     group = group.reshape(-1)
@@ -177,10 +183,7 @@ def fill_drain_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: in
     docstring."""
     if not graph.n:
         return 0.0
-    sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
-    f, b = _per_device_times(sim, microbatches)
-    f_min, b_min = f.min(axis=0), b.min(axis=0)
-    head, tail, _ = _chains(sim, f_min, b_min)
+    _, f, b, _, _, (head, tail, _) = _fastest(graph, cluster, microbatches, cost_kind, dispatch_overhead_s)
     _, group = np.unique(graph.colocation, return_inverse=True)
     group = group.reshape(-1)
     head_g, tail_g = np.full(int(group.max()) + 1, np.inf), np.full(int(group.max()) + 1, np.inf)
