@@ -32,9 +32,9 @@ single-device run (:func:`placer.engine.calibrate.engine_op_costs`), section ``n
 
 Measured 2026-12-03, 20:52-21:00 UTC (three runs, both sections, engine posting every receive before the step's
 barrier): Spearman 0.930/0.924/0.933, median error 0.070/0.083/0.146 (none); Spearman 0.958/0.945/0.944, median
-error 0.066/0.079/0.103 (pipelined). Per order that ran, GPipe's median error is 0.05-0.06 (engine / sim
-0.98-1.00) but 1F1B's 0.20-0.25 and interleaved 1F1B's 0.53-0.56, both predicted too fast (engine / sim 1.25-1.33
-and 2.1-2.3): on these millisecond steps the engine's per-task busy times grow under the orders that alternate
+error 0.066/0.079/0.103 (pipelined). Per order that ran, GPipe's median error is 0.05-0.07 (engine / sim
+0.98-1.07) but 1F1B's 0.20-0.37 and interleaved 1F1B's 0.53-0.59, both predicted too fast (engine / sim 1.25-1.59
+and 2.1-2.4): on these millisecond steps the engine's per-task busy times grow under the orders that alternate
 forward and backward, which no per-message or per-wait cost in the simulator reproduces.
 
 Run: ``python3 benchmarks/bench_fidelity.py [--section none|pipelined|both] [--graphs ...] [--steps 5]
