@@ -12,6 +12,7 @@ an ``OpGraph`` can trust it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -159,6 +160,14 @@ class OpGraph(JsonFile):
         self._validate()
 
     # ------------------------------------------------------------------ validation
+    @functools.cached_property
+    def colocation_first(self) -> np.ndarray:
+        """Per op, the index of the first op of its colocation group: the op whose device the group follows."""
+        _, first, inverse = np.unique(self.colocation, return_index=True, return_inverse=True)
+        out = first[inverse.reshape(-1)].astype(np.int64)
+        out.setflags(write=False)
+        return out
+
     def _validate(self) -> None:
         n = self.n
         seen: dict[str, int] = {}

@@ -61,10 +61,7 @@ class Placement:
 
     def colocated(self, graph: "OpGraph") -> "Placement":
         """Move every op to the device of the first op of its colocation group (repairs a sampled placement)."""
-        coloc = graph.colocation
-        _, first = np.unique(coloc, return_index=True)
-        dev_of_group = dict(zip(coloc[first].tolist(), self.device_of_op[first].tolist()))
-        return Placement(np.array([dev_of_group[g] for g in coloc.tolist()], dtype=np.int64))
+        return Placement(self.device_of_op[graph.colocation_first])
 
     @property
     def key(self) -> str:

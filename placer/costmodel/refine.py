@@ -70,9 +70,7 @@ class _Scorer:
 
     def __init__(self, sim: "Simulator", deadline: float, max_evals: int | None) -> None:
         self.sim, self.deadline, self.max_evals = sim, deadline, max_evals
-        _, first = np.unique(sim.graph.colocation, return_index=True)
-        _, inverse = np.unique(sim.graph.colocation, return_inverse=True)
-        self.coloc_first = first[inverse]
+        self.coloc_first = sim.graph.colocation_first
         self.cache: dict[bytes, float] = {}
         self.evals = 0
 

@@ -229,9 +229,7 @@ class Simulator:
             if not needs[i] and pp[i + 1] > pp[i]:
                 needs[i] = bool(needs[pi[pp[i]:pp[i + 1]]].any())
         self.needs_grad = needs
-        _, first = np.unique(graph.colocation, return_index=True)
-        _, inverse = np.unique(graph.colocation, return_inverse=True)
-        self._coloc_first = first[inverse]  # first op of each op's colocation group
+        self._coloc_first = graph.colocation_first
         self._warned: set[tuple[str, int, int, str]] = set()
         self._names = cluster.device_names
 

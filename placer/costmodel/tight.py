@@ -74,9 +74,7 @@ def balanced_split(graph: "OpGraph", cluster: "Cluster", microbatches: int) -> n
         else:
             hi, best = mid, got
     assert best is not None
-    _, first = np.unique(graph.colocation, return_index=True)
-    _, inverse = np.unique(graph.colocation, return_inverse=True)
-    return best[first[inverse]]
+    return best[graph.colocation_first]
 
 
 @dataclass(frozen=True)
