@@ -110,6 +110,20 @@ def _fastest(graph: "OpGraph", cluster: "Cluster", microbatches: int, cost_kind:
     return sim, f, b, f_min, b_min, _chains(sim, f_min, b_min)
 
 
+def _groups(graph: "OpGraph") -> tuple[np.ndarray, int]:
+    """Each op's colocation group as ``0..G-1``, and ``G``."""
+    _, group = np.unique(graph.colocation, return_inverse=True)
+    group = group.reshape(-1)
+    return group, int(group.max()) + 1
+
+
+def _group_min(group: np.ndarray, g_num: int, x: np.ndarray) -> np.ndarray:
+    """Per group, the smallest ``x`` of its ops."""
+    out = np.full(g_num, np.inf)
+    np.minimum.at(out, group, x)
+    return out
+
+
 def _update_s(sim: Simulator, optimizer: str | None) -> np.ndarray:
     """``(D, n)``: op ``i``'s parameters' share of device ``d``'s update (0 without an optimizer)."""
     if optimizer is None:
@@ -152,17 +166,13 @@ def colocation_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: in
     m = microbatches
     sim, f, b, f_min, b_min, (head, tail, down) = _fastest(graph, cluster, m, cost_kind, dispatch_overhead_s)
     b_chain = np.where(sim.needs_grad, b_min, 0.0)
-    _, group = np.unique(graph.colocation, return_inverse=True)
-    group = group.reshape(-1)
-    g_num = int(group.max()) + 1
+    group, g_num = _groups(graph)
     fw, bw = np.zeros((g_num, f.shape[0])), np.zeros((g_num, f.shape[0]))
     np.add.at(fw, group, m * f.T)
     np.add.at(bw, group, m * b.T)
 
     def group_min(x: np.ndarray) -> np.ndarray:
-        out = np.full(g_num, np.inf)
-        np.minimum.at(out, group, x)
-        return out
+        return _group_min(group, g_num, x)
 
     head_g, tail_g = group_min(head), group_min(tail)
     after = tail_g
@@ -184,11 +194,8 @@ def fill_drain_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: in
     if not graph.n:
         return 0.0
     _, f, b, _, _, (head, tail, _) = _fastest(graph, cluster, microbatches, cost_kind, dispatch_overhead_s)
-    _, group = np.unique(graph.colocation, return_inverse=True)
-    group = group.reshape(-1)
-    head_g, tail_g = np.full(int(group.max()) + 1, np.inf), np.full(int(group.max()) + 1, np.inf)
-    np.minimum.at(head_g, group, head)
-    np.minimum.at(tail_g, group, tail)
+    group, g_num = _groups(graph)
+    head_g, tail_g = _group_min(group, g_num, head), _group_min(group, g_num, tail)
     work = float((microbatches * (f + b)).min(axis=0).sum())
     u_max = min(cluster.num_devices, head_g.size)
     u = np.arange(1, u_max + 1)

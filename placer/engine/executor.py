@@ -90,8 +90,9 @@ def run_step(prog: StepProgram, metas: Sequence[ValueMeta], plan: StepPlan, inpu
     # Every receive of the step is posted before the starting barrier, so the barrier also carries each side's
     # "receive posted" notices to the other: gloo writes a message's data from the ``isend`` call only once it
     # has read that notice, and a notice still unread at the send is left to gloo's transport thread, which
-    # waits for this core's compute thread to block (messages then left 1.5 ms late in the median, up to 5 ms;
-    # benchmarks/bench_latency.py). Posting costs gloo ~10-20 us of CPU a receive and stays part of the step:
+    # waits for this core's compute thread to block (a step's early messages then arrived 1.9 ms after their send
+    # on average, 0.10 ms with this order: the early send of benchmarks/bench_latency.py). Posting costs gloo
+    # ~10-20 us of CPU a receive and stays part of the step:
     # t0 is moved back by it.
     s_post = perf()
     step.post_receives()
