@@ -23,6 +23,7 @@ from placer.costmodel.schedules import SCHEDULES
 from placer.costmodel.sim import Simulator, simulate
 from placer.costmodel.tight import memory_tight
 from tests.test_sim import chain3, cluster
+from tests.graph_strategies import dag_edges
 
 
 def _loss_chain(params: int = 0, stash: int = 0, layers: int = 1) -> OpGraph:
@@ -101,9 +102,7 @@ def tight_dag(draw):
     """A random DAG with one sink (the loss), parameters, stash and temporaries, on 1-3 devices of small memory."""
     n = draw(st.integers(2, 8))
     edges = {(i, n - 1) for i in range(n - 1)}  # every op feeds the loss: one sink
-    pairs = [(i, j) for j in range(n - 1) for i in range(j)]
-    if pairs:
-        edges |= set(draw(st.lists(st.sampled_from(pairs), unique=True, max_size=10)))
+    edges |= set(draw(dag_edges(n - 1, 10)))
     t = st.floats(0.0, 3.0, allow_nan=False)
     coloc = draw(st.lists(st.integers(0, n - 1), min_size=n, max_size=n))
     ops = [dict(name=f"o{i}", fwd_s=draw(t), bwd_s=draw(t), stash_bytes=draw(st.integers(0, 400)),

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from graphs.ir import OpGraph
 from placer.costmodel.schedules import (SCHEDULES, build_schedule, find_deadlock, is_stage_contiguous, stage_of_device,
                               transfer_plan, virtual_stages)
+from tests.graph_strategies import dag_edges
 
 
 def chain(n: int) -> OpGraph:
@@ -133,8 +134,7 @@ def test_contiguity_chunks_and_transfers():
 @st.composite
 def dag_and_placement(draw):
     n = draw(st.integers(1, 9))
-    pairs = [(i, j) for j in range(n) for i in range(j)]
-    edges = draw(st.lists(st.sampled_from(pairs), unique=True, max_size=14)) if pairs else []
+    edges = draw(dag_edges(n, 14))
     d = draw(st.integers(1, 4))
     dev = draw(st.lists(st.integers(0, d - 1), min_size=n, max_size=n))
     g = OpGraph.build(name="rand", ops=[dict(name=f"o{i}", fwd_s=1.0, bwd_s=1.0) for i in range(n)],

@@ -15,13 +15,13 @@ from placer.costmodel.bounds import colocation_bound_s, efficiency, lower_bound_
 from placer.costmodel.schedules import SCHEDULES
 from placer.costmodel.sim import Simulator, simulate
 from tests.test_sim import GiB, chain3, cluster, run
+from tests.graph_strategies import dag_edges
 
 # ---------------------------------------------------------------------- properties
 @st.composite
 def placed_dag(draw):
     n = draw(st.integers(1, 10))
-    pairs = [(i, j) for j in range(n) for i in range(j)]
-    edges = draw(st.lists(st.sampled_from(pairs), unique=True, max_size=16)) if pairs else []
+    edges = draw(dag_edges(n, 16))
     d = draw(st.integers(1, 4))
     t = st.floats(0.0, 5.0, allow_nan=False)
     # a few ops share a colocation group (the placement below keeps each group on one device)
