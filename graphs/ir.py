@@ -420,6 +420,15 @@ class OpGraph(JsonFile):
         )
 
 
+def part_of_path(path: str) -> str:
+    """The model part of a module path: its first component, with the layer index when the first component is
+    a layer list (``blocks.3.attn.qkv`` -> ``blocks.3``, ``ln_f`` -> ``ln_f``, ``""`` -> ``""``): the unit that
+    trainers split a model by (torchtitan's ``module_fqns_per_model_part``) and the layer-split baselines count."""
+    head, _, rest = path.partition(".")
+    index = rest.partition(".")[0]
+    return f"{head}.{index}" if index.isdigit() else head
+
+
 def _adjacency(keys: np.ndarray, values: np.ndarray, n: int) -> list[np.ndarray]:
     order = np.argsort(keys, kind="stable")
     bounds = np.searchsorted(keys[order], np.arange(n + 1))

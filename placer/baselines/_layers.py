@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from graphs.ir import part_of_path
 from placer.baselines._common import Groups, finish
 
 if TYPE_CHECKING:
@@ -134,9 +135,7 @@ def _top_level_units(paths: list[str]) -> tuple[list[str], np.ndarray]:
     unit = np.full(len(paths), -1, dtype=np.int64)
     for i, p in enumerate(paths):
         if p:
-            hit = _outer_index(p)
-            top = p.split(".", 1)[0]
-            unit[i] = index.setdefault(f"{hit[0]}.{hit[1]}" if hit and hit[0] == top else top, len(index))
+            unit[i] = index.setdefault(part_of_path(p), len(index))
     return list(index), unit
 
 

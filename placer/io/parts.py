@@ -16,18 +16,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from graphs.ir import OpGraph
+from graphs.ir import OpGraph, part_of_path
 from placer.core.placement import Placement
 
 __all__ = ["part_of_path", "model_parts", "part_of_ops", "model_part_fqns", "split_after"]
-
-
-def part_of_path(path: str) -> str:
-    """The model part of a module path: its first component, with the layer index when the first component is
-    a layer list (``blocks.3.attn.qkv`` -> ``blocks.3``, ``ln_f`` -> ``ln_f``, ``""`` -> ``""``)."""
-    head, _, rest = path.partition(".")
-    index = rest.partition(".")[0]
-    return f"{head}.{index}" if index.isdigit() else head
 
 
 def part_of_ops(graph: OpGraph) -> list[str]:
