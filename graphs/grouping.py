@@ -113,6 +113,21 @@ def colocation_groups(graph: OpGraph) -> np.ndarray:
     return uf.labels()
 
 
+def colocation_first(graph: OpGraph) -> np.ndarray:
+    """Per op, the index of the first op of its colocation group: the op whose device the group follows."""
+    _, first, inverse = np.unique(graph.colocation, return_index=True, return_inverse=True)
+    return first[inverse.reshape(-1)].astype(np.int64)
+
+
+def part_of_path(path: str) -> str:
+    """The model part of a module path: its first component, with the layer index when the first component is
+    a layer list (``blocks.3.attn.qkv`` -> ``blocks.3``, ``ln_f`` -> ``ln_f``, ``""`` -> ``""``): the unit that
+    trainers split a model by (torchtitan's ``module_fqns_per_model_part``) and the layer-split baselines count."""
+    head, _, rest = path.partition(".")
+    index = rest.partition(".")[0]
+    return f"{head}.{index}" if index.isdigit() else head
+
+
 def _module_key(path: str) -> tuple[str, ...]:
     return tuple(p for p in path.split(".") if p)
 

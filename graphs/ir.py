@@ -12,7 +12,6 @@ an ``OpGraph`` can trust it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -160,14 +159,6 @@ class OpGraph(JsonFile):
         self._validate()
 
     # ------------------------------------------------------------------ validation
-    @functools.cached_property
-    def colocation_first(self) -> np.ndarray:
-        """Per op, the index of the first op of its colocation group: the op whose device the group follows."""
-        _, first, inverse = np.unique(self.colocation, return_index=True, return_inverse=True)
-        out = first[inverse.reshape(-1)].astype(np.int64)
-        out.setflags(write=False)
-        return out
-
     def _validate(self) -> None:
         n = self.n
         seen: dict[str, int] = {}
@@ -418,15 +409,6 @@ class OpGraph(JsonFile):
             costs=costs or {},
             meta=meta or {},
         )
-
-
-def part_of_path(path: str) -> str:
-    """The model part of a module path: its first component, with the layer index when the first component is
-    a layer list (``blocks.3.attn.qkv`` -> ``blocks.3``, ``ln_f`` -> ``ln_f``, ``""`` -> ``""``): the unit that
-    trainers split a model by (torchtitan's ``module_fqns_per_model_part``) and the layer-split baselines count."""
-    head, _, rest = path.partition(".")
-    index = rest.partition(".")[0]
-    return f"{head}.{index}" if index.isdigit() else head
 
 
 def _adjacency(keys: np.ndarray, values: np.ndarray, n: int) -> list[np.ndarray]:

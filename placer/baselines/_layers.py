@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphs.ir import part_of_path
+from graphs.grouping import part_of_path
 from placer.baselines._common import Groups, finish
 
 if TYPE_CHECKING:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from graphs.grouping import colocation_first
+
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
     from placer.core.cluster import Cluster
@@ -61,7 +63,7 @@ class Placement:
 
     def colocated(self, graph: "OpGraph") -> "Placement":
         """Move every op to the device of the first op of its colocation group (repairs a sampled placement)."""
-        return Placement(self.device_of_op[graph.colocation_first])
+        return Placement(self.device_of_op[colocation_first(graph)])
 
     @property
     def key(self) -> str:

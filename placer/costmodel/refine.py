@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from graphs.grouping import colocation_first
 from placer.costmodel.plans import Plan, allowed_microbatches, best_plan
 from placer.costmodel.tight import balanced_split
 
@@ -70,7 +71,7 @@ class _Scorer:
 
     def __init__(self, sim: "Simulator", deadline: float, max_evals: int | None) -> None:
         self.sim, self.deadline, self.max_evals = sim, deadline, max_evals
-        self.coloc_first = sim.graph.colocation_first
+        self.coloc_first = colocation_first(sim.graph)
         self.cache: dict[bytes, float] = {}
         self.evals = 0
 

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
+from graphs.grouping import colocation_first
 from placer.costmodel import _sim_kernel as K
 from placer.costmodel._segment_kernel import segment_starts as _segment_starts_kernel
 from placer.costmodel.costs import CostKind, cost_kind_of, meta_per_kind, param_traffic_s
@@ -229,7 +230,7 @@ class Simulator:
             if not needs[i] and pp[i + 1] > pp[i]:
                 needs[i] = bool(needs[pi[pp[i]:pp[i + 1]]].any())
         self.needs_grad = needs
-        self._coloc_first = graph.colocation_first
+        self._coloc_first = colocation_first(graph)
         self._warned: set[tuple[str, int, int, str]] = set()
         self._names = cluster.device_names
 

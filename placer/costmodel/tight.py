@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from graphs.grouping import colocation_first
 from placer.costmodel.plans import allowed_microbatches
 from placer.costmodel.sim import Simulator
 
@@ -74,7 +75,7 @@ def balanced_split(graph: "OpGraph", cluster: "Cluster", microbatches: int) -> n
         else:
             hi, best = mid, got
     assert best is not None
-    return best[graph.colocation_first]
+    return best[colocation_first(graph)]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from graphs.ir import OpGraph, part_of_path
+from graphs.grouping import part_of_path
+from graphs.ir import OpGraph
 from placer.core.placement import Placement
 
 __all__ = ["part_of_path", "model_parts", "part_of_ops", "model_part_fqns", "split_after"]
