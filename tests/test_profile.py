@@ -207,3 +207,26 @@ def test_measured_gpu_costs_survive_estimates_and_merge_checks_ops(tmp_path, mon
     assert "X9" in OpGraph.load(tmp_path / "rnnlm-small.json").costs
     with pytest.raises(SystemExit, match="other ops"):
         data_main.merge({"rnnlm-small": {**entry, "op_names": entry["op_names"][:-1]}})
+
+
+def test_estimates_next_to_a_measured_gpu_set_are_anchored_on_it():
+    """An A100 estimate beside a measured H100 set is the measurement plus the roofline's difference: slower than
+    the H100 on every op (as the datasheets say), the same on ops the roofline calls free; K80 and V100 (older
+    than the measured sets' CUDA) stay plain roofline; the shipped files hold the anchored estimate."""
+    from graphs.data import load_benchmark_graph
+    from graphs.data.__main__ import reestimate
+
+    g = load_benchmark_graph("inception_v3-paper")
+    h100 = g.costs["H100"]
+    assert h100.provenance.method == "measured"
+    a100 = estimate(g, "A100")
+    assert "measured H100" in a100.provenance.note
+    assert (a100.fwd_s >= h100.fwd_s).all() and (a100.bwd_s >= h100.bwd_s).all()
+    assert a100.step_s.sum() > 1.3 * h100.step_s.sum()  # compute-bound convolutions: ~3x slower on the A100
+    np.testing.assert_array_equal(a100.bwd_s == 0, h100.bwd_s == 0)
+    np.testing.assert_allclose(g.costs["A100"].fwd_s, a100.fwd_s)
+    plain = g.replace(costs={k: c for k, c in g.costs.items() if k not in ("H100", "H200")})
+    for old in ("K80", "V100"):
+        np.testing.assert_array_equal(estimate(g, old).fwd_s, estimate(plain, old).fwd_s)
+    assert estimate(plain, "A100").step_s.sum() < a100.step_s.sum()
+    assert reestimate(plain) is plain  # no measured GPU set: nothing to anchor, the file is left as it is

@@ -189,9 +189,18 @@ def merge(costs: dict[str, dict]) -> None:
         if list(graph.op_names) != entry["op_names"]:
             raise SystemExit(f"{name}: the GPU machine traced other ops ({len(entry['op_names'])} vs {graph.n}); "
                              "not merged")
-        graph.with_costs(entry["kind"], OpCosts.from_json(entry["costs"])).save(path)
+        reestimate(graph.with_costs(entry["kind"], OpCosts.from_json(entry["costs"]))).save(path)
         print(f"{name}: merged measured {entry['kind']} costs "
               f"(step {sum(entry['step_s']) * 1e3:.3f} ms on the card)")
+
+
+def reestimate(graph: OpGraph) -> OpGraph:
+    """``graph`` with its estimated cost sets of GPUs that a measured GPU set anchors (``A100``... next to a
+    measured ``H100``; see :mod:`graphs.roofline`) estimated anew; other sets as they are."""
+    kinds = {k: c.provenance.method for k, c in graph.costs.items() if k in GPUS and GPUS[k].anchorable}
+    if "measured" not in kinds.values():
+        return graph
+    return with_estimates(graph, [k for k, method in kinds.items() if method == "estimated"])
 
 
 def main() -> None:
@@ -205,9 +214,14 @@ def main() -> None:
                     help="CPU: thread CPU time (robust on a shared machine; the default) or wall time")
     ap.add_argument("--costs-out", help="cuda: write the measured cost sets to this JSON, not into graphs/data")
     ap.add_argument("--merge", help="add the cost sets of a --costs-out file to the shipped graphs")
+    ap.add_argument("--reestimate", action="store_true",
+                    help="estimate the shipped graphs' anchored GPU cost sets anew (after a roofline change)")
     args = ap.parse_args()
     if args.merge:
         merge(json.loads(Path(args.merge).read_text()))
+    elif args.reestimate:
+        for path in sorted(DATA_DIR.glob("*.json")):
+            reestimate(OpGraph.load(path)).save(path)
     elif args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
