@@ -135,10 +135,7 @@ def bound_note(graph: Any, cluster: Cluster) -> str:
     for m in allowed_microbatches(graph):
         if not B.memory_fits(graph, cluster, microbatches=m):
             continue
-        terms = {"critical path": B.critical_path_s(graph, cluster, microbatches=m),
-                 "work": B.work_bound_s(graph, cluster, microbatches=m, optimizer="adam"),
-                 "colocation": B.colocation_bound_s(graph, cluster, microbatches=m, optimizer="adam"),
-                 "fill and drain": B.fill_drain_bound_s(graph, cluster, microbatches=m)}
+        terms = B.bound_terms_s(graph, cluster, microbatches=m, optimizer="adam")
         name = max(terms, key=lambda k: terms[k])
         if best is None or terms[name] < best[0]:
             best = (terms[name], m, name)

@@ -16,8 +16,8 @@ from graphs.data import load_benchmark_graph
 from graphs.ir import OpGraph
 from placer import baselines
 from placer.core.cluster import get_cluster
-from placer.costmodel.bounds import (colocation_bound_s, critical_path_s, fill_drain_bound_s, lower_bound_s,
-                                     memory_fits, work_bound_s)
+from placer.costmodel.bounds import (bound_terms_s, colocation_bound_s, critical_path_s, fill_drain_bound_s,
+                                     lower_bound_s, memory_fits, memory_time_bound_s, work_bound_s)
 from placer.costmodel.plans import allowed_microbatches, best_plan, plan_lower_bound_s
 from placer.costmodel.schedules import SCHEDULES
 from placer.costmodel.sim import Simulator, simulate
@@ -95,6 +95,26 @@ def test_fill_and_drain_hand_values_and_where_it_binds():
     assert fill > 1.01 * max(work_bound_s(graph, c, microbatches=8), critical_path_s(graph, c, microbatches=8),
                              colocation_bound_s(graph, c, microbatches=8))
     assert lower_bound_s(graph, c, microbatches=8) == fill
+
+
+def test_memory_time_hand_value_where_memory_serialises_the_micro_batches():
+    # six layers (800 B stash each, 1 B of parameters: x4 with Adam) on six devices of 210 B, M = 4: one micro-batch
+    # of stash fits (24 + 6 x 200 <= 1260) but hardly two, so the plans that fit run the micro-batches nearly one
+    # after another. Per micro-batch w runs 0.5 + 1, the loss 0.25 + 0.25; w_k's stash is held for its forward and
+    # the chain to its backward: 1, 2.5, 4, 5.5, 7, 8.5 (w6 first), 28.5 x 800 B over 1260 - 24 B free
+    g, c = _loss_chain(params=1, stash=800, layers=6), cluster(6, memory_bytes=210)
+    kw = dict(microbatches=4, dispatch_overhead_s=0.0, optimizer="adam")
+    assert memory_fits(g, c, microbatches=4)
+    assert memory_time_bound_s(g, c, **kw) == pytest.approx(28.5 * 800 / 1236)
+    terms = bound_terms_s(g, c, **kw)
+    assert max(terms, key=terms.get) == "memory x time" and lower_bound_s(g, c, **kw) == terms["memory x time"]
+    rng = np.random.default_rng(0)
+    steps = [simulate(g, c, rng.integers(0, 6, g.n), schedule=name, microbatches=4, dispatch_overhead_s=0.0,
+                      optimizer="adam") for _ in range(150) for name in SCHEDULES]
+    steps.append(simulate(g, c, [0, 0, 1, 2, 3, 4, 5, 5], microbatches=4, dispatch_overhead_s=0.0, optimizer="adam"))
+    assert steps[-1].ok and steps[-1].step_time_s == pytest.approx(39.0)  # 4 x (the chain 9.75), one at a time
+    assert all(r.step_time_s >= terms["memory x time"] for r in steps if r.ok)
+    assert lower_bound_s(g, c, microbatches=4, dispatch_overhead_s=0.0) < terms["memory x time"]  # needs adam's
 
 
 @st.composite

@@ -57,6 +57,10 @@ def test_balanced_runs_and_the_interleaved_start():
     assert set(starts) == {"balanced-1", "balanced-2", "interleaved-2x2", "interleaved-2x3", "interleaved-2x4",
                            "memory-balanced-2"}
     assert list(starts["interleaved-2x2"]) == [0, 0, 0, 1, 1, 1, 0, 1]  # 4 chunks of 3 ms, chunk j on device j mod 2
+    # a device twice as fast gets twice the share: 9 of the 12 units (4.5 ms there, 3 ms on the slow one)
+    fast = Simulator(sim.graph, cpus(2, speeds=[2.0, 1.0]))
+    assert list(balanced_runs(fast, [0, 1])) == [0, 0, 0, 0, 0, 0, 0, 1]
+    assert list(balanced_runs(fast, [1, 0])) == [1, 1, 1, 1, 0, 0, 0, 0]  # slow first: 4 units | 8: 4 ms each
 
 
 def test_starts_that_split_a_colocation_group_are_repaired():

@@ -1,12 +1,12 @@
 """Lower bounds on the step time of any placement, and the efficiency of a result against them.
 
-``lower_bound_s = max(critical path, work bound, colocation bound, fill and drain)``, all on the best device for
-every op and ignoring transfers, so no placement or schedule can beat it. The simulator's rules the proofs use: a
-device runs its tasks one at a time, in its order; a forward of ``(op, m)`` waits for its predecessors' forwards of
-micro-batch ``m``; a backward waits for its own forward and, for an op whose value depends on a parameter
-(``needs_grad``), for the backward of every successor (a remote one through the gradient's transfer). Backward times
-enter the chains below only for ``needs_grad`` ops (for the others the producer's backward does not wait on a remote
-reader); they all still count as work.
+``lower_bound_s = max(critical path, work bound, colocation bound, fill and drain, memory x time)``, all on the best
+device for every op and ignoring transfers, so no placement or schedule can beat it. The simulator's rules the
+proofs use: a device runs its tasks one at a time, in its order; a forward of ``(op, m)`` waits for its
+predecessors' forwards of micro-batch ``m``; a backward waits for its own forward and, for an op whose value depends
+on a parameter (``needs_grad``), for the backward of every successor (a remote one through the gradient's transfer).
+Backward times enter the chains below only for ``needs_grad`` ops (for the others the producer's backward does not
+wait on a remote reader); they all still count as work.
 
 * **critical path**: the longest chain of forward then backward times through the graph (forward along a path,
   backward back along it), each op at its fastest device's time. With ``M`` micro-batches one micro-batch's
@@ -52,6 +52,15 @@ reader); they all still count as work.
   deadlocks), and no ``needs_grad`` stash on it has been freed yet. Summed over devices: if the parameters'
   states and one micro-batch of ``needs_grad`` stash exceed the total memory, every plan with that ``M`` is out
   of memory; likewise if one op's states, stash and temporaries (any graph) exceed the largest device.
+
+* **memory x time** (with an ``optimizer``): a device's memory over the step, integrated over time, is at most
+  ``T`` x (its capacity - its parameter states), because the simulator's peak is the largest level of its walk
+  and the level between tasks is one of the walk's levels. The stash of ``(i, m)`` is on that device from the
+  start of its forward until its backward starts, at least ``f_i + down_i`` (its own forward, then the chain to
+  its backward); summed over ops, micro-batches and devices:
+  ``T >= sum_i stash_i (f_i + down_i) / (total memory - total parameter states)`` (``stash_i`` the op's stash for
+  the whole batch, its times per micro-batch on the fastest device). It binds where memory is tight: a plan must
+  then keep little in flight, and the stash that is held cannot be held for less than the chain it waits for.
 
 The parameter update is left out unless an ``optimizer`` is given (it only adds), so the bound without one stays
 valid for every optimizer.
@@ -220,15 +229,38 @@ def memory_fits(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1, 
     return float(held.sum()) <= float(sim.memory_bytes.sum())
 
 
+def memory_time_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1, optimizer: str = "adam",
+                        cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None) -> float:
+    """Stashed bytes x the least time each is held, over the memory the parameter states leave (seconds; module
+    docstring); ``inf`` when the states alone fill the cluster's memory and some stash must be held."""
+    sim, _, _, f_min, _, (_, _, down) = _fastest(graph, cluster, microbatches, cost_kind, dispatch_overhead_s)
+    free = float(sim.memory_bytes.sum() - (sim.param_bytes * (2 + OPTIMIZERS[optimizer].state_copies)).sum())
+    held = float((sim.stash_bytes * (f_min + down)).sum())
+    if held == 0.0:
+        return 0.0
+    return held / free if free > 0 else float("inf")
+
+
+def bound_terms_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1, cost_kind: CostKind = None,
+                  dispatch_overhead_s: Overhead = None, optimizer: str | None = None) -> dict[str, float]:
+    """Each term of :func:`lower_bound_s` by name (seconds): which one binds, and by how much."""
+    kw = dict(microbatches=microbatches, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
+    terms = {"critical path": critical_path_s(graph, cluster, **kw),
+             "work": work_bound_s(graph, cluster, optimizer=optimizer, **kw),
+             "colocation": colocation_bound_s(graph, cluster, optimizer=optimizer, **kw),
+             "fill and drain": fill_drain_bound_s(graph, cluster, **kw)}
+    if optimizer is not None and graph.n:
+        terms["memory x time"] = memory_time_bound_s(graph, cluster, optimizer=optimizer, **kw)
+    return terms
+
+
 def lower_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
                   cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None,
                   optimizer: str | None = None) -> float:
-    """``max(critical path on the fastest devices, total work / total speed, colocation bound, fill and drain)``: no
-    placement is faster. With an ``optimizer`` the updates count too (module docstring); memory is
-    :func:`memory_fits`'s."""
-    kw = dict(microbatches=microbatches, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
-    return max(critical_path_s(graph, cluster, **kw), work_bound_s(graph, cluster, optimizer=optimizer, **kw),
-               colocation_bound_s(graph, cluster, optimizer=optimizer, **kw), fill_drain_bound_s(graph, cluster, **kw))
+    """The largest of :func:`bound_terms_s`: no placement is faster. With an ``optimizer`` the updates and the
+    memory x time term count too (module docstring); memory is :func:`memory_fits`'s."""
+    return max(bound_terms_s(graph, cluster, microbatches=microbatches, cost_kind=cost_kind,
+                             dispatch_overhead_s=dispatch_overhead_s, optimizer=optimizer).values())
 
 
 def efficiency(result: "StepResult", graph: "OpGraph", cluster: "Cluster", *,

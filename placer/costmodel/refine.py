@@ -105,14 +105,23 @@ def device_speed_order(sim: "Simulator") -> list[int]:
 
 
 def balanced_runs(sim: "Simulator", devices: Sequence[int], runs: int | None = None) -> np.ndarray:
-    """Op-index order cut into ``runs`` (default ``len(devices)``) contiguous runs of about equal compute; run
-    ``j`` on ``devices[j mod len(devices)]`` (``runs = 2 x len(devices)``: the interleaved split, v = 2)."""
+    """Op-index order cut into ``runs`` (default ``len(devices)``) contiguous runs, run ``j`` on
+    ``devices[j mod len(devices)]`` (``runs = 2 x len(devices)``: the interleaved split, v = 2). Each run's share of
+    the compute is its device's speed (1 / the graph's time on it) over the runs' total: equal runs on devices of
+    one kind, bigger runs for the faster kind of a mixed cluster."""
     runs = runs or len(devices)
-    work = (sim.fwd_s[list(devices)] + sim.bwd_s[list(devices)]).mean(axis=0)
+    devs = np.asarray(devices, dtype=np.int64)
+    work = (sim.fwd_s[devs] + sim.bwd_s[devs]).mean(axis=0)
     cum = np.cumsum(work) - work / 2
     total = float(work.sum()) or 1.0
-    j = np.minimum((cum / total * runs).astype(np.int64), runs - 1)
-    return np.asarray(devices, dtype=np.int64)[j % len(devices)]
+    speed = 1.0 / np.maximum((sim.fwd_s[devs] + sim.bwd_s[devs]).sum(axis=1), 1e-300)
+    if np.allclose(speed, speed[0]):
+        j = np.minimum((cum / total * runs).astype(np.int64), runs - 1)
+    else:
+        share = speed[np.arange(runs) % len(devs)]
+        ends = np.cumsum(share) / share.sum()
+        j = np.minimum(np.searchsorted(ends, cum / total, side="right"), runs - 1)
+    return devs[j % len(devs)]
 
 
 def default_starts(sim: "Simulator") -> dict[str, np.ndarray]:
