@@ -168,8 +168,8 @@ def bench_pair(g_name: str, c_name: str, args: argparse.Namespace) -> dict[str, 
             "lb_note": bound_note(graph, cluster), "wall_s": time.perf_counter() - t0}
 
 
-def _ms(x: float) -> str:
-    return f"{x * 1e3:.2f}" if math.isfinite(x) else "OOM"
+def _ms(x: float, unit: str = "") -> str:
+    return f"{x * 1e3:.2f}{unit}" if math.isfinite(x) else "OOM"
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -178,9 +178,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = r["base"][r["best_m"]]
-        print(f"| {r['graph']} | {r['cluster']} | {r['best_m']} {_ms(b[0])} ms ({b[1]}) | {_ms(r['rl_s'])} ms | "
-              f"{_ms(r['plan_s'])} ms ({r['plan']}) | {r['source']} | {r['plan_s'] / b[0]:.3f} | "
-              f"{r['plan_s'] / r['lb']:.3f} |")
+        print(f"| {r['graph']} | {r['cluster']} | {r['best_m']} {_ms(b[0], ' ms')} ({b[1]}) | "
+              f"{_ms(r['rl_s'], ' ms')} | {_ms(r['plan_s'], ' ms')} ({r['plan']}) | {r['source']} | "
+              f"{r['plan_s'] / b[0]:.3f} | {r['plan_s'] / r['lb']:.3f} |")
     print()
     print("Every baseline, best plan each (ms, schedule x micro-batches):")
     for r in rows:
