@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 from graphs.data import load_benchmark_graph  # noqa: E402
 from placer import baselines  # noqa: E402
 from placer.core.cluster import Cluster, get_cluster  # noqa: E402
-from placer.costmodel.plans import best_plan, plan_lower_bound_s  # noqa: E402
+from placer.costmodel.plans import best_plan, plan_bound  # noqa: E402
 from placer.costmodel.refine import refine  # noqa: E402
 from placer.costmodel.sim import Simulator  # noqa: E402
 from placer.costmodel.tight import memory_tight  # noqa: E402
@@ -117,31 +117,16 @@ def compare_fixed(args: argparse.Namespace) -> None:
               f"{(res.step_time_s if res.ok else math.inf) * 1e3:.3f}")
 
 
-def lower_bound(graph: Any, cluster: Cluster) -> float:
-    """No plan beats this (:func:`placer.costmodel.plans.plan_lower_bound_s`); NaN where it does not apply."""
+def lower_bound(graph: Any, cluster: Cluster) -> tuple[float, str]:
+    """No plan beats this (:func:`placer.costmodel.plans.plan_bound`; NaN where it does not apply), and a note
+    saying which term binds at which micro-batch count."""
     try:
-        return plan_lower_bound_s(graph, cluster)
+        bound_s, m, term = plan_bound(graph, cluster)
     except ValueError:
-        return math.nan
-
-
-def bound_note(graph: Any, cluster: Cluster) -> str:
-    """Which term of :func:`lower_bound` binds, and at which micro-batch count (the M that memory rules out
-    skipped)."""
-    from placer.costmodel import bounds as B
-    from placer.costmodel.plans import allowed_microbatches
-
-    best = None
-    for m in allowed_microbatches(graph):
-        if not B.memory_fits(graph, cluster, microbatches=m):
-            continue
-        terms = B.bound_terms_s(graph, cluster, microbatches=m, optimizer="adam")
-        name = max(terms, key=lambda k: terms[k])
-        if best is None or terms[name] < best[0]:
-            best = (terms[name], m, name)
-    if best is None:
-        return "no micro-batch count fits in memory"
-    return f"{best[0] * 1e3:.2f} ms at M = {best[1]}, set by {best[2]}"
+        return math.nan, "does not apply"
+    if m is None:
+        return bound_s, "no micro-batch count fits in memory"
+    return bound_s, f"{bound_s * 1e3:.2f} ms at M = {m}, set by {term}"
 
 
 def bench_pair(g_name: str, c_name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -162,10 +147,10 @@ def bench_pair(g_name: str, c_name: str, args: argparse.Namespace) -> dict[str, 
     left = max(1.0, args.budget_s - (time.perf_counter() - t_rl))
     ref = refine(sim, starts, budget_s=left, seed=args.seed)
     plan_s = ref.result.step_time_s if ref.result.ok else math.inf
-    lb = lower_bound(graph, cluster)
+    lb, lb_note = lower_bound(graph, cluster)
     return {"graph": g_name, "cluster": c_name, "base": base, "best_m": best_m, "rl_s": rl_s, "plan_s": plan_s,
             "plan": ref.plan.label, "source": ref.start, "evals": ref.evaluations, "lb": lb,
-            "lb_note": bound_note(graph, cluster), "wall_s": time.perf_counter() - t0}
+            "lb_note": lb_note, "wall_s": time.perf_counter() - t0}
 
 
 def _ms(x: float, unit: str = "") -> str:

@@ -18,7 +18,7 @@ from placer import baselines
 from placer.core.cluster import get_cluster
 from placer.costmodel.bounds import (bound_terms_s, colocation_bound_s, critical_path_s, fill_drain_bound_s,
                                      lower_bound_s, memory_fits, memory_time_bound_s, work_bound_s)
-from placer.costmodel.plans import allowed_microbatches, best_plan, plan_lower_bound_s
+from placer.costmodel.plans import allowed_microbatches, best_plan, plan_bound, plan_lower_bound_s
 from placer.costmodel.schedules import SCHEDULES
 from placer.costmodel.sim import Simulator, simulate
 from placer.costmodel.tight import memory_tight
@@ -64,6 +64,10 @@ def test_memory_excludes_micro_batch_counts_that_cannot_fit():
     assert bound == pytest.approx(lower_bound_s(g, c, microbatches=4, optimizer="adam"))
     assert bound > plan_lower_bound_s(g, dataclasses.replace(cluster(2, memory_bytes=10**6), meta=slow), [1, 2, 4])
     assert plan_lower_bound_s(g, c, [1, 2]) == float("inf")
+    # where the bound comes from: M = 4, the largest of its terms there; nothing when no count fits
+    terms = bound_terms_s(g, c, microbatches=4, optimizer="adam")
+    assert plan_bound(g, c, [1, 2, 4]) == (bound, 4, max(terms, key=terms.get))
+    assert plan_bound(g, c, [1, 2]) == (float("inf"), None, "")
     # without Adam's two state copies (SGD) M = 2 is not excluded: 3 x (200 + 400) = 1800
     assert memory_fits(g, c, microbatches=2, optimizer="sgd")
 

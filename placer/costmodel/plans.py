@@ -247,16 +247,30 @@ def run_plan(sim: "Simulator", placement: "Placement | np.ndarray", *, schedule:
     return res
 
 
+def plan_bound(graph: "OpGraph", cluster: Any, microbatches: Sequence[int] | None = None, *,
+               optimizer: str = "adam") -> tuple[float, int | None, str]:
+    """``(bound, its M, the term that sets it)``: for each allowed micro-batch count (``microbatches``: only these)
+    that :func:`placer.costmodel.bounds.memory_fits`, the largest of
+    :func:`placer.costmodel.bounds.bound_terms_s` (updates of ``optimizer`` included); the smallest over the
+    counts. ``(inf, None, "")`` when no count can fit."""
+    from placer.costmodel.bounds import bound_terms_s, memory_fits
+
+    best: tuple[float, int | None, str] = (float("inf"), None, "")
+    for m in (microbatches if microbatches is not None else allowed_microbatches(graph)):
+        if not memory_fits(graph, cluster, microbatches=int(m), optimizer=optimizer):
+            continue
+        terms = bound_terms_s(graph, cluster, microbatches=int(m), optimizer=optimizer)
+        name = max(terms, key=lambda k: terms[k])
+        if terms[name] < best[0]:
+            best = (terms[name], int(m), name)
+    return best
+
+
 def plan_lower_bound_s(graph: "OpGraph", cluster: Any, microbatches: Sequence[int] | None = None, *,
                        optimizer: str = "adam") -> float:
-    """No plan of ``graph`` on ``cluster`` beats this: :func:`placer.costmodel.bounds.lower_bound_s` (updates of
-    ``optimizer`` included) for each allowed micro-batch count (``microbatches``: only these) that
-    :func:`placer.costmodel.bounds.memory_fits`, the smallest; ``inf`` when no count can fit."""
-    from placer.costmodel.bounds import lower_bound_s, memory_fits
-
-    ms = microbatches if microbatches is not None else allowed_microbatches(graph)
-    return min((lower_bound_s(graph, cluster, microbatches=int(m), optimizer=optimizer) for m in ms
-                if memory_fits(graph, cluster, microbatches=int(m), optimizer=optimizer)), default=float("inf"))
+    """No plan of ``graph`` on ``cluster`` beats this (:func:`plan_bound`'s value); ``inf`` when no micro-batch
+    count can fit."""
+    return plan_bound(graph, cluster, microbatches, optimizer=optimizer)[0]
 
 
 def simulate_plan(graph: "OpGraph", cluster: Any, placement: "Placement | np.ndarray", *, schedule: str = "none",

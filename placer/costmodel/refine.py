@@ -115,12 +115,9 @@ def balanced_runs(sim: "Simulator", devices: Sequence[int], runs: int | None = N
     cum = np.cumsum(work) - work / 2
     total = float(work.sum()) or 1.0
     speed = 1.0 / np.maximum((sim.fwd_s[devs] + sim.bwd_s[devs]).sum(axis=1), 1e-300)
-    if np.allclose(speed, speed[0]):
-        j = np.minimum((cum / total * runs).astype(np.int64), runs - 1)
-    else:
-        share = speed[np.arange(runs) % len(devs)]
-        ends = np.cumsum(share) / share.sum()
-        j = np.minimum(np.searchsorted(ends, cum / total, side="right"), runs - 1)
+    share = speed[np.arange(runs) % len(devs)]
+    ends = np.cumsum(share) / share.sum()  # where each run's share of the compute ends, as a fraction
+    j = np.minimum(np.searchsorted(ends, cum / total, side="right"), runs - 1)
     return devs[j % len(devs)]
 
 
