@@ -63,6 +63,16 @@ def test_balanced_runs_and_the_interleaved_start():
     assert list(balanced_runs(fast, [1, 0])) == [1, 1, 1, 1, 0, 0, 0, 0]  # slow first: 4 units | 8: 4 ms each
 
 
+def test_interleaved_starts_over_the_fastest_devices_leave_the_slow_ones_out():
+    # two fast and two slow devices: the interleaved starts come over the 2 fastest and over all 4
+    sim = Simulator(_sim().graph, cpus(4, speeds=[1.0, 4.0, 1.0, 4.0]))
+    starts = default_starts(sim)
+    assert {"balanced-1", "balanced-2", "balanced-4", "interleaved-2x2", "interleaved-4x2"} <= set(starts)
+    assert set(starts["interleaved-2x3"].tolist()) == {1, 3}  # the fast pair alone, six chunks alternating
+    assert list(starts["interleaved-2x2"]) == [1, 1, 1, 3, 3, 3, 1, 3]
+    assert set(starts["interleaved-4x3"].tolist()) == {0, 1, 3}  # over all four, the slow ones get small chunks
+
+
 def test_starts_that_split_a_colocation_group_are_repaired():
     from graphs.ir import OpGraph
 

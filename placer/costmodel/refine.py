@@ -8,8 +8,10 @@ placement (maximal ranges of consecutive op indices on one device; for a pipelin
   longest run down to 1; a shift by a whole run removes it, which lets the search use fewer stages);
 * **device swaps**: exchange the ops of two devices (on a mixed cluster, which stage gets the faster GPU);
 * **starts** beside the given placements: contiguous splits balanced by compute over the ``S`` fastest
-  devices for ``S`` in 1, 2, 4, ... ``D``, the interleaved splits with ``v = 2, 3, 4`` virtual stages per
-  device (``vD`` balanced chunks, chunk ``j`` on device ``j mod D``), which ``interleaved-1f1b`` can run, the
+  devices for ``S`` in 1, 2, 4, ... ``D``, the interleaved splits over the same ``S`` fastest devices (``S >= 2``)
+  with ``v = 2, 3, 4`` virtual stages per device (``vS`` balanced chunks, chunk ``j`` on device ``j mod S``), which
+  ``interleaved-1f1b`` can run (on a mixed cluster the faster kind alone, interleaved, can beat every split that
+  also feeds the slower one: gpt-1.3b on 4 A100 + 4 H100), the
   split balanced by 1F1B memory (:func:`placer.costmodel.tight.balanced_split`), and, where colocation groups of
   several ops carry the work (NMT's LSTM layers and output projection, each shared by all 30 time steps), the
   heaviest groups one per device (:func:`group_start`): a group that recurs through the whole op order follows
@@ -122,20 +124,19 @@ def balanced_runs(sim: "Simulator", devices: Sequence[int], runs: int | None = N
 
 
 def default_starts(sim: "Simulator") -> dict[str, np.ndarray]:
-    """Balanced contiguous splits over the 1, 2, 4, ... fastest devices, the interleaved splits
-    (:data:`INTERLEAVE_V` virtual stages per device), the memory-balanced split and, where it applies, the heavy
-    colocation groups one per device (:func:`group_start`)."""
+    """Balanced contiguous splits over the 1, 2, 4, ... fastest devices and all ``D``, the interleaved splits
+    (:data:`INTERLEAVE_V` virtual stages per device) over the same device sets from 2 up, the memory-balanced split
+    and, where it applies, the heavy colocation groups one per device (:func:`group_start`)."""
     order = device_speed_order(sim)
     d = len(order)
     out: dict[str, np.ndarray] = {}
-    s = 1
-    while s < d:
+    sizes = [1 << k for k in range(d.bit_length()) if 1 << k < d] + [d]
+    for s in sizes:
         out[f"balanced-{s}"] = balanced_runs(sim, order[:s])
-        s *= 2
-    out[f"balanced-{d}"] = balanced_runs(sim, order)
-    if d > 1:
+    for s in sizes[1:]:  # interleaved over the s fastest: on a mixed cluster the slow kind may be better left out
         for v in INTERLEAVE_V:
-            out[f"interleaved-{d}x{v}"] = balanced_runs(sim, order, v * d)
+            out[f"interleaved-{s}x{v}"] = balanced_runs(sim, order[:s], v * s)
+    if d > 1:
         # balanced by 1F1B memory instead of compute: what fits when memory is tight
         out[f"memory-balanced-{d}"] = balanced_split(sim.graph, sim.cluster, max(allowed_microbatches(sim.graph)))
         groups = group_start(sim)
