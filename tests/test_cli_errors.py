@@ -135,7 +135,8 @@ def test_a_graph_with_a_non_finite_op_cost_is_refused(tmp_path):
 def test_refused_runs_leave_no_run_folder(tmp_path):
     runs = tmp_path / "runs"
     for args, match in ((["--policy-options", "nonsense=1"], "does not take policy_options nonsense"),
-                        (["--graphs", "nmt", "--warm-start", "heft"], "trains with the sim reward and no warm start")):
+                        (["--graphs", "nmt", "--warm-start", "heft"], "trains with the sim reward and no warm start"),
+                        (["--refine", "10s", "--reward", "real"], "refine_s needs reward 'sim'")):
         r = placer("train", "--graph", "rnnlm", "--budget", "5s", "--runs-dir", runs, "--no-progress", *args,
                    cwd=tmp_path)
         one_line_error(r, match)

@@ -138,7 +138,7 @@ def test_a_resumed_run_never_makes_the_placement_on_disk_worse(tmp_path, caplog)
     assert again.kept_on_disk is None
 
 
-def _summary(measured=None, failed=0):
+def _summary(measured=None, failed=0, refined=None):
     from placer.core.result import StepResult
 
     def result(t, source):
@@ -147,7 +147,7 @@ def _summary(measured=None, failed=0):
 
     out = SimpleNamespace(predicted=result(1.078, "sim"), measured=measured and result(measured, "engine"),
                           baselines={"expert": 0.9, "single": 1.2, "scotch": float("inf")},
-                          reference_step_time_s=0.9, failed_measurements=failed, kept_on_disk=None)
+                          reference_step_time_s=0.9, failed_measurements=failed, kept_on_disk=None, refined=refined)
     return SimpleNamespace(only=out, samples=64, updates=8, elapsed_s=95.0, trained_s=90.0, wall_s=150.0,
                            setup_s=40.0, outside_s=20.0, run_dir=Path("runs/x"))
 
@@ -167,6 +167,15 @@ def test_train_summary_compares_like_with_like_and_labels_every_number(capsys):
     assert "2 engine measurement(s) failed" in text
     assert "in 90 s (the budget, 90 s, bounds this); the command took 150 s: 40 s before training" in text
     assert "20 s outside the budget (baselines, final engine re-measurement" in text
+    # a refined plan is the planner's row; the policy's own best is its own row
+    refined = SimpleNamespace(policy_step_s=1.5, evaluations=42, source="refined from heft")
+    print_train_summary(_summary(measured=None, failed=0, refined=refined), budget_s=90.0, refine_s=30.0)
+    text = capsys.readouterr().out
+    listed = [line.split(":")[0].strip() for line in text.splitlines() if line.startswith("  ")]
+    assert listed == ["expert", "RL + refinement", "single", "RL alone", "scotch"]
+    assert "refinement (30 s, 42 plans scored): refined from heft; the plan: none x1" in text
+    print_train_summary(_summary(measured=None, failed=0), budget_s=90.0, refine_s=30.0)
+    assert "refinement (30 s): nothing faster than the run's best" in capsys.readouterr().out
 
 
 def test_failed_remeasurements_are_warned_and_counted(caplog):

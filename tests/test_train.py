@@ -281,3 +281,37 @@ def test_a_seeded_run_never_reports_worse_than_the_best_baseline(tmp_path):
         assert seeded.source == f"seeded by {best_m}"
     assert seeded.source in ("policy", f"seeded by {best_m}")
     assert doc["provenance"]["source"] == seeded.source
+
+
+def test_refinement_reports_its_faster_op_plan_labelled_and_simulating_to_its_time(tmp_path):
+    from placer.costmodel.plans import simulate_plan
+
+    res = train(tiny(tmp_path, max_updates=1, refine_s=2.0))
+    out, graph = res.only, layered_dag(3, 3, seed=11)
+    doc = json.loads((res.run_dir / "placement.json").read_text())
+    # one update of a fresh policy leaves room: the refined plan beats it, and every baseline (refinement starts
+    # from their placements too)
+    assert out.refined is not None and out.source == out.refined.source == doc["provenance"]["source"]
+    assert out.source.startswith("refined from ") and out.refined.evaluations > 0
+    assert out.predicted.step_time_s < out.refined.policy_step_s
+    assert out.predicted.step_time_s <= min(out.baselines.values())
+    assert out.best_step_time_s == out.predicted.step_time_s
+    # the file holds the refined op placement and its plan; they simulate to the time reported
+    assert [doc["ops"][n] for n in graph.op_names] == out.placement.device_of_op.tolist()
+    assert doc["schedule"]["name"] == out.predicted.schedule and doc["schedule"]["chosen_by"] == "auto"
+    again = simulate_plan(graph, get_cluster("cpu+4gpu"), out.placement, schedule="auto")
+    assert again.step_time_s == pytest.approx(out.predicted.step_time_s) == pytest.approx(
+        doc["predicted"]["step_time_s"])
+    assert "charts/refined_step_time_s" in scalars(res.run_dir)
+    # without refine_s nothing is refined
+    assert train(tiny(tmp_path / "plain", max_updates=1)).only.refined is None
+
+
+@pytest.mark.parametrize("kw, match", [(dict(refine_s=-1.0), "refine_s must not be negative"),
+                                       (dict(refine_s=math.inf), "refine_s must be a finite number"),
+                                       (dict(refine_s=1.0, reward="real"), "refine_s needs reward 'sim'"),
+                                       (dict(refine_s=1.0, schedule="1f1b"), "refine_s needs schedule 'auto'"),
+                                       (dict(refine_s=1.0, random_dags=1), "refine_s refines one graph")])
+def test_refine_s_outside_its_use_is_refused(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(tmp_path, **kw)

@@ -243,10 +243,10 @@ def cmd_train(args: argparse.Namespace) -> None:
                           f"{out.reference_step_time_s * 1e3:.2f} ms")
         console.print(f"multi-graph run folder: {result.run_dir} ({result.updates} rounds, {result.samples} samples)")
         return
-    print_train_summary(result, config.budget_s)
+    print_train_summary(result, config.budget_s, refine_s=config.refine_s)
 
 
-def print_train_summary(result: Any, budget_s: float) -> None:
+def print_train_summary(result: Any, budget_s: float, *, refine_s: float = 0.0) -> None:
     """A one-graph run's summary. Numbers are compared like with like: the RL placement's *simulated* step time
     sits among the baselines' simulated ones, and an engine measurement (``real`` / ``sim+real``) is a separate
     line, since the baselines were not measured; every number says where it comes from."""
@@ -255,7 +255,10 @@ def print_train_summary(result: Any, budget_s: float) -> None:
                   f"(the budget, {budget_s:.0f} s, bounds this); the command took {result.wall_s:.0f} s: "
                   f"{result.setup_s:.0f} s before training (graphs, calibration) and {result.outside_s:.0f} s outside "
                   f"the budget (baselines, final engine re-measurement, files)")
-    rows = {"RL (this run)": out.predicted.step_time_s if out.predicted.ok else math.inf, **out.baselines}
+    label = "RL + refinement" if out.refined else "RL (this run)"
+    rows = {label: out.predicted.step_time_s if out.predicted.ok else math.inf, **out.baselines}
+    if out.refined:
+        rows["RL alone"] = out.refined.policy_step_s
     console.print(f"simulated step time on the run's cluster (reference {out.reference_step_time_s * 1e3:.2f} ms):")
     for name, t in sorted(rows.items(), key=lambda kv: kv[1]):
         console.print(f"  {name:>14}: " + (f"{t * 1e3:.2f} ms (sim)" if math.isfinite(t) else "failed or OOM (sim)"))
@@ -267,6 +270,11 @@ def print_train_summary(result: Any, budget_s: float) -> None:
     if out.failed_measurements:
         console.print(f"warning: {out.failed_measurements} engine measurement(s) failed during the run (see the "
                       f"warnings above; the reported placement is the best that measured)")
+    if out.refined:
+        console.print(f"refinement ({refine_s:g} s, {out.refined.evaluations} plans scored): {out.refined.source}; "
+                      f"the plan: {out.predicted.schedule} x{out.predicted.microbatches}")
+    elif refine_s > 0:
+        console.print(f"refinement ({refine_s:g} s): nothing faster than the run's best")
     if out.kept_on_disk:
         console.print(f"note: {out.kept_on_disk}")
     console.print(f"run folder: {result.run_dir} (placement.json, learning_curve.png, TensorBoard events)")

@@ -16,6 +16,10 @@ A one-graph run lives in ``runs/{graph}__{policy}__{algo}__{seed}__{YYYYmmdd-HHM
   the full op graph and, with the engine, measured;
 - ``learning_curve.png`` — best and mean step time against wall time and samples, with the baselines.
 
+With ``refine_s`` the best placement is then refined by simulation (:mod:`placer.app.training.refining`); a faster
+refined plan is the one ``placement.json`` holds, labelled ``refined from <start>``
+(``charts/refined_step_time_s``).
+
 A run on several graphs (Placeto, Addanki et al., NeurIPS 2019: ``graphs`` and ``random_dags``, one shared policy
 for zero-shot placement with :mod:`placer.app.place`) lives in ``runs/multi-{N}__{policy}__{algo}__{seed}__{ts}/``
 with ``config.json``, ``cluster.json``, ``checkpoint.pt``, ``placement_<graph>.json`` per graph and the TensorBoard

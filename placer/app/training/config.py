@@ -122,6 +122,11 @@ class TrainConfig:
     """Seed the search with the best baseline's placement (one-graph runs): the run never reports a placement
     worse than it, and labels the placement ``seeded by <baseline>`` while it is the best
     (:mod:`placer.app.training.seeding`)."""
+    refine_s: float = 0.0
+    """Seconds of plan refinement after training (one-graph runs, ``sim`` reward, ``auto`` schedule;
+    :mod:`placer.app.training.refining`): local search from the run's best placement, every evaluated baseline's
+    and the balanced / interleaved / memory-balanced splits. A refined plan that beats the run's best is the one
+    reported, labelled ``refined from <start>``. Comes on top of ``budget_s``."""
     warm_start_steps: int = 300
     """Most imitation steps of the warm start (it stops earlier once the policy reproduces the placement)."""
     hidden: int = 64
@@ -168,6 +173,19 @@ class TrainConfig:
             raise ValueError("training needs a graph (graph, graphs or random_dags; --graph, --graphs or "
                              "--random-dags, or --resume RUN)")
         self.algo_config = resolve_algo_config(self.algo, self.mode, self.algo_config, seed=self.seed)
+        if self.refine_s > 0:
+            self._check_refine()
+
+    def _check_refine(self) -> None:
+        """Refinement polishes one graph's placement by simulation under each placement's best plan."""
+        if self.num_graphs != 1:
+            raise ValueError("refine_s refines one graph's placement; a run on several graphs takes none")
+        if self.reward != "sim":
+            raise ValueError(f"refine_s needs reward 'sim': a refined plan is simulated, and a {self.reward!r} run "
+                             f"reports measured placements")
+        if self.schedule != "auto":
+            raise ValueError(f"refine_s needs schedule 'auto' (each placement under its best plan), not "
+                             f"{self.schedule!r}")
 
     def _check_numbers(self) -> None:
         """Out-of-range and non-finite numbers are one-line errors before anything runs (``--budget=infs``,
@@ -176,7 +194,7 @@ class TrainConfig:
         import numbers
 
         for name, low in (("budget_s", 0.0), ("checkpoint_every_s", None), ("real_every_s", None),
-                          ("engine_timeout_s", 0.0), ("failure_penalty", None)):
+                          ("engine_timeout_s", 0.0), ("failure_penalty", None), ("refine_s", None)):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -29,6 +29,7 @@ from placer.app.runs import Progress, hparams_markdown, plot_learning_curve, saf
 from placer.app.training.callbacks import Callback, callbacks_for
 from placer.app.training.checkpoint import load_checkpoint, save_checkpoint
 from placer.app.training.config import TrainConfig
+from placer.app.training.refining import RefinedPlacement, refine_slot
 from placer.app.training.seeding import seed_from_baselines, source_of
 from placer.core.cluster import Cluster
 from placer.core.placement import Placement
@@ -67,6 +68,8 @@ class Slot:
     """Why the placement file was left as it was (:meth:`Trainer.write_placement`), once it was."""
     seeded: tuple[str, bytes] | None = None
     """The baseline the search was seeded with and its groups (:mod:`placer.app.training.seeding`)."""
+    refined: RefinedPlacement | None = None
+    """The refined plan reported instead of the best groups' (:mod:`placer.app.training.refining`)."""
 
     def record(self, stats: Any, *, samples: int, elapsed_s: float) -> float:
         """Track the best of an update's placements and append to the history; returns the update's mean step
@@ -126,7 +129,11 @@ class GraphOutcome:
     """Set when the run folder's placement file holds a better placement than this run's best (one written before
     a kill and a resume): what was kept, in words. The file is left as it is."""
     source: str | None = None
-    """``seeded by <baseline>`` or ``policy`` for a run with ``seed_baselines``; None otherwise."""
+    """``refined from <start>`` when refinement's plan is reported; else ``seeded by <baseline>`` or ``policy`` for
+    a run with ``seed_baselines``; None otherwise."""
+    refined: RefinedPlacement | None = None
+    """The refined plan, when it is the one reported (``placement`` and ``predicted`` are then its own;
+    ``device_of_group`` stays the policy's best)."""
 
 
 # ============================================================================================== the run
@@ -291,6 +298,18 @@ class Trainer:
                                            f"steps, final NLL {nll:.3f} nats/decision")
         log.info("warm start: imitated %s (%.4g s) in %d steps, NLL %.3f", method, res.step_time_s, steps, nll)
 
+    def _refine(self, slot: Slot) -> None:
+        """Plan refinement after training (:mod:`placer.app.training.refining`), logged to TensorBoard."""
+        c = self.config
+        policy = self.predicted_of(slot, slot.final_groups)
+        slot.refined = refine_slot(slot, self.cluster, policy, budget_s=c.refine_s, seed=c.seed)
+        if slot.refined is not None:
+            slot.dirty = True
+            self.writer.add_scalar("charts/refined_step_time_s", slot.refined.predicted.step_time_s, self.samples)
+        self.writer.add_text("refine", f"{c.refine_s:g} s: " + (
+            f"{slot.refined.source}, {slot.refined.predicted.step_time_s:.6g} s against the policy's "
+            f"{policy.step_time_s:.6g} s" if slot.refined else "nothing faster than the policy's best"))
+
     # ------------------------------------------------------------------------------------------ files
     def predicted_of(self, slot: Slot, groups: np.ndarray) -> StepResult:
         """``groups`` simulated on the full op graph."""
@@ -319,7 +338,10 @@ class Trainer:
         if groups is None:
             return
         path = self.placement_path(slot)
+        placement, source = slot.env.problem.expand(groups), source_of(slot)
         predicted, measured = self.predicted_of(slot, groups), self.measured_of(slot)
+        if slot.refined is not None:  # a sim run: nothing measured
+            placement, predicted, source = slot.refined.placement, slot.refined.predicted, slot.refined.source
         held = held_step_time_s(path, measured=measured is not None) if self.config.resume else None
         mine = measured if measured is not None else predicted
         if held is not None and (not mine.ok or held < mine.step_time_s):
@@ -329,9 +351,9 @@ class Trainer:
                 log.warning("%s", slot.kept_on_disk)
             slot.dirty = False
             return
-        save_placement(path, slot.graph, self.cluster, slot.env.problem.expand(groups),
+        save_placement(path, slot.graph, self.cluster, placement,
                        method=self.method, seed=self.config.seed, run=self.run_dir.name,
-                       predicted=predicted, measured=measured, source=source_of(slot),
+                       predicted=predicted, measured=measured, source=source,
                        schedule=self.config.schedule, microbatches=self.config.microbatches)
         slot.dirty = False
 
@@ -403,6 +425,8 @@ class Trainer:
         for slot in self.slots:
             for cb in slot.callbacks:
                 cb.on_end(self, slot)
+        if c.refine_s > 0 and len(self.slots) == 1:
+            self._refine(self.slots[0])
         self.log_baselines()
         self.checkpoint()
         self.writer.close()
@@ -413,10 +437,14 @@ class Trainer:
                 plot_learning_curve(self.run_dir / "learning_curve.png", slot.history, slot.baselines,
                                     title=f"{slot.graph.name} on {self.cluster.name}: {c.policy} + {c.algo} "
                                           f"(seed {c.seed})")
-            out.append(GraphOutcome(placement=slot.env.problem.expand(groups), device_of_group=groups,
-                                    predicted=self.predicted_of(slot, groups), measured=self.measured_of(slot),
-                                    best_step_time_s=slot.best_time_s,
+            ref = slot.refined
+            out.append(GraphOutcome(placement=ref.placement if ref else slot.env.problem.expand(groups),
+                                    device_of_group=groups, refined=ref,
+                                    predicted=ref.predicted if ref else self.predicted_of(slot, groups),
+                                    measured=self.measured_of(slot),
+                                    best_step_time_s=ref.predicted.step_time_s if ref else slot.best_time_s,
                                     reference_step_time_s=slot.env.reference_time_s, baselines=slot.baselines,
-                                    history=slot.history, kept_on_disk=slot.kept_on_disk, source=source_of(slot),
+                                    history=slot.history, kept_on_disk=slot.kept_on_disk,
+                                    source=ref.source if ref else source_of(slot),
                                     failed_measurements=sum(getattr(cb, "failures", 0) for cb in slot.callbacks)))
         return out
