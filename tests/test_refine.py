@@ -107,3 +107,20 @@ def test_recurring_shared_layers_get_a_device_each():
     got = refine(sim, budget_s=30.0, max_evals=100)
     assert got.start == "groups-2" and got.result.step_time_s < 0.8 * one
     assert group_start(_sim()) is None  # no group of several ops: no such start
+
+
+def test_the_group_start_keeps_ops_with_their_producer_only_up_to_a_fair_share():
+    # the same two recurrent layers (12 ms of work each), then three 3 ms ops in a chain after b3: 33 ms over two
+    # equal devices is 16.5 ms each. h0 follows its producer (b's device, 15 ms); h1 would take it to 18 ms, so it
+    # goes to a's device, which ends at 15 ms; h2 follows h1 there (18 ms on either device, so no move)
+    from graphs.ir import OpGraph
+
+    ops, edges = [], []
+    for t in range(4):
+        ops += [dict(name=f"a{t}", fwd_s=1e-3, bwd_s=2e-3, out_bytes=MiB, colocation=100),
+                dict(name=f"b{t}", fwd_s=1e-3, bwd_s=2e-3, out_bytes=MiB, colocation=200)]
+        edges += [(f"a{t}", f"b{t}")] + ([(f"a{t - 1}", f"a{t}"), (f"b{t - 1}", f"b{t}")] if t else [])
+    ops += [dict(name=f"h{j}", fwd_s=1e-3, bwd_s=2e-3, out_bytes=MiB) for j in range(3)]
+    edges += [("b3", "h0"), ("h0", "h1"), ("h1", "h2")]
+    sim = Simulator(OpGraph.build(name="rnn2h", ops=ops, edges=edges), cpus(2))
+    assert list(group_start(sim)) == [0, 1] * 4 + [1, 0, 0]

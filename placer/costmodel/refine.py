@@ -147,8 +147,10 @@ def default_starts(sim: "Simulator") -> dict[str, np.ndarray]:
 
 def group_start(sim: "Simulator") -> np.ndarray | None:
     """The ``D`` heaviest colocation groups of several ops, heaviest first, each on the least loaded device (LPT);
-    every other op on its first producer's device (the chains stay local), the graph's sources on the least loaded
-    one. None when no group has several ops."""
+    then, in op order, every other op on the least loaded of its producers' devices (the chains stay local) unless
+    that device would pass its fair share of the work (the whole graph's time spread over the devices by speed,
+    so that all would finish together) and another device would end less loaded with it, then on the device least
+    loaded with it; the graph's sources on that one too. None when no group has several ops."""
     graph = sim.graph
     _, group = np.unique(graph.colocation, return_inverse=True)
     group = group.reshape(-1)
@@ -158,6 +160,7 @@ def group_start(sim: "Simulator") -> np.ndarray | None:
     d = sim.cluster.num_devices
     work = sim.fwd_s + sim.bwd_s  # (D, n): full-batch time of every op on every device
     group_work = np.stack([np.bincount(group, weights=work[k], minlength=group.max() + 1) for k in range(d)])
+    share = 1.0 / (1.0 / np.maximum(work.sum(axis=1), 1e-300)).sum()  # each device's time when all end together
     dev = np.full(graph.n, -1, dtype=np.int64)
     load = np.zeros(d)
     for g in multi[np.argsort(-group_work[:, multi].mean(axis=0), kind="stable")][:d]:
@@ -165,15 +168,20 @@ def group_start(sim: "Simulator") -> np.ndarray | None:
         dev[group == g] = k
         load[k] += group_work[k, g]
     src, dst = graph.edge_index
-    first_pred = np.full(graph.n, -1, dtype=np.int64)
-    for e in np.argsort(dst, kind="stable")[::-1]:  # the smallest-index producer wins
-        first_pred[dst[e]] = src[e]
+    producers: list[list[int]] = [[] for _ in range(graph.n)]
+    for s, t in zip(src.tolist(), dst.tolist()):
+        producers[t].append(s)
     for i in range(graph.n):  # op-index order is topological: a producer is placed before its readers
-        if dev[i] < 0:
-            p = first_pred[i]
-            k = int(dev[p]) if p >= 0 else int(np.argmin(load))
-            dev[group == group[i]] = k
-            load[k] += group_work[k, group[i]]
+        if dev[i] >= 0:
+            continue
+        w = group_work[:, group[i]]
+        near = {int(dev[p]) for p in producers[i]}
+        k = min(near, key=lambda q: (load[q], q)) if near else -1
+        alt = int(np.argmin(load + w))
+        if k < 0 or (load[k] + w[k] > share and load[alt] + w[alt] < load[k] + w[k]):
+            k = alt
+        dev[group == group[i]] = k
+        load[k] += w[k]
     return dev
 
 
