@@ -167,15 +167,12 @@ def group_start(sim: "Simulator") -> np.ndarray | None:
         k = int(np.argmin(load + group_work[:, g]))
         dev[group == g] = k
         load[k] += group_work[k, g]
-    src, dst = graph.edge_index
-    producers: list[list[int]] = [[] for _ in range(graph.n)]
-    for s, t in zip(src.tolist(), dst.tolist()):
-        producers[t].append(s)
+    producers = graph.predecessors()
     for i in range(graph.n):  # op-index order is topological: a producer is placed before its readers
         if dev[i] >= 0:
             continue
         w = group_work[:, group[i]]
-        near = {int(dev[p]) for p in producers[i]}
+        near = set(dev[producers[i]].tolist())
         k = min(near, key=lambda q: (load[q], q)) if near else -1
         alt = int(np.argmin(load + w))
         if k < 0 or (load[k] + w[k] > share and load[alt] + w[alt] < load[k] + w[k]):

@@ -132,8 +132,7 @@ class GraphOutcome:
     """``refined from <start>`` when refinement's plan is reported; else ``seeded by <baseline>`` or ``policy`` for
     a run with ``seed_baselines``; None otherwise."""
     refined: RefinedPlacement | None = None
-    """The refined plan, when it is the one reported (``placement`` and ``predicted`` are then its own;
-    ``device_of_group`` stays the policy's best)."""
+    """The refined plan when it is the one reported (``placement``, ``predicted`` are its own, not the groups')."""
 
 
 # ============================================================================================== the run
@@ -299,16 +298,13 @@ class Trainer:
         log.info("warm start: imitated %s (%.4g s) in %d steps, NLL %.3f", method, res.step_time_s, steps, nll)
 
     def _refine(self, slot: Slot) -> None:
-        """Plan refinement after training (:mod:`placer.app.training.refining`), logged to TensorBoard."""
+        """Plan refinement after training (:mod:`placer.app.training.refining`); its step goes to TensorBoard."""
         c = self.config
         policy = self.predicted_of(slot, slot.final_groups)
         slot.refined = refine_slot(slot, self.cluster, policy, budget_s=c.refine_s, seed=c.seed)
         if slot.refined is not None:
             slot.dirty = True
             self.writer.add_scalar("charts/refined_step_time_s", slot.refined.predicted.step_time_s, self.samples)
-        self.writer.add_text("refine", f"{c.refine_s:g} s: " + (
-            f"{slot.refined.source}, {slot.refined.predicted.step_time_s:.6g} s against the policy's "
-            f"{policy.step_time_s:.6g} s" if slot.refined else "nothing faster than the policy's best"))
 
     # ------------------------------------------------------------------------------------------ files
     def predicted_of(self, slot: Slot, groups: np.ndarray) -> StepResult:
@@ -318,6 +314,14 @@ class Trainer:
         c = self.config
         return simulate_plan(slot.graph, self.cluster, slot.env.problem.expand(groups), schedule=c.schedule,
                         microbatches=c.microbatches)
+
+    def reported(self, slot: Slot) -> tuple[Placement, StepResult, str | None]:
+        """What the run reports for ``slot``: its refined plan when there is one (a sim run: nothing measured), else
+        the best groups' placement; with its full-graph simulated result and its source label."""
+        if (ref := slot.refined) is not None:
+            return ref.placement, ref.predicted, ref.source
+        groups = slot.final_groups
+        return slot.env.problem.expand(groups), self.predicted_of(slot, groups), source_of(slot)
 
     def measured_of(self, slot: Slot) -> StepResult | None:
         """The engine's result of the reported placement (``real``: its reward; ``sim+real``: the callback's)."""
@@ -338,10 +342,8 @@ class Trainer:
         if groups is None:
             return
         path = self.placement_path(slot)
-        placement, source = slot.env.problem.expand(groups), source_of(slot)
-        predicted, measured = self.predicted_of(slot, groups), self.measured_of(slot)
-        if slot.refined is not None:  # a sim run: nothing measured
-            placement, predicted, source = slot.refined.placement, slot.refined.predicted, slot.refined.source
+        placement, predicted, source = self.reported(slot)
+        measured = self.measured_of(slot)
         held = held_step_time_s(path, measured=measured is not None) if self.config.resume else None
         mine = measured if measured is not None else predicted
         if held is not None and (not mine.ok or held < mine.step_time_s):
@@ -437,14 +439,12 @@ class Trainer:
                 plot_learning_curve(self.run_dir / "learning_curve.png", slot.history, slot.baselines,
                                     title=f"{slot.graph.name} on {self.cluster.name}: {c.policy} + {c.algo} "
                                           f"(seed {c.seed})")
+            placement, predicted, source = self.reported(slot)
             ref = slot.refined
-            out.append(GraphOutcome(placement=ref.placement if ref else slot.env.problem.expand(groups),
-                                    device_of_group=groups, refined=ref,
-                                    predicted=ref.predicted if ref else self.predicted_of(slot, groups),
+            out.append(GraphOutcome(placement=placement, device_of_group=groups, refined=ref, predicted=predicted,
                                     measured=self.measured_of(slot),
                                     best_step_time_s=ref.predicted.step_time_s if ref else slot.best_time_s,
                                     reference_step_time_s=slot.env.reference_time_s, baselines=slot.baselines,
-                                    history=slot.history, kept_on_disk=slot.kept_on_disk,
-                                    source=ref.source if ref else source_of(slot),
+                                    history=slot.history, kept_on_disk=slot.kept_on_disk, source=source,
                                     failed_measurements=sum(getattr(cb, "failures", 0) for cb in slot.callbacks)))
         return out
