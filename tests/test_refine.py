@@ -84,12 +84,9 @@ def test_starts_that_split_a_colocation_group_are_repaired():
     assert got.result.ok and dev[0] == dev[5]
 
 
-def test_recurring_shared_layers_get_a_device_each():
-    # two recurrent layers unrolled over 4 steps, each layer one shared module (one colocation group), in the
-    # traced order a0 b0 a1 b1 ...: a contiguous split puts a0 and b0 on one device and the groups follow their
-    # first op, so it collapses onto one device; the group start gives each layer a device (the loss follows its
-    # producer), a wavefront pipeline (on this toy the finest interleaved start happens to be the same placement;
-    # on nmt-paper it is not, see benchmarks/bench_plan.py)
+def _two_recurrent_layers(tail: list[dict], tail_edges: list[tuple[str, str]]) -> Simulator:
+    """Two recurrent layers unrolled over 4 steps (a0 b0 a1 b1 ..., each layer one colocation group, 3 ms of work
+    per step), then ``tail`` after b3, on two equal CPUs."""
     from graphs.ir import OpGraph
 
     ops, edges = [], []
@@ -97,30 +94,27 @@ def test_recurring_shared_layers_get_a_device_each():
         ops += [dict(name=f"a{t}", fwd_s=1e-3, bwd_s=2e-3, out_bytes=MiB, colocation=100),
                 dict(name=f"b{t}", fwd_s=1e-3, bwd_s=2e-3, out_bytes=MiB, colocation=200)]
         edges += [(f"a{t}", f"b{t}")] + ([(f"a{t - 1}", f"a{t}"), (f"b{t - 1}", f"b{t}")] if t else [])
-    ops.append(dict(name="loss", fwd_s=1e-4, bwd_s=1e-4))
-    edges.append(("b3", "loss"))
-    g = OpGraph.build(name="rnn2", ops=ops, edges=edges)
-    sim = Simulator(g, cpus(2))
+    return Simulator(OpGraph.build(name="rnn2", ops=ops + tail, edges=edges + tail_edges), cpus(2))
+
+
+def test_recurring_shared_layers_get_a_device_each():
+    # in the traced order a0 b0 a1 b1 ... a contiguous split puts a0 and b0 on one device and the groups follow
+    # their first op, so it collapses onto one device; the group start gives each layer a device (the loss follows
+    # its producer), a wavefront pipeline (on this toy the finest interleaved start happens to be the same
+    # placement; on nmt-paper it is not, see benchmarks/bench_plan.py)
+    sim = _two_recurrent_layers([dict(name="loss", fwd_s=1e-4, bwd_s=1e-4)], [("b3", "loss")])
     assert list(group_start(sim)) == [0, 1] * 4 + [1]
     assert "groups-2" in default_starts(sim)
-    one = best_plan(sim, np.zeros(g.n, dtype=np.int64))[1].step_time_s
+    one = best_plan(sim, np.zeros(sim.graph.n, dtype=np.int64))[1].step_time_s
     got = refine(sim, budget_s=30.0, max_evals=100)
     assert got.start == "groups-2" and got.result.step_time_s < 0.8 * one
     assert group_start(_sim()) is None  # no group of several ops: no such start
 
 
 def test_the_group_start_keeps_ops_with_their_producer_only_up_to_a_fair_share():
-    # the same two recurrent layers (12 ms of work each), then three 3 ms ops in a chain after b3: 33 ms over two
-    # equal devices is 16.5 ms each. h0 follows its producer (b's device, 15 ms); h1 would take it to 18 ms, so it
-    # goes to a's device, which ends at 15 ms; h2 follows h1 there (18 ms on either device, so no move)
-    from graphs.ir import OpGraph
-
-    ops, edges = [], []
-    for t in range(4):
-        ops += [dict(name=f"a{t}", fwd_s=1e-3, bwd_s=2e-3, out_bytes=MiB, colocation=100),
-                dict(name=f"b{t}", fwd_s=1e-3, bwd_s=2e-3, out_bytes=MiB, colocation=200)]
-        edges += [(f"a{t}", f"b{t}")] + ([(f"a{t - 1}", f"a{t}"), (f"b{t - 1}", f"b{t}")] if t else [])
-    ops += [dict(name=f"h{j}", fwd_s=1e-3, bwd_s=2e-3, out_bytes=MiB) for j in range(3)]
-    edges += [("b3", "h0"), ("h0", "h1"), ("h1", "h2")]
-    sim = Simulator(OpGraph.build(name="rnn2h", ops=ops, edges=edges), cpus(2))
+    # the two layers (12 ms of work each), then three 3 ms ops in a chain after b3: 33 ms over two equal devices is
+    # 16.5 ms each. h0 follows its producer (b's device, 15 ms); h1 would take it to 18 ms, so it goes to a's
+    # device, which ends at 15 ms; h2 follows h1 there (18 ms on either device, so no move)
+    sim = _two_recurrent_layers([dict(name=f"h{j}", fwd_s=1e-3, bwd_s=2e-3, out_bytes=MiB) for j in range(3)],
+                                [("b3", "h0"), ("h0", "h1"), ("h1", "h2")])
     assert list(group_start(sim)) == [0, 1] * 4 + [1, 0, 0]
