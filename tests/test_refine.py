@@ -118,3 +118,17 @@ def test_the_group_start_keeps_ops_with_their_producer_only_up_to_a_fair_share()
     sim = _two_recurrent_layers([dict(name=f"h{j}", fwd_s=1e-3, bwd_s=2e-3, out_bytes=MiB) for j in range(3)],
                                 [("b3", "h0"), ("h0", "h1"), ("h1", "h2")])
     assert list(group_start(sim)) == [0, 1] * 4 + [1, 0, 0]
+
+
+def test_the_group_start_leaves_a_device_whose_memory_is_full():
+    # two parameter-heavy ops after b3 (no work, so the fair share keeps both with their producer): b's device
+    # holds one of them (its parameters x 4 for Adam's states) but not two, so the second goes to a's device, and
+    # the start fits where the memory-blind one (both on b's device) is out of memory
+    heavy = [dict(name=f"h{j}", fwd_s=0.0, bwd_s=0.0, out_bytes=MiB, param_bytes=32 * MiB) for j in range(2)]
+    roomy = _two_recurrent_layers(heavy, [("b3", "h0"), ("h0", "h1")])
+    assert list(group_start(roomy)) == [0, 1] * 4 + [1, 1]
+    tight = Simulator(roomy.graph, cpus(2, memory_bytes=160 * MiB))  # the layers hold nothing; 128 MiB per op
+    dev = group_start(tight)
+    assert list(dev) == [0, 1] * 4 + [1, 0]
+    assert best_plan(tight, dev)[1].ok
+    assert best_plan(tight, [0, 1] * 4 + [1, 1])[1].oom

@@ -150,7 +150,9 @@ def group_start(sim: "Simulator") -> np.ndarray | None:
     then, in op order, every other op on the least loaded of its producers' devices (the chains stay local) unless
     that device would pass its fair share of the work (the whole graph's time spread over the devices by speed,
     so that all would finish together) and another device would end less loaded with it, then on the device least
-    loaded with it; the graph's sources on that one too. None when no group has several ops."""
+    loaded with it; the graph's sources on that one too. Memory: a device is only chosen while its parameter
+    states (x 4, Adam) and the whole batch's stash stay within its capacity (GPipe's peak, so any schedule fits),
+    as long as some device has that room. None when no group has several ops."""
     graph = sim.graph
     _, group = np.unique(graph.colocation, return_inverse=True)
     group = group.reshape(-1)
@@ -160,25 +162,34 @@ def group_start(sim: "Simulator") -> np.ndarray | None:
     d = sim.cluster.num_devices
     work = sim.fwd_s + sim.bwd_s  # (D, n): full-batch time of every op on every device
     group_work = np.stack([np.bincount(group, weights=work[k], minlength=group.max() + 1) for k in range(d)])
+    need = np.bincount(group, weights=sim.param_bytes * 4.0 + sim.stash_bytes)  # bytes per group
     share = 1.0 / (1.0 / np.maximum(work.sum(axis=1), 1e-300)).sum()  # each device's time when all end together
     dev = np.full(graph.n, -1, dtype=np.int64)
-    load = np.zeros(d)
-    for g in multi[np.argsort(-group_work[:, multi].mean(axis=0), kind="stable")][:d]:
-        k = int(np.argmin(load + group_work[:, g]))
+    load, mem = np.zeros(d), np.zeros(d)
+
+    def put(g: int, k: int) -> None:
         dev[group == g] = k
         load[k] += group_work[k, g]
+        mem[k] += need[g]
+
+    def room(g: int) -> np.ndarray:
+        fits = mem + need[g] <= sim.memory_bytes
+        return fits if fits.any() else mem + need[g] <= (mem + need[g]).min()
+
+    for g in multi[np.argsort(-group_work[:, multi].mean(axis=0), kind="stable")][:d]:
+        put(int(g), int(np.argmin(np.where(room(g), load + group_work[:, g], np.inf))))
     producers = graph.predecessors()
     for i in range(graph.n):  # op-index order is topological: a producer is placed before its readers
         if dev[i] >= 0:
             continue
-        w = group_work[:, group[i]]
-        near = set(dev[producers[i]].tolist())
+        g, ok = int(group[i]), room(group[i])
+        w = group_work[:, g]
+        near = [q for q in set(dev[producers[i]].tolist()) if ok[q]]
         k = min(near, key=lambda q: (load[q], q)) if near else -1
-        alt = int(np.argmin(load + w))
+        alt = int(np.argmin(np.where(ok, load + w, np.inf)))
         if k < 0 or (load[k] + w[k] > share and load[alt] + w[alt] < load[k] + w[k]):
             k = alt
-        dev[group == group[i]] = k
-        load[k] += w[k]
+        put(g, k)
     return dev
 
 
