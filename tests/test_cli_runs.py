@@ -166,7 +166,7 @@ def test_train_summary_compares_like_with_like_and_labels_every_number(capsys):
     assert "the baselines were not measured" in text
     assert "2 engine measurement(s) failed" in text
     assert "in 90 s (the budget, 90 s, bounds this); the command took 150 s: 40 s before training" in text
-    assert "20 s outside the budget (baselines, final engine re-measurement" in text
+    assert "20 s outside the budget (baselines, refinement, final engine re-measurement" in text
     # a refined plan is the planner's row; the policy's own best is its own row
     refined = SimpleNamespace(policy_step_s=1.5, evaluations=42, source="refined from heft")
     print_train_summary(_summary(measured=None, failed=0, refined=refined), budget_s=90.0, refine_s=30.0)

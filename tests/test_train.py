@@ -15,7 +15,9 @@ from placer.core.cluster import Cluster, get_cluster
 from placer.io.document import load_placement
 from placer.core.placement import Placement
 from placer.app.train import TrainConfig, train, train_and_place
-from tests.policy_helpers import SimMeasurer
+from tests.policy_helpers import SimMeasurer, chain, cpus
+
+MiB = 1 << 20
 
 TAGS = {"charts/best_step_time_s", "charts/mean_step_time_s", "charts/reward", "charts/entropy",
         "charts/samples_per_s", "losses/policy", "baseline/expert_step_time_s", "baseline/heft_step_time_s"}
@@ -305,6 +307,23 @@ def test_refinement_reports_its_faster_op_plan_labelled_and_simulating_to_its_ti
     assert "charts/refined_step_time_s" in scalars(res.run_dir)
     # without refine_s nothing is refined
     assert train(tiny(tmp_path / "plain", max_updates=1)).only.refined is None
+
+
+def test_refinement_finds_a_plan_where_every_sampled_placement_is_out_of_memory(tmp_path):
+    # 8 ops of 32 MiB of parameters (128 MiB with Adam's states) on 4 devices of 300 MiB: a device holds two ops.
+    # The policy places 2 groups of 4 ops, so every sample is out of memory; refinement moves single ops and
+    # starts from the baselines and the splits too
+    graph, cluster = chain(8, fwd_s=1e-3, out_bytes=MiB, param_bytes=32 * MiB), cpus(4, memory_bytes=300 * MiB)
+    kw = dict(graph=graph, cluster=cluster, num_groups=2, max_updates=1)
+    with pytest.raises(ValueError, match="no placement of chain8 sampled in training ran"):
+        train(tiny(tmp_path / "plain", **kw))
+    res = train(tiny(tmp_path, refine_s=2.0, **kw))
+    out = res.only
+    assert out.device_of_group is None and out.refined is not None and out.predicted.ok
+    assert out.refined.policy_step_s == math.inf and out.best_step_time_s == out.predicted.step_time_s
+    assert np.bincount(out.placement.device_of_op, minlength=4).tolist() == [2, 2, 2, 2]
+    doc = json.loads((res.run_dir / "placement.json").read_text())
+    assert doc["provenance"]["source"] == out.source and out.source.startswith("refined from ")
 
 
 @pytest.mark.parametrize("kw, match", [(dict(refine_s=-1.0), "refine_s must not be negative"),

@@ -111,7 +111,8 @@ class GraphOutcome:
 
     placement: Placement
     """Best placement (op level)."""
-    device_of_group: np.ndarray
+    device_of_group: np.ndarray | None
+    """The policy's best groups (None when only refinement found a plan that runs)."""
     predicted: StepResult
     """Best placement simulated on the full op graph."""
     measured: StepResult | None
@@ -299,9 +300,9 @@ class Trainer:
 
     def _refine(self, slot: Slot) -> None:
         """Plan refinement after training (:mod:`placer.app.training.refining`); its step goes to TensorBoard."""
-        c = self.config
-        policy = self.predicted_of(slot, slot.final_groups)
-        slot.refined = refine_slot(slot, self.cluster, policy, budget_s=c.refine_s, seed=c.seed)
+        groups = slot.final_groups
+        policy = self.predicted_of(slot, groups) if groups is not None else None
+        slot.refined = refine_slot(slot, self.cluster, policy, budget_s=self.config.refine_s, seed=self.config.seed)
         if slot.refined is not None:
             slot.dirty = True
             self.writer.add_scalar("charts/refined_step_time_s", slot.refined.predicted.step_time_s, self.samples)
@@ -338,8 +339,7 @@ class Trainer:
         """Write the slot's reported placement; a resumed run first reads the file, and leaves it when it holds a
         better placement (written before a kill that came between a placement write and the next checkpoint): the
         best on disk never gets worse. A fresh run's file holds only its own placements."""
-        groups = slot.final_groups
-        if groups is None:
+        if slot.final_groups is None and slot.refined is None:
             return
         path = self.placement_path(slot)
         placement, predicted, source = self.reported(slot)
@@ -420,15 +420,15 @@ class Trainer:
 
     def _finish(self) -> list[GraphOutcome]:
         c = self.config
-        missing = [s.graph.name for s in self.slots if s.best_groups is None]
+        if c.refine_s > 0 and len(self.slots) == 1:  # first: it also starts from the baselines and the splits
+            self._refine(self.slots[0])
+        missing = [s.graph.name for s in self.slots if s.best_groups is None and s.refined is None]
         if missing:
-            raise ValueError(f"training ended before any placement of {', '.join(missing)} was sampled "
-                             f"(budget too small?)")
+            raise ValueError(f"no placement of {', '.join(missing)} sampled in training ran (each failed or was out "
+                             f"of memory, or the budget was too small)")
         for slot in self.slots:
             for cb in slot.callbacks:
                 cb.on_end(self, slot)
-        if c.refine_s > 0 and len(self.slots) == 1:
-            self._refine(self.slots[0])
         self.log_baselines()
         self.checkpoint()
         self.writer.close()
