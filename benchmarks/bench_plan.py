@@ -6,10 +6,11 @@ gets the memory that makes it tight), within ``--budget-s`` seconds per (G, C):
 
 1. every registered baseline places G on C; each placement is scored with its best plan
    (:func:`placer.costmodel.plans.best_plan`, ``schedule="auto"``);
-2. the planner: RL from scratch (seq2seq + REINFORCE, reward under ``schedule="auto"``) for ``--rl-share`` of the
-   budget, then plan refinement (:func:`placer.costmodel.refine.refine`) for the rest, started from the RL
-   placement, every feasible baseline placement (the planner may be seeded by them; the ``source`` column says
-   which start the final plan descends from) and the balanced / interleaved / memory-balanced splits;
+2. the planner, run as a user runs it (``placer train --schedule auto --refine``, :func:`planner`): RL from scratch
+   (seq2seq + REINFORCE, reward under ``schedule="auto"``) for ``--rl-share`` of the budget, then plan refinement
+   (:func:`placer.costmodel.refine.refine`) for the rest, started from the RL placement, every feasible baseline
+   placement (the planner may be seeded by them; the ``source`` column says which start the final plan descends
+   from) and the balanced / interleaved / memory-balanced splits;
 3. prints the table and::
 
     figure: plan_vs_best_baseline[G,C] = X      plan step / best baseline step (target: geomean <= 0.85, none > 1)
@@ -53,7 +54,6 @@ from graphs.data import load_benchmark_graph  # noqa: E402
 from placer import baselines  # noqa: E402
 from placer.core.cluster import Cluster, get_cluster  # noqa: E402
 from placer.costmodel.plans import best_plan, plan_bound  # noqa: E402
-from placer.costmodel.refine import refine  # noqa: E402
 from placer.costmodel.sim import Simulator  # noqa: E402
 from placer.costmodel.tight import memory_tight  # noqa: E402
 
@@ -129,27 +129,39 @@ def lower_bound(graph: Any, cluster: Cluster) -> tuple[float, str]:
     return bound_s, f"{bound_s * 1e3:.2f} ms at M = {m}, set by {term}"
 
 
+def planner(graph: Any, cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
+    """The planner as a user runs it: ``placer train --schedule auto --refine`` (:func:`placer.app.train.train`),
+    RL from scratch for ``--rl-share`` of the budget, then refinement for the rest from RL's best placement, every
+    feasible baseline's and the splits (also when every RL sample was out of memory). Its plan, RL's own best plan
+    (``nan`` when none ran), the start the plan descends from and how many plans refinement scored."""
+    from placer.app.train import train
+    from placer.app.training.config import flat_config
+
+    rl_s = args.budget_s * args.rl_share
+    try:
+        out = train(flat_config(graph=graph, cluster=cluster, budget_s=rl_s, refine_s=args.budget_s - rl_s,
+                                seed=args.seed, runs_dir=args.runs_dir, progress=False, schedule="auto",
+                                baselines=baselines.names())).only
+    except ValueError as e:  # no RL sample ran and refinement found no plan that fits
+        print(f"# planner on {graph.name}/{cluster.name}: {e}", flush=True)
+        return {"plan_s": math.inf, "plan": "OOM", "rl_s": math.nan, "source": "-", "evals": 0}
+    plan_s = out.predicted.step_time_s if out.predicted.ok else math.inf
+    got = {"plan_s": plan_s, "plan": f"{out.predicted.schedule} x{out.predicted.microbatches}"}
+    if (ref := out.refined) is None:  # refinement did not beat the policy's best: that is the plan
+        return {**got, "rl_s": plan_s, "source": "rl", "evals": 0}
+    own = ref.policy_step_s
+    return {**got, "rl_s": own if math.isfinite(own) else math.nan, "source": ref.start, "evals": ref.evaluations}
+
+
 def bench_pair(g_name: str, c_name: str, args: argparse.Namespace) -> dict[str, Any]:
     graph = load_benchmark_graph(g_name)
     cluster = cluster_for(c_name, graph)
-    sim = Simulator(graph, cluster)
     t0 = time.perf_counter()
-    base = score_baselines(sim, args.seed)
+    base = score_baselines(Simulator(graph, cluster), args.seed)
     best_m = min(base, key=lambda m: (base[m][0], m))
-    starts = {f"baseline:{m}": v[2] for m, v in base.items() if math.isfinite(v[0])}
-    t_rl = time.perf_counter()
-    rl = rl_placement(graph, cluster, args.budget_s * args.rl_share, args.seed, args.runs_dir)
-    rl_s = math.nan
-    if rl is not None:
-        _, r = best_plan(sim, rl)
-        rl_s = r.step_time_s if r.ok else math.inf
-        starts["rl"] = rl
-    left = max(1.0, args.budget_s - (time.perf_counter() - t_rl))
-    ref = refine(sim, starts, budget_s=left, seed=args.seed)
-    plan_s = ref.result.step_time_s if ref.result.ok else math.inf
+    got = planner(graph, cluster, args)
     lb, lb_note = lower_bound(graph, cluster)
-    return {"graph": g_name, "cluster": c_name, "base": base, "best_m": best_m, "rl_s": rl_s, "plan_s": plan_s,
-            "plan": ref.plan.label, "source": ref.start, "evals": ref.evaluations, "lb": lb,
+    return {"graph": g_name, "cluster": c_name, "base": base, "best_m": best_m, **got, "lb": lb,
             "lb_note": lb_note, "wall_s": time.perf_counter() - t0}
 
 
