@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from graphs.ir import OpCosts, OpGraph, Provenance
+from placer.baselines.expert_parallel import expert_index
 from placer.baselines import BASELINES, names, place, place_single, single_methods
 from placer.baselines._common import groups_of, memory_report
 from placer.costmodel.costs import op_memory_bytes, op_time_s
@@ -107,7 +108,7 @@ def layered(n_layers: int = 12, width: int = 5, seed: int = 0) -> OpGraph:
 
 HAND_MADE = {"two-chains": two_chains, "chain": lambda: chain(7), "rnnlm-fake": fake_rnnlm, "nmt-fake": fake_nmt,
              "layered": layered}
-CLASS_METHODS = {"single-cpu", "single-gpu"}  # raise a ValueError when the cluster has no such device
+CLASS_METHODS = {"single-cpu", "single-gpu", "expert-parallel"}  # ValueError: no such device / no routed experts
 
 
 def _devices(p, g: OpGraph) -> dict[str, int]:
@@ -199,7 +200,7 @@ def test_m_etf_respects_a_memory_cap_with_the_hand_worked_split():
 def test_memory_infeasible_still_returns_a_placement():
     g = chain(10, param_bytes=100)  # 4000 bytes, cluster holds 2 x 1000
     cl = _equal(2, memory_bytes=1000)
-    for method in sorted(set(names()) - {"single-gpu"}):  # a CPU-only cluster has no GPU
+    for method in sorted(set(names()) - {"single-gpu", "expert-parallel"}):  # no GPU, no experts
         p = place(method, g, cl, seed=0)
         groups = groups_of(g, cl)
         assert memory_report(groups, cl, p.device_of_op[[o[0] for o in groups.ops]]), method
@@ -311,6 +312,33 @@ def test_every_method_gives_a_valid_deterministic_placement(graph_name, cluster_
         assert place(method, g, cl, seed=3) == p1, method
 
 
+def test_expert_parallel_deals_each_blocks_experts_over_the_devices_but_the_heads():
+    # two MoE blocks of 4 routed experts between a stem and a head; 4 devices: torchtitan's split puts the head on
+    # the last, so experts k go round-robin over the other three, each block's four on three different devices
+    ops, edges, prev = [dict(name="stem", module="emb", fwd_s=1.0)], [], "stem"
+    for b in range(2):
+        ops.append(dict(name=f"router{b}", module=f"blocks.{b}.moe.router", fwd_s=1.0))
+        edges.append((prev, f"router{b}"))
+        for k in range(4):
+            ops.append(dict(name=f"e{b}.{k}", module=f"blocks.{b}.moe.experts.{k}.fc", fwd_s=1.0))
+            edges.append((f"router{b}", f"e{b}.{k}"))
+        ops.append(dict(name=f"combine{b}", module=f"blocks.{b}.moe", fwd_s=1.0))
+        edges += [(f"e{b}.{k}", f"combine{b}") for k in range(4)]
+        prev = f"combine{b}"
+    ops.append(dict(name="head", module="head", fwd_s=8.0))
+    edges.append((prev, "head"))
+    g = with_k80(OpGraph.build(name="moe-toy", ops=ops, edges=edges))
+    cl = _equal(4)
+    dev = _devices(place("expert-parallel", g, cl), g)
+    split = _devices(place("even-layers-weighted", g, cl), g)
+    assert {k: v for k, v in dev.items() if not k.startswith("e")} == {k: v for k, v in split.items()
+                                                                        if not k.startswith("e")}
+    spread = sorted(set(range(4)) - {dev["head"]})
+    assert [dev[f"e{b}.{k}"] for b in range(2) for k in range(4)] == [spread[k % 3] for b in range(2) for k in range(4)]
+    with pytest.raises(ValueError, match="no routed experts"):
+        place("expert-parallel", chain(4), cl)
+
+
 def test_random_depends_on_the_seed():
     g, cl = layered(), get_cluster("cpu+4gpu")
     assert place("random", g, cl, seed=1) != place("random", g, cl, seed=2)
@@ -323,6 +351,10 @@ def test_every_method_on_benchmark_graphs(path):
         cl = get_cluster(cluster_name)
         for method in names():
             if method in CLASS_METHODS and cluster_name == "cpu-2":
+                continue
+            if method == "expert-parallel" and not (expert_index(g.module_paths) >= 0).any():
+                with pytest.raises(ValueError, match="has no routed experts"):
+                    place(method, g, cl, seed=0)
                 continue
             place(method, g, cl, seed=0).validate(g, cl)
     # the expert rule on the traced model: LSTM layer k (and its time steps) on GPU k, i.e. device k + 1

@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from graphs.build import build_graph, rebuild_traced
+from graphs.ir import OpCosts, Provenance
 from placer.core.cluster import get_cluster
+from placer.costmodel.sim import get_simulator
 from placer.engine import EngineConfig, Measurer, reference_step
+from placer.engine.ordering import device_tasks
 from placer.core.placement import Placement
 
 pytestmark = pytest.mark.slow
@@ -129,6 +132,30 @@ def test_schedules_agree_with_plain_training(branchy, schedule):
     # no batch-dependent op: 4 micro-batches of 2 give the full-batch gradients
     assert_matches(out, model.reference(1))
     assert out.result.microbatches == 4 and out.result.schedule == schedule
+
+
+def test_dataflow_runs_the_simulators_order_and_trains_like_one_process(branchy):
+    """``dataflow`` lists come from list scheduling on the costs: the workers run exactly the simulator's lists
+    (micro-batches interleaved where the costs say so) and the gradients are plain training's."""
+    model, m = branchy
+    g = model.graph
+    rng = np.random.default_rng(0)
+    prov = Provenance(device="cpu", threads=1, torch_version="", date="", method="estimated")
+    costed = g.with_costs("cpu", OpCosts(fwd_s=rng.uniform(1e-4, 1e-3, g.n), bwd_s=rng.uniform(1e-4, 2e-3, g.n),
+                                        provenance=prov))
+    pl = random_placement(g, 3)
+    with pytest.raises(ValueError, match="needs the cluster"):  # no costs to order by
+        device_tasks(costed, pl, 2, schedule="dataflow", microbatches=4)
+    m.switch_graph(costed)
+    try:
+        out = m.run_step(pl, schedule="dataflow", microbatches=4, update=False)
+    finally:
+        m.switch_graph(g)
+    assert_matches(out, model.reference(1))
+    sched = get_simulator(costed, CPU2).schedule(pl, "dataflow", microbatches=4)
+    tasks, order, _ = device_tasks(costed, pl, 2, schedule="dataflow", microbatches=4, cluster=CPU2)
+    assert order == out.result.schedule_ran == "dataflow"
+    assert tasks == [sched.tasks(d) for d in range(2)]
 
 
 def test_alternating_placement_finishes(branchy):

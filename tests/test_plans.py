@@ -11,7 +11,7 @@ from graphs.ir import OpGraph
 from placer.core.placement import Placement
 from placer.costmodel.plans import (AUTO, allowed_microbatches, batch_size, best_plan, check_schedule, run_plan,
                                     schedule_choices)
-from placer.costmodel.schedules import SCHEDULES
+from placer.costmodel.schedules import SCHEDULES, is_stage_contiguous
 from placer.costmodel.sim import Simulator
 from tests.policy_helpers import chain, cpus
 
@@ -19,9 +19,10 @@ MiB = 1 << 20
 
 
 def _exhaustive(sim: Simulator, dev: np.ndarray) -> float:
-    times = [sim.run(dev, schedule=s, microbatches=m).step_time_s
-             for s in SCHEDULES for m in allowed_microbatches(sim.graph)]
-    return min(times)
+    """The fastest of every schedule x M that best_plan may choose (``dataflow`` only off stage chains)."""
+    names = [s for s in SCHEDULES if s != "dataflow" or not is_stage_contiguous(sim.graph, dev)]
+    return min(sim.run(dev, schedule=s, microbatches=m).step_time_s for s in names
+               for m in allowed_microbatches(sim.graph))
 
 
 @pytest.mark.parametrize("dev", [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 3, 3], [0, 1, 0, 1, 0, 1, 0, 1],
@@ -40,6 +41,21 @@ def test_best_plan_is_the_fastest_of_all_schedules_and_microbatches(dev):
     else:  # a pipeline of a chain gains from micro-batches
         assert plan.microbatches > 1
     assert run_plan(sim, dev, schedule=AUTO).step_time_s == res.step_time_s
+
+
+def test_dataflow_is_searched_off_stage_chains_only():
+    """Devices taking turns along the chain: in-order lists serialise micro-batches and ``dataflow`` wins. A
+    chain of contiguous stages keeps torch.distributed.pipelining's orders even where dataflow would be faster,
+    unless asked alone."""
+    g = chain(8, fwd_s=[1e-3, 2e-3, 1e-3, 3e-3, 1e-3, 1e-3, 2e-3, 1e-3], out_bytes=4 * MiB)
+    sim = Simulator(g, cpus(4, bandwidth_Bps=4e9, latency_s=2e-5))
+    plan, res = best_plan(sim, np.array([0, 1, 2, 0, 1, 2, 0, 1]))
+    assert plan.schedule == "dataflow" and res.schedule_ran == "dataflow"
+    stages = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    plan, res = best_plan(sim, stages)
+    faster = sim.run(stages, schedule="dataflow", microbatches=8).step_time_s
+    assert plan.schedule != "dataflow" and faster < res.step_time_s
+    assert best_plan(sim, stages, schedules=["dataflow"])[0].schedule == "dataflow"
 
 
 def test_ties_go_to_the_simpler_schedule_then_fewer_microbatches():
@@ -116,7 +132,7 @@ def test_bad_schedule_names_are_one_line_errors():
     assert check_schedule("auto") == "auto"
     sim = Simulator(chain(2), cpus(2))
     with pytest.raises(ValueError, match="unknown schedule 'zero'; choose one of none, gpipe, 1f1b, "
-                                         "interleaved-1f1b, auto"):
+                                         "interleaved-1f1b, dataflow, auto"):
         run_plan(sim, np.array([0, 1]), schedule="zero")
 
 

@@ -71,8 +71,8 @@ def test_schema_check_fails_when_a_schedule_is_registered_and_generation_fixes_i
     monkeypatch.setitem(schedules.SCHEDULES, "zero-bubble", schedules.SCHEDULES["gpipe"])
     schema = schema_gen.read_schema()
     assert schema_gen.disagreements(schema) == [
-        "schedule.name: the schema has ['none', 'gpipe', '1f1b', 'interleaved-1f1b'], the registry "
-        "['none', 'gpipe', '1f1b', 'interleaved-1f1b', 'zero-bubble']"]
+        "schedule.name: the schema has ['none', 'gpipe', '1f1b', 'interleaved-1f1b', 'dataflow'], the registry "
+        "['none', 'gpipe', '1f1b', 'interleaved-1f1b', 'dataflow', 'zero-bubble']"]
     copy = tmp_path / "placement.schema.json"
     copy.write_text(schema_gen.SCHEMA_FILE.read_text())
     assert schema_gen.main(["--check", "--file", str(copy)]) == 1

@@ -10,9 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphs.ir import OpGraph
-from placer.costmodel.schedules import (SCHEDULES, build_schedule, find_deadlock, is_stage_contiguous, stage_of_device,
-                              transfer_plan, virtual_stages)
+from placer.costmodel.schedules import (COSTED, SCHEDULES, build_schedule, find_deadlock, is_stage_contiguous,
+                                        stage_of_device, transfer_plan, virtual_stages)
+from placer.costmodel.sim import get_simulator
 from tests.graph_strategies import dag_edges
+from tests.test_sim import cluster
 
 
 def chain(n: int) -> OpGraph:
@@ -29,7 +31,7 @@ def blocks(sched, device: int) -> list[str]:
 
 
 def test_registry_and_bad_input():
-    assert set(SCHEDULES) == {"none", "gpipe", "1f1b", "interleaved-1f1b"}
+    assert set(SCHEDULES) == {"none", "gpipe", "1f1b", "interleaved-1f1b", "dataflow"}
     g = chain(2)
     with pytest.raises(ValueError, match="unknown schedule"):
         build_schedule("zigzag", g, [0, 0], 1, microbatches=1)
@@ -37,6 +39,21 @@ def test_registry_and_bad_input():
         build_schedule("gpipe", g, [0, 0], 1, microbatches=0)
     with pytest.raises(ValueError, match="outside"):
         build_schedule("gpipe", g, [0, 3], 2, microbatches=1)
+
+
+def test_dataflow_overlaps_micro_batches_that_in_order_lists_run_one_after_the_other():
+    """Ops alternate between two devices (expert parallelism in miniature): in op-index order a device waits for
+    the other's op of micro-batch 0 before it starts micro-batch 1; ``dataflow`` fills that wait with micro-batch 1."""
+    g = chain(4)
+    dev = np.array([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="needs the simulator"):
+        build_schedule("dataflow", g, dev, 2, microbatches=2)
+    sim = get_simulator(g, cluster(2))
+    s = sim.schedule(dev, "dataflow", microbatches=2)
+    assert blocks(s, 0)[:3] == ["F0.0", "F1.0", "F0.2"]  # micro-batch 1 starts while op 1 of 0 runs on dev1
+    assert blocks(s, 0)[-1] == "U" and s.order == "dataflow"
+    steps = {name: sim.run(dev, schedule=name, microbatches=2).step_time_s for name in ("gpipe", "1f1b", "dataflow")}
+    assert steps["dataflow"] < min(steps["gpipe"], steps["1f1b"])
 
 
 def test_none_is_forward_then_reverse_backward_per_microbatch():
@@ -146,7 +163,8 @@ def dag_and_placement(draw):
 @given(case=dag_and_placement(), name=st.sampled_from(sorted(SCHEDULES)), m=st.integers(1, 5))
 def test_every_task_once_local_order_consistent_and_no_deadlock(case, name, m):
     g, dev, d = case
-    s = build_schedule(name, g, dev, d, microbatches=m, warn=False)
+    sim = get_simulator(g, cluster(d)) if name in COSTED else None
+    s = build_schedule(name, g, dev, d, microbatches=m, warn=False, sim=sim)
     tasks = [(dd, t) for dd in range(d) for t in s.tasks(dd)]
     work = [(t.op, t.microbatch, t.phase) for _, t in tasks if t.phase != "update"]
     assert sorted(work) == sorted((o, mb, p) for o in range(g.n) for mb in range(m) for p in ("fwd", "bwd"))

@@ -8,7 +8,7 @@ method still returns its best placement; the simulator reports the OOM (see each
 Methods: ``single`` (``single-cpu``, ``single-gpu``, and ``single:<kind or device name>`` through :func:`place`),
 ``scotch``, ``mincut``, ``metis``, ``expert``, ``m-topo``, ``m-etf``, ``m-sct``, ``heft``, ``pipedream-dp``,
 ``hetero-dp``, ``even-layers``, ``even-layers-weighted``, ``deepspeed-parameters``, ``deepspeed-uniform``,
-``random``, ``round-robin``.
+``expert-parallel`` (MoE graphs only), ``random``, ``round-robin``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """numba kernels that build the schedules' task orders (:mod:`placer.costmodel.schedules`): chunks of contiguous
-ops per device (virtual stages), their topological ranks, and the pipeline block orders expanded to tasks.
+ops per device (virtual stages), their topological ranks, the pipeline block orders expanded to tasks, and the
+list scheduling of the ``dataflow`` order (:func:`list_order`).
 
 Split from :mod:`placer.costmodel._sim_kernel` (the event sweep); same conventions: flat int64 arrays, one compiled
 function for every graph, ``cache=True``. Task encoding as in :class:`placer.costmodel.schedules.Schedule`.
@@ -256,3 +257,165 @@ def expand_blocks(blk_ptr, blk, dev, level, num_levels):  # pragma: no cover - n
             k += 1
         ptr[d + 1] = k
     return ptr, t_op, t_mb, t_ph
+
+
+# ---------------------------------------------------------------------- dataflow: list scheduling
+@nb.njit(cache=True)
+def _push(key, val, base, size, d, k, v):  # pragma: no cover - numba
+    """Push ``(k, v)`` on device ``d``'s binary min-heap stored at ``key/val[base[d]:]``."""
+    i = size[d]
+    size[d] += 1
+    b = base[d]
+    while i > 0:
+        p = (i - 1) // 2
+        if key[b + p] <= k:
+            break
+        key[b + i] = key[b + p]
+        val[b + i] = val[b + p]
+        i = p
+    key[b + i] = k
+    val[b + i] = v
+
+
+@nb.njit(cache=True)
+def _pop(key, val, base, size, d):  # pragma: no cover - numba
+    """Pop the smallest ``(key, value)`` of device ``d``'s heap."""
+    b = base[d]
+    top_k, top_v = key[b], val[b]
+    size[d] -= 1
+    n = size[d]
+    k, v = key[b + n], val[b + n]
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and key[b + c + 1] < key[b + c]:
+            c += 1
+        if key[b + c] >= k:
+            break
+        key[b + i] = key[b + c]
+        val[b + i] = val[b + c]
+        i = c
+    key[b + i] = k
+    val[b + i] = v
+    return top_k, top_v
+
+
+@nb.njit(cache=True)
+def list_order(dev, num_devices, num_mb, dur_f, dur_b, pred_ptr, pred_idx, pred_x, succ_ptr, succ_idx, succ_x,
+               grad_x):  # pragma: no cover - numba
+    """Per-device task lists of ``dataflow`` (:mod:`placer.costmodel.schedules`) as ``(device_ptr, op, mb, phase)``.
+
+    ``pred_x`` / ``succ_x``: the activation's transfer time along each CSR entry (0 on one device); ``grad_x``
+    per op: 1.0 when its gradient travels back (it depends on a parameter), else 0.0 (the backward still waits)."""
+    n = dev.shape[0]
+    # longest remaining path of each task (backward chains run towards lower op indices: src < dst)
+    bl_b = np.zeros(n)
+    for i in range(n):
+        best = 0.0
+        for j in range(pred_ptr[i], pred_ptr[i + 1]):
+            c = pred_x[j] * grad_x[pred_idx[j]] + bl_b[pred_idx[j]]
+            if c > best:
+                best = c
+        bl_b[i] = dur_b[i] + best
+    bl_f = np.zeros(n)
+    for i in range(n - 1, -1, -1):
+        best = bl_b[i]
+        for j in range(succ_ptr[i], succ_ptr[i + 1]):
+            c = succ_x[j] + bl_f[succ_idx[j]]
+            if c > best:
+                best = c
+        bl_f[i] = dur_f[i] + best
+    scale = 4.0 * (bl_f.max() + 1.0) if n else 1.0
+    # tasks: forward (i, m) = m * n + i, backward = (num_mb + m) * n + i
+    num_t = 2 * num_mb * n
+    ndep = np.empty(num_t, np.int64)
+    ready = np.zeros(num_t)
+    for m in range(num_mb):
+        for i in range(n):
+            ndep[m * n + i] = pred_ptr[i + 1] - pred_ptr[i]
+            ndep[(num_mb + m) * n + i] = 1 + succ_ptr[i + 1] - succ_ptr[i]
+    per_dev = np.zeros(num_devices + 1, np.int64)
+    for i in range(n):
+        per_dev[dev[i] + 1] += 2 * num_mb
+    for d in range(num_devices):
+        per_dev[d + 1] += per_dev[d]
+    base = per_dev[:num_devices].copy()
+    pend_k, pend_v, pend_n = np.empty(num_t), np.empty(num_t, np.int64), np.zeros(num_devices, np.int64)
+    av_k, av_v, av_n = np.empty(num_t), np.empty(num_t, np.int64), np.zeros(num_devices, np.int64)
+    for m in range(num_mb):
+        for i in range(n):
+            if ndep[m * n + i] == 0:
+                _push(pend_k, pend_v, base, pend_n, dev[i], 0.0, m * n + i)
+    free = np.zeros(num_devices)
+    out_t = np.empty(num_t, np.int64)
+    out_n = np.zeros(num_devices, np.int64)
+    for _ in range(num_t):
+        # the device that can start a task earliest (causal: later releases are ready later still)
+        d_best, t_best = -1, np.inf
+        for d in range(num_devices):
+            if av_n[d] > 0:
+                t = free[d]
+            elif pend_n[d] > 0:
+                t = max(free[d], pend_k[base[d]])
+            else:
+                continue
+            if t < t_best:
+                d_best, t_best = d, t
+        d = d_best
+        while pend_n[d] > 0 and pend_k[base[d]] <= t_best:
+            _, k = _pop(pend_k, pend_v, base, pend_n, d)
+            ph, rest = divmod(k, num_mb * n)
+            m, i = divmod(rest, n)
+            prio = (2.0 * m + (1.0 - ph)) * scale - (bl_f[i] if ph == 0 else bl_b[i])
+            _push(av_k, av_v, base, av_n, d, prio, k)
+        _, k = _pop(av_k, av_v, base, av_n, d)
+        ph, rest = divmod(k, num_mb * n)
+        m, i = divmod(rest, n)
+        end = t_best + (dur_f[i] if ph == 0 else dur_b[i])
+        free[d] = end
+        out_t[per_dev[d] + out_n[d]] = k
+        out_n[d] += 1
+        if ph == 0:
+            kb = (num_mb + m) * n + i
+            ready[kb] = max(ready[kb], end)
+            ndep[kb] -= 1
+            if ndep[kb] == 0:
+                _push(pend_k, pend_v, base, pend_n, d, ready[kb], kb)
+            for j in range(succ_ptr[i], succ_ptr[i + 1]):
+                s = succ_idx[j]
+                ks = m * n + s
+                ready[ks] = max(ready[ks], end + succ_x[j])
+                ndep[ks] -= 1
+                if ndep[ks] == 0:
+                    _push(pend_k, pend_v, base, pend_n, dev[s], ready[ks], ks)
+        else:
+            for j in range(pred_ptr[i], pred_ptr[i + 1]):
+                p = pred_idx[j]
+                kp = (num_mb + m) * n + p
+                ready[kp] = max(ready[kp], end + pred_x[j] * grad_x[p])
+                ndep[kp] -= 1
+                if ndep[kp] == 0:
+                    _push(pend_k, pend_v, base, pend_n, dev[p], ready[kp], kp)
+    # flatten, one update per used device
+    used = 0
+    for d in range(num_devices):
+        if out_n[d] > 0:
+            used += 1
+    ptr = np.zeros(num_devices + 1, np.int64)
+    op = np.empty(num_t + used, np.int64)
+    mb = np.empty(num_t + used, np.int64)
+    phase = np.empty(num_t + used, np.int64)
+    w = 0
+    for d in range(num_devices):
+        for r in range(out_n[d]):
+            k = out_t[per_dev[d] + r]
+            ph, rest = divmod(k, num_mb * n)
+            op[w], mb[w], phase[w] = rest % n, rest // n, ph
+            w += 1
+        if out_n[d] > 0:
+            op[w], mb[w], phase[w] = -1, -1, 2
+            w += 1
+        ptr[d + 1] = w
+    return ptr, op, mb, phase

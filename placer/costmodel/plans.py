@@ -15,9 +15,12 @@ time: one ``auto`` evaluation simulates several plans; :func:`best_plan` keeps t
 **The search** (:func:`best_plan`): candidates are ``none x1`` and, for every allowed ``M > 1``
 (:func:`allowed_microbatches`: divisors of the graph's batch up to :data:`MAX_MICROBATCHES`, only 1 when the
 graph was recorded as not micro-batchable), ``interleaved-1f1b`` (only where some device holds several
-chunks: with one chunk per device it is exactly ``1f1b``), ``1f1b`` and ``gpipe``. A failed (OOM) plan is
-``inf``. The fastest wins; ties go to the simpler schedule (registry order: none, gpipe, 1f1b,
-interleaved-1f1b), then to fewer micro-batches. Settings skipped because they provably cannot win:
+chunks: with one chunk per device it is exactly ``1f1b``), ``1f1b`` and ``gpipe``, and for every allowed ``M``
+``dataflow`` (:mod:`placer.costmodel.dataflow`), except on placements that are a chain of contiguous stages:
+``torch.distributed.pipelining`` runs those with its own schedules, which a trainer can load, and on them the
+list order gains little (1% on gpt-medium's best two-stage split). A failed (OOM) plan is ``inf``. The fastest
+wins; ties go to the simpler schedule (registry order: none, gpipe, 1f1b, interleaved-1f1b, dataflow), then to
+fewer micro-batches. Settings skipped because they provably cannot win:
 
 * ``gpipe`` / ``1f1b`` with ``M = 1`` run exactly ``none x1``'s order (``interleaved-1f1b x1`` does not where
   a device holds several chunks: it runs them chunk by chunk, and is tried);
@@ -45,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from placer.core.result import StepResult
-from placer.costmodel.schedules import SCHEDULES, build_schedule, virtual_stages
+from placer.costmodel.schedules import SCHEDULES, build_schedule, is_stage_contiguous, virtual_stages
 from placer.costmodel.sim import OPTIMIZERS
 
 if TYPE_CHECKING:
@@ -193,7 +196,7 @@ def best_plan(sim: "Simulator", placement: "Placement | np.ndarray", *, schedule
         if best is not None and np.isfinite(best.step_time_s) and bounds[m] > best.step_time_s:
             return  # the work bound says it cannot win
         # no warnings while searching (M < stages, fallbacks): the chosen plan's run warns, if it deserves it
-        sched = build_schedule(name, graph, dev, sim.cluster.num_devices, microbatches=m, warn=False)
+        sched = build_schedule(name, graph, dev, sim.cluster.num_devices, microbatches=m, warn=False, sim=sim)
         if (sched.order, m) in seen:
             return  # a fallback to an order already simulated: the same task list
         seen.add((sched.order, m))
@@ -219,6 +222,11 @@ def best_plan(sim: "Simulator", placement: "Placement | np.ndarray", *, schedule
         for m in sorted((m for m in ms if m > 1), reverse=True):
             for name in pipelined:
                 consider(name, m)
+        # after the pipeline orders (their best step prunes it by the work bound); not on a chain of contiguous
+        # stages unless asked alone: torch.distributed.pipelining runs those with its own schedules, not this one
+        if "dataflow" in names and (names == ["dataflow"] or not is_stage_contiguous(graph, dev)):
+            for m in sorted(ms, reverse=True):
+                consider("dataflow", m)
     if "none" in names and (best is None or not best.ok):  # gradient accumulation only saves memory
         for m in (m for m in ms if m > 1):
             consider("none", m)

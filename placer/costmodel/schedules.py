@@ -4,8 +4,9 @@ Both the simulator and the real engine run these orders **as given**: every devi
 takes its next task once that task's inputs have arrived. Rules shared by all schedules:
 
 * an op's backward runs on its forward's device (TensorFlow colocated gradients; ColocRL relied on it);
+* a forward waits for its inputs' forwards, a backward for its own forward and its readers' backwards;
 * within one micro-batch (and one chunk, see below) a device runs its forwards in op-index order (a global
-  topological order) and its backwards in reverse op-index order;
+  topological order) and its backwards in reverse op-index order (all but ``dataflow``);
 * each device that owns ops ends with one ``update`` task (``op = -1``, ``microbatch = -1``) after all its
   backwards (gradients are accumulated over micro-batches, then its parameters are updated once).
 
@@ -27,6 +28,21 @@ Schedules, by name (:data:`SCHEDULES`):
     micro-batch groups of ``S`` chunk by chunk (backwards: last chunk first), with ``2 (S - s - 1) + (v - 1) S``
     warm-up forwards (all forwards first when ``M == S``, as Megatron does). With one chunk per device it is
     exactly ``1f1b``.
+``dataflow``
+    Each device runs whichever of its tasks is ready, earliest micro-batch first: TensorFlow's executor, on which
+    ColocRL and the list-scheduling placers (HEFT, Baechi's m-ETF / m-SCT) measured their placements. The orders
+    above fix a device's order by op index within a micro-batch, so a device holding parts of many layers (the
+    experts of every MoE block under expert parallelism, a HEFT placement) finishes one micro-batch's chain
+    before it starts the next one's. ``dataflow`` makes the executor's order static (the engine matches
+    messages by position, so it cannot reorder at run time) by list scheduling on the simulator's costs
+    (:func:`placer.costmodel._schedule_kernel.list_order`): tasks are released by the dependencies above plus
+    the transfer times, and a device that becomes free takes, among its released tasks ready by then, the one
+    of the earliest micro-batch, backwards first, then the longest remaining path; when none is ready it waits
+    for the first that will be. Every list is then a subsequence of one global order (the start times) in which
+    every dependency comes first, so it never deadlocks; the simulator times it as any schedule (per-message
+    costs, link queues, which the list scheduling only approximates). It needs the costs: ``build_schedule(...,
+    sim=)`` (the simulator and :func:`placer.engine.ordering.device_tasks` pass theirs). Stages are numbered as
+    for ``gpipe``. The op-level engine runs it; ``torch.distributed.pipelining`` does not.
 
 **Stages and chunks.** A device's ops are cut into *chunks* (virtual stages) such that the graph of chunks is
 acyclic: a new chunk starts where a path leaves the device and comes back (dev0 -> dev1 -> dev0 gives dev0 two
@@ -63,6 +79,7 @@ from placer.costmodel.task import PHASES, Task
 if TYPE_CHECKING:
     from graphs.ir import OpGraph
     from placer.core.placement import Placement
+    from placer.costmodel.sim import Simulator
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +142,17 @@ class Schedule:
 
 Builder = Callable[..., Schedule]
 SCHEDULES: dict[str, Builder] = {}
+COSTED: set[str] = set()
+"""Schedules whose order depends on the ops' costs: their builders take the ``sim`` keyword."""
 
 
-def register_schedule(name: str) -> Callable[[Builder], Builder]:
+def register_schedule(name: str, *, costed: bool = False) -> Callable[[Builder], Builder]:
+    """Register a builder ``(graph, device per op, num_devices, *, microbatches[, sim]) -> Schedule``; with
+    ``costed`` it also receives the :class:`placer.costmodel.sim.Simulator` whose costs order the tasks."""
     def deco(fn: Builder) -> Builder:
         SCHEDULES[name] = fn
+        if costed:
+            COSTED.add(name)
         return fn
 
     return deco
@@ -259,13 +282,20 @@ def _assemble(name: str, order: str, dev: np.ndarray, num_devices: int, microbat
                     chunks_per_device=nchunks, note=note)
 
 
+def _stages_by_first_op(dev: np.ndarray, num_devices: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(stage per device, used per device)``: the devices in use numbered in the order of their first op."""
+    n = dev.shape[0]
+    first = np.full(num_devices, n, dtype=np.int64)
+    np.minimum.at(first, dev, np.arange(n))
+    used = first < n
+    stage = np.full(num_devices, -1, dtype=np.int64)
+    stage[np.argsort(first, kind="stable")[:int(used.sum())]] = np.arange(int(used.sum()))
+    return stage, used
+
+
 def _simple(name: str, graph: "OpGraph", dev: np.ndarray, num_devices: int, microbatches: int) -> Schedule:
     """none / gpipe: no stages needed; devices are numbered by their first op."""
-    first = np.full(num_devices, graph.n, dtype=np.int64)
-    np.minimum.at(first, dev, np.arange(graph.n))
-    used = first < graph.n
-    stage = np.full(num_devices, -1, dtype=np.int64)
-    stage[np.argsort(first)[:int(used.sum())]] = np.arange(int(used.sum()))
+    stage, used = _stages_by_first_op(dev, num_devices)
     return _assemble(name, name, dev, num_devices, microbatches, level=np.zeros_like(dev), stage=stage,
                      nchunks=used.astype(np.int64), merge_chunks=True)
 
@@ -313,8 +343,10 @@ def _interleaved(graph: "OpGraph", placement: "Placement | np.ndarray", num_devi
 
 
 def build_schedule(name: str, graph: "OpGraph", placement: "Placement | np.ndarray", num_devices: int, *,
-                   microbatches: int, warn: bool = True) -> Schedule:
+                   microbatches: int, warn: bool = True, sim: "Simulator | None" = None) -> Schedule:
     """The per-device task orders of schedule ``name`` for a placement; ``ValueError`` for a bad name or M.
+
+    ``sim``: the simulator whose costs order a :data:`COSTED` schedule's tasks (``dataflow``); others ignore it.
 
     ``warn`` logs a warning when ``microbatches`` < pipeline stages (the pipeline cannot fill) and when a
     fallback order was used. ``microbatches`` > 1 for a graph recorded as not micro-batchable is a one-line
@@ -335,7 +367,8 @@ def build_schedule(name: str, graph: "OpGraph", placement: "Placement | np.ndarr
     if dev.size and (dev.min() < 0 or dev.max() >= num_devices):
         raise ValueError(f"placement uses device {int(dev.max() if dev.max() >= num_devices else dev.min())}, "
                          f"outside 0..{num_devices - 1}")
-    sched = builder(graph, dev, num_devices, microbatches=int(microbatches))
+    kw = {"sim": sim} if name in COSTED else {}
+    sched = builder(graph, dev, num_devices, microbatches=int(microbatches), **kw)
     if warn:
         warn_schedule(sched)
     return sched
@@ -369,3 +402,35 @@ def warn_schedule(sched: Schedule) -> None:
                     sched.name, sched.microbatches, sched.num_stages)
     if sched.note:
         log.warning("schedule %s: %s", sched.name, sched.note)
+
+
+# ---------------------------------------------------------------------- dataflow
+def _transfer_s(sim: "Simulator", dev: np.ndarray, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray,
+                microbatches: int) -> np.ndarray:
+    """Per edge ``src -> dst``: one micro-batch's transfer time when the ends are on different devices, else 0."""
+    a, b = dev[src], dev[dst]
+    x = sim.latency_s[a, b] + nbytes / microbatches / sim.bandwidth_Bps[a, b]
+    return np.where((a != b) & (nbytes > 0), x, 0.0)
+
+
+@register_schedule("dataflow", costed=True)
+def _dataflow(graph: "OpGraph", placement: np.ndarray, num_devices: int, *, microbatches: int,
+              sim: "Simulator | None" = None) -> Schedule:
+    """The list-scheduled order of the module docstring's ``dataflow``, on ``sim``'s costs."""
+    if sim is None:
+        raise ValueError("schedule 'dataflow' orders tasks by their costs: it needs the simulator of the devices")
+    dev = np.asarray(placement, dtype=np.int64)
+    m = int(microbatches)
+    ga = graph_arrays(graph)
+    fwd, bwd = sim.microbatch_s(m)
+    ar = np.arange(graph.n)
+    succ_x = _transfer_s(sim, dev, ga.succ_src, ga.succ_idx, ga.succ_bytes, m)
+    pred_dst = np.repeat(ar, np.diff(ga.pred_ptr))
+    pred_x = _transfer_s(sim, dev, ga.pred_idx, pred_dst, ga.pred_bytes, m)
+    ptr, op, mb, phase = S.list_order(dev, num_devices, m, np.ascontiguousarray(fwd[dev, ar]),
+                                      np.ascontiguousarray(bwd[dev, ar]), ga.pred_ptr, ga.pred_idx, pred_x,
+                                      ga.succ_ptr, ga.succ_idx, succ_x, sim.needs_grad.astype(np.float64))
+    stage, used = _stages_by_first_op(dev, num_devices)
+    return Schedule(name="dataflow", order="dataflow", microbatches=m, num_devices=num_devices, device_ptr=ptr,
+                    op=op, microbatch=mb, phase=phase, stage_of_device=stage, num_stages=int(used.sum()),
+                    chunks_per_device=used.astype(np.int64))

@@ -253,7 +253,8 @@ class Simulator:
                  _checked: bool = False) -> Schedule:
         """The schedule :meth:`run` would execute (warnings logged once per simulator and situation)."""
         dev = placement if _checked else self.device_array(placement)
-        sched = build_schedule(name, self.graph, dev, self.cluster.num_devices, microbatches=microbatches, warn=False)
+        sched = build_schedule(name, self.graph, dev, self.cluster.num_devices, microbatches=microbatches, warn=False,
+                               sim=self)
         key = (sched.name, sched.microbatches, sched.num_stages, sched.note[:40])
         if key not in self._warned:
             self._warned.add(key)

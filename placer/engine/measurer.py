@@ -300,7 +300,7 @@ class Measurer:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         tasks, order, note = device_tasks(self.graph, placement, len(self.devices), schedule=schedule,
-                                          microbatches=microbatches)
+                                          microbatches=microbatches, cluster=self.cluster)
         ran = (order, note) if backend == "ops" else ("", "")  # the pipelining backend runs torch's own schedule
         cmd = MeasureCommand(device_of_op=np.asarray(placement.device_of_op), tasks=tasks, microbatches=microbatches,
                              steps=steps, warmup=warmup, schedule=schedule, backend=backend, update=update,

@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime = WorkerRuntime(rank=rank, world_size=world, device=device, device_names=cluster.device_names,
                             factory=model_factory(graph), op_names=graph.op_names)
     tasks, order, note = device_tasks(graph, placement, cluster.num_devices, schedule=args.schedule,
-                                microbatches=args.microbatches)
+                                      microbatches=args.microbatches, cluster=cluster)
     cmd = MeasureCommand(device_of_op=placement.device_of_op, tasks=tasks, microbatches=args.microbatches,
                          steps=args.steps, warmup=args.warmup, schedule=args.schedule)
     try:

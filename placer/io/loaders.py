@@ -236,7 +236,8 @@ def pipeline_schedule(stage: PipelineStage, placement: PlacementLike, *,
                       microbatches: int | None = None) -> PipelineScheduleSingle:
     """``ScheduleGPipe`` or ``Schedule1F1B`` for ``stage`` by the placement's ``schedule`` (name, micro-batches).
 
-    ``none`` and ``gpipe`` run GPipe, ``1f1b`` and ``interleaved-1f1b`` (one stage per rank here) run 1F1B.
+    ``none`` and ``gpipe`` run GPipe, ``1f1b`` and ``interleaved-1f1b`` (one stage per rank here) run 1F1B;
+    ``dataflow`` (placer's list-scheduled order, which torch does not ship) runs GPipe, with a warning.
     Gradients are divided by the number of micro-batches (``scale_grads``), so with a mean loss per
     micro-batch and equal micro-batches they equal the full batch's; the step's loss is the mean of the
     micro-batch losses. Call ``step(*inputs, target=dummy, losses=list)`` with ``dummy`` any tensor with the
@@ -253,4 +254,6 @@ def pipeline_schedule(stage: PipelineStage, placement: PlacementLike, *,
         if name == "interleaved-1f1b":
             log.warning("one stage per rank: running interleaved-1f1b as 1f1b")
         return Schedule1F1B(stage, m, loss_fn=pipeline_loss, scale_grads=True)
+    if name == "dataflow":
+        log.warning("torch.distributed.pipelining has no dataflow order: running gpipe")
     return ScheduleGPipe(stage, m, loss_fn=pipeline_loss, scale_grads=True)
