@@ -313,8 +313,8 @@ def test_every_method_gives_a_valid_deterministic_placement(graph_name, cluster_
 
 
 def test_expert_parallel_deals_each_blocks_experts_over_the_devices_but_the_heads():
-    # two MoE blocks of 4 routed experts between a stem and a head; 4 devices: torchtitan's split puts the head on
-    # the last, so experts k go round-robin over the other three, each block's four on three different devices
+    # two MoE blocks of 4 routed experts between a stem and a head, 4 devices: torchtitan's split makes two stages
+    # (one per block), the head on the second; expert k goes round-robin over the idle devices 2, 3, then device 0
     ops, edges, prev = [dict(name="stem", module="emb", fwd_s=1.0)], [], "stem"
     for b in range(2):
         ops.append(dict(name=f"router{b}", module=f"blocks.{b}.moe.router", fwd_s=1.0))
@@ -333,7 +333,8 @@ def test_expert_parallel_deals_each_blocks_experts_over_the_devices_but_the_head
     split = _devices(place("even-layers-weighted", g, cl), g)
     assert {k: v for k, v in dev.items() if not k.startswith("e")} == {k: v for k, v in split.items()
                                                                         if not k.startswith("e")}
-    spread = sorted(set(range(4)) - {dev["head"]})
+    assert sorted(set(split.values())) == [0, 1] and dev["head"] == 1
+    spread = [2, 3, 0]
     assert [dev[f"e{b}.{k}"] for b in range(2) for k in range(4)] == [spread[k % 3] for b in range(2) for k in range(4)]
     with pytest.raises(ValueError, match="no routed experts"):
         place("expert-parallel", chain(4), cl)

@@ -13,7 +13,7 @@ import torch
 from graphs.build import build_graph, rebuild_traced
 from graphs.ir import OpCosts, Provenance
 from placer.core.cluster import get_cluster
-from placer.costmodel.sim import get_simulator
+from placer.costmodel.sim import Simulator
 from placer.engine import EngineConfig, Measurer, reference_step
 from placer.engine.ordering import device_tasks
 from placer.core.placement import Placement
@@ -152,10 +152,16 @@ def test_dataflow_runs_the_simulators_order_and_trains_like_one_process(branchy)
     finally:
         m.switch_graph(g)
     assert_matches(out, model.reference(1))
-    sched = get_simulator(costed, CPU2).schedule(pl, "dataflow", microbatches=4)
+    sched = Simulator(costed, CPU2).schedule(pl, "dataflow", microbatches=4)  # same costs, same lists
     tasks, order, _ = device_tasks(costed, pl, 2, schedule="dataflow", microbatches=4, cluster=CPU2)
     assert order == out.result.schedule_ran == "dataflow"
     assert tasks == [sched.tasks(d) for d in range(2)]
+    fwd_mbs = [[t.microbatch for t in seq if t.phase == "fwd"] for seq in tasks]
+    assert any(mbs != sorted(mbs) for mbs in fwd_mbs)  # micro-batches interleaved: no in-order schedule does that
+    start = {(e.track, e.op, e.microbatch, e.phase): e.start_s for e in out.result.timeline}
+    for d, name in enumerate(CPU2.device_names):  # each worker ran its list in the list's order
+        ran = [start[(name, g.op_names[t.op] if t.op >= 0 else "update", t.microbatch, t.phase)] for t in tasks[d]]
+        assert ran == sorted(ran)
 
 
 def test_alternating_placement_finishes(branchy):

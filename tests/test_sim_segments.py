@@ -45,7 +45,8 @@ def placement(graph: OpGraph, kind: str, seed: int) -> Placement:
 
 @pytest.mark.parametrize("name", ["rnnlm", "nmt", "gpt"])
 @pytest.mark.parametrize("schedule,m,kind", [("none", 1, "random"), ("gpipe", 2, "random"), ("1f1b", 4, "blocks"),
-                                             ("gpipe", 4, "blocks"), ("interleaved-1f1b", 4, "blocks")])
+                                             ("gpipe", 4, "blocks"), ("interleaved-1f1b", 4, "blocks"),
+                                             ("dataflow", 4, "random")])
 def test_simulated_segment_starts_are_the_engines(name, schedule, m, kind):
     graph, traced, prog = model(name)
     pl = placement(graph, kind, seed=len(name) + m)

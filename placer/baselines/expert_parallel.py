@@ -4,14 +4,14 @@ Rajbhandari et al., ICML 2022; Megatron-LM's expert parallel; torchtitan's EP be
 The dense part (embeddings, attention, routers, shared experts, norm, head, loss) is split as
 ``even-layers-weighted`` splits it (torchtitan's layer split, :mod:`placer.baselines.even_layers`); then the routed
 experts of every MoE block, the modules ``<...>.experts.<k>`` (DeepSeekMoE, Mixtral, Qwen-MoE naming), are dealt
-round-robin over the accelerators, expert ``k`` on the ``k mod E``-th, except the one that holds the head and loss:
-the last stage carries the vocabulary projection, the step's largest op, and adding experts there would
-lengthen the pipeline's slowest stage. (With one accelerator, or where the head has it alone, all of them.)
+round-robin over the accelerators (those the split left idle first), expert ``k`` on the ``k mod E``-th, except the
+one that holds the head and loss: the last stage carries the vocabulary projection, the step's largest op, and
+adding experts there would lengthen the pipeline's slowest stage (with one accelerator they stay with it).
 
 Every device then holds a slice of every MoE block, so each block's tokens fan out to all devices and back: the
-in-order pipeline schedules serialise that badly, and ``dataflow`` (:mod:`placer.costmodel.dataflow`) is the order
+in-order pipeline schedules serialise that badly, and ``dataflow`` (:mod:`placer.costmodel.schedules`) is the order
 that runs it, as the expert-parallel runtimes overlap their all-to-alls with other micro-batches' work.
-A graph without routed experts is refused (one-line ``ValueError``), like ``hetero-dp`` on one device kind.
+A graph without routed experts is refused (one-line ``ValueError``), as ``single-gpu`` is on a cluster without GPU.
 Deterministic (``seed`` unused); memory is not looked at (an over-full device is the simulator's OOM).
 """
 
@@ -50,7 +50,9 @@ def place_expert_parallel(graph: "OpGraph", cluster: "Cluster", *, seed: int = 0
     dev = np.array(place_even_layers_weighted(graph, cluster).device_of_op, dtype=np.int64)
     devices = accelerators(cluster)
     head = int(dev[-1])
-    spread = [d for d in devices if d != head] or devices
+    split = set(dev.tolist())
+    idle = [d for d in devices if d not in split]  # a short model leaves accelerators idle: they come first
+    spread = idle + [d for d in devices if d != head and d not in idle] or devices
     moved = expert >= 0
     dev[moved] = np.asarray(spread, dtype=np.int64)[expert[moved] % len(spread)]
     first = {}  # a colocation group follows its first op (an expert shared across blocks stays whole)

@@ -397,7 +397,7 @@ def warn_schedule(sched: Schedule) -> None:
     if len(_WARNED) >= _WARNED_MAX:  # a long search over placements: forget the oldest, keep memory bounded
         del _WARNED[next(iter(_WARNED))]
     _WARNED[key] = None
-    if sched.name != "none" and sched.microbatches < sched.num_stages:
+    if sched.name not in ("none", "dataflow") and sched.microbatches < sched.num_stages:  # those have no fill
         log.warning("schedule %s: %d micro-batches < %d pipeline stages; the pipeline never fills",
                     sched.name, sched.microbatches, sched.num_stages)
     if sched.note:
@@ -409,8 +409,10 @@ def _transfer_s(sim: "Simulator", dev: np.ndarray, src: np.ndarray, dst: np.ndar
                 microbatches: int) -> np.ndarray:
     """Per edge ``src -> dst``: one micro-batch's transfer time when the ends are on different devices, else 0."""
     a, b = dev[src], dev[dst]
-    x = sim.latency_s[a, b] + nbytes / microbatches / sim.bandwidth_Bps[a, b]
-    return np.where((a != b) & (nbytes > 0), x, 0.0)
+    out = np.zeros(a.shape[0])
+    far = (a != b) & (nbytes > 0)
+    out[far] = sim.latency_s[a[far], b[far]] + nbytes[far] / microbatches / sim.bandwidth_Bps[a[far], b[far]]
+    return out
 
 
 @register_schedule("dataflow", costed=True)
@@ -419,6 +421,8 @@ def _dataflow(graph: "OpGraph", placement: np.ndarray, num_devices: int, *, micr
     """The list-scheduled order of the module docstring's ``dataflow``, on ``sim``'s costs."""
     if sim is None:
         raise ValueError("schedule 'dataflow' orders tasks by their costs: it needs the simulator of the devices")
+    if sim.graph is not graph or sim.cluster.num_devices != num_devices:
+        raise ValueError("schedule 'dataflow': the simulator is for another graph or cluster")
     dev = np.asarray(placement, dtype=np.int64)
     m = int(microbatches)
     ga = graph_arrays(graph)

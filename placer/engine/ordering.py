@@ -29,12 +29,13 @@ def device_tasks(graph: "OpGraph", placement: "Placement", num_devices: int, *, 
     A schedule ordered by costs (``dataflow``) is built from the simulator of ``graph`` on ``cluster`` (the one
     that predicts the step, so both run the same lists)."""
     from placer.costmodel.schedules import COSTED, build_schedule  # noqa: PLC0415 - workers import Task only
-    from placer.costmodel.sim import get_simulator  # noqa: PLC0415
 
     sim = None
     if schedule in COSTED:
         if cluster is None:
             raise ValueError(f"schedule {schedule!r} orders tasks by their costs: it needs the cluster")
+        from placer.costmodel.sim import get_simulator  # noqa: PLC0415
+
         sim = get_simulator(graph, cluster)
     sched = build_schedule(schedule, graph, placement, num_devices, microbatches=microbatches, sim=sim)
     return tasks_from_schedule(sched, num_devices), str(sched.order), str(sched.note)
