@@ -55,7 +55,4 @@ def place_expert_parallel(graph: "OpGraph", cluster: "Cluster", *, seed: int = 0
     spread = idle + [d for d in devices if d != head and d not in idle] or devices
     moved = expert >= 0
     dev[moved] = np.asarray(spread, dtype=np.int64)[expert[moved] % len(spread)]
-    first = {}  # a colocation group follows its first op (an expert shared across blocks stays whole)
-    for i, g in enumerate(graph.colocation.tolist()):
-        dev[i] = first.setdefault(g, dev[i])
-    return Placement(dev)
+    return Placement(dev).colocated(graph)  # a group follows its first op (an expert shared across blocks)

@@ -405,16 +405,6 @@ def warn_schedule(sched: Schedule) -> None:
 
 
 # ---------------------------------------------------------------------- dataflow
-def _transfer_s(sim: "Simulator", dev: np.ndarray, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray,
-                microbatches: int) -> np.ndarray:
-    """Per edge ``src -> dst``: one micro-batch's transfer time when the ends are on different devices, else 0."""
-    a, b = dev[src], dev[dst]
-    out = np.zeros(a.shape[0])
-    far = (a != b) & (nbytes > 0)
-    out[far] = sim.latency_s[a[far], b[far]] + nbytes[far] / microbatches / sim.bandwidth_Bps[a[far], b[far]]
-    return out
-
-
 @register_schedule("dataflow", costed=True)
 def _dataflow(graph: "OpGraph", placement: np.ndarray, num_devices: int, *, microbatches: int,
               sim: "Simulator | None" = None) -> Schedule:
@@ -428,9 +418,8 @@ def _dataflow(graph: "OpGraph", placement: np.ndarray, num_devices: int, *, micr
     ga = graph_arrays(graph)
     fwd, bwd = sim.microbatch_s(m)
     ar = np.arange(graph.n)
-    succ_x = _transfer_s(sim, dev, ga.succ_src, ga.succ_idx, ga.succ_bytes, m)
-    pred_dst = np.repeat(ar, np.diff(ga.pred_ptr))
-    pred_x = _transfer_s(sim, dev, ga.pred_idx, pred_dst, ga.pred_bytes, m)
+    succ_x = sim.transfer_s(dev[ga.succ_src], dev[ga.succ_idx], ga.succ_bytes, m)
+    pred_x = sim.transfer_s(dev[ga.pred_idx], dev[np.repeat(ar, np.diff(ga.pred_ptr))], ga.pred_bytes, m)
     ptr, op, mb, phase = S.list_order(dev, num_devices, m, np.ascontiguousarray(fwd[dev, ar]),
                                       np.ascontiguousarray(bwd[dev, ar]), ga.pred_ptr, ga.pred_idx, pred_x,
                                       ga.succ_ptr, ga.succ_idx, succ_x, sim.needs_grad.astype(np.float64))

@@ -274,6 +274,15 @@ class Simulator:
             got = self._mb_cache[microbatches] = (fwd, bwd)
         return got
 
+    def transfer_s(self, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, microbatches: int) -> np.ndarray:
+        """:meth:`Cluster.transfer_s` for one micro-batch of ``nbytes`` (full-batch bytes), element-wise over
+        arrays of source and destination devices: latency + bytes / M / bandwidth, 0 where nothing moves."""
+        out = np.zeros(np.shape(nbytes))
+        far = (src != dst) & (nbytes > 0)
+        a, b = src[far], dst[far]
+        out[far] = self.latency_s[a, b] + nbytes[far] / microbatches / self.bandwidth_Bps[a, b]
+        return out
+
     # ------------------------------------------------------------------ the step
     def run(self, placement: Placement | np.ndarray, *, schedule: str | Schedule = "none", microbatches: int = 1,
             optimizer: str = "adam", timeline: bool = False) -> StepResult:
@@ -322,7 +331,7 @@ class Simulator:
         upd = np.where(params > 0, params * opt.touched / self.mem_bw_Bps + self.overhead_s, 0.0)
         ga = self.arrays
         tid_of, prod, src, dst, nbytes, ncons = K.transfer_table(dev, ga.succ_ptr, ga.succ_idx, ga.succ_bytes, num_dev)
-        x_time = np.where(nbytes > 0, self.latency_s[src, dst] + nbytes / m / self.bandwidth_Bps[src, dst], 0.0)
+        x_time = self.transfer_s(src, dst, nbytes, m)
         msg = nbytes > 0
         # a step that spans devices starts late on each of them (see the module docstring)
         used = np.diff(sched.device_ptr) > 0
