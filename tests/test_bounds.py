@@ -56,20 +56,25 @@ def test_memory_excludes_micro_batch_counts_that_cannot_fit():
     g = _loss_chain(params=100, stash=800, layers=3)
     slow = {"dispatch_overhead_s": {"cpu": 0.5}}  # each micro-batch pays 0.5 s per op: more M, a longer step
     c = dataclasses.replace(cluster(2, memory_bytes=1000), meta=slow)
-    assert [memory_fits(g, c, microbatches=m) for m in (1, 2, 4)] == [False, False, True]
+    # (plans without activation recomputation: recompute=False; with it only the one-layer argument holds)
+    no = dict(recompute=False)
+    assert [memory_fits(g, c, microbatches=m, **no) for m in (1, 2, 4)] == [False, False, True]
+    assert [memory_fits(g, c, microbatches=m) for m in (1, 2, 4)] == [False, True, True]
     for dev in itertools.product(range(2), repeat=g.n):  # every plan with M = 1 or 2 is indeed out of memory
         for name, m in itertools.product(SCHEDULES, (1, 2)):
             assert simulate(g, c, list(dev), schedule=name, microbatches=m).oom
-    bound = plan_lower_bound_s(g, c, [1, 2, 4])
+    bound = plan_lower_bound_s(g, c, [1, 2, 4], **no)
     assert bound == pytest.approx(lower_bound_s(g, c, microbatches=4, optimizer="adam"))
-    assert bound > plan_lower_bound_s(g, dataclasses.replace(cluster(2, memory_bytes=10**6), meta=slow), [1, 2, 4])
-    assert plan_lower_bound_s(g, c, [1, 2]) == float("inf")
+    assert bound > plan_lower_bound_s(g, dataclasses.replace(cluster(2, memory_bytes=10**6), meta=slow), [1, 2, 4],
+                                      **no)
+    assert plan_lower_bound_s(g, c, [1, 2], **no) == float("inf")
+    assert plan_lower_bound_s(g, c, [1]) == float("inf")
     # where the bound comes from: M = 4, the largest of its terms there; nothing when no count fits
-    terms = bound_terms_s(g, c, microbatches=4, optimizer="adam")
-    assert plan_bound(g, c, [1, 2, 4]) == (bound, 4, max(terms, key=terms.get))
-    assert plan_bound(g, c, [1, 2]) == (float("inf"), None, "")
+    terms = bound_terms_s(g, c, microbatches=4, optimizer="adam", **no)
+    assert plan_bound(g, c, [1, 2, 4], **no) == (bound, 4, max(terms, key=terms.get))
+    assert plan_bound(g, c, [1, 2], **no) == (float("inf"), None, "")
     # without Adam's two state copies (SGD) M = 2 is not excluded: 3 x (200 + 400) = 1800
-    assert memory_fits(g, c, microbatches=2, optimizer="sgd")
+    assert memory_fits(g, c, microbatches=2, optimizer="sgd", **no)
 
 
 def test_colocation_terms_through_the_loss_round_trip():
@@ -106,10 +111,15 @@ def test_memory_time_hand_value_where_memory_serialises_the_micro_batches():
     # of stash fits (24 + 6 x 200 <= 1260) but hardly two, so the plans that fit run the micro-batches nearly one
     # after another. Per micro-batch w runs 0.5 + 1, the loss 0.25 + 0.25; w_k's stash is held for its forward and
     # the chain to its backward: 1, 2.5, 4, 5.5, 7, 8.5 (w6 first), 28.5 x 800 B over 1260 - 24 B free
+    # (for plans that do not recompute activations; with recomputation allowed, each op's stash may instead
+    # cost its forward again: the bound is then the least over that trade, between the work bound and this)
     g, c = _loss_chain(params=1, stash=800, layers=6), cluster(6, memory_bytes=210)
-    kw = dict(microbatches=4, dispatch_overhead_s=0.0, optimizer="adam")
+    kw = dict(microbatches=4, dispatch_overhead_s=0.0, optimizer="adam", recompute=False)
     assert memory_fits(g, c, microbatches=4)
     assert memory_time_bound_s(g, c, **kw) == pytest.approx(28.5 * 800 / 1236)
+    traded = memory_time_bound_s(g, c, **{**kw, "recompute": True})
+    assert work_bound_s(g, c, microbatches=4, dispatch_overhead_s=0.0, optimizer="adam") < traded
+    assert traded < memory_time_bound_s(g, c, **kw)
     terms = bound_terms_s(g, c, **kw)
     assert max(terms, key=terms.get) == "memory x time" and lower_bound_s(g, c, **kw) == terms["memory x time"]
     rng = np.random.default_rng(0)
@@ -143,11 +153,13 @@ def tight_dag(draw):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=tight_dag(), name=st.sampled_from(sorted(SCHEDULES)), m=st.integers(1, 4),
-       overhead=st.sampled_from([0.0, 0.05]))
-def test_never_above_a_simulated_step_and_memory_is_a_necessary_condition(case, name, m, overhead):
+       overhead=st.sampled_from([0.0, 0.05]), redo=st.lists(st.integers(0, 2), max_size=3))
+def test_never_above_a_simulated_step_and_memory_is_a_necessary_condition(case, name, m, overhead, redo):
     g, c, dev = case
-    r = simulate(g, c, dev, schedule=name, microbatches=m, dispatch_overhead_s=overhead, optimizer="adam")
-    if not memory_fits(g, c, microbatches=m, optimizer="adam"):
+    redo = sorted({d for d in redo if d < c.num_devices})  # the devices that recompute activations
+    r = simulate(g, c, dev, schedule=name, microbatches=m, dispatch_overhead_s=overhead, optimizer="adam",
+                 recompute=redo)
+    if not memory_fits(g, c, microbatches=m, optimizer="adam", recompute=bool(redo)):
         assert r.oom
     if r.ok:
         lb = lower_bound_s(g, c, microbatches=m, dispatch_overhead_s=overhead, optimizer="adam")
@@ -176,5 +188,8 @@ def test_shipped_graphs_baseline_and_random_plans_respect_the_plan_bound(graph_n
             assert memory_fits(graph, c, microbatches=res.microbatches)
     assert ok >= 1
     if cluster_name == "memory-tight" and graph_name == "inception_v3-paper":
-        # M = 1, 2, 4 cannot fit any plan there: the bound is taken over the larger counts only
-        assert [m for m in allowed_microbatches(graph) if not memory_fits(graph, c, microbatches=m)] == [1, 2, 4]
+        # M = 1, 2, 4 cannot fit any plan without recomputation there; with it, only M = 1 is still out (one op's
+        # stash of the whole batch)
+        assert [m for m in allowed_microbatches(graph)
+                if not memory_fits(graph, c, microbatches=m, recompute=False)] == [1, 2, 4]
+        assert [m for m in allowed_microbatches(graph) if not memory_fits(graph, c, microbatches=m)] == [1]

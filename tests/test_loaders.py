@@ -188,6 +188,23 @@ def test_stage_modules_compose_to_the_model(rnnlm, rnnlm_reference, cuts):
     assert any(p is traced.gm.get_parameter("layers.0.weight_ih") for p in owner.parameters())
 
 
+def test_stages_on_recomputing_devices_checkpoint_and_compute_the_same_step(rnnlm, rnnlm_reference):
+    graph, doc = rnnlm
+    traced, ref, ref_grads = rnnlm_reference
+    traced.gm.zero_grad(set_to_none=True)
+    cut = with_cuts(graph, doc, [5, 23])
+    cut["schedule"] = {**cut["schedule"], "recompute": [0]}  # stages 0 and 2 are on device 0
+    stages = stage_modules(traced, cut)
+    assert [s.recompute for s in stages] == [True, False, True]
+    out = traced.example_inputs
+    for stage in stages:
+        out = stage(*out)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
+    out.backward()
+    for name, p in traced.gm.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-6, atol=1e-8)
+
+
 def test_stage_modules_of_an_nn_module(rnnlm):
     from graphs.models import build_model
 

@@ -146,7 +146,7 @@ def test_placement_document_records_the_chosen_plan(tmp_path):
     path = save_placement(tmp_path / "p.json", g, c, p, method="test", schedule=AUTO, predicted=res)
     sched = load_placement(path, g, c).doc["schedule"]  # validated against the schema on load
     assert sched == {"name": res.schedule, "microbatches": res.microbatches, "stages": [0, 1],
-                     "virtual_stages": [1, 1], "chosen_by": "auto"}
+                     "virtual_stages": [1, 1], "recompute": [], "chosen_by": "auto"}
     assert res.microbatches > 1
     with pytest.raises(ValueError, match="schedule 'auto' needs the predicted or measured result"):
         save_placement(tmp_path / "q.json", g, c, p, method="test", schedule=AUTO)

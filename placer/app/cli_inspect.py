@@ -278,14 +278,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     graph, cluster, placement = placed_from_document(doc, path, args.graph, args.cluster)
     schedule = args.schedule or doc["schedule"]["name"]
     micro = args.microbatches or doc["schedule"]["microbatches"]
+    recompute = tuple(doc["schedule"].get("recompute", ()))
     if schedule == AUTO:  # measure the plan the simulator finds best for this placement
         plan, _ = best_plan(get_simulator(graph, cluster), placement)
-        schedule, micro = plan.schedule, plan.microbatches
+        schedule, micro, recompute = plan.schedule, plan.microbatches, plan.recompute
     with console.status(f"measuring {args.steps} steps on {cluster.num_devices} workers…"):
         result = measure(graph, cluster, placement, schedule=schedule, microbatches=micro, steps=args.steps,
                          warmup=args.warmup, config=EngineConfig(timeout_s=args.timeout,
-                                                                 start_timeout_s=args.timeout))
-    predicted = simulate(graph, cluster, placement, schedule=schedule, microbatches=micro)
+                                                                 start_timeout_s=args.timeout),
+                         recompute=recompute)
+    predicted = simulate(graph, cluster, placement, schedule=schedule, microbatches=micro, recompute=recompute)
     if not result.ok:
         raise RuntimeError(f"measurement failed: {result.failure}")
     console.print(f"measured step {result.step_time_s * 1e3:.2f} ms (median of {args.steps}, {result.schedule_label}); "
@@ -349,7 +351,8 @@ def cmd_show(args: argparse.Namespace) -> None:
 
         graph, cluster, placement = placed_from_document(doc, path, args.graph, args.cluster)
         result = simulate(graph, cluster, placement, schedule=doc["schedule"]["name"],
-                          microbatches=doc["schedule"]["microbatches"], timeline=True)
+                          microbatches=doc["schedule"]["microbatches"], timeline=True,
+                          recompute=doc["schedule"].get("recompute", ()))
         title = f"{graph.name} on {cluster.name}: {doc['provenance']['method']}"
     elif isinstance(doc, dict) and "step_time_s" in doc:
         result = StepResult.from_json(doc)

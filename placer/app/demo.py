@@ -181,7 +181,7 @@ def _write_outputs(out_dir: Path, graph: OpGraph, cluster: Cluster, table: Any, 
     from placer.io.timeline import plot_gantt, to_chrome_trace
 
     predicted = simulate(graph, cluster, win.placement, schedule=win.schedule, microbatches=win.microbatches,
-                         timeline=True)
+                         timeline=True, recompute=win.recompute)
     files = table.write(out_dir)
     files["plans"] = out_dir / "plans.md"
     files["plans"].write_text(plans_md)

@@ -46,6 +46,8 @@ class PlanRow:
     """Micro-batches per step for ``schedule``."""
     sim_s: float
     """Simulated step time (s)."""
+    recompute: tuple[int, ...] = ()
+    """Devices that recompute activations (the plan's)."""
     real_rounds_s: list[float] = field(default_factory=list)
     """Measured step time of each round (s)."""
     result: StepResult | None = None
@@ -58,7 +60,8 @@ class PlanRow:
 
     def to_json(self) -> dict[str, Any]:
         return {"plan": self.name, "split": self.label, "schedule": self.schedule, "microbatches": self.microbatches,
-                "sim_s": self.sim_s, "real_s": self.real_s, "real_rounds_s": list(self.real_rounds_s)}
+                "recompute": list(self.recompute), "sim_s": self.sim_s, "real_s": self.real_s,
+                "real_rounds_s": list(self.real_rounds_s)}
 
 
 def plan_row(sim: Any, name: str, label: str, placement: Placement) -> PlanRow:
@@ -66,7 +69,7 @@ def plan_row(sim: Any, name: str, label: str, placement: Placement) -> PlanRow:
     :func:`placer.costmodel.plans.best_plan`, with the engine's optimizer)."""
     plan, res = best_plan(sim, placement, optimizer=DEFAULT_OPTIMIZER)
     return PlanRow(name=name, label=label, placement=placement, schedule=plan.schedule,
-                   microbatches=plan.microbatches, sim_s=res.step_time_s)
+                   microbatches=plan.microbatches, sim_s=res.step_time_s, recompute=plan.recompute)
 
 
 def even_split(graph: OpGraph, cluster: Cluster) -> Placement:
@@ -112,7 +115,7 @@ def measure_interleaved(graph: OpGraph, cluster: Cluster, rows: Sequence[PlanRow
             for row in rows:
                 t = time.perf_counter()
                 res = m.measure(row.placement, schedule=row.schedule, microbatches=row.microbatches, steps=steps,
-                                warmup=warmup)
+                                warmup=warmup, recompute=row.recompute)
                 if not res.ok:
                     raise RuntimeError(f"engine run of {row.name} failed: {res.failure}")
                 row.real_rounds_s.append(res.step_time_s)

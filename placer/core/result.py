@@ -28,6 +28,11 @@ class TimelineEvent:
                 "start_s": self.start_s, "end_s": self.end_s}
 
 
+def recompute_suffix(devices: tuple[int, ...]) -> str:
+    """``" +recompute 0,1"`` for a plan whose devices 0 and 1 recompute activations, ``""`` for none."""
+    return f" +recompute {','.join(str(d) for d in devices)}" if devices else ""
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class StepResult:
     """The cost of one training step of a placed graph.
@@ -54,6 +59,8 @@ class StepResult:
     schedule: str = "none"
     """Schedule requested (a key of ``placer.costmodel.schedules.SCHEDULES``)."""
     microbatches: int = 1
+    recompute: tuple[int, ...] = ()
+    """Devices that recomputed activations (activation checkpointing of their segments or stages)."""
     schedule_ran: str = ""
     """Order that actually ran when it differs from ``schedule`` (a 1F1B order that would deadlock runs
     ``gpipe``'s); empty when ``schedule`` ran as requested."""
@@ -75,7 +82,7 @@ class StepResult:
     @property
     def schedule_label(self) -> str:
         """``"1f1b x4"``, or ``"1f1b x4 (ran gpipe order: 1f1b would deadlock)"`` after a fallback."""
-        label = f"{self.schedule} x{self.microbatches}"
+        label = f"{self.schedule} x{self.microbatches}{recompute_suffix(self.recompute)}"
         if self.order != self.schedule:
             why = "would deadlock" if "deadlock" in self.schedule_note else "fell back"
             label += f" (ran {self.order} order: {self.schedule} {why})"
@@ -104,6 +111,7 @@ class StepResult:
             "failure": self.failure,
             "schedule": self.schedule,
             "microbatches": self.microbatches,
+            "recompute": list(self.recompute),
             "schedule_ran": self.order,
             "schedule_note": self.schedule_note,
             "timeline": [e.to_json() for e in self.timeline],
@@ -118,7 +126,7 @@ class StepResult:
             peak_memory_bytes=np.array(d["peak_memory_bytes"], dtype=np.int64),
             bytes_moved=np.array(d["bytes_moved"], dtype=np.int64), critical_path_s=d["critical_path_s"],
             oom=d["oom"], oom_device=d["oom_device"], failure=d["failure"], schedule=d["schedule"],
-            microbatches=d["microbatches"],
+            microbatches=d["microbatches"], recompute=tuple(int(x) for x in d.get("recompute", ())),
             schedule_ran="" if d.get("schedule_ran", d["schedule"]) == d["schedule"] else d["schedule_ran"],
             schedule_note=d.get("schedule_note", ""), timeline=tuple(TimelineEvent(**e) for e in d["timeline"]),
             extra=d.get("extra", {}),

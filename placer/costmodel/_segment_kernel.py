@@ -77,3 +77,83 @@ def segment_starts(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_p
                 a = k
             k += 1
     return start
+
+
+@nb.njit(cache=True)
+def recompute_walk(dev_ptr, t_op, t_mb, t_phase, starts, recompute, stash_mb, temp_mb, out_mb, dur_f, pred_ptr,
+                   pred_idx, num_mb, n):  # pragma: no cover - numba
+    """Activation peaks and recomputation seconds of the devices that recompute (``recompute[d]``), walking
+    their orders as :func:`placer.costmodel._sim_kernel.activation_peaks` does for the others.
+
+    On such a device each fused segment (``starts``) runs its forward under activation checkpointing: it keeps
+    only its inputs (values it reads from outside the segment; an input op keeps its batch) until its backward;
+    its backward first runs the segment's forward again (``extra_s`` of the backward segment's first task = the
+    segment's forward seconds), which brings back the whole segment's stash, then frees it op by op and the
+    inputs at the segment's end. Returns ``(peak per device, extra seconds per task)`` (0 for other devices).
+    """
+    n_tasks = dev_ptr[dev_ptr.shape[0] - 1]
+    num_dev = dev_ptr.shape[0] - 1
+    peak = np.zeros(num_dev)
+    extra = np.zeros(n_tasks)
+    seg_of = np.full(n_tasks, -1, np.int64)    # per forward task, the position that starts its segment
+    fpos = np.full((num_mb, n), -1, np.int64)
+    has_b = np.zeros((num_mb, n), np.bool_)
+    for k in range(n_tasks):
+        if t_phase[k] == 0:
+            fpos[t_mb[k], t_op[k]] = k
+        elif t_phase[k] == 1:
+            has_b[t_mb[k], t_op[k]] = True
+    held = np.zeros(n_tasks)    # per segment start: the bytes its checkpoint keeps
+    stash = np.zeros(n_tasks)   # per segment start: the stash its recomputation brings back
+    redo = np.zeros(n_tasks)    # per segment start: its forward seconds
+    counted = np.full((num_mb, n), -1, np.int64)
+    for d in range(num_dev):
+        if not recompute[d]:
+            continue
+        cur = 0.0
+        best = 0.0
+        a = -1      # the open forward segment
+        open_b = -1  # the forward segment whose backward is running
+        for k in range(dev_ptr[d], dev_ptr[d + 1]):
+            op = t_op[k]
+            if op < 0:
+                continue
+            m = t_mb[k]
+            if t_phase[k] == 0:
+                if starts[k] == 1 or a < 0:
+                    a = k
+                seg_of[k] = a
+                add = 0.0
+                if pred_ptr[op + 1] == pred_ptr[op]:
+                    add += stash_mb[op]  # an input op: the batch stays
+                for j in range(pred_ptr[op], pred_ptr[op + 1]):
+                    p = pred_idx[j]
+                    pk = fpos[m, p]
+                    inside = pk >= 0 and seg_of[pk] == a
+                    if not inside and counted[m, p] != a:
+                        counted[m, p] = a
+                        add += out_mb[p]
+                held[a] += add
+                if has_b[m, op] and pred_ptr[op + 1] > pred_ptr[op]:
+                    stash[a] += stash_mb[op]
+                redo[a] += dur_f[op]
+                cur += add
+                level = cur + temp_mb[op]
+            else:
+                if starts[k] == 2:
+                    if open_b >= 0:
+                        cur -= held[open_b]
+                    open_b = seg_of[fpos[m, op]]
+                    cur += stash[open_b]
+                    extra[k] = redo[open_b]
+                level = cur + temp_mb[op]
+                if pred_ptr[op + 1] > pred_ptr[op]:  # an input op's batch goes with the segment's inputs
+                    cur -= stash_mb[op]
+                nxt = k + 1
+                if open_b >= 0 and (nxt == dev_ptr[d + 1] or t_phase[nxt] != 1 or starts[nxt] == 2):
+                    cur -= held[open_b]
+                    open_b = -1
+            if level > best:
+                best = level
+        peak[d] = best
+    return peak, extra

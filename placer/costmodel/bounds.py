@@ -62,6 +62,17 @@ wait on a remote reader); they all still count as work.
   the whole batch, its times per micro-batch on the fastest device). It binds where memory is tight: a plan must
   then keep little in flight, and the stash that is held cannot be held for less than the chain it waits for.
 
+* **activation recomputation** (``recompute=True``, the default: :func:`placer.costmodel.plans.best_plan` may
+  recompute on the devices over memory). A recomputing device keeps only its segments' inputs and runs each
+  segment's forward again before its backward: work only grows, so the critical path, work, colocation and
+  fill-and-drain terms hold as they are, but a stash need no longer be held. The summed memory argument then
+  keeps only the parameter states (one op's own stash still comes back for its backward: the one-op argument
+  holds), and the memory x time term becomes a trade: op ``i`` either holds its stash (``stash_i (f_i +
+  down_i)`` of memory x time) or pays its forward again (``M f_i`` more work, weighted as in the work bound), so
+  ``T >= min over x in [0, 1]^n of max(work + sum x_i redo_i, sum (1 - x_i) hold_i / free)``: a fractional
+  knapsack, solved exactly by recomputing the ops with the most memory x time per second of forward first. With
+  ``recompute=False`` the terms are those above, for plans that keep every stash.
+
 The parameter update is left out unless an ``optimizer`` is given (it only adds), so the bound without one stays
 valid for every optimizer.
 """
@@ -150,6 +161,13 @@ def critical_path_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int =
     return float((head + f_min + down + np.where(sim.needs_grad, b_min, 0.0) + tail).max())
 
 
+def _work_lams(sim: Simulator, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two device weightings of the work bound: uniform, and proportional to each device's speed."""
+    d = work.shape[0]
+    inv = 1.0 / np.maximum(work.sum(axis=1), 1e-300)
+    return np.full(d, 1.0 / d), inv / inv.sum()
+
+
 def work_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
                  cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None,
                  optimizer: str | None = None) -> float:
@@ -158,12 +176,7 @@ def work_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
     sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
     f, b = _per_device_times(sim, microbatches)
     work = microbatches * (f + b) + _update_s(sim, optimizer)  # (D, n)
-    total = work.sum(axis=1)
-    best = 0.0
-    d = cluster.num_devices
-    for lam in (np.full(d, 1.0 / d), (1.0 / np.maximum(total, 1e-300)) / (1.0 / np.maximum(total, 1e-300)).sum()):
-        best = max(best, float((lam[:, None] * work).min(axis=0).sum()))
-    return best
+    return max(float((lam[:, None] * work).min(axis=0).sum()) for lam in _work_lams(sim, work))
 
 
 def colocation_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
@@ -212,37 +225,68 @@ def fill_drain_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: in
 
 
 def memory_fits(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1, optimizer: str = "adam",
-                cost_kind: CostKind = None) -> bool:
-    """False when no plan with ``microbatches`` can fit in memory (the memory argument of the module docstring);
-    True says only that this argument excludes nothing."""
+                cost_kind: CostKind = None, recompute: bool = True) -> bool:
+    """False when no plan with ``microbatches`` can fit in memory (the memory argument of the module docstring;
+    with ``recompute`` plans may recompute activations, so only the parameter states must fit); True says only
+    that this argument excludes nothing."""
     if not graph.n:
         return True
     sim = get_simulator(graph, cluster, cost_kind=cost_kind)
     m = microbatches
     static = sim.param_bytes * (2 + OPTIMIZERS[optimizer].state_copies)
     if float((static + (sim.stash_bytes + sim.temp_bytes) / m).max()) > float(sim.memory_bytes.max()):
-        return False  # one op alone does not fit on the largest device
+        return False  # one op alone does not fit on the largest device (recomputed, its stash is back for its backward)
     sinks = np.setdiff1d(np.arange(graph.n), graph.edge_index[0])
     if sinks.size != 1:
         return True  # the summed argument needs one sink (the loss)
-    held = static + np.where(sim.needs_grad, sim.stash_bytes, 0.0) / m
+    held = static + (0.0 if recompute else np.where(sim.needs_grad, sim.stash_bytes, 0.0) / m)
     return float(held.sum()) <= float(sim.memory_bytes.sum())
 
 
 def memory_time_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1, optimizer: str = "adam",
-                        cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None) -> float:
+                        cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None,
+                        recompute: bool = True) -> float:
     """Stashed bytes x the least time each is held, over the memory the parameter states leave (seconds; module
-    docstring); ``inf`` when the states alone fill the cluster's memory and some stash must be held."""
-    sim, _, _, f_min, _, (_, _, down) = _fastest(graph, cluster, microbatches, cost_kind, dispatch_overhead_s)
+    docstring); ``inf`` when the states alone fill the cluster's memory and some stash must be held. With
+    ``recompute``, the least over how much of each op's stash is recomputed instead, each recomputed forward
+    added to the work bound (:func:`_recompute_tradeoff_s`)."""
+    sim, f, b, f_min, _, (_, _, down) = _fastest(graph, cluster, microbatches, cost_kind, dispatch_overhead_s)
     free = float(sim.memory_bytes.sum() - (sim.param_bytes * (2 + OPTIMIZERS[optimizer].state_copies)).sum())
-    held = float((sim.stash_bytes * (f_min + down)).sum())
-    if held == 0.0:
+    held = sim.stash_bytes * (f_min + down)
+    if float(held.sum()) == 0.0:
         return 0.0
-    return held / free if free > 0 else float("inf")
+    if free <= 0:
+        return float("inf")
+    if not recompute:
+        return float(held.sum()) / free
+    work = microbatches * (f + b) + _update_s(sim, optimizer)
+    return max(_recompute_tradeoff_s((lam[:, None] * work).min(axis=0).sum(),
+                                     (lam[:, None] * microbatches * f).min(axis=0), held / free)
+               for lam in _work_lams(sim, work))
+
+
+def _recompute_tradeoff_s(work_s: float, redo_s: np.ndarray, hold_s: np.ndarray) -> float:
+    """``min over x in [0, 1]^n of max(work_s + sum x_i redo_s_i, sum (1 - x_i) hold_s_i)``: op ``i`` either
+    keeps its stash (``hold_s_i`` of the memory x time term) or recomputes its forward (``redo_s_i`` more work;
+    its stash is then held for no less than 0). Fractional knapsack: recompute the ops that free the most
+    memory x time per second of work first, until the two sides meet."""
+    hold = float(hold_s.sum())
+    if hold <= work_s:
+        return work_s
+    order = np.lexsort((-hold_s, -(hold_s / np.maximum(redo_s, 1e-300))))
+    r, h = redo_s[order], hold_s[order]
+    work_k = work_s + np.concatenate(([0.0], np.cumsum(r)))   # after recomputing the first k ops
+    hold_k = hold - np.concatenate(([0.0], np.cumsum(h)))
+    k = int(np.argmax(work_k >= hold_k))  # the first point where work has caught up (k = n at the latest)
+    # between k - 1 and k, x of op k - 1 moves from 0 to 1: both sides are linear in x
+    gap_w, gap_h = work_k[k] - work_k[k - 1], hold_k[k - 1] - hold_k[k]
+    x = (hold_k[k - 1] - work_k[k - 1]) / max(gap_w + gap_h, 1e-300)
+    return float(work_k[k - 1] + x * gap_w)
 
 
 def bound_terms_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1, cost_kind: CostKind = None,
-                  dispatch_overhead_s: Overhead = None, optimizer: str | None = None) -> dict[str, float]:
+                  dispatch_overhead_s: Overhead = None, optimizer: str | None = None,
+                  recompute: bool = True) -> dict[str, float]:
     """Each term of :func:`lower_bound_s` by name (seconds): which one binds, and by how much."""
     kw = dict(microbatches=microbatches, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
     terms = {"critical path": critical_path_s(graph, cluster, **kw),
@@ -250,17 +294,19 @@ def bound_terms_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1
              "colocation": colocation_bound_s(graph, cluster, optimizer=optimizer, **kw),
              "fill and drain": fill_drain_bound_s(graph, cluster, **kw)}
     if optimizer is not None and graph.n:
-        terms["memory x time"] = memory_time_bound_s(graph, cluster, optimizer=optimizer, **kw)
+        terms["memory x time"] = memory_time_bound_s(graph, cluster, optimizer=optimizer, recompute=recompute, **kw)
     return terms
 
 
 def lower_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
                   cost_kind: CostKind = None, dispatch_overhead_s: Overhead = None,
-                  optimizer: str | None = None) -> float:
+                  optimizer: str | None = None, recompute: bool = True) -> float:
     """The largest of :func:`bound_terms_s`: no placement is faster. With an ``optimizer`` the updates and the
-    memory x time term count too (module docstring); memory is :func:`memory_fits`'s."""
+    memory x time term count too (module docstring); memory is :func:`memory_fits`'s. ``recompute``: over plans
+    that may recompute activations (else over plans that do not)."""
     return max(bound_terms_s(graph, cluster, microbatches=microbatches, cost_kind=cost_kind,
-                             dispatch_overhead_s=dispatch_overhead_s, optimizer=optimizer).values())
+                             dispatch_overhead_s=dispatch_overhead_s, optimizer=optimizer,
+                             recompute=recompute).values())
 
 
 def efficiency(result: "StepResult", graph: "OpGraph", cluster: "Cluster", *,

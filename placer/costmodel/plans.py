@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from placer.core.result import StepResult
+from placer.core.result import StepResult, recompute_suffix
 from placer.costmodel.schedules import SCHEDULES, build_schedule, is_stage_contiguous, virtual_stages
 from placer.costmodel.sim import OPTIMIZERS
 
@@ -93,27 +93,31 @@ class Plan:
     """Pipeline stage per device (-1 unused), from :func:`placer.costmodel.schedules.virtual_stages`."""
     virtual_stages: tuple[int, ...] = field(default=())
     """Chunks (virtual stages) per device (0 unused), from :func:`placer.costmodel.schedules.virtual_stages`."""
+    recompute: tuple[int, ...] = field(default=())
+    """Devices that recompute activations (checkpoint each segment or stage; keep only its inputs)."""
 
     @property
     def label(self) -> str:
-        """``"1f1b x8"``."""
-        return f"{self.schedule} x{self.microbatches}"
+        """``"1f1b x8"``, ``"1f1b x8 +recompute 0,1"``."""
+        return f"{self.schedule} x{self.microbatches}{recompute_suffix(self.recompute)}"
 
     def to_json(self) -> dict[str, Any]:
         """The schedule part of a placement document."""
         return {"name": self.schedule, "microbatches": int(self.microbatches),
                 "stages": [int(s) for s in self.stage_of_device],
-                "virtual_stages": [int(v) for v in self.virtual_stages]}
+                "virtual_stages": [int(v) for v in self.virtual_stages],
+                "recompute": [int(d) for d in self.recompute]}
 
 
 def make_plan(graph: "OpGraph", placement: "Placement | np.ndarray", num_devices: int, schedule: str,
-              microbatches: int) -> Plan:
+              microbatches: int, recompute: Sequence[int] = ()) -> Plan:
     """A :class:`Plan` with its stages computed from the placement."""
     dev = np.array(getattr(placement, "device_of_op", placement), dtype=np.int64)
     _, stage, chunks = virtual_stages(graph, dev, num_devices)
     dev.setflags(write=False)
     return Plan(device_of_op=dev, schedule=schedule, microbatches=int(microbatches),
-                stage_of_device=tuple(int(s) for s in stage), virtual_stages=tuple(int(c) for c in chunks))
+                stage_of_device=tuple(int(s) for s in stage), virtual_stages=tuple(int(c) for c in chunks),
+                recompute=tuple(sorted(int(d) for d in recompute)))
 
 
 def batch_size(graph: "OpGraph") -> int | None:
@@ -173,12 +177,15 @@ def _least_over(res: StepResult) -> float:
 
 
 def best_plan(sim: "Simulator", placement: "Placement | np.ndarray", *, schedules: Sequence[str] | None = None,
-              microbatches: Sequence[int] | None = None, optimizer: str = "adam") -> tuple[Plan, StepResult]:
+              microbatches: Sequence[int] | None = None, optimizer: str = "adam",
+              recompute: bool = True) -> tuple[Plan, StepResult]:
     """The fastest feasible ``(plan, its simulated step)`` of ``placement`` (see the module docstring).
 
     ``schedules`` / ``microbatches`` restrict the candidates (default: every registered schedule, every
     :func:`allowed_microbatches`). When no candidate fits, the result is the OOM whose worst device is least
-    over its memory. ``result.extra["plans_simulated"]`` counts the simulations done.
+    over its memory. ``result.extra["plans_simulated"]`` counts the simulations done. With ``recompute``, a
+    candidate that is out of memory is simulated again with activation recomputation on the devices over
+    memory (and then on any device still over), so recomputation is paid only where memory asks for it.
     """
     graph = sim.graph
     dev = sim.device_array(placement)
@@ -203,6 +210,14 @@ def best_plan(sim: "Simulator", placement: "Placement | np.ndarray", *, schedule
         seen.add((sched.order, m))
         res = sim.run(dev, schedule=sched, optimizer=optimizer)
         simulated += 1
+        redo: set[int] = set()
+        while res.oom and recompute:  # recompute on the devices over memory, until it fits or nothing is left
+            over = set(np.flatnonzero(res.peak_memory_bytes > sim.memory_bytes).tolist()) - redo
+            if not over:
+                break
+            redo |= over
+            res = sim.run(dev, schedule=sched, optimizer=optimizer, recompute=sorted(redo))
+            simulated += 1
         if res.oom:
             res.extra["_over"] = float(np.max(res.peak_memory_bytes / np.maximum(sim.memory_bytes, 1.0)))
         key = (_RANK.get(name, len(_RANK)), m)
@@ -239,7 +254,7 @@ def best_plan(sim: "Simulator", placement: "Placement | np.ndarray", *, schedule
         simulated += 1
     best.extra.pop("_over", None)
     best.extra["plans_simulated"] = simulated
-    return make_plan(graph, dev, sim.cluster.num_devices, best.schedule, best.microbatches), best
+    return make_plan(graph, dev, sim.cluster.num_devices, best.schedule, best.microbatches, best.recompute), best
 
 
 def run_plan(sim: "Simulator", placement: "Placement | np.ndarray", *, schedule: str = "none",
@@ -257,18 +272,19 @@ def run_plan(sim: "Simulator", placement: "Placement | np.ndarray", *, schedule:
 
 
 def plan_bound(graph: "OpGraph", cluster: Any, microbatches: Sequence[int] | None = None, *,
-               optimizer: str = "adam") -> tuple[float, int | None, str]:
+               optimizer: str = "adam", recompute: bool = True) -> tuple[float, int | None, str]:
     """``(bound, its M, the term that sets it)``: for each allowed micro-batch count (``microbatches``: only these)
     that :func:`placer.costmodel.bounds.memory_fits`, the largest of
     :func:`placer.costmodel.bounds.bound_terms_s` (updates of ``optimizer`` included); the smallest over the
-    counts. ``(inf, None, "")`` when no count can fit."""
+    counts. ``(inf, None, "")`` when no count can fit. ``recompute``: over plans that may recompute activations
+    (what :func:`best_plan` searches by default), else over plans that do not."""
     from placer.costmodel.bounds import bound_terms_s, memory_fits
 
     best: tuple[float, int | None, str] = (float("inf"), None, "")
     for m in (microbatches if microbatches is not None else allowed_microbatches(graph)):
-        if not memory_fits(graph, cluster, microbatches=int(m), optimizer=optimizer):
+        if not memory_fits(graph, cluster, microbatches=int(m), optimizer=optimizer, recompute=recompute):
             continue
-        terms = bound_terms_s(graph, cluster, microbatches=int(m), optimizer=optimizer)
+        terms = bound_terms_s(graph, cluster, microbatches=int(m), optimizer=optimizer, recompute=recompute)
         name = max(terms, key=lambda k: terms[k])
         if terms[name] < best[0]:
             best = (terms[name], int(m), name)
@@ -276,10 +292,10 @@ def plan_bound(graph: "OpGraph", cluster: Any, microbatches: Sequence[int] | Non
 
 
 def plan_lower_bound_s(graph: "OpGraph", cluster: Any, microbatches: Sequence[int] | None = None, *,
-                       optimizer: str = "adam") -> float:
+                       optimizer: str = "adam", recompute: bool = True) -> float:
     """No plan of ``graph`` on ``cluster`` beats this (:func:`plan_bound`'s value); ``inf`` when no micro-batch
     count can fit."""
-    return plan_bound(graph, cluster, microbatches, optimizer=optimizer)[0]
+    return plan_bound(graph, cluster, microbatches, optimizer=optimizer, recompute=recompute)[0]
 
 
 def simulate_plan(graph: "OpGraph", cluster: Any, placement: "Placement | np.ndarray", *, schedule: str = "none",

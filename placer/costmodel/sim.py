@@ -45,7 +45,9 @@ Model (kept identical to what the engine executes, so fidelity is a direct compa
 * **Memory.** Per device: parameters + gradients + optimizer state (``state_copies`` x params) + the stash of
   every micro-batch in flight, found by walking the device's actual order (a forward adds ``stash / M``, its
   backward frees it) + the running op's ``temp_bytes / M``. Input ops hold ``max(stash, out_bytes) / M`` (the
-  batch itself). Peak over capacity -> ``oom=True``, ``step_time_s = inf``.
+  batch itself). Peak over capacity -> ``oom=True``, ``step_time_s = inf``. Devices that recompute activations
+  (``recompute=``) hold only their segments' inputs and pay each segment's forward again
+  (:mod:`placer.costmodel.recompute`).
 
 Use :class:`Simulator` in loops (it precomputes arrays once per graph and cluster); :func:`simulate` is a thin
 wrapper that caches one per (graph, cluster).
@@ -56,13 +58,14 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from graphs.grouping import colocation_first
 from placer.costmodel import _sim_kernel as K
 from placer.costmodel._segment_kernel import segment_starts as _segment_starts_kernel
+from placer.costmodel.recompute import recompute_walk
 from placer.costmodel.costs import CostKind, cost_kind_of, meta_per_kind, param_traffic_s
 from placer.core.placement import Placement
 from placer.core.result import StepResult, TimelineEvent
@@ -97,7 +100,6 @@ MEMORY_BANDWIDTH_BPS: dict[str, float] = {
 DEFAULT_MEMORY_BANDWIDTH_BPS = 100e9
 
 
-
 @dataclass(frozen=True)
 class Optimizer:
     state_copies: int
@@ -112,6 +114,14 @@ OPTIMIZERS: dict[str, Optimizer] = {
     "adam": Optimizer(2, 7),       # read p, g, m, v; write p, m, v
     "adamw": Optimizer(2, 7),
 }
+
+
+def optimizer_of(name: str) -> Optimizer:
+    """The :data:`OPTIMIZERS` entry of ``name``; a one-line ``ValueError`` naming the choices otherwise."""
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}") from None
 
 
 def _roofline_value(kind: str, meta_key: str) -> float | None:
@@ -285,11 +295,12 @@ class Simulator:
 
     # ------------------------------------------------------------------ the step
     def run(self, placement: Placement | np.ndarray, *, schedule: str | Schedule = "none", microbatches: int = 1,
-            optimizer: str = "adam", timeline: bool = False) -> StepResult:
+            optimizer: str = "adam", timeline: bool = False, recompute: Sequence[int] = ()) -> StepResult:
         """Simulate one training step; OOM gives a failed result, a bad placement a ``ValueError``.
 
         ``schedule`` is a name from :data:`placer.costmodel.schedules.SCHEDULES` or a :class:`Schedule` already
         built for this placement (e.g. the one the engine runs); ``microbatches`` is then taken from it.
+        ``recompute``: the devices that recompute activations (:mod:`placer.costmodel.recompute`).
         """
         dev = self.device_array(placement)
         if isinstance(schedule, Schedule):
@@ -298,36 +309,32 @@ class Simulator:
                 raise ValueError(f"schedule is for {sched.num_devices} devices, cluster has {self.cluster.num_devices}")
         else:
             sched = self.schedule(dev, schedule, microbatches=microbatches, _checked=True)
-        try:
-            opt = OPTIMIZERS[optimizer]
-        except KeyError:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}") from None
+        opt = optimizer_of(optimizer)
         m = sched.microbatches
-        names = self._names
-        num_dev = self.cluster.num_devices
+        names, num_dev = self._names, self.cluster.num_devices
 
         # memory first: an OOM placement needs no timing
+        extra: dict[str, Any] = {"schedule_order": sched.order, "stages": sched.num_stages}
+        ran: dict[str, Any] = {"schedule": sched.name, "schedule_ran": sched.order, "schedule_note": sched.note}
         params = np.bincount(dev, weights=self.param_bytes, minlength=num_dev)
         static = params * (2 + opt.state_copies)
         act = K.activation_peaks(sched.device_ptr, sched.op, sched.phase, self.stash_bytes / m, self.temp_bytes / m)
+        fwd_m, bwd_m = self.microbatch_s(m)
+        dur_f, dur_b = fwd_m[dev, self._ar], bwd_m[dev, self._ar]
+        redo = recompute_walk(self, sched, dev, recompute, dur_f)
+        if redo is not None:
+            act = np.where(redo[0], redo[1], act)
+            ran["recompute"] = tuple(int(d) for d in np.flatnonzero(redo[0]))
         peak = static + act
         over = np.flatnonzero(peak > self.memory_bytes)
-        extra: dict[str, Any] = {"schedule_order": sched.order, "stages": sched.num_stages}
-        ran = {"schedule": sched.name, "schedule_ran": sched.order, "schedule_note": sched.note}
         if sched.note:
             extra["note"] = sched.note
         if over.size:
             i = int(over[0])
-            gib = 1 << 30
-            reason = (f"out of memory on {names[i]}: needs {peak[i] / gib:.2f} GiB (parameters+gradients+optimizer "
-                      f"{static[i] / gib:.2f} GiB, activations+temporaries {act[i] / gib:.2f} GiB) > "
-                      f"{self.memory_bytes[i] / gib:.2f} GiB")
-            return StepResult.failed(reason, source="sim", devices=names, oom_device=i,
+            return StepResult.failed(self._oom_reason(i, static[i], act[i]), source="sim", devices=names, oom_device=i,
                                      peak_memory_bytes=np.ceil(peak).astype(np.int64), **ran,
                                      microbatches=m, extra=extra)
 
-        fwd_m, bwd_m = self.microbatch_s(m)
-        dur_f, dur_b = fwd_m[dev, self._ar], bwd_m[dev, self._ar]
         upd = np.where(params > 0, params * opt.touched / self.mem_bw_Bps + self.overhead_s, 0.0)
         ga = self.arrays
         tid_of, prod, src, dst, nbytes, ncons = K.transfer_table(dev, ga.succ_ptr, ga.succ_idx, ga.succ_bytes, num_dev)
@@ -337,6 +344,7 @@ class Simulator:
         used = np.diff(sched.device_ptr) > 0
         start = np.where(used, self.step_overhead_s, 0.0) if used.sum() > 1 else np.zeros(num_dev)
         extra_s, n_segments = self._segment_costs(sched, dev)
+        extra_s = extra_s + redo[2] if redo is not None else extra_s  # + the recomputed forwards
         status, step, busy, crit, t_start, t_end, x_start, x_end, stuck = K.sweep_costed(
             sched.device_ptr, sched.op, sched.microbatch, sched.phase, dev, ga.pred_ptr, ga.pred_idx,
             ga.succ_ptr, ga.succ_idx, tid_of, src, dst, ncons, x_time, dur_f, dur_b, upd, m, timeline,
@@ -363,6 +371,12 @@ class Simulator:
                           peak_memory_bytes=np.ceil(peak).astype(np.int64), bytes_moved=moved,
                           critical_path_s=float(crit), **ran, microbatches=m, timeline=events,
                           extra=extra)
+
+    def _oom_reason(self, i: int, static_bytes: float, act_bytes: float) -> str:
+        gib = 1 << 30  # one line: which device, by how much, of what
+        return (f"out of memory on {self._names[i]}: needs {(static_bytes + act_bytes) / gib:.2f} GiB "
+                f"(parameters+gradients+optimizer {static_bytes / gib:.2f} GiB, activations+temporaries "
+                f"{act_bytes / gib:.2f} GiB) > {self.memory_bytes[i] / gib:.2f} GiB")
 
     def _segment_costs(self, sched: Schedule, dev: np.ndarray) -> tuple[np.ndarray, int | None]:
         """Per task, the fixed cost of the fused segment it starts (:func:`segment_starts`), and how many
@@ -428,7 +442,9 @@ def get_simulator(graph: "OpGraph", cluster: "Cluster", *, cost_kind: CostKind =
 def simulate(graph: "OpGraph", cluster: "Cluster", placement: Placement | np.ndarray, *,
              schedule: str | Schedule = "none", microbatches: int = 1, optimizer: str = "adam",
              cost_kind: CostKind = None,
-             dispatch_overhead_s: float | Mapping[str, float] | None = None, timeline: bool = False) -> StepResult:
+             dispatch_overhead_s: float | Mapping[str, float] | None = None, timeline: bool = False,
+             recompute: Sequence[int] = ()) -> StepResult:
     """Simulate one training step of ``graph`` placed by ``placement`` on ``cluster`` (see the module docstring)."""
     sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
-    return sim.run(placement, schedule=schedule, microbatches=microbatches, optimizer=optimizer, timeline=timeline)
+    return sim.run(placement, schedule=schedule, microbatches=microbatches, optimizer=optimizer, timeline=timeline,
+                   recompute=recompute)

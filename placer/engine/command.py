@@ -49,6 +49,8 @@ class MeasureCommand:
     """Unmeasured steps before them."""
     schedule: str = "none"
     """The schedule the tasks come from (``pipelining`` builds its own from the name)."""
+    recompute: tuple[int, ...] = ()
+    """Devices that recompute activations (each fused segment or stage checkpointed)."""
     backend: str = "ops"
     """One of :data:`BACKENDS`."""
     update: bool = True

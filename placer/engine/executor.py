@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import checkpoint
 
 from placer.engine.plan import Message, StepPlan
 from placer.engine.program import StepProgram, ValueMeta
@@ -318,20 +319,15 @@ class _Step:
         if first.wait_values:
             self._receive_inputs(first)
         m, memory, rec, perf = seg.mb, self.memory, self.rec, time.perf_counter
-        env, ops = self.env[m], self.prog.ops
+        env = self.env[m]
         s = perf()
         if memory is not None:
             memory.begin()
-        marks = []
-        for i in seg.ops:
-            marks.append(perf())
-            op = ops[i]
-            if op.kind == "compute":
-                env[i] = op.run([env[j] for j in op.inputs])
-            elif op.kind == "input":
-                env[i] = self.inputs[m][op.input_position]
-            else:
-                env[i] = op.attr
+        marks: list[float] = []
+        if self.plan.recompute:
+            self._checkpointed(seg, env, marks)
+        else:
+            self._run_ops(seg.ops, m, env, marks)
         kept: list[Any] = []
         for i in seg.outputs:
             v = env[i]
@@ -358,6 +354,40 @@ class _Step:
         marks.append(perf())
         rec.task_times.extend((k, marks[n], marks[n + 1]) for n, k in enumerate(seg.positions))
         self.fwd_marks[(seg.ops[0], m)] = marks
+
+    def _run_ops(self, op_ids: Sequence[int], m: int, env: dict[int, Any], marks: list[float] | None) -> None:
+        """Run ops in order on ``env`` (values by op), ``marks`` getting each op's start time."""
+        ops = self.prog.ops
+        for i in op_ids:
+            if marks is not None:
+                marks.append(time.perf_counter())
+            op = ops[i]
+            if op.kind == "compute":
+                env[i] = op.run([env[j] for j in op.inputs])
+            elif op.kind == "input":
+                env[i] = self.inputs[m][op.input_position]
+            else:
+                env[i] = op.attr
+
+    def _checkpointed(self, seg: Segment, env: dict[int, Any], marks: list[float]) -> None:
+        """The segment's ops under ``torch.utils.checkpoint`` (non-reentrant): autograd keeps only the values it
+        reads from outside; its backward runs the ops again. Only the values used outside it reach ``env``."""
+        inside = set(seg.ops)
+        ext = sorted({j for i in seg.ops for j in self.prog.ops[i].inputs if j not in inside})
+        tasks = self.plan.tasks
+        needed = {*seg.outputs, *seg.views, *(msg.op for k in seg.positions for msg in tasks[k].sends)}
+        if self.prog.loss_op in inside:
+            needed.add(self.prog.loss_op)
+        keep = [i for i in seg.ops if i in needed]
+        first = [True]
+
+        def body(*vals: Any) -> tuple[Any, ...]:
+            local = dict(zip(ext, vals))
+            self._run_ops(seg.ops, seg.mb, local, marks if first[0] else None)  # the recomputation: no marks
+            first[0] = False
+            return tuple(local[i] for i in keep)
+
+        env.update(zip(keep, checkpoint(body, *(env[j] for j in ext), use_reentrant=False)))
 
     def backward_segment(self, seg: Segment) -> None:
         """One ``autograd.backward`` from the segment's outputs; then the gradients of received values go back."""

@@ -293,9 +293,12 @@ class Measurer:
         return reason
 
     def _run(self, placement: Any, *, schedule: str, microbatches: int, steps: int, warmup: int, update: bool,
-             collect: bool, timeout_s: float | None, fault: str | None,
-             backend: str | None) -> tuple[StepResult, list[dict[str, Any]]]:
+             collect: bool, timeout_s: float | None, fault: str | None, backend: str | None,
+             recompute: Sequence[int] = ()) -> tuple[StepResult, list[dict[str, Any]]]:
         placement.validate(self.graph, self.cluster)
+        recompute = tuple(sorted({int(d) for d in recompute}))
+        if any(not 0 <= d < len(self.devices) for d in recompute):
+            raise ValueError(f"recompute names devices {list(recompute)}; the cluster has {len(self.devices)}")
         backend = backend or self.config.backend
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -303,7 +306,8 @@ class Measurer:
                                           microbatches=microbatches, cluster=self.cluster)
         ran = (order, note) if backend == "ops" else ("", "")  # the pipelining backend runs torch's own schedule
         cmd = MeasureCommand(device_of_op=np.asarray(placement.device_of_op), tasks=tasks, microbatches=microbatches,
-                             steps=steps, warmup=warmup, schedule=schedule, backend=backend, update=update,
+                             steps=steps, warmup=warmup, schedule=schedule, recompute=recompute, backend=backend,
+                             update=update,
                              collect=collect, optimizer=self.config.optimizer, lr=self.config.lr,
                              track_memory=self.config.track_memory, fault=fault)
         if self._procs and not all(_alive(p) for p in self._procs):  # one died while idle: start afresh
@@ -333,27 +337,30 @@ class Measurer:
         result = assemble_result(replies, graph=self.graph, cluster=self.cluster, tasks=tasks, schedule=schedule,
                                  microbatches=microbatches, same_host=True,
                                  order=ran[0] or schedule, note=ran[1])
-        return result, replies
+        return replace(result, recompute=recompute), replies
 
     def measure(self, placement: Any, *, schedule: str = "none", microbatches: int = 1, steps: int = 5,
                 warmup: int = 2, backend: str | None = None, timeout_s: float | None = None,
-                _fault: str | None = None) -> StepResult:
+                _fault: str | None = None, recompute: Sequence[int] = ()) -> StepResult:
         """Median step time (and the rest of a :class:`StepResult`) of ``placement`` under ``schedule``.
 
         Every measurement starts from the model's initial parameters. ``backend`` overrides
-        ``config.backend``. ``_fault`` is a test hook: ``"crash"``, ``"hang"``, ``"oom"`` or ``"error"``
-        injected in the last device's last step (halfway through its tasks on the ``ops`` backend).
+        ``config.backend``; ``recompute``: the devices that recompute activations (a plan's). ``_fault`` is a test
+        hook: ``"crash"``, ``"hang"``, ``"oom"`` or ``"error"`` injected in the last device's last step (halfway
+        through its tasks on the ``ops`` backend).
         """
         return self._run(placement, schedule=schedule, microbatches=microbatches, steps=steps, warmup=warmup,
-                         update=True, collect=False, timeout_s=timeout_s, fault=_fault, backend=backend)[0]
+                         update=True, collect=False, timeout_s=timeout_s, fault=_fault, backend=backend,
+                         recompute=recompute)[0]
 
     def run_step(self, placement: Any, *, schedule: str = "none", microbatches: int = 1, steps: int = 1,
-                 update: bool = True, backend: str | None = None, timeout_s: float | None = None) -> StepOutputs:
+                 update: bool = True, backend: str | None = None, timeout_s: float | None = None,
+                 recompute: Sequence[int] = ()) -> StepOutputs:
         """Run ``steps`` training steps from the initial parameters; return the last loss, gradients and
         parameters (for comparing with single-device training)."""
         result, replies = self._run(placement, schedule=schedule, microbatches=microbatches, steps=steps,
                                     warmup=0, update=update, collect=True, timeout_s=timeout_s, fault=None,
-                                    backend=backend)
+                                    backend=backend, recompute=recompute)
         grads: dict[str, Any] = {}
         params: dict[str, Any] = {}
         for r in replies:
@@ -379,10 +386,11 @@ def _oom_device(reason: str, devices: Sequence[str]) -> int | None:
 
 def measure(graph: Any, cluster: Any, placement: Any, *, schedule: str = "none", microbatches: int = 1,
             steps: int = 5, warmup: int = 2, factory: Callable[[], Any] | None = None,
-            config: EngineConfig | None = None) -> StepResult:
+            config: EngineConfig | None = None, recompute: Sequence[int] = ()) -> StepResult:
     """One-shot measurement: start workers, measure ``placement``, stop them."""
     with Measurer(graph, cluster, factory=factory, config=config) as m:
-        return m.measure(placement, schedule=schedule, microbatches=microbatches, steps=steps, warmup=warmup)
+        return m.measure(placement, schedule=schedule, microbatches=microbatches, steps=steps, warmup=warmup,
+                         recompute=recompute)
 
 
 @atexit.register

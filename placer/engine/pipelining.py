@@ -107,6 +107,7 @@ def run_pipelined(runtime: Any, cmd: MeasureCommand, layout: StageLayout, module
         if layout.device_of_stage[s] != rank:
             continue
         mod = modules[s]
+        mod.recompute = rank in cmd.recompute
         # static shapes from the recorded micro-batch (runtime shape inference would run the stage once on
         # uninitialised receive buffers)
         ex_in = tuple(t.to(device) for t in mod.example_in)

@@ -83,6 +83,8 @@ class StepPlan:
     """Per op: the output requires grad (its backward task does work)."""
     segments: list[Segment] | None = None
     """Fused execution (:mod:`placer.engine.segments`): the tasks grouped into segments; None: op by op."""
+    recompute: bool = False
+    """Run each forward segment under activation checkpointing (keep its inputs, recompute in its backward)."""
 
 
 def _validate(tasks: list[list[Task]], dev: np.ndarray, microbatches: int, prog: StepProgram) -> None:
@@ -155,10 +157,12 @@ def _task_plans(prog: StepProgram, dev: np.ndarray, my_tasks: list[Task], rank: 
 
 
 def build_plan(prog: StepProgram, metas: Sequence[ValueMeta], device_of_op: Sequence[int] | np.ndarray,
-               tasks: list[list[Task]], *, rank: int, microbatches: int, fused: bool | None = None) -> StepPlan:
+               tasks: list[list[Task]], *, rank: int, microbatches: int, fused: bool | None = None,
+               recompute: bool = False) -> StepPlan:
     """The plan of device ``rank`` (raises a one-line ``ValueError`` for an inconsistent schedule).
 
-    ``fused``: group the tasks into fused segments (None: :func:`placer.engine.segments.fused_default`)."""
+    ``fused``: group the tasks into fused segments (None: :func:`placer.engine.segments.fused_default`);
+    ``recompute``: checkpoint each segment (always fused then: the simulator's recomputation is per segment)."""
     dev = np.asarray(device_of_op, dtype=np.int64)
     num_devices = len(tasks)
     n = prog.n
@@ -220,7 +224,7 @@ def build_plan(prog: StepProgram, metas: Sequence[ValueMeta], device_of_op: Sequ
             sent[dst] = sum(msg.nbytes for msg in seq)
     if fused is None:
         fused = fused_default()
-    segments = build_segments(prog, plans, dev, rank, has_bwd) if fused else None
+    segments = build_segments(prog, plans, dev, rank, has_bwd) if fused or recompute else None
     return StepPlan(rank=rank, num_devices=num_devices, microbatches=microbatches, device_of_op=dev,
                     tasks=plans, recvs=recvs, sent_bytes=sent, local_view=local_view, has_bwd=has_bwd,
-                    segments=segments)
+                    segments=segments, recompute=recompute)

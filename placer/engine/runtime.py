@@ -198,7 +198,8 @@ class WorkerRuntime:
             metas = self.metas(M)
             owned = self.owned_params(dev)
             if cmd.backend == "ops":
-                plan = build_plan(self.prog, metas, dev, cmd.tasks, rank=self.rank, microbatches=M)
+                plan = build_plan(self.prog, metas, dev, cmd.tasks, rank=self.rank, microbatches=M,
+                                  recompute=self.rank in cmd.recompute)
             else:
                 from placer.engine.pipelining import plan_pipeline  # noqa: PLC0415
 

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.split_module import split_module
+from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
 from graphs.trace import buffers_restored, record_values
@@ -102,7 +103,16 @@ class StageModule(nn.Module):
             env[name] = tree_unflatten([next(it) if t else c for c, t in zip(consts, is_tensor)], spec)
         return env
 
+    recompute: bool = False
+    """Activation checkpointing: keep only the stage's inputs for backward and run its forward again there
+    (``torch.utils.checkpoint``, non-reentrant); set for the devices a plan's ``recompute`` names."""
+
     def forward(self, *flat: Any) -> Any:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, *flat, use_reentrant=False)
+        return self._forward(*flat)
+
+    def _forward(self, *flat: Any) -> Any:
         env = self._env_from(flat)
 
         def value(a: fx.Node) -> Any:

@@ -84,17 +84,19 @@ def _time_entry(result: StepResult | None, cluster: Cluster) -> dict[str, Any] |
 
 def _schedule_entry(graph: OpGraph, cluster: Cluster, placement: Placement, schedule: str, microbatches: int,
                     *results: StepResult | None) -> dict[str, Any]:
-    """The plan's schedule part: name, micro-batches, stages and virtual stages per device. ``schedule="auto"``
-    records what the search chose, read from the first result given (its ``schedule`` and ``microbatches``)."""
+    """The plan's schedule part: name, micro-batches, stages and virtual stages per device, the devices that
+    recompute activations (the first result's). ``schedule="auto"`` records what the search chose, read from the
+    first result given (its ``schedule``, ``microbatches`` and ``recompute``)."""
     from placer.costmodel.plans import AUTO, make_plan
 
     chosen_by = "given"
+    res = next((r for r in results if r is not None), None)
     if schedule == AUTO:
-        res = next((r for r in results if r is not None), None)
         if res is None:
             raise ValueError("schedule 'auto' needs the predicted or measured result that says what was chosen")
         schedule, microbatches, chosen_by = res.schedule, res.microbatches, AUTO
-    plan = make_plan(graph, placement, cluster.num_devices, schedule, microbatches)
+    plan = make_plan(graph, placement, cluster.num_devices, schedule, microbatches,
+                     res.recompute if res is not None else ())
     return {**plan.to_json(), "chosen_by": chosen_by}
 
 
@@ -176,6 +178,10 @@ def placement_from_document(doc: Any, graph: OpGraph | None = None, cluster: Clu
     for name, d in doc["ops"].items():
         if d >= len(devices):
             raise ValueError(f"{where}: op {name!r} is on device {d}, but only {len(devices)} devices are listed")
+    for d in doc["schedule"].get("recompute", ()):
+        if d >= len(devices):
+            raise ValueError(f"{where}: schedule.recompute names device {d}, but only {len(devices)} devices "
+                             f"are listed")
     if cluster is not None and list(cluster.device_names) != list(devices):
         raise ValueError(f"{where}: devices {devices} do not match cluster {cluster.name!r} "
                          f"{list(cluster.device_names)}")

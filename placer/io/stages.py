@@ -75,7 +75,8 @@ def stage_modules(model_or_traced: nn.Module | TracedModel, placement: Placement
     check a split). The modules share parameters with ``model_or_traced``. ``example_inputs`` (a whole batch)
     is required for an ``nn.Module`` and defaults to the TracedModel's; one micro-batch of it (the
     placement's ``schedule.microbatches`` unless ``microbatches`` is given) is run once to learn the structure
-    of the values crossing each cut.
+    of the values crossing each cut. A stage on a device of the plan's ``schedule.recompute`` runs under
+    activation checkpointing (:attr:`placer.engine.stages.StageModule.recompute`).
     """
     doc = document_of(placement)
     traced = _traced(model_or_traced, example_inputs)
@@ -90,4 +91,8 @@ def stage_modules(model_or_traced: nn.Module | TracedModel, placement: Placement
         log.warning("%s was traced with torch.export before graphs recorded a dynamic batch; micro-batches of "
                     "another size may fail or compute wrong values", traced.graph.name)
     mb = _microbatch(inputs, m)
-    return split_stages(traced.gm, stage_by_name, num_stages, mb)
+    stages = split_stages(traced.gm, stage_by_name, num_stages, mb)
+    recompute = set(doc["schedule"].get("recompute", ()))
+    for stage, entry in zip(stages, doc["stages"]):  # activation checkpointing where the plan recomputes
+        stage.recompute = entry["device"] in recompute
+    return stages
