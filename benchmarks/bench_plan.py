@@ -53,7 +53,6 @@ import numpy as np  # noqa: E402
 from graphs.data import load_benchmark_graph  # noqa: E402
 from placer import baselines  # noqa: E402
 from placer.core.cluster import Cluster, get_cluster  # noqa: E402
-from placer.core.result import recompute_suffix  # noqa: E402
 from placer.costmodel.plans import best_plan, plan_bound  # noqa: E402
 from placer.costmodel.sim import Simulator  # noqa: E402
 from placer.costmodel.tight import memory_tight  # noqa: E402
@@ -147,8 +146,7 @@ def planner(graph: Any, cluster: Cluster, args: argparse.Namespace) -> dict[str,
         print(f"# planner on {graph.name}/{cluster.name}: {e}", flush=True)
         return {"plan_s": math.inf, "plan": "OOM", "rl_s": math.nan, "source": "-", "evals": 0}
     plan_s = out.predicted.step_time_s if out.predicted.ok else math.inf
-    got = {"plan_s": plan_s, "plan": f"{out.predicted.schedule} x{out.predicted.microbatches}"
-                                     f"{recompute_suffix(out.predicted.recompute)}"}
+    got = {"plan_s": plan_s, "plan": out.predicted.plan_label}
     if (ref := out.refined) is None:  # refinement did not beat the policy's best: that is the plan
         return {**got, "rl_s": plan_s, "source": "rl", "evals": 0}
     own = ref.policy_step_s

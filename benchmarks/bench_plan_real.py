@@ -41,6 +41,7 @@ from graphs.ir import OpGraph  # noqa: E402
 from placer.app.measured import PlanRow, even_split, measure_interleaved, plan_row, winning_plan  # noqa: E402
 from placer.core.cluster import Cluster, get_cluster  # noqa: E402
 from placer.core.placement import Placement  # noqa: E402
+from placer.core.result import plan_label  # noqa: E402
 from placer.costmodel.sim import Simulator  # noqa: E402
 
 
@@ -80,7 +81,8 @@ def figure_lines(rows: Sequence[dict], model: str = "gpt") -> list[str]:
     lines = ["| plan | split | schedule | simulated (s) | measured (s), median | rounds (s) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['plan']} | {r['split']} | {r['schedule']} x{r['microbatches']} | {r['sim_s']:.3f} | "
+        label = plan_label(r["schedule"], r["microbatches"], r.get("recompute", ()))
+        lines.append(f"| {r['plan']} | {r['split']} | {label} | {r['sim_s']:.3f} | "
                      f"{r['real_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['real_rounds_s'])} |")
     per_round = [s / w for s, w in zip(single["real_rounds_s"], win["real_rounds_s"])]
     vs_even = [w / e for w, e in zip(win["real_rounds_s"], even["real_rounds_s"])]

@@ -272,7 +272,7 @@ def print_train_summary(result: Any, budget_s: float, *, refine_s: float = 0.0) 
                       f"warnings above; the reported placement is the best that measured)")
     if out.refined:
         console.print(f"refinement ({refine_s:g} s, {out.refined.evaluations} plans scored): {out.refined.source}; "
-                      f"the plan: {out.predicted.schedule} x{out.predicted.microbatches}")
+                      f"the plan: {out.predicted.plan_label}")
     elif refine_s > 0:
         console.print(f"refinement ({refine_s:g} s): nothing faster than the run's best")
     if out.kept_on_disk:

@@ -289,7 +289,7 @@ def _cell(col: str, g: OpGraph, c: Cluster, *, extra: Mapping[str, ExtraPlacer],
     cell = Cell(method=col, placement=p, place_s=place_s,
                 status="ok" if res.ok else ("oom" if res.oom else "failed"),
                 step_time_s=res.step_time_s if res.ok else math.inf, detail=res.failure or "",
-                plan=f"{res.schedule} x{res.microbatches}" if auto and res.ok else "")
+                plan=res.plan_label if auto and res.ok else "")
     if real is not None:
         try:
             rr = real(g, p, schedule=res.schedule, microbatches=res.microbatches) if auto else real(g, p)

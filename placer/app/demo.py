@@ -101,7 +101,7 @@ def _plans_markdown(rows: list[Any], measured: bool) -> str:
         t = r.real_s if measured else r.sim_s
         ref_s, ref_e = (single.real_s, even.real_s) if measured else (single.sim_s, even.sim_s)
         rounds = f" ({', '.join(f'{x * 1e3:.2f}' for x in r.real_rounds_s)})" if measured else ""
-        lines.append(f"| {r.name} | {r.label} | {r.schedule} x{r.microbatches} | {r.sim_s * 1e3:.2f} | "
+        lines.append(f"| {r.name} | {r.label} | {r.plan_label} | {r.sim_s * 1e3:.2f} | "
                      f"{f'{r.real_s * 1e3:.2f}' if measured else '—'}{rounds} | {ref_s / t:.2f}x | {t / ref_e:.2f} |")
     src = "measured, median of the rounds; each round's time in brackets" if measured else "simulated"
     return "\n".join(lines) + f"\n\n(vs columns: {src})\n"
@@ -191,8 +191,7 @@ def _write_outputs(out_dir: Path, graph: OpGraph, cluster: Cluster, table: Any, 
         predicted=predicted, measured=win.result)
     timeline_src = win.result if win.result is not None and win.result.timeline else predicted
     files["timeline"] = plot_gantt(timeline_src, out_dir / "timeline.png",
-                                   title=f"{graph.name} on {cluster.name}: {win.name} ({win.schedule} "
-                                         f"x{win.microbatches}, "
+                                   title=f"{graph.name} on {cluster.name}: {win.name} ({win.plan_label}, "
                                          f"{'measured' if timeline_src is win.result else 'simulated'})")
     files["trace"] = to_chrome_trace(timeline_src, out_dir / "timeline.trace.json")
     files["learning_curve"] = run_dir / "learning_curve.png"

@@ -19,7 +19,7 @@ from graphs.ir import OpGraph
 from placer import baselines
 from placer.core.cluster import Cluster
 from placer.core.placement import Placement
-from placer.core.result import StepResult
+from placer.core.result import StepResult, plan_label
 from placer.costmodel.plans import best_plan
 from placer.engine.command import DEFAULT_OPTIMIZER
 from placer.io.document import contiguous_stages
@@ -52,6 +52,11 @@ class PlanRow:
     """Measured step time of each round (s)."""
     result: StepResult | None = None
     """The last round's measured result (its timeline)."""
+
+    @property
+    def plan_label(self) -> str:
+        """``"1f1b x8"``, ``"1f1b x8 +recompute 0"``."""
+        return plan_label(self.schedule, self.microbatches, self.recompute)
 
     @property
     def real_s(self) -> float:
@@ -120,6 +125,6 @@ def measure_interleaved(graph: OpGraph, cluster: Cluster, rows: Sequence[PlanRow
                     raise RuntimeError(f"engine run of {row.name} failed: {res.failure}")
                 row.real_rounds_s.append(res.step_time_s)
                 row.result = res
-                say(f"  round {r + 1}/{rounds} {row.name:<12} {row.schedule} x{row.microbatches}: "
+                say(f"  round {r + 1}/{rounds} {row.name:<12} {row.plan_label}: "
                     f"{res.step_time_s:.3f} s per step (samples "
                     f"{[round(x, 3) for x in res.extra.get('samples_s', [])]}, {time.perf_counter() - t:.0f} s)")

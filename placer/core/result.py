@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -28,9 +28,10 @@ class TimelineEvent:
                 "start_s": self.start_s, "end_s": self.end_s}
 
 
-def recompute_suffix(devices: tuple[int, ...]) -> str:
-    """``" +recompute 0,1"`` for a plan whose devices 0 and 1 recompute activations, ``""`` for none."""
-    return f" +recompute {','.join(str(d) for d in devices)}" if devices else ""
+def plan_label(schedule: str, microbatches: int, recompute: Sequence[int] = ()) -> str:
+    """``"1f1b x8"``; ``"1f1b x8 +recompute 0,1"`` when devices 0 and 1 recompute activations."""
+    redo = f" +recompute {','.join(str(d) for d in recompute)}" if len(recompute) else ""
+    return f"{schedule} x{microbatches}{redo}"
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -80,9 +81,14 @@ class StepResult:
         return self.schedule_ran or self.schedule
 
     @property
+    def plan_label(self) -> str:
+        """``"1f1b x4"``, ``"1f1b x4 +recompute 0"``: the plan that was asked for."""
+        return plan_label(self.schedule, self.microbatches, self.recompute)
+
+    @property
     def schedule_label(self) -> str:
         """``"1f1b x4"``, or ``"1f1b x4 (ran gpipe order: 1f1b would deadlock)"`` after a fallback."""
-        label = f"{self.schedule} x{self.microbatches}{recompute_suffix(self.recompute)}"
+        label = self.plan_label
         if self.order != self.schedule:
             why = "would deadlock" if "deadlock" in self.schedule_note else "fell back"
             label += f" (ran {self.order} order: {self.schedule} {why})"

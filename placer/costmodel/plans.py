@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from placer.core.result import StepResult, recompute_suffix
+from placer.core.result import StepResult, plan_label
 from placer.costmodel.schedules import SCHEDULES, build_schedule, is_stage_contiguous, virtual_stages
 from placer.costmodel.sim import OPTIMIZERS
 
@@ -99,7 +99,7 @@ class Plan:
     @property
     def label(self) -> str:
         """``"1f1b x8"``, ``"1f1b x8 +recompute 0,1"``."""
-        return f"{self.schedule} x{self.microbatches}{recompute_suffix(self.recompute)}"
+        return plan_label(self.schedule, self.microbatches, self.recompute)
 
     def to_json(self) -> dict[str, Any]:
         """The schedule part of a placement document."""
