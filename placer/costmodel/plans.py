@@ -19,7 +19,9 @@ chunks: with one chunk per device it is exactly ``1f1b``), ``1f1b`` and ``gpipe`
 ``dataflow`` (:mod:`placer.costmodel.schedules`), except on placements that are a chain of contiguous stages:
 ``torch.distributed.pipelining`` runs those with its own schedules, which a trainer can load (the price: the list
 order can be faster there too, by 1% on gpt-medium's best two-stage split and 9% on the 8-op chain of
-``tests/test_plans.py``). A failed (OOM) plan is ``inf``. The fastest
+``tests/test_plans.py``). A candidate that is out of memory is simulated again with activation recomputation
+(:mod:`placer.costmodel.recompute`) on the devices over memory, then on any still over: recomputation is paid only
+where memory asks for it, never as a speed trade. A failed (OOM) plan is ``inf``. The fastest
 wins; ties go to the simpler schedule (registry order: none, gpipe, 1f1b, interleaved-1f1b, dataflow), then to
 fewer micro-batches. Settings skipped because they provably cannot win:
 
