@@ -6,6 +6,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from placer.costmodel._sim_kernel import task_positions
 
 
 @nb.njit(cache=True)
@@ -22,13 +23,7 @@ def segment_starts(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_p
     """
     n_tasks = dev_ptr[dev_ptr.shape[0] - 1]
     start = np.zeros(n_tasks, np.int8)
-    bpos = np.full((num_mb, n), -1, np.int64)
-    fpos = np.full((num_mb, n), -1, np.int64)
-    for k in range(n_tasks):
-        if t_phase[k] == 1:
-            bpos[t_mb[k], t_op[k]] = k
-        elif t_phase[k] == 0:
-            fpos[t_mb[k], t_op[k]] = k
+    fpos, bpos = task_positions(t_op[:n_tasks], t_mb, t_phase, num_mb, n, -1)
     seen = np.zeros((num_mb, n), np.int64)  # d + 1 once device d received producer p's value for micro-batch m
     for d in range(dev_ptr.shape[0] - 1):
         a = -1  # first task of the open run (-1: none)
@@ -96,13 +91,7 @@ def recompute_walk(dev_ptr, t_op, t_mb, t_phase, starts, recompute, stash_mb, te
     peak = np.zeros(num_dev)
     extra = np.zeros(n_tasks)
     seg_of = np.full(n_tasks, -1, np.int64)    # per forward task, the position that starts its segment
-    fpos = np.full((num_mb, n), -1, np.int64)
-    has_b = np.zeros((num_mb, n), np.bool_)
-    for k in range(n_tasks):
-        if t_phase[k] == 0:
-            fpos[t_mb[k], t_op[k]] = k
-        elif t_phase[k] == 1:
-            has_b[t_mb[k], t_op[k]] = True
+    fpos, bpos = task_positions(t_op[:n_tasks], t_mb, t_phase, num_mb, n, -1)
     held = np.zeros(n_tasks)    # per segment start: the bytes its checkpoint keeps
     stash = np.zeros(n_tasks)   # per segment start: the stash its recomputation brings back
     redo = np.zeros(n_tasks)    # per segment start: its forward seconds
@@ -134,7 +123,7 @@ def recompute_walk(dev_ptr, t_op, t_mb, t_phase, starts, recompute, stash_mb, te
                         counted[m, p] = a
                         add += out_mb[p]
                 held[a] += add
-                if has_b[m, op] and pred_ptr[op + 1] > pred_ptr[op]:
+                if bpos[m, op] >= 0 and pred_ptr[op + 1] > pred_ptr[op]:
                     stash[a] += stash_mb[op]
                 redo[a] += dur_f[op]
                 cur += add

@@ -72,6 +72,20 @@ def transfer_table(dev, succ_ptr, succ_idx, succ_bytes, num_devices):  # pragma:
 
 
 @nb.njit(cache=True)
+def task_positions(t_op, t_mb, t_phase, num_mb, n, fill):  # pragma: no cover - numba
+    """``(fpos, bpos)``, each ``(num_mb, n)``: the task index of ``(op, micro-batch)``'s forward and backward
+    (``fill`` where there is none)."""
+    fpos = np.full((num_mb, n), fill, np.int64)
+    bpos = np.full((num_mb, n), fill, np.int64)
+    for k in range(t_op.shape[0]):
+        if t_phase[k] == 0:
+            fpos[t_mb[k], t_op[k]] = k
+        elif t_phase[k] == 1:
+            bpos[t_mb[k], t_op[k]] = k
+    return fpos, bpos
+
+
+@nb.njit(cache=True)
 def activation_peaks(dev_ptr, t_op, t_phase, stash_mb, temp_mb):  # pragma: no cover - numba
     """Peak bytes of stashed activations plus the running op's temporaries, walking each device's order.
 
@@ -178,13 +192,7 @@ def sweep_costed(dev_ptr, t_op, t_mb, t_phase, dev, pred_ptr, pred_idx, succ_ptr
     queued = np.ones(num_dev, np.bool_)
     waiter = np.zeros((num_dev, num_dev), np.bool_)
     need = np.zeros(num_dev, np.int64)  # the task (flat index) a waiting device needs done on its blocker
-    pos_f = np.zeros((num_mb, n), np.int64)
-    pos_b = np.zeros((num_mb, n), np.int64)
-    for k in range(n_tasks):
-        if t_phase[k] == 0:
-            pos_f[t_mb[k], t_op[k]] = k
-        elif t_phase[k] == 1:
-            pos_b[t_mb[k], t_op[k]] = k
+    pos_f, pos_b = task_positions(t_op[:n_tasks], t_mb, t_phase, num_mb, n, 0)
     while top > 0:
         top -= 1
         d = stack[top]

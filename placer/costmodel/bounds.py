@@ -161,7 +161,7 @@ def critical_path_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int =
     return float((head + f_min + down + np.where(sim.needs_grad, b_min, 0.0) + tail).max())
 
 
-def _work_lams(sim: Simulator, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _work_lams(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The two device weightings of the work bound: uniform, and proportional to each device's speed."""
     d = work.shape[0]
     inv = 1.0 / np.maximum(work.sum(axis=1), 1e-300)
@@ -176,7 +176,7 @@ def work_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
     sim = get_simulator(graph, cluster, cost_kind=cost_kind, dispatch_overhead_s=dispatch_overhead_s)
     f, b = _per_device_times(sim, microbatches)
     work = microbatches * (f + b) + _update_s(sim, optimizer)  # (D, n)
-    return max(float((lam[:, None] * work).min(axis=0).sum()) for lam in _work_lams(sim, work))
+    return max(float((lam[:, None] * work).min(axis=0).sum()) for lam in _work_lams(work))
 
 
 def colocation_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: int = 1,
@@ -262,7 +262,7 @@ def memory_time_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: i
     work = microbatches * (f + b) + _update_s(sim, optimizer)
     return max(_recompute_tradeoff_s((lam[:, None] * work).min(axis=0).sum(),
                                      (lam[:, None] * microbatches * f).min(axis=0), held / free)
-               for lam in _work_lams(sim, work))
+               for lam in _work_lams(work))
 
 
 def _recompute_tradeoff_s(work_s: float, redo_s: np.ndarray, hold_s: np.ndarray) -> float:

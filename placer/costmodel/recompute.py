@@ -35,6 +35,8 @@ def recompute_walk(sim: "Simulator", sched: "Schedule", dev: np.ndarray, recompu
     """``(recomputing device mask, their activation peaks in bytes, recomputation seconds per task)`` of ``sched``
     (``dur_f``: each op's per-micro-batch forward seconds on its device); None when no used device recomputes.
     A device index outside the cluster is a one-line ``ValueError``."""
+    if not len(recompute):
+        return None  # the common case, on the simulator's hot path
     num_dev = sim.cluster.num_devices
     mask = np.zeros(num_dev, dtype=bool)
     for d in recompute:

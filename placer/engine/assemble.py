@@ -49,12 +49,13 @@ def _message_events(replies: Sequence[dict[str, Any]], k: int, names: Sequence[s
 
 def assemble_result(replies: Sequence[dict[str, Any]], *, graph: Any, cluster: Any, tasks: list[list[Task]],
                     schedule: str, microbatches: int, same_host: bool, order: str | None = None,
-                    note: str = "") -> StepResult:
+                    note: str = "", recompute: tuple[int, ...] = ()) -> StepResult:
     """Combine per-worker records into one :class:`StepResult` (median step, its timeline).
 
-    ``order`` is the order the workers ran when it differs from ``schedule`` (a deadlock fallback), ``note`` why.
+    ``order`` is the order the workers ran when it differs from ``schedule`` (a deadlock fallback), ``note`` why;
+    ``recompute``: the devices that recomputed activations.
     """
-    ran = {"schedule": schedule, "schedule_ran": order or schedule, "schedule_note": note}
+    ran = {"schedule": schedule, "schedule_ran": order or schedule, "schedule_note": note, "recompute": recompute}
     devices = tuple(cluster.device_names)
     d = len(devices)
     bad = [r for r in replies if not r.get("ok")]

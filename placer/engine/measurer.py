@@ -275,11 +275,11 @@ class Measurer:
 
     # ------------------------------------------------------------------ measuring
     def _failed(self, reason: str, *, schedule: str, microbatches: int, oom_device: int | None = None,
-                ran: tuple[str, str] = ("", "")) -> StepResult:
+                ran: tuple[str, str] = ("", ""), recompute: tuple[int, ...] = ()) -> StepResult:
         """A failed result; ``ran`` is ``(order, note)`` of :func:`device_tasks` once the order is built."""
         return StepResult.failed(reason, source="engine", devices=self.devices, oom_device=oom_device,
                                  schedule=schedule, microbatches=microbatches, schedule_ran=ran[0],
-                                 schedule_note=ran[1])
+                                 schedule_note=ran[1], recompute=recompute)
 
     def _root_cause(self, reason: str) -> str:
         """When a peer reports a broken connection because another worker died, name the dead worker instead."""
@@ -318,7 +318,7 @@ class Measurer:
         if not self._procs:
             why = self._start()
             if why is not None:
-                return self._failed(why, schedule=schedule, microbatches=microbatches, ran=ran), []
+                return self._failed(why, schedule=schedule, microbatches=microbatches, ran=ran, recompute=recompute), []
         replies = self._broadcast(cmd, self.config.timeout_s if timeout_s is None else timeout_s, "measure")
         if isinstance(replies, str):
             replies = self._root_cause(replies)
@@ -327,17 +327,17 @@ class Measurer:
             self.restarts += 1
             oom = _oom_device(replies, self.devices)
             return self._failed(replies, schedule=schedule, microbatches=microbatches, oom_device=oom,
-                                ran=ran), []
+                                ran=ran, recompute=recompute), []
         plan_errors = [r for r in replies if not r.get("ok")]
         if plan_errors:
             reason = next((r["reason"] for r in plan_errors if r.get("reason") != "a peer failed to plan"),
                           plan_errors[0]["reason"])
             return self._failed(f"cannot run this placement: {reason}", schedule=schedule,
-                                microbatches=microbatches, ran=ran), []
+                                microbatches=microbatches, ran=ran, recompute=recompute), []
         result = assemble_result(replies, graph=self.graph, cluster=self.cluster, tasks=tasks, schedule=schedule,
                                  microbatches=microbatches, same_host=True,
-                                 order=ran[0] or schedule, note=ran[1])
-        return replace(result, recompute=recompute), replies
+                                 order=ran[0] or schedule, note=ran[1], recompute=recompute)
+        return result, replies
 
     def measure(self, placement: Any, *, schedule: str = "none", microbatches: int = 1, steps: int = 5,
                 warmup: int = 2, backend: str | None = None, timeout_s: float | None = None,
