@@ -375,7 +375,7 @@ class _Step:
         inside = set(seg.ops)
         ext = sorted({j for i in seg.ops for j in self.prog.ops[i].inputs if j not in inside})
         tasks = self.plan.tasks
-        needed = {*seg.outputs, *seg.views, *(msg.op for k in seg.positions for msg in tasks[k].sends)}
+        needed = {*seg.outputs, *seg.exposed, *(msg.op for k in seg.positions for msg in tasks[k].sends)}
         if self.prog.loss_op in inside:
             needed.add(self.prog.loss_op)
         keep = [i for i in seg.ops if i in needed]

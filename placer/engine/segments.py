@@ -61,6 +61,8 @@ class Segment:
     """Ops whose output local consumers outside the segment read as a detached view."""
     outputs: tuple[int, ...] = ()
     """Ops whose output the segment's backward starts from (views, remote gradients, the loss)."""
+    exposed: tuple[int, ...] = ()
+    """Ops whose output local consumers outside the segment read (the views and values without a gradient)."""
 
 
 def _local_consumers(prog: "StepProgram", dev: Sequence[int], rank: int) -> list[list[int]]:
@@ -115,15 +117,15 @@ def build_segments(prog: "StepProgram", tasks: "Sequence[TaskPlan]", dev: Sequen
         m = tasks[run[0]].mb
         ops = tuple(tasks[k].op for k in run)
         members = set(ops)
-        views = tuple(i for i in ops if prog.ops[i].kind == "compute" and has_bwd[i]
-                      and any(c not in members for c in local[i]))
+        exposed = tuple(i for i in ops if any(c not in members for c in local[i]))
+        views = tuple(i for i in exposed if prog.ops[i].kind == "compute" and has_bwd[i])
         bpos = tuple(bwd_pos[(i, m)] for i in reversed(ops) if (i, m) in bwd_pos)
         remote_grad = {i for i in ops if (i, m) in bwd_pos and tasks[bwd_pos[(i, m)]].grad_recvs}
         outputs = tuple(i for i in ops if has_bwd[i] and (i in views or i in remote_grad or i == prog.loss_op))
-        segs.append(Segment("fwd", m, tuple(run), ops, views, outputs))
+        segs.append(Segment("fwd", m, tuple(run), ops, views, outputs, exposed))
         covered.update(run)
         if bpos:
-            segs.append(Segment("bwd", m, bpos, ops, views, outputs))
+            segs.append(Segment("bwd", m, bpos, ops, views, outputs, exposed))
             covered.update(bpos)
     for k, tp in enumerate(tasks):  # the update, and backward tasks of ops without a forward here (none today)
         if k not in covered:
