@@ -154,11 +154,13 @@ def estimate_from_slice(model: str, config: str, *, clock: str = "thread") -> Op
 
 
 def profile_cuda(args: argparse.Namespace) -> None:
-    """Measured GPU cost sets, printed with the whole-step coverage and the roofline's error for this card."""
+    """Measured GPU cost sets, printed with the whole-step coverage and the roofline's error for this card. Every
+    graph is profiled whole (a lent card holds even the ``ESTIMATED`` ones); with ``--costs-out`` the file is
+    rewritten after each graph, so a run stopped at its time limit keeps the graphs it finished."""
     out: dict[str, dict] = {}
     warmup, repeats = CUDA_REPEATS
     for config in args.configs.split(","):
-        for model in [m for m in args.models.split(",") if config in CONFIGS[m] and (m, config) not in ESTIMATED]:
+        for model in [m for m in args.models.split(",") if config in CONFIGS[m]]:
             t0 = time.perf_counter()
             traced = _trace(model, config)
             graph = profile(traced, device="cuda", warmup=warmup, repeats=repeats, clock="wall")
@@ -174,10 +176,11 @@ def profile_cuda(args: argparse.Namespace) -> None:
             print(line + f" s={time.perf_counter() - t0:.0f}", flush=True)
             out[graph.name] = {"op_names": list(graph.op_names), "kind": kind, "costs": c.to_json(),
                                "step_s": [fwd_s, bwd_s]}
-    text = json.dumps(out)
-    if args.costs_out:
-        Path(args.costs_out).write_text(text)
-    else:
+            del traced, graph
+            torch.cuda.empty_cache()
+            if args.costs_out:
+                Path(args.costs_out).write_text(json.dumps(out))
+    if not args.costs_out:
         merge(out)
 
 
