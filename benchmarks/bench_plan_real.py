@@ -15,8 +15,14 @@ Three plans, each with the schedule and micro-batch count the plan search finds 
 * **winner**: the fastest plan by simulation among every baseline and every contiguous two-stage split between
   model parts (:func:`placer.app.measured.winning_plan`).
 
-The simulator runs on a calibrated ``cpu-2`` (``placer cluster calibrate``; ``--cluster FILE`` reuses one). The
-three plans are then measured on one warm :class:`placer.engine.Measurer` (one worker per core, one thread each)
+The simulator runs on a calibrated ``cpu-2`` (``placer cluster calibrate``; ``--cluster FILE`` reuses one) with
+the op costs of the day (``--op-costs engine``, the default): before the rounds, Single runs on the workers once
+more and each op's forward and backward time is read off its timeline
+(:func:`placer.engine.calibrate.engine_op_costs`), so the simulator sees this machine's speed today (the shipped
+one-core profile was taken on another day: on 2026-12-04 this VM ran the same step 2.5x slower, and the
+simulator's error was the machine's, not the plan's). The winner's simulated step on the shipped profile is
+printed beside (``# shipped profile``); ``--op-costs profile`` simulates with it instead. The three plans are
+then measured on one warm :class:`placer.engine.Measurer` (one worker per core, one thread each)
 in ``--rounds`` rounds, each round measuring all three in turn so a slow spell of the shared machine hits them
 alike; every figure is the median over rounds (the rounds' range is printed beside it). Run under the shared
 lock: ``flock /work/bench.lock python3 benchmarks/bench_plan_real.py`` (about 3 minutes).
@@ -43,6 +49,7 @@ from placer.core.cluster import Cluster, get_cluster  # noqa: E402
 from placer.core.placement import Placement  # noqa: E402
 from placer.core.result import plan_label  # noqa: E402
 from placer.costmodel.sim import Simulator  # noqa: E402
+from placer.engine.command import DEFAULT_OPTIMIZER  # noqa: E402
 
 
 def _calibrated(args: argparse.Namespace) -> Cluster:
@@ -64,12 +71,33 @@ def plans(graph: OpGraph, cluster: Cluster) -> list[PlanRow]:
             plan_row(sim, "winner", *winning_plan(sim))]
 
 
+def costs_of_the_day(graph: OpGraph, cluster: Cluster, *, steps: int = 3) -> OpGraph:
+    """``graph`` with its ``cpu`` op costs read off the engine's Single run on this machine now (module
+    docstring); prints the shipped profile's step beside the day's."""
+    from placer.engine import EngineConfig, Measurer  # noqa: PLC0415 - spawns workers
+    from placer.engine.calibrate import engine_op_costs  # noqa: PLC0415
+
+    with Measurer(graph, cluster, config=EngineConfig(threads_per_device=1, timeout_s=900)) as m:
+        day = engine_op_costs(graph, m, steps=steps, warmup=1)
+    shipped, today = graph.cost("cpu").step_s.sum(), day.cost("cpu").step_s.sum()
+    print(f"# op costs of the day: ops sum to {today:.3f} s on the workers now, {shipped:.3f} s in the shipped "
+          f"profile ({today / shipped:.2f}x)", flush=True)
+    return day
+
+
 def real_rows(args: argparse.Namespace) -> list[dict]:
     """The three plans of gpt ``args.graph`` on calibrated ``cpu-2``, simulated and measured (see the module
     docstring). Each row: plan, split, schedule, microbatches, sim_s, real_s, real_rounds_s."""
-    graph = resolve_graph(args.graph, config="medium")
+    shipped = resolve_graph(args.graph, config="medium")
     cluster = _calibrated(args)
+    graph = costs_of_the_day(shipped, cluster) if args.op_costs == "engine" else shipped
     rows = plans(graph, cluster)
+    if graph is not shipped:
+        win = rows[-1]
+        res = Simulator(shipped, cluster).run(win.placement, schedule=win.schedule, microbatches=win.microbatches,
+                                              recompute=win.recompute, optimizer=DEFAULT_OPTIMIZER)
+        print(f"# shipped profile: the winner ({win.plan_label}) simulates at {res.step_time_s:.3f} s "
+              f"(the day's costs: {win.sim_s:.3f} s)", flush=True)
     measure_interleaved(graph, cluster, rows, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
     return [r.to_json() for r in rows]
 
@@ -105,6 +133,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (median)")
     ap.add_argument("--steps", type=int, default=2, help="measured steps per plan per round (median)")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps before them")
+    ap.add_argument("--op-costs", choices=("engine", "profile"), default="engine",
+                    help="op costs to simulate with: read off a Single run on the workers now (default), or the "
+                         "shipped one-core profile")
 
 
 def real_section(args: argparse.Namespace | None = None) -> list[dict]:
