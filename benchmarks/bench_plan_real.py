@@ -18,7 +18,7 @@ Three plans, each with the schedule and micro-batch count the plan search finds 
 The simulator runs on a calibrated ``cpu-2`` (``placer cluster calibrate``; ``--cluster FILE`` reuses one) with
 the op costs of the day (``--op-costs engine``, the default): before the rounds, Single runs on the workers once
 more and each op's forward and backward time is read off its timeline
-(:func:`placer.engine.calibrate.engine_op_costs`), so the simulator sees this machine's speed today (the shipped
+(:func:`placer.app.measured.costs_of_the_day`), so the simulator sees this machine's speed today (the shipped
 one-core profile was taken on another day: on 2026-12-04 this VM ran the same step 2.5x slower, and the
 simulator's error was the machine's, not the plan's). The winner's simulated step on the shipped profile is
 printed beside (``# shipped profile``); ``--op-costs profile`` simulates with it instead. The three plans are
@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from graphs.data import resolve_graph  # noqa: E402
 from graphs.ir import OpGraph  # noqa: E402
-from placer.app.measured import PlanRow, even_split, measure_interleaved, plan_row, winning_plan  # noqa: E402
+from placer.app.measured import (PlanRow, costs_of_the_day, even_split, measure_interleaved, plan_row,  # noqa: E402
+                                 winning_plan)
 from placer.core.cluster import Cluster, get_cluster  # noqa: E402
 from placer.core.placement import Placement  # noqa: E402
 from placer.core.result import plan_label  # noqa: E402
@@ -69,20 +70,6 @@ def plans(graph: OpGraph, cluster: Cluster) -> list[PlanRow]:
     return [plan_row(sim, "Single", "all on cpu:0", Placement.single(graph)),
             plan_row(sim, "even split", "even-layers", even_split(graph, cluster)),
             plan_row(sim, "winner", *winning_plan(sim))]
-
-
-def costs_of_the_day(graph: OpGraph, cluster: Cluster, *, steps: int = 3) -> OpGraph:
-    """``graph`` with its ``cpu`` op costs read off the engine's Single run on this machine now (module
-    docstring); prints the shipped profile's step beside the day's."""
-    from placer.engine import EngineConfig, Measurer  # noqa: PLC0415 - spawns workers
-    from placer.engine.calibrate import engine_op_costs  # noqa: PLC0415
-
-    with Measurer(graph, cluster, config=EngineConfig(threads_per_device=1, timeout_s=900)) as m:
-        day = engine_op_costs(graph, m, steps=steps, warmup=1)
-    shipped, today = graph.cost("cpu").step_s.sum(), day.cost("cpu").step_s.sum()
-    print(f"# op costs of the day: ops sum to {today:.3f} s on the workers now, {shipped:.3f} s in the shipped "
-          f"profile ({today / shipped:.2f}x)", flush=True)
-    return day
 
 
 def real_rows(args: argparse.Namespace) -> list[dict]:

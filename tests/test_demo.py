@@ -25,6 +25,9 @@ def test_demo_writes_every_file(tmp_path):
     # gpt small, steps of milliseconds, that is often none x1: the plan search's choice, not asserted here)
     assert "| Single | all on cpu:0 | none x1 |" in r.stdout and "| even split | even-layers |" in r.stdout
     assert "| winner: " in r.stdout
+    # the simulator took today's op costs from a Single run on the workers; the export is for the shipped graph
+    # (load_placement below checks its hash against the shipped gpt-small)
+    assert "op costs of the day: ops sum to" in r.stdout
     (out,) = list(tmp_path.glob("demo__gpt-small__*"))
     summary = json.loads((out / "demo.json").read_text())
     files = {k: Path(v) for k, v in summary["files"].items()}

@@ -106,6 +106,9 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
                    help="schedule RL and the table score placements with (default auto: each placement's best)")
     p.add_argument("--microbatches", type=int_at_least(1), default=8, help="micro-batches for --schedule (default 8)")
     p.add_argument("--no-real", action="store_true", help="simulator only")
+    p.add_argument("--op-costs", choices=("engine", "profile"), default="engine",
+                   help="op costs to simulate with: read off a Single run on the workers now (default), or the "
+                        "graph's shipped profile")
     p.add_argument("--runs-dir", default="runs")
     p.set_defaults(func=cmd_demo)
 
@@ -118,7 +121,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     writable_folder(args.runs_dir, "runs folder")
     result = run_demo(DemoConfig(graph=args.graph, build=args.build, cluster=args.cluster, budget_s=args.budget,
                                  seed=args.seed, runs_dir=args.runs_dir, steps=args.steps, rounds=args.rounds,
-                                 schedule=args.schedule, microbatches=args.microbatches, real=not args.no_real),
+                                 schedule=args.schedule, microbatches=args.microbatches, real=not args.no_real,
+                                 op_costs=args.op_costs),
                       say=console.print)
     print()
     print(result.table_markdown)

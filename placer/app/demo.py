@@ -2,7 +2,10 @@
 
 1. Loads the shipped, profiled gpt ``medium`` graph (8 blocks of width 512, a 16k vocabulary; a 3.5 s step on one
    core, so a pipeline across the two workers pays off) and calibrates ``cpu-2`` (two worker processes pinned to
-   one core each) so that the simulator describes these workers.
+   one core each) so that the simulator describes these workers; with ``op_costs="engine"`` (the default when
+   measuring on CPU workers) the simulator also takes today's op costs from a Single run on them
+   (:func:`placer.app.measured.costs_of_the_day`: this VM's speed drifts from the shipped profile's day). The
+   exported placement is made for the shipped graph (same ops), so trainers load it as they load any other.
 2. Trains ColocRL's seq2seq policy with REINFORCE on the simulator for ``budget_s`` seconds, each placement
    scored under its best schedule and micro-batch count (``schedule="auto"``, the plan search).
 3. Places the graph with every classic baseline and tabulates them with RL, simulated (ColocRL's table).
@@ -56,6 +59,9 @@ class DemoConfig:
     """Micro-batches per step for ``schedule`` (``auto`` chooses them)."""
     real: bool = True
     """Re-measure on the engine (False: simulator only, e.g. where processes cannot be spawned)."""
+    op_costs: str = "engine"
+    """``engine``: simulate with op costs read off a Single run on the workers now (CPU clusters, ``real`` only);
+    ``profile``: the graph's shipped profile."""
     progress: bool = True
 
 
@@ -111,7 +117,7 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
     """Run the demo (see the module docstring); ``say`` prints progress lines."""
     from placer.app.compare import compare
     from placer.app.compare import default_methods
-    from placer.app.measured import even_split, measure_interleaved, plan_row
+    from placer.app.measured import costs_of_the_day, even_split, measure_interleaved, plan_row
     from placer.app.train import TrainConfig, maybe_calibrate, needs_calibration, train
     from placer.costmodel.sim import Simulator
     from placer.io.document import write_json_atomic
@@ -122,6 +128,12 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
     if needs_calibration(cluster, uses_engine=config.real):
         say(f"      calibrating {cluster.name}'s workers (links, core speed, per-message cost) for the simulator…")
         cluster = maybe_calibrate(cluster, uses_engine=config.real)
+    shipped = graph
+    if config.op_costs not in ("engine", "profile"):
+        raise ValueError(f"op costs must be 'engine' or 'profile', got {config.op_costs!r}")
+    if config.real and config.op_costs == "engine" and all(d.is_cpu for d in cluster.devices):
+        say("      reading today's op costs off a Single run on the workers (the simulator's input)…")
+        graph = costs_of_the_day(shipped, cluster, say=lambda line: say("      " + line.removeprefix("# ")))
     out_dir = Path(config.runs_dir) / f"demo__{graph.name}__{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     say(f"[1/4] graph {graph.name}: {graph.n} ops, {graph.param_bytes.sum() / 1e6:.2f} MB parameters; "
@@ -159,7 +171,8 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
     else:
         say("[4/4] (no real measurement: simulated plans only)")
     plans_md = _plans_markdown(rows, config.real)
-    files = _write_outputs(out_dir, graph, cluster, table, plans_md, rows[-1], config=config, run_dir=run.run_dir)
+    files = _write_outputs(out_dir, graph, cluster, table, plans_md, rows[-1], config=config, run_dir=run.run_dir,
+                           shipped=shipped)
     win = rows[-1]
     write_json_atomic(out_dir / "demo.json", {
         "graph": graph.name, "cluster": cluster.name, "best": best, "best_schedule": win.schedule,
@@ -173,9 +186,10 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
 
 
 def _write_outputs(out_dir: Path, graph: OpGraph, cluster: Cluster, table: Any, plans_md: str, win: Any, *,
-                   config: DemoConfig, run_dir: Path) -> dict[str, Path]:
-    """The tables, the winner's placement JSON, its timeline (measured when there is one, else simulated) as a
-    Gantt chart and a Chrome trace; the paths by name."""
+                   config: DemoConfig, run_dir: Path, shipped: OpGraph) -> dict[str, Path]:
+    """The tables, the winner's placement JSON (made for the ``shipped`` graph: the same ops as ``graph``, which
+    may carry the day's costs), its timeline (measured when there is one, else simulated) as a Gantt chart and a
+    Chrome trace; the paths by name."""
     from placer.costmodel.sim import simulate
     from placer.io.document import save_placement
     from placer.io.timeline import plot_gantt, to_chrome_trace
@@ -186,7 +200,7 @@ def _write_outputs(out_dir: Path, graph: OpGraph, cluster: Cluster, table: Any, 
     files["plans"] = out_dir / "plans.md"
     files["plans"].write_text(plans_md)
     files["placement"] = save_placement(
-        out_dir / "placement.json", graph, cluster, win.placement, method=win.name.removeprefix("winner: "),
+        out_dir / "placement.json", shipped, cluster, win.placement, method=win.name.removeprefix("winner: "),
         seed=config.seed, run=str(run_dir), schedule=win.schedule, microbatches=win.microbatches,
         predicted=predicted, measured=win.result)
     timeline_src = win.result if win.result is not None and win.result.timeline else predicted

@@ -4,7 +4,8 @@ What ``placer demo`` and ``benchmarks/bench_plan_real.py`` share: a :class:`Plan
 the schedule and micro-batch count the plan search finds best for it, :func:`plan_row`), the even layer split
 (:func:`even_split`, torchtitan's default), the fastest plan by simulation (:func:`winning_plan`), and
 :func:`measure_interleaved`, which measures every row in rounds on one warm :class:`placer.engine.Measurer` so
-that a slow spell of a shared machine hits all plans alike (the median over rounds is the figure).
+that a slow spell of a shared machine hits all plans alike (the median over rounds is the figure), and
+:func:`costs_of_the_day`, which gives the simulator this machine's op costs as they are now.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from placer.io.parts import model_parts, split_after
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PlanRow", "plan_row", "even_split", "contiguous_splits", "winning_plan", "measure_interleaved"]
+__all__ = ["PlanRow", "plan_row", "even_split", "contiguous_splits", "winning_plan", "measure_interleaved",
+           "costs_of_the_day"]
 
 
 @dataclass(kw_only=True, eq=False)
@@ -128,3 +130,20 @@ def measure_interleaved(graph: OpGraph, cluster: Cluster, rows: Sequence[PlanRow
                 say(f"  round {r + 1}/{rounds} {row.name:<12} {row.plan_label}: "
                     f"{res.step_time_s:.3f} s per step (samples "
                     f"{[round(x, 3) for x in res.extra.get('samples_s', [])]}, {time.perf_counter() - t:.0f} s)")
+
+
+def costs_of_the_day(graph: OpGraph, cluster: Cluster, *, steps: int = 3,
+                     say: Callable[[str], None] = print) -> OpGraph:
+    """``graph`` with its ``cpu`` op costs read off a Single run on ``cluster``'s workers now
+    (:func:`placer.engine.calibrate.engine_op_costs`). The shipped one-core profile was taken on another day, and
+    this VM's speed drifts (on 2026-12-04 the same gpt-medium step ran 1.9-2.4x slower than profiled), so a
+    simulator that predicts seconds on these workers needs today's; says the two sums."""
+    from placer.engine import EngineConfig, Measurer  # noqa: PLC0415 - spawns workers
+    from placer.engine.calibrate import engine_op_costs  # noqa: PLC0415
+
+    with Measurer(graph, cluster, config=EngineConfig(threads_per_device=1, timeout_s=900)) as m:
+        day = engine_op_costs(graph, m, steps=steps, warmup=1)
+    shipped, today = graph.cost("cpu").step_s.sum(), day.cost("cpu").step_s.sum()
+    say(f"# op costs of the day: ops sum to {today:.3f} s on the workers now, {shipped:.3f} s in the shipped "
+        f"profile ({today / shipped:.2f}x)")
+    return day
