@@ -19,7 +19,7 @@ The simulator runs on a calibrated ``cpu-2`` (``placer cluster calibrate``; ``--
 the op costs of the day (``--op-costs engine``, the default): before the rounds, Single runs on the workers once
 more and each op's forward and backward time is read off its timeline
 (:func:`placer.app.measured.costs_of_the_day`), so the simulator sees this machine's speed today (the shipped
-one-core profile was taken on another day: on 2026-12-04 this VM ran the same step 2.5x slower, and the
+one-core profile was taken on another day: on 2026-12-04 this VM ran the same step 1.9-2.5x slower, and the
 simulator's error was the machine's, not the plan's). The winner's simulated step on the shipped profile is
 printed beside (``# shipped profile``); ``--op-costs profile`` simulates with it instead. The three plans are
 then measured on one warm :class:`placer.engine.Measurer` (one worker per core, one thread each)
@@ -77,7 +77,8 @@ def real_rows(args: argparse.Namespace) -> list[dict]:
     docstring). Each row: plan, split, schedule, microbatches, sim_s, real_s, real_rounds_s."""
     shipped = resolve_graph(args.graph, config="medium")
     cluster = _calibrated(args)
-    graph = costs_of_the_day(shipped, cluster) if args.op_costs == "engine" else shipped
+    graph = (costs_of_the_day(shipped, cluster, say=lambda line: print(f"# {line}", flush=True))
+             if args.op_costs == "engine" else shipped)
     rows = plans(graph, cluster)
     if graph is not shipped:
         win = rows[-1]

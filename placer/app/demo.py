@@ -122,6 +122,8 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
     from placer.costmodel.sim import Simulator
     from placer.io.document import write_json_atomic
 
+    if config.op_costs not in ("engine", "profile"):
+        raise ValueError(f"op costs must be 'engine' or 'profile', got {config.op_costs!r}")
     t0 = time.perf_counter()
     graph = _load_graph(config)
     cluster = get_cluster(config.cluster)
@@ -129,11 +131,9 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
         say(f"      calibrating {cluster.name}'s workers (links, core speed, per-message cost) for the simulator…")
         cluster = maybe_calibrate(cluster, uses_engine=config.real)
     shipped = graph
-    if config.op_costs not in ("engine", "profile"):
-        raise ValueError(f"op costs must be 'engine' or 'profile', got {config.op_costs!r}")
     if config.real and config.op_costs == "engine" and all(d.is_cpu for d in cluster.devices):
         say("      reading today's op costs off a Single run on the workers (the simulator's input)…")
-        graph = costs_of_the_day(shipped, cluster, say=lambda line: say("      " + line.removeprefix("# ")))
+        graph = costs_of_the_day(shipped, cluster, say=lambda line: say(f"      {line}"))
     out_dir = Path(config.runs_dir) / f"demo__{graph.name}__{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     say(f"[1/4] graph {graph.name}: {graph.n} ops, {graph.param_bytes.sum() / 1e6:.2f} MB parameters; "

@@ -144,6 +144,6 @@ def costs_of_the_day(graph: OpGraph, cluster: Cluster, *, steps: int = 3,
     with Measurer(graph, cluster, config=EngineConfig(threads_per_device=1, timeout_s=900)) as m:
         day = engine_op_costs(graph, m, steps=steps, warmup=1)
     shipped, today = graph.cost("cpu").step_s.sum(), day.cost("cpu").step_s.sum()
-    say(f"# op costs of the day: ops sum to {today:.3f} s on the workers now, {shipped:.3f} s in the shipped "
+    say(f"op costs of the day: ops sum to {today:.3f} s on the workers now, {shipped:.3f} s in the shipped "
         f"profile ({today / shipped:.2f}x)")
     return day
