@@ -37,7 +37,7 @@ def test_bad_arguments():
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
 def test_two_gloo_workers():
     t0 = time.monotonic()
-    c = calibrate_cluster(2, sizes_bytes=(1 << 10, 1 << 20, 1 << 22), repeats=5, matmul_n=128, matmul_iters=5,
+    c = calibrate_cluster(2, sizes_bytes=(1 << 10, 1 << 20, 1 << 22), repeats=20, matmul_n=128, matmul_iters=5,
                           timeout_s=60, engine_steps=3)
     assert time.monotonic() - t0 < 60
     assert c.device_names == ("cpu:0", "cpu:1")
