@@ -147,7 +147,9 @@ def _summary(measured=None, failed=0, refined=None):
 
     out = SimpleNamespace(predicted=result(1.078, "sim"), measured=measured and result(measured, "engine"),
                           baselines={"expert": 0.9, "single": 1.2, "scotch": float("inf")},
-                          reference_step_time_s=0.9, failed_measurements=failed, kept_on_disk=None, refined=refined)
+                          reference_step_time_s=0.9, failed_measurements=failed, kept_on_disk=None, refined=refined,
+                          history=[{"mean_step_time_s": m, "best_step_time_s": 1.078}
+                                   for m in (1.5, 1.5, 1.4, 1.4, 1.3, 1.3, 1.2, 1.2, 1.1, 1.1)])
     return SimpleNamespace(only=out, samples=64, updates=8, elapsed_s=95.0, trained_s=90.0, wall_s=150.0,
                            setup_s=40.0, outside_s=20.0, run_dir=Path("runs/x"))
 
@@ -167,6 +169,9 @@ def test_train_summary_compares_like_with_like_and_labels_every_number(capsys):
     assert "2 engine measurement(s) failed" in text
     assert "in 90 s (the budget, 90 s, bounds this); the command took 150 s: 40 s before training" in text
     assert "20 s outside the budget (baselines, refinement, final engine re-measurement" in text
+    # the learning curve in one line: the per-update mean by fifths, and how far its end is from the best
+    assert ("learning curve (10 updates in 5 parts): mean step 1.5, 1.4, 1.3, 1.2, 1.1 s; best 1.078 s, the last "
+            "part's mean 2.0% above it") in text
     # a refined plan is the planner's row; the policy's own best is its own row
     refined = SimpleNamespace(policy_step_s=1.5, evaluations=42, source="refined from heft")
     print_train_summary(_summary(measured=None, failed=0, refined=refined), budget_s=90.0, refine_s=30.0)

@@ -28,6 +28,7 @@ def test_demo_writes_every_file(tmp_path):
     # the simulator took today's op costs from a Single run on the workers; the export is for the shipped graph
     # (load_placement below checks its hash against the shipped gpt-small)
     assert "op costs of the day: ops sum to" in r.stdout
+    assert "learning curve (" in r.stdout and "the last part's mean" in r.stdout
     (out,) = list(tmp_path.glob("demo__gpt-small__*"))
     summary = json.loads((out / "demo.json").read_text())
     files = {k: Path(v) for k, v in summary["files"].items()}

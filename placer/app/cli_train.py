@@ -254,11 +254,14 @@ def print_train_summary(result: Any, budget_s: float, *, refine_s: float = 0.0) 
     """A one-graph run's summary. Numbers are compared like with like: the RL placement's *simulated* step time
     sits among the baselines' simulated ones, and an engine measurement (``real`` / ``sim+real``) is a separate
     line, since the baselines were not measured; every number says where it comes from."""
+    from placer.app.runs import curve_summary
+
     out = result.only
     console.print(f"trained {result.samples} samples, {result.updates} updates in {result.trained_s:.0f} s "
                   f"(the budget, {budget_s:.0f} s, bounds this); the command took {result.wall_s:.0f} s: "
                   f"{result.setup_s:.0f} s before training (graphs, calibration) and {result.outside_s:.0f} s outside "
                   f"the budget (baselines, refinement, final engine re-measurement, files)")
+    console.print(curve_summary(out.history))
     label = "RL + refinement" if out.refined else "RL (this run)"
     rows = {label: out.predicted.step_time_s if out.predicted.ok else math.inf, **out.baselines}
     if out.refined:

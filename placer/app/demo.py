@@ -118,6 +118,7 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
     from placer.app.compare import compare
     from placer.app.compare import default_methods
     from placer.app.measured import costs_of_the_day, even_split, measure_interleaved, plan_row
+    from placer.app.runs import curve_summary
     from placer.app.train import TrainConfig, maybe_calibrate, needs_calibration, train
     from placer.costmodel.sim import Simulator
     from placer.io.document import write_json_atomic
@@ -148,6 +149,7 @@ def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
                             schedule=config.schedule, microbatches=config.microbatches, progress=config.progress))
     rl_placement = run.placement
     say(f"      best simulated step {run.best_step_time_s:.3f} s after {run.samples} samples; run {run.run_dir}")
+    say(f"      {curve_summary(run.only.history)}")
 
     def rl(g: OpGraph, c: Cluster, *, seed: int, budget_s: float | None) -> Placement:
         return rl_placement

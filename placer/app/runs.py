@@ -82,6 +82,22 @@ def hparams_markdown(rows: dict[str, Any]) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in rows.items())
 
 
+def curve_summary(history: list[dict[str, float]], parts: int = 5) -> str:
+    """The learning curve in one line: the per-update mean step time averaged over each ``parts``-th of the
+    updates, the best, and how far the last part's mean is above it (a policy that converges ends near 0%; one
+    whose mean climbs while the best stays shows it here)."""
+    mean = np.array([h["mean_step_time_s"] for h in history], dtype=float)
+    mean = mean[np.isfinite(mean)]
+    if not mean.size:
+        return "learning curve: no finite update"
+    best = min(h["best_step_time_s"] for h in history)
+    chunks = [c for c in np.array_split(mean, min(parts, mean.size)) if c.size]
+    means = ", ".join(f"{c.mean():.4g}" for c in chunks)
+    gap = f"{chunks[-1].mean() / best - 1:.1%}" if math.isfinite(best) and best > 0 else "n/a"
+    return (f"learning curve ({len(history)} updates in {len(chunks)} parts): mean step {means} s; best {best:.4g} s, "
+            f"the last part's mean {gap} above it")
+
+
 def plot_learning_curve(path: Path, history: list[dict[str, float]], baselines: dict[str, float], *,
                         title: str) -> None:
     """Best and mean step time vs training time and vs samples, with baseline lines (atomic PNG)."""
