@@ -44,7 +44,6 @@ import torch
 from gymnasium import spaces
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import Tensor, nn
-from torch_geometric.nn import SAGEConv
 
 from envs.problem import (DEVICE_STATIC_FEATURES, NODE_STATIC_FEATURES, FinishEstimate, PlacementProblem,
                           device_load_features)
@@ -76,6 +75,10 @@ class GraphEncoder(nn.Module):
         super().__init__()
         if hidden < 1 or layers < 0:
             raise ValueError(f"GraphEncoder needs hidden >= 1 and layers >= 0, got {hidden}, {layers}")
+        # imported here, not at the top: torch_geometric takes ~2 s to import (it pulls in transformers through
+        # torch_geometric.llm), which every CLI command that reads the policy registry would otherwise pay
+        from torch_geometric.nn import SAGEConv
+
         self.inp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
         self.fwd = nn.ModuleList(SAGEConv(hidden, hidden, aggr="mean") for _ in range(layers))
         self.bwd = nn.ModuleList(SAGEConv(hidden, hidden, aggr="mean") for _ in range(layers))
