@@ -8,10 +8,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+def atomic_target(path: str | Path) -> Path:
+    """The file an atomic write of ``path`` renames onto: ``path``, or, for a symbolic link, the file it points to
+    (a rename onto the link would replace the link by a plain file and leave its target stale)."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def write_json_atomic(path: str | Path, doc: Mapping[str, Any], *, indent: int = 1) -> Path:
     """Write sorted-key JSON through a temporary file and rename, so readers never see half a file; a write that
-    fails (a full disk) leaves neither the temporary file nor a damaged ``path``."""
-    path = Path(path)
+    fails (a full disk) leaves neither the temporary file nor a damaged ``path``. A symbolic link is written
+    through (:func:`atomic_target`)."""
+    path = atomic_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
     try:

@@ -220,3 +220,25 @@ def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "p.json"]  # no temporary left
     assert json.loads((tmp_path / "p.json").read_text()) == {"old": 1}
     assert torch.load(tmp_path / "c.pt") == {"old": 1}
+
+
+def test_outputs_are_written_through_symbolic_links(tmp_path, placement):
+    import torch
+
+    from graphs.jsonio import write_json_atomic
+    from placer.app.runs import save_torch_atomic
+
+    for name, write, read in (("p.json", lambda p: write_json_atomic(p, {"new": 2}),
+                               lambda p: json.loads(p.read_text())),
+                              ("c.pt", lambda p: save_torch_atomic({"new": 2}, p), torch.load)):
+        target, link = tmp_path / "data" / name, tmp_path / f"link_{name}"
+        target.parent.mkdir(exist_ok=True)
+        target.write_text("old")
+        link.symlink_to(target)
+        write(link)
+        assert link.is_symlink() and read(target) == {"new": 2}  # the link still points to the file it wrote
+    out_link = tmp_path / "out.json"
+    out_link.symlink_to(tmp_path / "data" / "exported.json")  # dangling: the export creates its target
+    r = placer("export", placement, "--out", out_link, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert out_link.is_symlink() and json.loads((tmp_path / "data" / "exported.json").read_text())

@@ -138,6 +138,28 @@ def test_a_resumed_run_never_makes_the_placement_on_disk_worse(tmp_path, caplog)
     assert again.kept_on_disk is None
 
 
+def test_an_unreadable_checkpoint_is_one_line_and_a_failed_resume_changes_nothing(tmp_path):
+    from placer.app.place import place_zero_shot
+    from placer.app.train import TrainConfig, train
+    from tests.test_train import tiny
+
+    first = train(tiny(tmp_path, max_updates=1))
+    ckpt = first.run_dir / "checkpoint.pt"
+    for junk in (b"", b"not a pickle", ckpt.read_bytes()[:100], b"\x80\x04K\x05."):  # empty, junk, cut, an int
+        ckpt.write_bytes(junk)
+        before = {p.name: p.read_bytes() for p in first.run_dir.iterdir() if p.is_file()}
+        with pytest.raises(ValueError, match="checkpoint.pt: not a (readable|placer) checkpoint"):
+            train(TrainConfig(resume=first.run_dir.name, runs_dir=str(tmp_path), max_updates=5, budget_s=99.0,
+                              progress=False))
+        after = {p.name: p.read_bytes() for p in first.run_dir.iterdir() if p.is_file()}
+        assert after == before  # config.json (budget, max_updates) included: the run is as it was
+        with pytest.raises(ValueError, match="checkpoint.pt: not a (readable|placer) checkpoint"):
+            place_zero_shot(first.run_dir.name, "rnnlm", "cpu-2", runs_dir=tmp_path)
+    (first.run_dir / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: not a run config"):
+        place_zero_shot(first.run_dir.name, "rnnlm", "cpu-2", runs_dir=tmp_path)
+
+
 def _summary(measured=None, failed=0, refined=None):
     from placer.core.result import StepResult
 

@@ -63,3 +63,40 @@ def test_is_cpu_and_is_cuda_name():
     p = build_problem(cpu_only_chain().with_costs("K80", cpu_only_chain().cost("cpu"))
                       .with_costs("cuda", cpu_only_chain().cost("cpu")), cl, 2)
     assert p.device_features[:, 3].tolist() == [1.0, 0.0, 0.0]  # the is_cpu device feature
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda d: d["latency_s"][0].__setitem__(1, float("inf")), "latency_s must be finite"),
+    (lambda d: d["bandwidth_Bps"][1].__setitem__(0, float("nan")), "bandwidth_Bps must be finite"),
+    (lambda d: d["devices"][0].__setitem__("memory_bytes", float("nan")), "memory_bytes must be a finite number"),
+    (lambda d: d["devices"][0].__setitem__("memory_bytes", 0.5), "memory_bytes must be a finite number >= 1"),
+    (lambda d: d["devices"][1].__setitem__("speed", float("inf")), "speed must be a finite positive number"),
+    (lambda d: d["devices"][1].__setitem__("name", None), "a device name must be a non-empty string"),
+    (lambda d: d["devices"][1].__setitem__("kind", 5), "kind must be a non-empty string"),
+    (lambda d: d.__setitem__("meta", [1]), "meta must be an object, got list"),
+    (lambda d: d["meta"].__setitem__("step_overhead_s", float("inf")), "step_overhead_s must be a finite number"),
+    (lambda d: d["meta"].__setitem__("dispatch_overhead_s", {"cpu": [1]}), "dispatch_overhead_s must be a finite"),
+    (lambda d: d["meta"].__setitem__("memory_bandwidth_Bps", {"cpu": 0}), "memory_bandwidth_Bps must be a finite "
+                                                                         "number > 0"),
+    (lambda d: d["meta"].__setitem__("send_overhead_s", True), "send_overhead_s must be a finite number"),
+])
+def test_a_cluster_with_a_non_finite_or_ill_typed_number_is_refused(edit, why):
+    d = get_cluster("cpu-2").to_json()
+    edit(d)
+    with pytest.raises(ValueError, match=why):
+        Cluster.from_json(d)
+
+
+def test_link_costs_that_overflow_fail_the_step_instead_of_crashing_the_scheduler():
+    # finite, but their sums are not: the dataflow list scheduler once indexed device -1 here (heap corruption)
+    from graphs.data import load_benchmark_graph
+
+    g = load_benchmark_graph("rnnlm")
+    d = get_cluster("cpu-2").to_json()
+    d["latency_s"] = [[0.0, 1e308], [1e308, 0.0]]
+    cluster = Cluster.from_json(d)
+    dev = place("even-layers", g, cluster).device_of_op
+    assert len(set(dev.tolist())) == 2
+    for schedule in ("dataflow", "1f1b"):
+        res = simulate(g, cluster, dev, schedule=schedule, microbatches=2)
+        assert not res.ok and "overflows" in res.failure

@@ -128,7 +128,6 @@ def test_weight_traffic_is_charged_per_microbatch_pass_on_cpu_only():
                                         meta={"param_traffic_per_microbatch": 0.0}), dev).step_time_s)
     small = chain(4, fwd_s=1e-3, param_bytes=200_000)  # 1.6 MB of weights and gradients: they stay in cache
     assert Simulator(small, cpus(1)).microbatch_s(4)[0].tolist() == Simulator(small, off).microbatch_s(4)[0].tolist()
-    bad = Cluster.uniform("bad", off.devices, bandwidth_Bps=1e9, latency_s=0.0,
-                          meta={"param_traffic_per_microbatch": {"cpu": -1}})
-    with pytest.raises(ValueError, match="param_traffic_per_microbatch must be a number >= 0"):
-        simulate(g, bad, dev)
+    with pytest.raises(ValueError, match="param_traffic_per_microbatch must be a finite number >= 0"):
+        Cluster.uniform("bad", off.devices, bandwidth_Bps=1e9, latency_s=0.0,
+                        meta={"param_traffic_per_microbatch": {"cpu": -1}})

@@ -12,6 +12,8 @@ from typing import Callable
 
 from rich.console import Console
 
+from graphs.jsonio import atomic_target
+
 
 def _console() -> Console:
     """The console of every command. On a terminal rich measures it; piped or logged output is rich's
@@ -88,8 +90,8 @@ def writable_file(text: str | Path, what: str = "output") -> Path:
     """``text`` as a path a file can be written to, checked before any work is done: not an existing directory,
     device or other special file (an atomic write would replace ``/dev/full`` by a plain file), under a folder (or
     a folder still to be created under one) that this process can create files in. A one-line ``ValueError``
-    naming the path otherwise."""
-    path = Path(text)
+    naming the path otherwise. A symbolic link stands for the file it points to (the one that is written)."""
+    path = atomic_target(text)
     if path.exists() and not path.is_file():
         raise ValueError(f"cannot write the {what} to {path}: it exists and is not a regular file")
     _check_folder(path.parent, f"the {what} to {path}")

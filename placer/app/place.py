@@ -12,7 +12,6 @@ and any cluster work; ``seq2seq`` needs the run's number of devices.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,12 +24,14 @@ from envs.placement_env import resolve_cluster, resolve_graph
 from placer.app.cli_base import preset_names, schedule_names
 from envs.problem import build_problem
 from graphs.ir import OpGraph
+from graphs.jsonio import read_json
 from placer.core.cluster import Cluster
 from placer.io.document import save_placement
 from placer.core.placement import Placement
 from placer.core.result import StepResult
 from placer.app.cli_base import int_at_least, writable_file
 from placer.app.runs import find_run
+from placer.app.training.checkpoint import read_checkpoint
 from policies import PolicyInput, make_policy
 
 log = logging.getLogger(__name__)
@@ -66,17 +67,20 @@ def place_zero_shot(run: str | Path, graph: OpGraph | str | Path, cluster: Clust
         raise ValueError(f"samples must be >= 1, got {samples}")
     t0 = time.perf_counter()
     run_dir = find_run(run, runs_dir, checkpoint=True)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_json(run_dir / "config.json", "run config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{run_dir / 'config.json'}: not a run config (a JSON object expected)")
     graph = resolve_graph(graph, config=graph_config)
     cluster = resolve_cluster(cluster)
     problem = build_problem(graph, cluster, int(config.get("num_groups", 256)))
     policy = make_policy(config.get("policy", "gnn"), problem, hidden=int(config.get("hidden", 64)),
                          **dict(config.get("policy_options") or {}))
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False, map_location="cpu")
+    state = read_checkpoint(run_dir / "checkpoint.pt")
     try:
         policy.load_state_dict(state["policy"])
     except (RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's first line only says "Error(s) in loading state_dict for ...": the next one says what
+        first = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
         raise ValueError(f"the policy of {run_dir.name} does not fit {graph.name!r} on {cluster.name!r}: "
                          f"{first}") from None
     policy.eval()

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from graphs.jsonio import atomic_target
+
 
 def safe_name(text: str) -> str:
     """``text`` with every character other than letters, digits, ``-``, ``_`` and ``.`` replaced by ``-``."""
@@ -66,8 +68,8 @@ def find_run(run: str | Path, runs_dir: str | Path, *, checkpoint: bool = False)
 
 def save_torch_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename: a kill never leaves a half-written checkpoint, and a
-    failed write (a full disk) leaves neither the temporary file nor a damaged ``path``."""
-    path = Path(path)
+    failed write (a full disk) leaves neither the temporary file nor a damaged ``path`` (a link: its target)."""
+    path = atomic_target(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)

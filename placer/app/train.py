@@ -209,7 +209,6 @@ def train(config: TrainConfig) -> TrainResult:
     envs = []
     started = False
     try:
-        write_json_atomic(run_dir / "config.json", config.to_json())
         torch.set_num_threads(max(1, config.torch_threads))
         seed_everything(config.seed)
         for g in graphs:
@@ -219,6 +218,8 @@ def train(config: TrainConfig) -> TrainResult:
                                  failure_penalty=config.failure_penalty, sim_graph=config.sim_graph,
                                  engine_timeout_s=config.engine_timeout_s))
         trainer = Trainer(config, run_dir, cluster, envs)
+        # after the trainer has read the checkpoint: a resume that cannot continue leaves the run as it was
+        write_json_atomic(run_dir / "config.json", config.to_json())
         trainer.log_start()
         if config.warm_start:
             trainer.warm_start()

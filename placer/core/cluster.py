@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -20,6 +21,34 @@ from graphs.jsonio import JsonFile
 
 SCHEMA = "placer.cluster/v1"
 GiB = 1 << 30
+
+
+META_NUMBERS: dict[str, bool] = {
+    "dispatch_overhead_s": False, "send_overhead_s": False, "recv_overhead_s": False, "message_wakeup_s": False,
+    "segment_fwd_overhead_s": False, "segment_bwd_overhead_s": False, "step_overhead_s": False,
+    "param_traffic_per_microbatch": False, "cache_bytes": False, "memory_bandwidth_Bps": True}
+"""The ``meta`` entries the cost model reads, each a number or ``{device kind: number}``; True: must be positive
+(a bandwidth), else >= 0. All must be finite."""
+
+
+def _real(x: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_meta(cluster: str, meta: Any) -> None:
+    """A one-line ``ValueError`` for a ``meta`` that is not a mapping or holds a :data:`META_NUMBERS` entry that is
+    not a finite number in range (or a ``{kind: number}`` mapping of them)."""
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"cluster {cluster!r}: meta must be an object, got {type(meta).__name__}")
+    for key, positive in META_NUMBERS.items():
+        if key not in meta:
+            continue
+        v = meta[key]
+        for x in (v.values() if isinstance(v, Mapping) else (v,)):
+            if not _real(x) or not (x > 0 if positive else x >= 0):
+                raise ValueError(f"cluster {cluster!r}: meta {key} must be a finite number "
+                                 f"{'> 0' if positive else '>= 0'} (or {{kind: number}}), got {x!r}")
 
 
 def is_cuda_name(name: str) -> bool:
@@ -46,10 +75,15 @@ class Device:
         return self.kind.lower() == "cpu" or self.name.lower().startswith("cpu")
 
     def __post_init__(self) -> None:
-        if self.memory_bytes <= 0:
-            raise ValueError(f"device {self.name!r}: memory_bytes must be positive")
-        if not self.speed > 0:
-            raise ValueError(f"device {self.name!r}: speed must be positive")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a device name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.kind, str) or not self.kind:
+            raise ValueError(f"device {self.name!r}: kind must be a non-empty string, got {self.kind!r}")
+        if not _real(self.memory_bytes) or self.memory_bytes < 1:
+            raise ValueError(f"device {self.name!r}: memory_bytes must be a finite number >= 1, "
+                             f"got {self.memory_bytes!r}")
+        if not _real(self.speed) or not self.speed > 0:
+            raise ValueError(f"device {self.name!r}: speed must be a finite positive number, got {self.speed!r}")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -80,12 +114,15 @@ class Cluster(JsonFile):
             if arr.shape != (d, d):
                 raise ValueError(f"cluster {self.name!r}: {key} must be {d}x{d}, got {arr.shape}")
             off = ~np.eye(d, dtype=bool)
+            if not np.isfinite(arr[off]).all():
+                raise ValueError(f"cluster {self.name!r}: {key} must be finite between devices")
             if key == "bandwidth_Bps" and not (arr[off] > 0).all():
                 raise ValueError(f"cluster {self.name!r}: bandwidth must be positive between devices")
             if key == "latency_s" and not (arr[off] >= 0).all():
                 raise ValueError(f"cluster {self.name!r}: latency must be non-negative")
             arr.setflags(write=False)
             object.__setattr__(self, key, arr)
+        _check_meta(self.name, self.meta)
         object.__setattr__(self, "meta", json.loads(json.dumps(dict(self.meta))))
 
     @property

@@ -361,7 +361,7 @@ def list_order(dev, num_devices, num_mb, dur_f, dur_b, pred_ptr, pred_idx, pred_
                 t = max(free[d], pend_k[base[d]])
             else:
                 continue
-            if t < t_best:
+            if d_best < 0 or t < t_best:  # the first candidate even at t = inf (overflowing link costs)
                 d_best, t_best = d, t
         d = d_best
         while pend_n[d] > 0 and pend_k[base[d]] <= t_best:

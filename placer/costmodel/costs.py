@@ -82,13 +82,12 @@ already, so GPU kinds add nothing. Override per kind with ``cluster.meta["param_
 
 
 def meta_per_kind(cluster: "Cluster", key: str, kind: str, *, default: float = 0.0) -> float:
-    """``cluster.meta[key]`` for device kind ``kind``: a number, ``{kind: number}``, or absent (``default``); a
-    one-line ``ValueError`` for anything but a number >= 0."""
+    """``cluster.meta[key]`` for device kind ``kind``: a number, ``{kind: number}``, or absent (``default``); the
+    :class:`placer.core.cluster.Cluster` has checked that it is a finite number in range
+    (:data:`placer.core.cluster.META_NUMBERS`)."""
     v = cluster.meta.get(key, default)
     if isinstance(v, Mapping):
         v = v.get(kind, default)
-    if not isinstance(v, (int, float)) or not v >= 0:
-        raise ValueError(f"cluster {cluster.name!r}: meta {key} must be a number >= 0 (or {{kind: number}}), got {v!r}")
     return float(v)
 
 

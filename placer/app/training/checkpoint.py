@@ -53,10 +53,23 @@ def save_checkpoint(path: Path, *, policy: dict[str, Any], counters: dict[str, A
                        "graphs": graphs}, path)
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """``torch.load`` of a run's checkpoint; a one-line ``ValueError`` naming the file when it is not one (empty,
+    truncated, another pickle)."""
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:  # EOFError, UnpicklingError, RuntimeError (a truncated zip), ...: all mean "not readable"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a placer checkpoint (it holds a {type(state).__name__})")
+    return state
+
+
 def load_checkpoint(path: Path, graph_names: list[str]) -> dict[str, Any]:
     """A checkpoint of any version as version 3, its graphs in the order of ``graph_names`` (the run's); a
     one-line ``ValueError`` when it cannot continue this run."""
-    state = torch.load(path, weights_only=False, map_location="cpu")
+    state = read_checkpoint(path)
     version = state.get("version")
     if version == 1:
         state = _from_v1(state, graph_names)
