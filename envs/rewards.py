@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -310,6 +311,11 @@ class Reference:
     """Its device per group: incremental rewards complete a partial placement with it."""
     result: StepResult | None = None
     """Its simulated step on the full op graph (``None`` for a given time)."""
+
+    def __post_init__(self) -> None:
+        if not (self.step_time_s > 0 and math.isfinite(self.step_time_s)):  # rewards divide by it
+            raise ValueError(f"the reference step ({self.method}) takes {self.step_time_s} s: a graph whose ops "
+                             "cost no time has nothing to place")
 
 
 REFERENCE_FALLBACKS = ("expert", "single", "heft", "m-etf", "round-robin")

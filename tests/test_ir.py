@@ -79,6 +79,24 @@ def test_malformed_json_is_one_line(tmp_path, text, match):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d.__setitem__("costs", 5), "malformed field"),
+    (lambda d: d.__setitem__("costs", {"cpu": [1, 2]}), "malformed field"),
+    (lambda d: d["costs"]["cpu"].__setitem__("microbatch_s", [1]), "malformed field"),
+    (lambda d: d["ops"]["out_bytes"].__setitem__(0, 10**30), "number out of range"),
+    (lambda d: d["edges"]["src"].__setitem__(0, 10**30), "number out of range"),
+])
+def test_ill_typed_or_oversized_fields_are_one_line(tmp_path, edit, match):
+    d = diamond().to_json()
+    d.pop("hash", None)
+    edit(d)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=match) as e:
+        OpGraph.load(path)
+    assert "\n" not in str(e.value)
+
+
 def test_missing_file_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="cannot read graph file"):
         OpGraph.load(tmp_path / "nope.json")

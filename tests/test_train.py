@@ -334,3 +334,13 @@ def test_refinement_finds_a_plan_where_every_sampled_placement_is_out_of_memory(
 def test_refine_s_outside_its_use_is_refused(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         tiny(tmp_path, **kw)
+
+
+def test_a_graph_whose_ops_cost_nothing_is_refused_before_a_run_folder_exists(tmp_path):
+    from graphs.ir import OpGraph
+
+    free = OpGraph.build(name="free", ops=[dict(name="x", kind="input", out_bytes=4, fwd_s=0.0, bwd_s=0.0)],
+                         edges=[])
+    with pytest.raises(ValueError, match="reference step .* takes 0.0 s"):
+        train(tiny(tmp_path, graph=free, cluster="cpu-2"))
+    assert not any(tmp_path.iterdir())
