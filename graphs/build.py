@@ -47,7 +47,7 @@ def load_factory(path: str) -> Callable[[], Any]:
         sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except Exception as e:  # importing user code: any error
+    except (Exception, SystemExit) as e:  # importing user code: any error, sys.exit() included
         raise ValueError(f"cannot import module {module_name!r} for factory {path!r}: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if not hasattr(module, attr):
@@ -69,7 +69,7 @@ def _call_factory(path: str, seed: int) -> tuple[nn.Module, tuple, Callable | No
     _seed_everything(seed)
     try:
         result = factory()
-    except Exception as e:  # user code
+    except (Exception, SystemExit) as e:  # user code, sys.exit() included
         raise ValueError(f"factory {path!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                          ) from None
     if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):

@@ -205,15 +205,34 @@ def microbatch_meta(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]
     return {"microbatchable": False, "microbatch_op": found[0], "microbatch_why": found[1]}
 
 
+MAX_MICROBATCHES = 65_536
+"""More micro-batches than this in one step is refused (a schedule holds tasks per op and micro-batch)."""
+
+
+def batch_size(graph: Any) -> int | None:
+    """The batch of one step of an OpGraph: the first dimension of its input ops' outputs (their gcd: the engine
+    splits every batched input along it), None when unknown."""
+    dims = [int(s[0]) for s, k in zip(graph.out_shapes, graph.op_kinds) if k == "input" and len(s) > 0 and s[0] > 0]
+    return int(math.gcd(*dims)) if dims else None
+
+
 def check_microbatchable(graph: Any, microbatches: int) -> None:
     """One-line ``ValueError`` when ``microbatches`` > 1 and ``graph`` (an OpGraph, or its ``meta``) was recorded
-    as not micro-batchable at build time; graphs without the record (built before it, synthetic) pass."""
+    as not micro-batchable at build time, or its batch (:func:`batch_size`, where known) does not split into that
+    many equal parts, or there are more than :data:`MAX_MICROBATCHES`; graphs without the record (built before
+    it, synthetic) pass the first check."""
     if int(microbatches) <= 1:
         return
+    name = getattr(graph, "name", "") or "the graph"
+    if int(microbatches) > MAX_MICROBATCHES:
+        raise ValueError(f"{int(microbatches)} micro-batches: at most {MAX_MICROBATCHES} per step")
+    batch = batch_size(graph) if hasattr(graph, "out_shapes") else None
+    if batch is not None and batch % int(microbatches):
+        raise ValueError(f"{name} has a batch of {batch}, which does not split into {int(microbatches)} equal "
+                         f"micro-batches; use a divisor of {batch}")
     meta: Mapping[str, Any] = graph if isinstance(graph, Mapping) else (getattr(graph, "meta", None) or {})
     if meta.get("microbatchable", True) is not False:
         return
-    name = getattr(graph, "name", "") or "the graph"
     op = meta.get("microbatch_op") or ""
     where = f"op {op!r} " if op else ""
     raise ValueError(f"{name} cannot be split into {int(microbatches)} micro-batches: {where}"

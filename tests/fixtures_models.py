@@ -180,6 +180,13 @@ def raises() -> tuple[nn.Module, tuple[Tensor]]:
     raise RuntimeError("factory exploded")
 
 
+def exits() -> tuple[nn.Module, tuple[Tensor]]:
+    """A factory that ends the process (a script's ``sys.exit`` reached through its import or its call)."""
+    import sys
+
+    sys.exit(3)
+
+
 NOT_CALLABLE = 42
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from graphs.ir import OpGraph
 from placer.core.placement import Placement
-from placer.costmodel.plans import (AUTO, allowed_microbatches, batch_size, best_plan, check_schedule, run_plan,
+from graphs.microbatch import batch_size
+from placer.costmodel.plans import (AUTO, allowed_microbatches, best_plan, check_schedule, run_plan,
                                     schedule_choices)
 from placer.costmodel.schedules import SCHEDULES, is_stage_contiguous
 from placer.costmodel.sim import Simulator

@@ -179,6 +179,7 @@ def test_load_factory_errors(path, match):
 @pytest.mark.parametrize("path, match", [
     ("tests.fixtures_models:returns_model_only", r"must return \(model, example_inputs\)"),
     ("tests.fixtures_models:raises", "factory exploded"),
+    ("tests.fixtures_models:exits", "failed: SystemExit: 3"),
 ])
 def test_bad_factories(path, match):
     with pytest.raises(ValueError, match=match):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,7 +210,7 @@ def train(config: TrainConfig) -> TrainResult:
     envs = []
     started = False
     try:
-        torch.set_num_threads(max(1, config.torch_threads))
+        torch.set_num_threads(max(1, min(config.torch_threads, os.cpu_count() or 1)))
         seed_everything(config.seed)
         for g in graphs:
             envs.append(make_env(g, cluster, num_groups=config.num_groups, reward_backend=config.reward,

@@ -122,19 +122,12 @@ def make_plan(graph: "OpGraph", placement: "Placement | np.ndarray", num_devices
                 recompute=tuple(sorted(int(d) for d in recompute)))
 
 
-def batch_size(graph: "OpGraph") -> int | None:
-    """The batch of one step: the first dimension of the input ops' outputs (their gcd), None when unknown."""
-    dims = [int(graph.out_shapes[i][0]) for i, k in enumerate(graph.op_kinds)
-            if k == "input" and graph.out_shapes[i] and len(graph.out_shapes[i]) > 0 and graph.out_shapes[i][0] > 0]
-    if not dims:
-        return None
-    return int(np.gcd.reduce(dims))
-
-
 def allowed_microbatches(graph: "OpGraph", cap: int = MAX_MICROBATCHES) -> tuple[int, ...]:
     """Micro-batch counts a plan of ``graph`` may use, ascending: 1 only when the graph was recorded as not
     micro-batchable (:func:`graphs.microbatch.check_microbatchable`), else the divisors of its batch up to ``cap``
     (:data:`UNKNOWN_BATCH_MICROBATCHES` when the batch is unknown)."""
+    from graphs.microbatch import batch_size  # noqa: PLC0415 - torch only where micro-batches are asked about
+
     if (getattr(graph, "meta", None) or {}).get("microbatchable", True) is False:
         return (1,)
     b = batch_size(graph)

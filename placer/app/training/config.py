@@ -60,6 +60,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 """Starting hyper-parameters per mode and algorithm, over the algorithm config's own defaults: the one place
 where one-graph and multi-graph runs differ. Explicitly given fields always replace them."""
 
+MAX_TORCH_THREADS = 1024
+"""The most ``torch_threads`` a config may ask for."""
 RESUME_OVERRIDES = ("budget_s", "checkpoint_every_s", "progress", "max_updates", "real_every_s")
 """Fields a resumed run takes from the new config; everything else comes from the run's ``config.json``."""
 
@@ -163,7 +165,8 @@ class TrainConfig:
     engine_timeout_s: float = 120.0
     """Seconds an engine measurement may take before it counts as failed."""
     torch_threads: int = 1
-    """``torch.set_num_threads`` for the policy (small networks run fastest on one thread)."""
+    """``torch.set_num_threads`` for the policy (small networks run fastest on one thread); at most
+    :data:`MAX_TORCH_THREADS`, and the trainer uses no more than the machine's cores."""
     progress: bool = True
     """Show the rich progress line."""
 
@@ -217,6 +220,8 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+        if self.torch_threads > MAX_TORCH_THREADS:  # (a million crashed OpenBLAS; the trainer uses <= the cores)
+            raise ValueError(f"torch_threads must be at most {MAX_TORCH_THREADS}, got {self.torch_threads}")
 
     @property
     def num_graphs(self) -> int:
