@@ -77,9 +77,13 @@ def cmd_graph_build(args: argparse.Namespace) -> None:
     import time
 
     from graphs.build import build_graph
-    from graphs.roofline import with_estimates
+    from graphs.roofline import GPUS, with_estimates
 
     out = writable_file(args.out, "graph")  # before tracing and profiling, which take a while
+    gpus = () if args.estimate == "none" else tuple(k for k in args.estimate.split(",") if k)
+    if set(gpus) - set(GPUS):
+        raise ValueError(f"--estimate: unknown GPU(s) {', '.join(sorted(set(gpus) - set(GPUS)))}; known: "
+                         f"{', '.join(sorted(GPUS))}, or none")
     overrides = parse_overrides(args.set)
     if args.batch is not None:
         overrides["batch"] = args.batch
@@ -87,8 +91,8 @@ def cmd_graph_build(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     graph = build_graph(args.source, config=args.config, overrides=overrides, profile=profile, seed=args.seed,
                         progress=True)
-    if profile and args.estimate != "none":
-        graph = with_estimates(graph, tuple(k for k in args.estimate.split(",") if k))
+    if profile and gpus:
+        graph = with_estimates(graph, gpus)
     graph.save(out)
     console.print(f"wrote {out}: {graph.n} ops, {graph.num_edges} edges, "
                   f"costs for {', '.join(graph.costs) or 'none'} in {time.perf_counter() - t0:.1f} s")

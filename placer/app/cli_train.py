@@ -50,6 +50,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     writable_folder(args.runs_dir, "runs folder")
     graphs = [load_graph_arg(g) for g in args.graphs.split(",") if g]
+    clusters = [c for c in args.clusters.split(",") if c]
+    if not graphs or not clusters:
+        raise ValueError(f"--{'graphs' if not graphs else 'clusters'} names nothing to compare")
     extra = {}
     budget_s = args.train_budget
     if budget_s:
@@ -63,7 +66,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     root_existed = Path(args.runs_dir).exists()
     out_dir = new_run_dir(args.runs_dir, f"compare__{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        table = compare(graphs, [c for c in args.clusters.split(",") if c],
+        table = compare(graphs, clusters,
                         methods=args.methods.split(",") if args.methods else None, seed=args.seed,
                         schedule=args.schedule, microbatches=args.microbatches, out_dir=out_dir,
                         extra=extra, train_budget_s=budget_s)

@@ -30,8 +30,10 @@ def stamped_name(what: str, policy: str, algo: str, seed: int) -> str:
 def new_run_dir(runs_dir: str | Path, name: str) -> Path:
     """Create ``runs_dir/name`` atomically: ``mkdir`` without ``exist_ok`` claims the name, and while another run
     holds it (two runs started in one second) a ``_`` is appended and the mkdir retried. An unusable ``runs_dir`` is a
-    one-line ``ValueError``."""
+    one-line ``ValueError``, and so is a ``name`` that is not one folder name (``../x``, ``a/b``)."""
     root = Path(runs_dir)
+    if not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"run name {name!r} must be a folder name (no '/', not '.' or '..'): runs go under {root}")
     try:
         root.mkdir(parents=True, exist_ok=True)
         for attempt in range(1000):

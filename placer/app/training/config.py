@@ -174,6 +174,12 @@ class TrainConfig:
         self.graphs = tuple(self.graphs)
         self.baselines = tuple(self.baselines)
         self._check_numbers()
+        from placer import baselines  # noqa: PLC0415 - the registry, when a config is made
+
+        unknown = [m for m in self.baselines if m not in baselines.names()]
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {', '.join(map(repr, unknown))}; choose from "
+                             f"{', '.join(baselines.names())}")
         if self.preset not in ("auto", *PRESETS):
             raise ValueError(f"preset must be auto or one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.resume:  # the run folder's config decides the rest
