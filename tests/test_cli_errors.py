@@ -173,6 +173,9 @@ def test_messages_name_the_file_they_are_about(tmp_path, placement):
         extra = ["--out", tmp_path / "x.json"] if command == "export" else []
         one_line_error(placer(command, tmp_path / "nograph.json", *extra, cwd=tmp_path), "nograph.json",
                        "'graph' is a required property")
+    (tmp_path / "result.json").write_text('{"step_time_s": 1.0}')
+    one_line_error(placer("show", tmp_path / "result.json", cwd=tmp_path), "result.json: a step result without its "
+                   "field 'source'")
     (tmp_path / "deep.json").write_text("[" * 100_000)
     for args in (["show", tmp_path / "deep.json"], ["graph", "show", tmp_path / "deep.json"]):
         one_line_error(placer(*args, cwd=tmp_path), "deep.json", "nested too deeply")

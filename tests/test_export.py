@@ -72,6 +72,14 @@ def edit(path, fn):
     (lambda d: d["ops"].update(l2=5), "op 'l2' is on device 5"),
     (lambda d: d.update(schema="v0"), "invalid at schema"),
     (lambda d: d["schedule"].update(name="zigzag"), "invalid at schedule/name"),
+    (lambda d: d["modules"].update(enc=7), "module 'enc' is on device 7, but only 2 devices"),
+    (lambda d: d["stages"][1].update(device=2), "stage 1 is on device 2"),
+    (lambda d: d["schedule"].update(recompute=[3]), "schedule.recompute names device 3"),
+    (lambda d: d["schedule"].update(stages=[0, 7]), "schedule.stages .* is not one entry per device"),
+    (lambda d: d["schedule"].update(virtual_stages=[1]), "schedule.virtual_stages .* is not one entry per device"),
+    (lambda d: d.update(devices=["cpu:0", "cpu:0"]), "list a device twice"),
+    (lambda d: d.update(ops={}), "places no op"),
+    (lambda d: d["predicted"].update(step_time_s=float("nan")), "predicted.step_time_s is nan, not a finite"),
 ])
 def test_mismatches_are_one_line_errors(saved, mutate, match):
     g, c, _, path = saved

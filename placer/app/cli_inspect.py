@@ -272,12 +272,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     from placer.costmodel.sim import get_simulator, simulate
     from placer.io.timeline import plot_gantt, to_chrome_trace
 
-    from graphs.jsonio import read_json
+    from graphs.jsonio import atomic_target, read_json
 
     path = placement_file(args.placement)
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout:g} s")
-    stem = writable_file(args.timeline or path.with_name(path.stem + "_timeline.png"), "timeline")
+    # beside the placement's file (through links: /dev/stdin < p.json writes p_timeline.png); from a pipe, here
+    real = atomic_target(path)
+    beside = real.with_name(real.stem + "_timeline.png") if real.is_file() else "placement_timeline.png"
+    stem = writable_file(args.timeline or beside, "timeline")
     doc = read_json(path, "placement")
     graph, cluster, placement = placed_from_document(doc, path, args.graph, args.cluster)
     schedule = args.schedule or doc["schedule"]["name"]
@@ -359,7 +362,13 @@ def cmd_show(args: argparse.Namespace) -> None:
                           recompute=doc["schedule"].get("recompute", ()))
         title = f"{graph.name} on {cluster.name}: {doc['provenance']['method']}"
     elif isinstance(doc, dict) and "step_time_s" in doc:
-        result = StepResult.from_json(doc)
+        try:
+            result = StepResult.from_json(doc)
+        except KeyError as e:
+            raise ValueError(f"{path}: a step result without its field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: a malformed step result: {(str(e) or type(e).__name__).splitlines()[0]}"
+                             ) from None
         title = f"{result.source} step"
     else:
         raise ValueError(f"{path} is neither a placement JSON nor a step result")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -174,14 +175,8 @@ def load_placement(path: str | Path, graph: OpGraph | None = None, cluster: Clus
 def placement_from_document(doc: Any, graph: OpGraph | None = None, cluster: Cluster | None = None, *,
                             where: str = "placement") -> LoadedPlacement:
     validate_document(doc)
+    _check_references(doc, where)
     devices = doc["devices"]
-    for name, d in doc["ops"].items():
-        if d >= len(devices):
-            raise ValueError(f"{where}: op {name!r} is on device {d}, but only {len(devices)} devices are listed")
-    for d in doc["schedule"].get("recompute", ()):
-        if d >= len(devices):
-            raise ValueError(f"{where}: schedule.recompute names device {d}, but only {len(devices)} devices "
-                             f"are listed")
     if cluster is not None and list(cluster.device_names) != list(devices):
         raise ValueError(f"{where}: devices {devices} do not match cluster {cluster.name!r} "
                          f"{list(cluster.device_names)}")
@@ -200,6 +195,34 @@ def placement_from_document(doc: Any, graph: OpGraph | None = None, cluster: Clu
     if cluster is not None:
         placement.validate(graph, cluster)
     return LoadedPlacement(placement, doc)
+
+
+def _check_references(doc: Mapping[str, Any], where: str) -> None:
+    """What the schema cannot say: every device index names a listed device (ops, modules, stages, recompute), the
+    devices are distinct, some op is placed, and the step times are finite numbers (or null)."""
+    devices = doc["devices"]
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"{where}: devices {devices} list a device twice")
+    if not doc["ops"]:
+        raise ValueError(f"{where}: places no op")
+    sched = doc["schedule"]
+    refs = [*((f"op {k!r} is on", d) for k, d in doc["ops"].items()),
+            *((f"module {k!r} is on", d) for k, d in (doc.get("modules") or {}).items()),
+            *(("schedule.recompute names", d) for d in sched.get("recompute", ())),
+            *((f"stage {i} is on", st.get("device", 0)) for i, st in enumerate(doc.get("stages") or ()))]
+    for what, d in refs:
+        if not 0 <= d < len(devices):
+            raise ValueError(f"{where}: {what} device {d}, but only {len(devices)} devices are listed")
+    for key in ("stages", "virtual_stages"):  # one entry per device; a stage rank below the device count
+        per_device = sched.get(key)
+        if per_device is not None and (len(per_device) != len(devices)
+                                       or (key == "stages" and max(per_device, default=0) >= len(devices))):
+            raise ValueError(f"{where}: schedule.{key} {per_device} is not one entry per device "
+                             f"({len(devices)} devices)")
+    for key in ("predicted", "measured"):
+        t = (doc.get(key) or {}).get("step_time_s")
+        if t is not None and not math.isfinite(t):
+            raise ValueError(f"{where}: {key}.step_time_s is {t}, not a finite number of seconds")
 
 
 PlacementLike = Mapping[str, Any] | str | os.PathLike
