@@ -31,13 +31,25 @@ def write_json_atomic(path: str | Path, doc: Mapping[str, Any], *, indent: int =
     return path
 
 
+MAX_JSON_BYTES = 256 << 20
+"""The largest JSON file placer reads (the largest shipped graph is 0.6 MB; /dev/zero never ends)."""
+
+
 def read_json(path: str | Path, what: str) -> Any:
-    """Parse a JSON file; an unreadable or malformed file is a one-line ``ValueError`` naming ``what``."""
+    """Parse a JSON file; an unreadable, oversized (:data:`MAX_JSON_BYTES`), non-UTF-8 or malformed file is a
+    one-line ``ValueError`` naming ``what``."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
     except OSError as e:
         raise ValueError(f"cannot read {what} file {path}: {e.strerror}") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"{path}: more than {MAX_JSON_BYTES >> 20} MiB, too large for a {what} file")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): not a {what} file") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

@@ -96,6 +96,11 @@ def test_unreadable_files(tmp_path):
     bad.write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_placement(bad)
+    bad.write_bytes(b'{"schema": "\xff\xfe"}')
+    with pytest.raises(ValueError, match="bad.json is not UTF-8 text"):
+        load_placement(bad)
+    with pytest.raises(ValueError, match="/dev/zero: more than 256 MiB, too large for a placement file"):
+        load_placement("/dev/zero")  # an endless input is refused, not read until memory runs out
 
 
 def test_invalid_placement_is_refused_on_save(tmp_path):
