@@ -355,10 +355,8 @@ class OpGraph(JsonFile):
             )
         except KeyError as e:
             raise ValueError(f"graph JSON is missing field {e.args[0]!r}") from None
-        except (TypeError, AttributeError) as e:  # a list or number where an object belongs (costs: 5)
+        except (TypeError, AttributeError, OverflowError) as e:  # costs: 5; an integer beyond 64 bits
             raise ValueError(f"graph JSON has a malformed field: {e}") from None
-        except OverflowError as e:  # an integer field beyond 64 bits (out_bytes 1e30)
-            raise ValueError(f"graph JSON has a number out of range: {e}") from None
         if "hash" in d and d["hash"] != g.content_hash:
             raise ValueError(f"graph JSON hash mismatch: file says {d['hash']}, content gives {g.content_hash}")
         return g
