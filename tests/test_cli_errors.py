@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import placer
+from tests.test_cli import placer, placer_in_process
 
 
 def one_line_error(r, *needles: str) -> str:
@@ -80,7 +80,7 @@ def test_unusable_runs_folders_are_refused_before_anything_runs(tmp_path):
                      ["compare", "--graphs", "rnnlm", "--clusters", "cpu-2", "--methods", "single"],
                      ["demo", "--graph", "rnnlm", "--no-real", "--budget", "5s"]):
             before = listing(tmp_path)
-            r = placer(*args, "--runs-dir", runs_dir, cwd=tmp_path)
+            r = placer_in_process(*args, "--runs-dir", runs_dir, cwd=tmp_path)
             one_line_error(r, str(runs_dir), why)
             assert listing(tmp_path) == before
 
@@ -122,7 +122,7 @@ def test_unusable_runs_folders_are_refused_before_anything_runs(tmp_path):
 ])
 def test_out_of_range_and_non_finite_numbers_are_refused(tmp_path, placement, args, match):
     args = [str(placement) if a == "PLACEMENT" else a for a in args]
-    one_line_error(placer(*args, cwd=tmp_path), match)
+    one_line_error(placer_in_process(*args, cwd=tmp_path), match)
     assert listing(tmp_path) == set()  # no run folder, no runs/ folder, no output file
 
 
@@ -146,12 +146,12 @@ def test_refused_runs_leave_no_run_folder(tmp_path):
     for args, match in ((["--policy-options", "nonsense=1"], "does not take policy_options nonsense"),
                         (["--graphs", "nmt", "--warm-start", "heft"], "trains with the sim reward and no warm start"),
                         (["--refine", "10s", "--reward", "real"], "refine_s needs reward 'sim'")):
-        r = placer("train", "--graph", "rnnlm", "--budget", "5s", "--runs-dir", runs, "--no-progress", *args,
+        r = placer_in_process("train", "--graph", "rnnlm", "--budget", "5s", "--runs-dir", runs, "--no-progress", *args,
                    cwd=tmp_path)
         one_line_error(r, match)
         assert not runs.exists()
-    r = placer("compare", "--graphs", "rnnlm", "--clusters", "cpu-2", "--methods", "single,nosuch", "--runs-dir", runs,
-               cwd=tmp_path)
+    r = placer_in_process("compare", "--graphs", "rnnlm", "--clusters", "cpu-2", "--methods", "single,nosuch",
+                          "--runs-dir", runs, cwd=tmp_path)
     one_line_error(r, "unknown placement method 'nosuch'")
     assert not runs.exists()
 
@@ -164,22 +164,22 @@ def test_messages_name_the_file_they_are_about(tmp_path, placement):
                         ('{"graph": "rnnlm", "algo_config": {}, "colour": 1}',
                          "unknown training config field(s): colour")):
         (run / "config.json").write_text(text)
-        line = one_line_error(placer("train", "--resume", run, cwd=tmp_path), match)
+        line = one_line_error(placer_in_process("train", "--resume", run, cwd=tmp_path), match)
         assert f"{run / 'config.json'}" in line, line  # the file the message is about
     doc = json.loads(placement.read_text())
     doc.pop("graph")
     (tmp_path / "nograph.json").write_text(json.dumps(doc))
     for command in ("run", "show", "export"):
         extra = ["--out", tmp_path / "x.json"] if command == "export" else []
-        one_line_error(placer(command, tmp_path / "nograph.json", *extra, cwd=tmp_path), "nograph.json",
+        one_line_error(placer_in_process(command, tmp_path / "nograph.json", *extra, cwd=tmp_path), "nograph.json",
                        "'graph' is a required property")
     (tmp_path / "result.json").write_text('{"step_time_s": 1.0}')
-    one_line_error(placer("show", tmp_path / "result.json", cwd=tmp_path), "result.json: a step result without its "
-                   "field 'source'")
+    one_line_error(placer_in_process("show", tmp_path / "result.json", cwd=tmp_path),
+                   "result.json: a step result without its field 'source'")
     (tmp_path / "deep.json").write_text("[" * 100_000)
     for args in (["show", tmp_path / "deep.json"], ["graph", "show", tmp_path / "deep.json"]):
-        one_line_error(placer(*args, cwd=tmp_path), "deep.json", "nested too deeply")
-    one_line_error(placer("run", tmp_path, cwd=tmp_path), str(tmp_path), "without a placement.json")
+        one_line_error(placer_in_process(*args, cwd=tmp_path), "deep.json", "nested too deeply")
+    one_line_error(placer_in_process("run", tmp_path, cwd=tmp_path), str(tmp_path), "without a placement.json")
 
 
 def test_a_worker_hung_at_start_up_honours_run_timeout(tmp_path):
