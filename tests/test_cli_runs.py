@@ -263,3 +263,29 @@ def test_graph_show_imports_no_torch():
     code = ("import sys; from placer.app.cli import main; rc = main(['graph', 'show', 'nmt', '--top', '2']); "
             "print('RESULT', rc, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torch_geometric')))")
     assert python_output(code) == "RESULT 0 []"  # benchmarks/bench_cli.py: well under 1.5 s
+
+
+def test_sigterm_stops_a_training_run_like_ctrl_c_keeping_what_it_learned(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_cli import ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "placer.app.cli", "train", "--graph", "rnnlm", "--budget", "120",
+                             "--no-progress", "--runs-dir", str(tmp_path), "--run-name", "t"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "t"
+    deadline = time.monotonic() + 60
+    while not list(run.glob("events.out.tfevents.*")) and time.monotonic() < deadline:  # training has started
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)  # what `kill` and job schedulers send
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "placer: terminated", err
+    assert (run / "checkpoint.pt").exists() and (run / "placement.json").exists()
+    r = placer("export", run, "--out", tmp_path / "p.json", cwd=tmp_path)  # the folder is usable
+    assert r.returncode == 0, r.stderr

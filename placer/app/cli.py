@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from placer.app import cli_inspect, cli_train  # noqa: F401 -- register their commands
 from placer.app.cli_base import COMMANDS
@@ -44,7 +46,27 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's stop), raised where Ctrl-C's ``KeyboardInterrupt`` would be: the same
+    orderly stop (a training run saves its checkpoint and placement; engine workers are stopped)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit status: 0, 2 (one ``placer: error:`` line), 130 (Ctrl-C) or 143 (SIGTERM)."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.DEBUG if "-v" in argv or "--verbose" in argv else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -53,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(argv)  # building a command's options can fail too (a registry that cannot load)
         args = parser.parse_args(argv)
         args.func(args)
-    except KeyboardInterrupt:
-        sys.stderr.write("placer: interrupted\n")
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        sys.stderr.write(f"placer: {'terminated' if terminated else 'interrupted'}\n")
+        return 143 if terminated else 130
     except (ValueError, KeyError, OSError, RuntimeError, RecursionError) as e:
         if verbose:
             raise
