@@ -126,6 +126,11 @@ def test_apply_errors(two_doc):
     apply(model, bad, device_map={"gpu:0": "cpu"})  # the remedy the message suggests
     one_line_error(apply, model, doc, device_map={"cuda:0": "cpu"}, match=r"device_map names 'cuda:0'")
     one_line_error(apply, model, two_doc.parent / "missing.json", match="cannot read placement file")
+    # another model whose module names overlap the placement's: a layer more is under no placed module
+    bigger, _ = two_modules()
+    bigger.extra = nn.Linear(2, 2)
+    one_line_error(apply, bigger, doc, match=r"parameter 'extra\.weight' of TwoModules is under no module of the "
+                   r"placement .*made for another model")
     # the parameters never moved when validation failed
     assert all(p.device.type == "cpu" for p in model.parameters())
 

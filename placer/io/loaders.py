@@ -122,6 +122,7 @@ def apply(model: nn.Module, placement: PlacementLike, *, device_map: Mapping[str
             raise ValueError(f"placement module {path!r} is not in model {type(model).__name__} "
                              f"({len(missing)} unknown module paths; placement made for graph "
                              f"{doc['graph']['name']!r})") from None
+    _check_covered(model, modules, doc)
     devices = {i: resolve_device(doc["devices"][i], device_map) for i in sorted(set(modules.values()))}
     if not modules:
         log.warning("placement for %s lists no modules; nothing to place", doc["graph"]["name"])
@@ -133,6 +134,28 @@ def apply(model: nn.Module, placement: PlacementLike, *, device_map: Mapping[str
     log.info("placed %d modules of %s on %s", len(targets), type(model).__name__,
              ", ".join(sorted({str(d) for d in devices.values()})))
     return model
+
+
+def _check_covered(model: nn.Module, modules: Mapping[str, int], doc: Mapping[str, Any]) -> None:
+    """A one-line ``ValueError`` when a parameter of ``model`` lies under no placed module: the placement was made
+    for another model (a layer more, another architecture whose first module names happen to match)."""
+    if not modules:
+        return
+    placed = set(modules)
+    if "" in placed:
+        return  # the root module is placed: everything is under it
+
+    def covered(name: str) -> bool:
+        parts = name.split(".")[:-1]
+        return any(".".join(parts[:k]) in placed for k in range(1, len(parts) + 1))
+
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):  # a tied weight counts under any name
+        names.setdefault(id(param), []).append(name)
+    for aliases in names.values():
+        if not any(covered(n) for n in aliases):
+            raise ValueError(f"parameter {aliases[0]!r} of {type(model).__name__} is under no module of the "
+                             f"placement (made for graph {doc['graph']['name']!r}): it was made for another model")
 
 
 def _has_submodule(model: nn.Module, path: str) -> bool:
