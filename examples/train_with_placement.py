@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from graphs.build import load_factory, rebuild_traced  # noqa: E402
 from graphs.data import load_benchmark_graph  # noqa: E402
 from graphs.ir import OpGraph  # noqa: E402
+from graphs.trace import traced_default_loss  # noqa: E402
 from placer.io.document import load_placement  # noqa: E402
 from placer.io.loaders import (apply, module_fqns_per_model_part, pipeline_schedule, pipeline_stages,  # noqa: E402
                                placed_devices)
@@ -54,11 +55,9 @@ def build_from_source(src: dict[str, Any]) -> tuple[nn.Module, tuple, Callable |
     return model, inputs, (rest[0] if rest else None)
 
 
-def step_loss(model: nn.Module, inputs: tuple, loss_fn: Callable | None) -> torch.Tensor:
-    out = model(*inputs)
-    if loss_fn is not None:
-        return loss_fn(out)
-    return out if out.dim() == 0 else out.mean()
+def step_loss(model: nn.Module, inputs: tuple, loss_fn: Callable | None, meta: dict[str, Any]) -> torch.Tensor:
+    """The loss the graph was traced with: the factory's, else the one placer chose (the mean of squares)."""
+    return (loss_fn or traced_default_loss(meta))(model(*inputs))
 
 
 def parse_device_map(text: str | None) -> dict[str, str]:
@@ -94,7 +93,7 @@ def train_apply(args: argparse.Namespace) -> None:
     for step in range(args.steps):
         t0 = time.perf_counter()
         opt.zero_grad()
-        loss = step_loss(model, inputs, loss_fn)
+        loss = step_loss(model, inputs, loss_fn, graph.meta)
         loss.backward()
         opt.step()
         print(f"step {step} loss {loss.item():.6f} ({(time.perf_counter() - t0) * 1e3:.1f} ms)", flush=True)

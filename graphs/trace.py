@@ -107,6 +107,14 @@ def _legacy_default_loss(output: Any) -> torch.Tensor:
     return output.mean()
 
 
+def traced_default_loss(meta: Mapping[str, Any]) -> Callable[[Any], Any]:
+    """The loss a graph's step applied to its model's output when the factory gave none, as :func:`trace_model`
+    chose it: the output itself when it is a scalar, else :func:`default_loss` (graphs built before
+    ``meta["loss"]`` existed: the mean). What a trainer running the placed model itself must use."""
+    mean = default_loss if "loss" in meta else _legacy_default_loss
+    return lambda out: out if isinstance(out, torch.Tensor) and out.dim() == 0 else mean(out)
+
+
 def _identity(output: Any) -> Any:
     return output
 

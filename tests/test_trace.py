@@ -221,3 +221,16 @@ def test_rebuild_keeps_export_method():
     g = build_graph("tests.fixtures_models:shape_branch", profile=None)
     traced = rebuild_traced(g.meta)
     assert traced.graph.meta["trace"] == "export" and traced.graph.op_names == g.op_names
+
+
+def test_a_trainer_gets_the_loss_the_step_was_traced_with():
+    from graphs.trace import record_values, trace_model, traced_default_loss
+    from tests import fixtures_models
+
+    model, (x,) = fixtures_models.mlp()
+    traced = trace_model(model, (x,), name="mlp")
+    loss, _ = record_values(traced.gm, (x,))
+    out = model(x)
+    assert out.dim() > 0  # the default loss applies
+    assert traced_default_loss(traced.graph.meta)(out).item() == pytest.approx(loss.item())
+    assert traced_default_loss({})(out).item() == pytest.approx(out.mean().item())  # a graph from before meta["loss"]
