@@ -362,6 +362,9 @@ def trace_model(
                 gm, kept = _attempt(how, model, loss_fn, inputs, legacy)
             with buffers_restored(gm):
                 loss, values = record_values(gm, inputs)
+            out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+            if not isinstance(out, fx.Node):  # e.g. export's (loss,) for inputs it flattened: the engine needs one
+                raise TraceError(f"the traced step returns {type(out).__name__} {out}, not the loss node itself")
         except Exception as e:  # tracing user code: anything can go wrong
             errors.append(f"{how}: {_describe(e)}")
             log.debug("%s tracing of %s failed", how, model_name, exc_info=True)

@@ -180,6 +180,21 @@ def raises() -> tuple[nn.Module, tuple[Tensor]]:
     raise RuntimeError("factory exploded")
 
 
+class _ListInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, idx: list) -> Tensor:
+        return self.emb(torch.tensor(idx)).sum()
+
+
+def list_input() -> tuple[nn.Module, tuple[list]]:
+    """Token ids as a Python list: fx cannot trace it; torch.export flattens the list and returns ``(loss,)``,
+    a step the engine cannot run."""
+    return _ListInput(), ([1, 2, 3, 4],)
+
+
 def exits() -> tuple[nn.Module, tuple[Tensor]]:
     """A factory that ends the process (a script's ``sys.exit`` reached through its import or its call)."""
     import sys
