@@ -312,6 +312,30 @@ def _composite_kept_whole(model: nn.Module, kept: Mapping[str, str]) -> str | No
                  and any(True for _ in model.get_submodule(p).children())), None)
 
 
+def _trained_only_when_traced(model: nn.Module, gm: fx.GraphModule, inputs: tuple,
+                              loss_fn: Callable[[Any], Any]) -> str | None:
+    """The first parameter that gets a gradient from the traced step but not from the model's own (a
+    ``torch.no_grad()`` block or ``.detach()`` in ``forward`` that symbolic tracing does not keep), else None."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or {id(p) for p in gm.parameters()} != {id(p) for p in model.parameters()}:
+        return None  # nothing to train, or parameters the trace does not share: nothing to compare
+
+    def grads(step: Callable[[], Any]) -> tuple:
+        with buffers_restored(model):  # backward before the buffers are put back (that bumps their versions)
+            loss = step()
+            if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
+                return (None,) * len(params)
+            return torch.autograd.grad(loss, params, allow_unused=True)
+
+    try:
+        eager, traced = grads(lambda: loss_fn(model(*inputs))), grads(lambda: gm(*inputs))
+    except Exception:  # a check, not a second trace: a step it cannot run here is judged elsewhere
+        log.debug("gradient comparison of %s skipped", type(model).__name__, exc_info=True)
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    return next((names[id(p)] for p, e, t in zip(params, eager, traced) if e is None and t is not None), None)
+
+
 def _attempt(how: str, model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple,
              legacy: bool) -> tuple[fx.GraphModule, dict[str, str]]:
     if how == "export":
@@ -380,6 +404,11 @@ def trace_model(
     if found is None:
         raise TraceError(f"cannot trace model {model_name}: " + "; ".join(errors))
     how, gm, kept, values = found
+    frozen = _trained_only_when_traced(model, gm, inputs, loss_fn)
+    if frozen is not None:
+        raise ValueError(f"model {model_name}: the traced step would train {frozen!r}, which the model's own step "
+                         "does not (torch.no_grad() or .detach() in forward, which tracing does not keep); set "
+                         "requires_grad=False on it instead")
     record = {**dict(meta or {}), "trace": how}
     if not legacy:
         record.update(kept_whole=dict(kept), loss=loss_note)

@@ -195,6 +195,22 @@ def list_input() -> tuple[nn.Module, tuple[list]]:
     return _ListInput(), ([1, 2, 3, 4],)
 
 
+class _NoGradLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen, self.head = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            x = self.frozen(x)
+        return self.head(x)
+
+
+def no_grad_layer() -> tuple[nn.Module, tuple[Tensor]]:
+    """A layer frozen by ``torch.no_grad()`` inside ``forward`` (fx's trace drops the block)."""
+    return _NoGradLayer(), (torch.randn(8, 4),)
+
+
 def exits() -> tuple[nn.Module, tuple[Tensor]]:
     """A factory that ends the process (a script's ``sys.exit`` reached through its import or its call)."""
     import sys

@@ -180,6 +180,7 @@ def test_load_factory_errors(path, match):
     ("tests.fixtures_models:returns_model_only", r"must return \(model, example_inputs\)"),
     ("tests.fixtures_models:raises", "factory exploded"),
     ("tests.fixtures_models:exits", "failed: SystemExit: 3"),
+    ("tests.fixtures_models:no_grad_layer", "would train 'frozen.weight', which the model's own step does not"),
     ("tests.fixtures_models:list_input", "export: TraceError: the traced step returns tuple .*, not the loss node"),
 ])
 def test_bad_factories(path, match):
