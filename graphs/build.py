@@ -123,9 +123,10 @@ def parse_profile_spec(spec: str) -> tuple[str, int]:
 
 
 def _trace_from(src: Mapping[str, Any], method: Literal["auto", "fx", "export"] = "auto", *,
-                legacy: bool = False) -> TracedModel:
+                legacy: bool = False, check_grads: bool = True) -> TracedModel:
     model, inputs, loss_fn, name = _build(src)
-    return trace_model(model, inputs, loss_fn, name=name, meta={"source": dict(src)}, method=method, legacy=legacy)
+    return trace_model(model, inputs, loss_fn, name=name, meta={"source": dict(src)}, method=method, legacy=legacy,
+                       check_grads=check_grads)
 
 
 def build_graph(source: str, *, config: str = "small", overrides: Mapping[str, Any] | None = None,
@@ -154,8 +155,9 @@ def rebuild_traced(meta: Mapping[str, Any]) -> TracedModel:
         raise ValueError("graph meta has no 'source' record; it was not built by graphs.build.build_graph")
     method = meta.get("trace")
     # A graph built before the tracer went inside composite modules has no "kept_whole": trace it as then.
+    # no gradient check: the graph passed it when it was built, and every engine worker rebuilds (gpt-medium: 11 s)
     return _trace_from(meta["source"], method if method in ("fx", "export") else "auto",
-                       legacy="kept_whole" not in meta)
+                       legacy="kept_whole" not in meta, check_grads=False)
 
 
 def model_factory(graph: OpGraph) -> Callable[[], Any]:

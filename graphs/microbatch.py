@@ -16,6 +16,7 @@ call it before splitting a batch, so a graph recorded as not micro-batchable is 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -209,11 +210,17 @@ MAX_MICROBATCHES = 65_536
 """More micro-batches than this in one step is refused (a schedule holds tasks per op and micro-batch)."""
 
 
+_BATCH: "weakref.WeakKeyDictionary[Any, int | None]" = weakref.WeakKeyDictionary()
+""":func:`batch_size` per graph (immutable): every schedule built asks, on the plan search's hot path."""
+
+
 def batch_size(graph: Any) -> int | None:
     """The batch of one step of an OpGraph: the first dimension of its input ops' outputs (their gcd: the engine
     splits every batched input along it), None when unknown."""
-    dims = [int(s[0]) for s, k in zip(graph.out_shapes, graph.op_kinds) if k == "input" and len(s) > 0 and s[0] > 0]
-    return int(math.gcd(*dims)) if dims else None
+    if graph not in _BATCH:
+        dims = [int(s[0]) for s, k in zip(graph.out_shapes, graph.op_kinds) if k == "input" and len(s) and s[0] > 0]
+        _BATCH[graph] = int(math.gcd(*dims)) if dims else None
+    return _BATCH[graph]
 
 
 def check_microbatchable(graph: Any, microbatches: int) -> None:

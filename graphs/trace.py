@@ -352,6 +352,7 @@ def trace_model(
     meta: Mapping[str, Any] | None = None,
     method: Literal["auto", "fx", "export"] = "auto",
     legacy: bool = False,
+    check_grads: bool = True,
 ) -> TracedModel:
     """Trace one training step of ``model`` into a :class:`TracedModel` (graph without costs).
 
@@ -360,7 +361,8 @@ def trace_model(
     ``method="auto"`` tries fx, then torch.export (also when fx kept a composite module whole); the one used is
     ``graph.meta["trace"]``. ``legacy`` traces as placer did before ``meta["kept_whole"]`` existed (rebuilding
     such graphs). Raises :class:`TraceError` (one line) when no method works, ``ValueError`` when the model
-    fails on its own inputs.
+    fails on its own inputs or, with ``check_grads`` (one more eager and traced backward), when the traced step
+    would train a parameter the model's own step does not (:func:`_trained_only_when_traced`).
     """
     if method not in ("auto", "fx", "export"):
         raise ValueError(f"trace method must be 'auto', 'fx' or 'export', got {method!r}")
@@ -404,7 +406,7 @@ def trace_model(
     if found is None:
         raise TraceError(f"cannot trace model {model_name}: " + "; ".join(errors))
     how, gm, kept, values = found
-    frozen = _trained_only_when_traced(model, gm, inputs, loss_fn)
+    frozen = _trained_only_when_traced(model, gm, inputs, loss_fn) if check_grads else None
     if frozen is not None:
         raise ValueError(f"model {model_name}: the traced step would train {frozen!r}, which the model's own step "
                          "does not (torch.no_grad() or .detach() in forward, which tracing does not keep); set "
