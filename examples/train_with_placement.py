@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from graphs.build import load_factory, rebuild_traced  # noqa: E402
 from graphs.data import load_benchmark_graph  # noqa: E402
 from graphs.ir import OpGraph  # noqa: E402
+from graphs.microbatch import batched_tensors, input_batches  # noqa: E402
 from graphs.trace import traced_default_loss  # noqa: E402
 from placer.io.document import load_placement  # noqa: E402
 from placer.io.loaders import (apply, module_fqns_per_model_part, pipeline_schedule, pipeline_stages,  # noqa: E402
@@ -123,13 +124,13 @@ def train_pipeline(args: argparse.Namespace) -> None:
         stage = pipeline_stages(traced, doc, rank, device_map=device_map, microbatches=args.microbatches)
         schedule = pipeline_schedule(stage, doc, microbatches=args.microbatches)
         m = schedule._n_microbatches
-        batch = inputs[0].shape[0]
+        batch = input_batches(inputs)[0][1]
         if batch % m:
             raise SystemExit(f"batch {batch} does not split into {m} equal micro-batches")
         first, last = stage.is_first, stage.is_last
         dev = stage.device
         opt = torch.optim.SGD(stage.submod.parameters(), lr=args.lr)
-        feed = tuple(x.to(dev) for x in inputs) if first else ()
+        feed = tuple(x.to(dev) for x in batched_tensors(inputs)) if first else ()  # a dict batch: its tensors
         dummy_target = torch.zeros(batch, device=dev) if last else None  # the last stage returns the loss itself
         if rank == 0:
             print(f"{graph.name}: {len(doc['stages'])} stages, {doc['schedule']['name']} with {m} micro-batches, "

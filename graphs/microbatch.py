@@ -23,8 +23,55 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map
 
-__all__ = ["find_batch_mixing", "check_microbatchable", "microbatch_meta"]
+__all__ = ["find_batch_mixing", "check_microbatchable", "microbatch_meta", "input_batches", "split_inputs",
+           "check_split", "map_batched", "batched_tensors", "MICROBATCH_KEYS"]
+
+
+# ---------------------------------------------------------------------- the batch of a step's inputs
+# A step's inputs are tensors or containers of them (a dict as Hugging Face models take, lists, tuples): every
+# tensor leaf with a dimension carries the batch along dim 0; everything else (scalars, flags, 0-d tensors) is
+# passed whole to every micro-batch. Every consumer (the batch-mixing check, the profiler, the engine, the stage
+# split for trainers) cuts micro-batches with these.
+
+def _batched(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() > 0
+
+
+def map_batched(fn: Any, inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """``inputs`` with ``fn`` applied to every batched tensor leaf (containers rebuilt, other leaves kept)."""
+    return tuple(tree_map(lambda x: fn(x) if _batched(x) else x, a) for a in inputs)
+
+
+def batched_tensors(inputs: Sequence[Any]) -> list[torch.Tensor]:
+    """The batched tensor leaves of ``inputs`` in tree order: what a pipeline's first stage is fed
+    (``torch.distributed.pipelining`` passes tensors only, and splits each along dim 0)."""
+    return [x for x in tree_leaves(tuple(inputs)) if _batched(x)]
+
+
+def input_batches(inputs: Sequence[Any]) -> list[tuple[str, int]]:
+    """``(where, batch)`` of every batched tensor leaf of ``inputs``: ``where`` names it (``input 0``,
+    ``input 0['input_ids']``)."""
+    leaves, _ = tree_flatten_with_path(tuple(inputs))
+    return [(f"input {path[0].idx}{keystr(path[1:])}", int(x.shape[0])) for path, x in leaves if _batched(x)]
+
+
+def check_split(inputs: Sequence[Any], parts: int) -> None:
+    """One-line ``ValueError`` unless every batched input splits into ``parts`` equal micro-batches."""
+    if parts < 1:
+        raise ValueError(f"microbatches must be >= 1, got {parts}")
+    for where, b in input_batches(inputs):
+        if b % parts:
+            raise ValueError(f"{where} has batch {b}, not divisible into {parts} micro-batches")
+
+
+def split_inputs(inputs: Sequence[Any], parts: int, index: int) -> tuple[Any, ...]:
+    """Micro-batch ``index`` of ``parts`` equal ones: every batched tensor leaf's slice along dim 0 (a view)."""
+    if parts <= 1:
+        return tuple(inputs)
+    return map_batched(lambda x: x.narrow(0, index * (x.shape[0] // parts), x.shape[0] // parts), inputs)
+
 
 _DROPOUT_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
                   torch.dropout, torch.nn.functional.dropout}
@@ -155,9 +202,9 @@ def _is_random(gm: fx.GraphModule, node: fx.Node, values: Mapping[str, Any]) -> 
 def find_batch_mixing(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[str, str] | None:
     """``(op name, why)`` of the first op of ``gm`` that mixes the samples of a batch, ``("", why)`` when the
     example cannot be split at all, or None when the step micro-batches (see the module docstring)."""
-    batches = [x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    batches = [b for _, b in input_batches(inputs)]
     if not batches:
-        return "", "the example inputs have no batch dimension"
+        return "", "the example inputs have no tensor with a batch dimension"
     g = math.gcd(*batches)
     if g < 2:
         return "", f"the example batch ({batches[0]}) has no micro-batch to split into"
@@ -166,9 +213,8 @@ def find_batch_mixing(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[str, s
     if guarded > 2 and batches[0] // p < guarded:
         return "", (f"torch.export guarded the batch size >= {guarded} (control flow on the batch size), "
                     f"a micro-batch of {batches[0] // p} would take another branch")
-    part_in = [x.narrow(0, 0, x.shape[0] // p) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
-               for x in inputs]
-    full_in = [torch.cat([x] * p) if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in part_in]
+    part_in = split_inputs(inputs, p, 0)
+    full_in = map_batched(lambda x: torch.cat([x] * p), part_in)
     gen = torch.random.get_rng_state()
     try:
         return _first_mixing(gm, _run(gm, full_in), _run(gm, part_in), p)
@@ -196,6 +242,10 @@ def _first_mixing(gm: fx.GraphModule, full: _Runner, part: _Runner, p: int) -> t
         else:
             state[node.name] = _UNKNOWN  # downstream of a random or reducing op: cannot be judged
     return None
+
+
+MICROBATCH_KEYS = ("microbatchable", "microbatch_op", "microbatch_why")
+"""The graph ``meta`` entries :func:`microbatch_meta` writes."""
 
 
 def microbatch_meta(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:

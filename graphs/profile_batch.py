@@ -3,7 +3,7 @@
 A pipelined step runs each op on ``batch / M`` samples. Small ops do not get ``M`` times faster (dispatch,
 kernel set-up and cache effects stay), large ones nearly do; dividing the full-batch time misses both ways. Here
 the traced step is profiled again (:func:`graphs.profile.profile`, same method, clock and threads) on the first
-``batch / M`` samples of every batched input (dim 0, as the engine's ``split_microbatch`` cuts micro-batches),
+``batch / M`` samples of every batched input (dim 0, as :func:`graphs.microbatch.split_inputs` cuts micro-batches),
 and the times land in ``OpCosts.microbatch_s[M]`` of the cost set, which the simulator uses for ``M``
 micro-batches (and interpolates between, :func:`placer.costmodel.sim.microbatch_costs_s`).
 
@@ -22,26 +22,18 @@ import time
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from graphs.ir import OpCosts, OpGraph
+from graphs.microbatch import check_split, split_inputs
 from graphs.profile import profile
 from graphs.trace import TracedModel
 
-__all__ = ["microbatch_inputs", "profile_microbatches", "with_microbatch_costs"]
+__all__ = ["profile_microbatches", "with_microbatch_costs"]
 
 
-def microbatch_inputs(inputs: Sequence, microbatches: int) -> tuple:
-    """The first of ``microbatches`` equal micro-batches of every batched input (a one-line ``ValueError`` when a
-    batch does not divide)."""
-    out = []
-    for k, x in enumerate(inputs):
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            if x.shape[0] % microbatches:
-                raise ValueError(f"input {k} has batch {x.shape[0]}, not divisible into {microbatches} micro-batches")
-            x = x[: x.shape[0] // microbatches]
-        out.append(x)
-    return tuple(out)
+def _first_microbatch(inputs: Sequence, microbatches: int) -> tuple:
+    check_split(inputs, microbatches)
+    return split_inputs(inputs, microbatches, 0)
 
 
 def profile_microbatches(traced: TracedModel, microbatches: Sequence[int], *, warmup: int = 3, repeats: int = 10,
@@ -51,7 +43,7 @@ def profile_microbatches(traced: TracedModel, microbatches: Sequence[int], *, wa
     for m in sorted(set(int(x) for x in microbatches)):
         if m < 2:
             raise ValueError(f"micro-batch counts must be >= 2, got {m}")
-        part = dataclasses.replace(traced, example_inputs=microbatch_inputs(traced.example_inputs, m))
+        part = dataclasses.replace(traced, example_inputs=_first_microbatch(traced.example_inputs, m))
         c = profile(part, device="cpu", threads=1, warmup=warmup, repeats=repeats, clock=clock).costs["cpu"]
         out[m] = (c.fwd_s, c.bwd_s)
     return out

@@ -28,6 +28,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphs.microbatch import input_batches, map_batched, split_inputs
+
 __all__ = ["COMPOSITE_MODULES", "LEAF_CLASS_NAMES", "is_primitive", "StepTracer", "trace_step", "legacy_trace_fx"]
 
 COMPOSITE_MODULES: tuple[type[nn.Module], ...] = (
@@ -337,16 +339,12 @@ class StepTracer(fx.Tracer):
 
 def _example_runs(inputs: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     """The example inputs and one other batch: the smallest micro-batch they split into, else twice the batch."""
-    batches = [x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    batches = [b for _, b in input_batches(inputs)]
     if not batches:
         return [inputs]
     b = batches[0]
     div = next((d for d in range(2, b + 1) if all(n % d == 0 for n in batches)), 0)
-    if div and b // div != b:
-        other = tuple(x.narrow(0, 0, x.shape[0] // div) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
-                      for x in inputs)
-    else:
-        other = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
+    other = split_inputs(inputs, div, 0) if div else map_batched(lambda x: torch.cat([x, x]), inputs)
     return [inputs, other]
 
 

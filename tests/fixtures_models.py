@@ -356,3 +356,23 @@ def hf_bert() -> tuple[nn.Module, tuple[Tensor, Tensor]]:
                      intermediate_size=2 * HF_WIDTH, max_position_embeddings=64, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
     return _hf_lm(BertForMaskedLM(cfg))
+
+
+class _KeyedBatch(nn.Module):
+    """Takes the batch as one dict (as many trainers' models do), with a mask and integer labels in it."""
+
+    def __init__(self, vocab: int = 50, width: int = 16) -> None:
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Embedding(vocab, width), nn.Linear(width, width), nn.Linear(width, vocab)
+
+    def forward(self, batch: dict) -> Tensor:
+        x = self.emb(batch["input_ids"]) * batch["attention_mask"].unsqueeze(-1)
+        logits = self.head(torch.tanh(self.fc(x)))
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+
+
+def keyed_batch() -> tuple[nn.Module, tuple[dict]]:
+    """A dict batch (token ids, mask, labels; batch 8 on dim 0 of each): micro-batches split every tensor in it."""
+    ids = torch.randint(0, 50, (8, 6))
+    mask = (torch.rand(8, 6) > 0.2).float()
+    return _KeyedBatch(), ({"input_ids": ids, "attention_mask": mask, "labels": ids.roll(1, dims=1)},)

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from graphs.build import build_graph, rebuild_traced
+from graphs.microbatch import split_inputs
 from placer.core.cluster import get_cluster
 from placer.core.placement import Placement
 from placer.engine import EngineConfig, Measurer
 from placer.engine.ordering import device_tasks
 from placer.engine.plan import build_plan
-from placer.engine.program import compile_step, describe_values, split_microbatch
+from placer.engine.program import compile_step, describe_values
 from placer.engine.segments import PER_OP_ENV, fused_default
 
 CPU2 = get_cluster("cpu-2")
@@ -47,7 +48,7 @@ def plan_for(name: str, overrides: dict, placement: Placement | None, schedule: 
     graph = graph_of(name, overrides)
     traced = rebuild_traced(graph.meta)
     prog = compile_step(traced.gm)
-    metas = describe_values(prog, split_microbatch(traced.example_inputs, mb, 0))
+    metas = describe_values(prog, split_inputs(traced.example_inputs, mb, 0))
     placement = placement or Placement.single(graph)
     ndev = 2 if placement.device_of_op.max() > 0 else 1
     tasks, *_ = device_tasks(graph, placement, ndev, schedule=schedule, microbatches=mb)

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` factories
 
 from graphs.build import build_graph, rebuild_traced  # noqa: E402
+from graphs.microbatch import split_inputs  # noqa: E402
 from placer.core.cluster import get_cluster  # noqa: E402
 from placer.core.placement import Placement  # noqa: E402
 from placer.engine import EngineConfig, Measurer, reference_step  # noqa: E402
@@ -74,6 +75,7 @@ def pool():
 @pytest.mark.parametrize("name, method, tracer", [
     ("nn_transformer", "auto", "fx"), ("hf_gpt2", "auto", "fx"), ("hf_llama", "auto", "fx"), ("hf_bert", "auto", "fx"),
     ("hf_gpt2", "export", "export"),  # the fallback's dynamic batch dimension micro-batches too
+    ("keyed_batch", "auto", "fx"),  # the batch in a dict: every tensor in it is split
 ])
 def test_pipeline_schedules_equal_single_process_training(pool, name, method, tracer):
     _needs(name)
@@ -94,6 +96,22 @@ def test_pipeline_schedules_equal_single_process_training(pool, name, method, tr
         for pname, g in ref_grads.items():
             torch.testing.assert_close(out.grads[pname], g, rtol=1e-3, atol=1e-5 * max(1.0, float(g.abs().max())),
                                        msg=lambda m: f"{schedule} {pname}: {m}")  # noqa: B023 - called at once
+
+
+def test_pipelining_backend_splits_a_batch_given_as_a_dict(pool):
+    """torch.distributed.pipelining on the workers, the batch one dict: stage 0 gets each micro-batch's slice of
+    every tensor in it (the labels cross to stage 1), and the step is single-process training's."""
+    graph = _graph("keyed_batch")
+    traced = rebuild_traced(graph.meta)
+    ref_loss, ref_grads, _ = reference_step(traced.gm, traced.example_inputs, microbatches=1)
+    pool.switch_graph(graph)
+    cut = graph.index("fc")
+    out = pool.run_step(Placement(np.array([0 if i < cut else 1 for i in range(graph.n)])), schedule="1f1b",
+                        microbatches=MICROBATCHES, update=False, backend="pipelining")
+    assert out.result.ok, out.result.failure
+    assert out.loss == pytest.approx(ref_loss, rel=1e-4)
+    for pname, g in ref_grads.items():
+        torch.testing.assert_close(out.grads[pname], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{pname}: {m}")  # noqa: B023
 
 
 @pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama", "hf_bert"])
@@ -118,7 +136,7 @@ def test_hf_models_trace_place_and_reload(tmp_path, name):
         torch.testing.assert_close(model(*inputs), before)
 
 
-@pytest.mark.parametrize("name", ["nn_transformer", "hf_gpt2", "hf_llama"])
+@pytest.mark.parametrize("name", ["nn_transformer", "hf_gpt2", "hf_llama", "keyed_batch"])
 def test_pipeline_stages_of_a_micro_batch_compose_to_the_step(name):
     """The loaders' stages (``stage_modules``, what ``pipeline_stages`` hands to torch) at 4 micro-batches: the
     stages built for one micro-batch compute that micro-batch's loss, batch-size values included."""
@@ -132,7 +150,7 @@ def test_pipeline_stages_of_a_micro_batch_compose_to_the_step(name):
                      {"device": 1, "first_op": graph.op_names[cut], "last_op": graph.op_names[-1]}]
     stages = stage_modules(traced, doc)
     for m in range(MICROBATCHES):
-        mb = tuple(x.chunk(MICROBATCHES)[m] for x in traced.example_inputs)
+        mb = split_inputs(traced.example_inputs, MICROBATCHES, m)
         out = stages[1](*stages[0](*mb))
         torch.testing.assert_close(out, traced.gm(*mb), rtol=1e-5, atol=1e-6)
 

@@ -8,12 +8,13 @@ import pytest
 
 from graphs.build import build_graph, rebuild_traced
 from graphs.ir import OpCosts, OpGraph, Provenance
+from graphs.microbatch import split_inputs
 from placer.core.cluster import Cluster, Device
 from placer.core.placement import Placement
 from placer.costmodel.sim import Simulator, simulate
 from placer.engine.ordering import tasks_from_schedule
 from placer.engine.plan import build_plan
-from placer.engine.program import compile_step, describe_values, split_microbatch
+from placer.engine.program import compile_step, describe_values
 
 PROV = Provenance(device="cpu", threads=1, torch_version="x", date="2026-12-03", method="measured")
 _CACHE: dict[str, tuple] = {}
@@ -54,7 +55,7 @@ def test_simulated_segment_starts_are_the_engines(name, schedule, m, kind):
     dev = sim.device_array(pl)
     sched = sim.schedule(dev, schedule, microbatches=m)
     starts = sim.segment_starts(sched, dev)
-    metas = describe_values(prog, split_microbatch(traced.example_inputs, m, 0))
+    metas = describe_values(prog, split_inputs(traced.example_inputs, m, 0))
     tasks = tasks_from_schedule(sched, 2)
     for rank in (0, 1):
         plan = build_plan(prog, metas, dev, tasks, rank=rank, microbatches=m, fused=True)

@@ -25,9 +25,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from graphs.microbatch import batched_tensors, input_batches, split_inputs
 from placer.engine.command import MeasureCommand
 from placer.engine.executor import MemoryTracker, optimizer_state_bytes
-from placer.engine.program import StepProgram, split_microbatch
+from placer.engine.program import StepProgram
 from placer.engine.stages import StageModule, split_stages
 
 __all__ = ["StageLayout", "stage_layout", "plan_pipeline", "run_pipelined"]
@@ -86,7 +87,7 @@ def plan_pipeline(runtime: Any, cmd: MeasureCommand) -> tuple[StageLayout, list[
         # inputs and attribute reads are not split (they enter at stage 0, or where they are read)
         stage_of = {op.name: max(0, int(layout.stage_of_op[op.index])) for op in prog.ops}
         runtime.all_on_cpu()  # the split runs the step on the CPU to record the values crossing each cut
-        mb = split_microbatch(list(runtime.cpu_inputs), cmd.microbatches, 0)
+        mb = split_inputs(runtime.cpu_inputs, cmd.microbatches, 0)
         if len(cache) >= STAGE_CACHE_SIZE:
             cache.pop(next(iter(cache)))
         cache[key] = split_stages(prog.gm, stage_of, layout.num_stages, mb)
@@ -110,7 +111,7 @@ def run_pipelined(runtime: Any, cmd: MeasureCommand, layout: StageLayout, module
         mod.recompute = rank in cmd.recompute
         # static shapes from the recorded micro-batch (runtime shape inference would run the stage once on
         # uninitialised receive buffers)
-        ex_in = tuple(t.to(device) for t in mod.example_in)
+        ex_in = tree_map_only(torch.Tensor, lambda t: t.to(device), tuple(mod.example_in))
         ex_out = tree_map_only(torch.Tensor, lambda t: t.to(device), mod.example_out)
         stages.append(PipelineStage(mod, s, layout.num_stages, device, input_args=ex_in, output_args=ex_out))
     if schedule == "interleaved-1f1b":
@@ -190,7 +191,7 @@ def _measure_loop(runtime: Any, cmd: MeasureCommand, sched: Any, stages: list[An
         runtime.dirty = True
     first = layout.device_of_stage[0] == rank
     last = layout.device_of_stage[-1] == rank
-    batch = next(x.shape[0] for x in runtime.inputs if isinstance(x, torch.Tensor) and x.dim() > 0)
+    batch = input_batches(runtime.inputs)[0][1]
     target = torch.zeros(batch, device=device) if last else None
     timer = _StageTimer(stages)
     exclude = {p.untyped_storage().data_ptr() for p in runtime.prog.gm.parameters()}
@@ -207,7 +208,7 @@ def _measure_loop(runtime: Any, cmd: MeasureCommand, sched: Any, stages: list[An
         t0 = perf()
         if fault is not None and s == warmup + steps - 1:
             fault(0)
-        sched.step(*(runtime.inputs if first else ()), target=target, losses=losses if last else None,
+        sched.step(*(batched_tensors(runtime.inputs) if first else ()), target=target, losses=losses if last else None,
                    return_outputs=False)
         u0 = perf()
         if update:

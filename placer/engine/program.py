@@ -26,8 +26,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LeafMeta", "ValueMeta", "OpProgram", "StepProgram", "compile_step", "describe_values",
-           "split_microbatch", "check_microbatches"]
+__all__ = ["LeafMeta", "ValueMeta", "OpProgram", "StepProgram", "compile_step", "describe_values"]
 
 
 @dataclass(frozen=True)
@@ -250,27 +249,6 @@ def compile_step(gm: fx.GraphModule) -> StepProgram:
 
 def _no_run(values: Sequence[Any]) -> Any:  # pragma: no cover - inputs and attributes are not "run"
     raise RuntimeError("input and get_attr ops are not run")
-
-
-def split_microbatch(inputs: Sequence[Any], microbatches: int, m: int) -> list[Any]:
-    """Micro-batch ``m`` of ``microbatches`` of every input (tensors split on dim 0; others passed whole)."""
-    out = []
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and microbatches > 1:
-            b = x.shape[0] // microbatches
-            out.append(x.narrow(0, m * b, b))
-        else:
-            out.append(x)
-    return out
-
-
-def check_microbatches(inputs: Sequence[Any], microbatches: int) -> None:
-    """One-line ``ValueError`` unless every batched input splits into ``microbatches`` equal parts."""
-    if microbatches < 1:
-        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
-    for k, x in enumerate(inputs):
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] % microbatches:
-            raise ValueError(f"input {k} has batch {x.shape[0]}, not divisible into {microbatches} micro-batches")
 
 
 def _container(v: Any) -> str:

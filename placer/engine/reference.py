@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from placer.engine.program import check_microbatches, split_microbatch
+from graphs.microbatch import check_split, split_inputs
 
 __all__ = ["reference_step"]
 
@@ -19,12 +19,12 @@ def reference_step(gm: torch.nn.Module, inputs: Sequence[Any], *, microbatches: 
     With one micro-batch this is ordinary training; with ``M`` it equals the engine's micro-batched step
     (they differ from the full batch only for batch-dependent ops such as BatchNorm).
     """
-    check_microbatches(inputs, microbatches)
+    check_split(inputs, microbatches)
     for p in gm.parameters():
         p.grad = None
     total = 0.0
     for m in range(microbatches):
-        loss = gm(*split_microbatch(inputs, microbatches, m))
+        loss = gm(*split_inputs(inputs, microbatches, m))
         (loss / microbatches).backward()
         total += float(loss.detach()) / microbatches
     grads = {n: p.grad.detach().clone() for n, p in gm.named_parameters() if p.grad is not None}

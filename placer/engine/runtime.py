@@ -17,14 +17,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from graphs.microbatch import check_microbatchable
+from graphs.microbatch import check_microbatchable, check_split, map_batched, split_inputs
 from placer.core.cluster import is_cuda_name
 from placer.engine.command import MeasureCommand
 from placer.engine.executor import MemoryTracker, StepRecord, optimizer_state_bytes, run_step
 from placer.engine.plan import StepPlan, build_plan
 from placer.engine.procs import one_line
-from placer.engine.program import (StepProgram, ValueMeta, check_microbatches, compile_step, describe_values,
-                                   split_microbatch)
+from placer.engine.program import StepProgram, ValueMeta, compile_step, describe_values
 
 __all__ = ["WorkerRuntime", "backend_for", "torch_device"]
 
@@ -66,7 +65,7 @@ class WorkerRuntime:
         self.graph_meta = dict(traced.graph.meta)
         """The rebuilt graph's meta (whether it can be micro-batched)."""
         self.cpu_inputs = tuple(traced.example_inputs)
-        self.inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in traced.example_inputs)
+        self.inputs = map_batched(lambda x: x.to(device), traced.example_inputs)
         self.init_state = {k: v.detach().clone() for k, v in traced.gm.state_dict(keep_vars=True).items()}
         self.dirty = False
         self._metas: dict[int, list[ValueMeta]] = {}
@@ -91,7 +90,7 @@ class WorkerRuntime:
         if microbatches not in self._metas:
             self.all_on_cpu()
             self._metas[microbatches] = describe_values(self.prog,
-                                                        split_microbatch(self.cpu_inputs, microbatches, 0))
+                                                        split_inputs(self.cpu_inputs, microbatches, 0))
         return self._metas[microbatches]
 
     def all_on_cpu(self) -> None:
@@ -193,7 +192,7 @@ class WorkerRuntime:
         metas: list[ValueMeta] = []
         owned: list[tuple[str, torch.nn.Parameter]] = []
         try:
-            check_microbatches(self.inputs, M)
+            check_split(self.inputs, M)
             check_microbatchable(self.graph_meta, M)  # also for torchrun ranks, whose tasks came from elsewhere
             metas = self.metas(M)
             owned = self.owned_params(dev)
@@ -219,7 +218,7 @@ class WorkerRuntime:
         """Warm-up plus measured steps on the op-level executor: the measured steps' records and the accounted
         activation peak (CPU devices, first step)."""
         M = cmd.microbatches
-        mb_inputs = [split_microbatch(self.inputs, M, m) for m in range(M)]
+        mb_inputs = [split_inputs(self.inputs, M, m) for m in range(M)]
         fault = self._fault_hook(cmd, len(plan.tasks))
         exclude = set(self._param_ptrs)
         cuda = self.device.type == "cuda"

@@ -22,6 +22,7 @@ from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
+from graphs.microbatch import batched_tensors
 from graphs.trace import buffers_restored, record_values
 
 __all__ = ["StageModule", "split_stages"]
@@ -32,7 +33,9 @@ _SUBMOD_RE = re.compile(r"^submod_(\d+)$")
 class StageModule(nn.Module):
     """Pipeline stage ``index`` of a split step: ``forward(*tensors)`` → the next stage's tensors, or the loss.
 
-    Stage 0 takes the model's inputs; stage ``s > 0`` takes the tensors stage ``s - 1`` returned. The partition
+    Stage 0 takes the model's inputs, or their batched tensors (:func:`graphs.microbatch.batched_tensors`, what
+    ``PipelineStage`` accepts: tensors only) when an input is a container such as a dict; stage ``s > 0`` takes
+    the tensors stage ``s - 1`` returned. The partition
     ``split_module`` made for this stage (if the stage computes anything) is registered as ``part``, so
     ``parameters()`` are exactly this stage's parameters (plus any parameter read by ``get_attr``).
     """
@@ -41,7 +44,8 @@ class StageModule(nn.Module):
                  attrs: Mapping[str, Any], inputs: list[str], carried_in: list[str], carried_out: list[str],
                  layouts: Mapping[str, tuple[Any, list[Any], list[bool]]], loss_arg: Any,
                  example_in: tuple[torch.Tensor, ...] = (), example_out: Any = (),
-                 param_names: Mapping[int, str] | None = None, origins: Mapping[str, str] | None = None) -> None:
+                 param_names: Mapping[int, str] | None = None, origins: Mapping[str, str] | None = None,
+                 input_layout: tuple[Any, list[Any], list[bool]] | None = None) -> None:
         super().__init__()
         self.index = index
         self.num_stages = num_stages
@@ -68,6 +72,8 @@ class StageModule(nn.Module):
         self._carried_out = carried_out
         self._layouts = layouts
         self._loss_arg = loss_arg
+        self._input_layout = input_layout
+        """Stage 0: the model inputs' tree spec, the leaves that are not batched tensors, which leaves are."""
         self.example_in = example_in
         """This stage's inputs for one micro-batch of the example (detached), for PipelineStage's static shapes."""
         self.example_out = example_out
@@ -87,6 +93,12 @@ class StageModule(nn.Module):
     def _env_from(self, flat: Sequence[Any]) -> dict[str, Any]:
         env: dict[str, Any] = {}
         if self.index == 0:
+            layout = self._input_layout
+            if (layout is not None and len(flat) == sum(layout[2]) and all(isinstance(x, torch.Tensor) for x in flat)
+                    and not (len(flat) == len(self._inputs) and all(layout[2]))):  # batched tensors of containers
+                it = iter(flat)
+                return dict(zip(self._inputs, tree_unflatten([next(it) if t else c for c, t in zip(*layout[1:])],
+                                                             layout[0])))
             if len(flat) != len(self._inputs):
                 raise ValueError(f"stage 0 takes the model's {len(self._inputs)} inputs "
                                  f"({', '.join(self._inputs)}), got {len(flat)}")
@@ -191,7 +203,10 @@ def split_stages(gm: fx.GraphModule, stage_of_node: Mapping[str, int], num_stage
     origins = {n.name: _origin(split, n) for n in top if n.op == "call_function"}
     loss_value = tree_map_only(torch.Tensor, _example,
                                fx.node.map_arg(output.args[0], lambda a, v=values: v.get(a.name)))
-    examples = [tuple(tree_map_only(torch.Tensor, _example, microbatch))]
+    leaves, spec = tree_flatten(tuple(microbatch))
+    batched = [isinstance(x, torch.Tensor) and x.dim() > 0 for x in leaves]
+    input_layout = (spec, [None if b else x for x, b in zip(leaves, batched)], batched)
+    examples = [tuple(_example(x) for x in batched_tensors(microbatch))]
     examples += [_flat_tensors(values, names, layouts) for names in carried] + [loss_value]
     del values  # the recorded autograd graph
     out: list[StageModule] = []
@@ -208,7 +223,8 @@ def split_stages(gm: fx.GraphModule, stage_of_node: Mapping[str, int], num_stage
                                inputs=placeholders, carried_in=carried[s - 1] if s else [],
                                carried_out=carried[s] if s < num_stages - 1 else [], layouts=layouts,
                                loss_arg=loss_arg, example_in=examples[s], example_out=examples[s + 1],
-                               param_names=param_names, origins=origins))
+                               param_names=param_names, origins=origins,
+                               input_layout=input_layout if s == 0 else None))
     return out
 
 

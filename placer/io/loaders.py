@@ -264,7 +264,9 @@ def pipeline_schedule(stage: PipelineStage, placement: PlacementLike, *,
     Gradients are divided by the number of micro-batches (``scale_grads``), so with a mean loss per
     micro-batch and equal micro-batches they equal the full batch's; the step's loss is the mean of the
     micro-batch losses. Call ``step(*inputs, target=dummy, losses=list)`` with ``dummy`` any tensor with the
-    batch on dim 0 on the last rank (it is split but unused).
+    batch on dim 0 on the last rank (it is split but unused); when an input is a container (a dict batch), pass
+    ``*graphs.microbatch.batched_tensors(inputs)`` instead (torch's stages take tensors only; stage 0 rebuilds
+    the dict).
     """
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping, Sequence
 
-import torch
 from torch import nn
 
-from graphs.microbatch import check_microbatchable
+from graphs.microbatch import check_microbatchable, split_inputs
 from graphs.trace import TracedModel, trace_model
 from placer.engine.stages import StageModule, split_stages
 from placer.io.document import PlacementLike, document_of
@@ -60,12 +59,6 @@ def _stage_of_op(traced: TracedModel, doc: Mapping[str, Any]) -> list[int]:
     return out
 
 
-def _microbatch(inputs: Sequence[Any], microbatches: int) -> tuple[Any, ...]:
-    """The first micro-batch, split along dim 0 as ``torch.distributed.pipelining`` splits (``tensor_split``)."""
-    return tuple(torch.tensor_split(x, microbatches, dim=0)[0] if isinstance(x, torch.Tensor) and x.dim() else x
-                 for x in inputs)
-
-
 def stage_modules(model_or_traced: nn.Module | TracedModel, placement: PlacementLike, *,
                   example_inputs: Sequence[Any] | None = None, microbatches: int | None = None) -> list[StageModule]:
     """All pipeline stages of ``placement`` as plain modules (no process group), in stage order.
@@ -90,7 +83,7 @@ def stage_modules(model_or_traced: nn.Module | TracedModel, placement: Placement
     if m > 1 and traced.graph.meta.get("trace") == "export" and "microbatchable" not in traced.graph.meta:
         log.warning("%s was traced with torch.export before graphs recorded a dynamic batch; micro-batches of "
                     "another size may fail or compute wrong values", traced.graph.name)
-    mb = _microbatch(inputs, m)
+    mb = split_inputs(inputs, m, 0)
     stages = split_stages(traced.gm, stage_by_name, num_stages, mb)
     recompute = set(doc["schedule"].get("recompute", ()))
     for stage, entry in zip(stages, doc["stages"]):  # activation checkpointing where the plan recomputes
