@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from graphs.ir import OpGraph
+from graphs.microbatch import MICROBATCH_KEYS
 from graphs.trace import TracedModel, trace_model
 
 log = logging.getLogger(__name__)
@@ -123,10 +124,11 @@ def parse_profile_spec(spec: str) -> tuple[str, int]:
 
 
 def _trace_from(src: Mapping[str, Any], method: Literal["auto", "fx", "export"] = "auto", *,
-                legacy: bool = False, check_grads: bool = True) -> TracedModel:
+                legacy: bool = False, check_grads: bool = True,
+                microbatch_record: Mapping[str, Any] | None = None) -> TracedModel:
     model, inputs, loss_fn, name = _build(src)
     return trace_model(model, inputs, loss_fn, name=name, meta={"source": dict(src)}, method=method, legacy=legacy,
-                       check_grads=check_grads)
+                       check_grads=check_grads, microbatch_record=microbatch_record)
 
 
 def build_graph(source: str, *, config: str = "small", overrides: Mapping[str, Any] | None = None,
@@ -155,9 +157,11 @@ def rebuild_traced(meta: Mapping[str, Any]) -> TracedModel:
         raise ValueError("graph meta has no 'source' record; it was not built by graphs.build.build_graph")
     method = meta.get("trace")
     # A graph built before the tracer went inside composite modules has no "kept_whole": trace it as then.
-    # no gradient check: the graph passed it when it was built, and every engine worker rebuilds (gpt-medium: 11 s)
+    # no gradient check and the recorded micro-batch finding: the graph passed the one and found the other when
+    # it was built, and every engine worker rebuilds (gpt-medium: the gradient check alone took 11 s)
+    record = {k: meta[k] for k in MICROBATCH_KEYS if k in meta} if "microbatchable" in meta else None
     return _trace_from(meta["source"], method if method in ("fx", "export") else "auto",
-                       legacy="kept_whole" not in meta, check_grads=False)
+                       legacy="kept_whole" not in meta, check_grads=False, microbatch_record=record)
 
 
 def model_factory(graph: OpGraph) -> Callable[[], Any]:

@@ -353,6 +353,7 @@ def trace_model(
     method: Literal["auto", "fx", "export"] = "auto",
     legacy: bool = False,
     check_grads: bool = True,
+    microbatch_record: Mapping[str, Any] | None = None,
 ) -> TracedModel:
     """Trace one training step of ``model`` into a :class:`TracedModel` (graph without costs).
 
@@ -363,6 +364,8 @@ def trace_model(
     such graphs). Raises :class:`TraceError` (one line) when no method works, ``ValueError`` when the model
     fails on its own inputs or, with ``check_grads`` (one more eager and traced backward), when the traced step
     would train a parameter the model's own step does not (:func:`_trained_only_when_traced`).
+    ``microbatch_record``: the graph's recorded :func:`graphs.microbatch.microbatch_meta` (rebuilding a graph),
+    kept instead of running the step twice again to find it.
     """
     if method not in ("auto", "fx", "export"):
         raise ValueError(f"trace method must be 'auto', 'fx' or 'export', got {method!r}")
@@ -416,8 +419,11 @@ def trace_model(
         record.update(kept_whole=dict(kept), loss=loss_note)
         if errors:
             record["trace_note"] = "; ".join(errors)
-        with buffers_restored(gm):
-            record.update(microbatch_meta(gm, inputs))
+        if microbatch_record is not None:
+            record.update(microbatch_record)
+        else:
+            with buffers_restored(gm):
+                record.update(microbatch_meta(gm, inputs))
     graph = _build_graph(gm, values, name=name, method=how, meta=record)
     if errors:
         log.info("traced %s with %s (%s)", model_name, how, errors[0])

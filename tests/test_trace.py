@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from graphs.build import build_graph, load_factory, parse_profile_spec, rebuild_traced  # noqa: E402
 from graphs.ir import OpGraph  # noqa: E402
+from graphs.microbatch import MICROBATCH_KEYS  # noqa: E402
 from graphs.trace import TraceError, trace_model  # noqa: E402
 from tests import fixtures_models as fm  # noqa: E402
 
@@ -217,6 +218,26 @@ def test_build_graph_round_trips_and_rebuilds(tmp_path):
     assert traced.gm(*traced.example_inputs).item() == again.gm(*again.example_inputs).item()
     with pytest.raises(ValueError, match="no 'source'"):
         rebuild_traced({"trace": "fx"})
+
+
+def test_rebuild_keeps_the_recorded_microbatch_finding_without_running_the_step_again(monkeypatch):
+    """Every engine worker rebuilds the graph's model: the finding recorded at build time is kept (the check runs
+    the step twice), for a graph that splits and one that does not."""
+    import graphs.trace
+
+    split = build_graph("tests.fixtures_models:keyed_batch", profile=None)
+    mixing = build_graph("tests.fixtures_models:shape_branch", profile=None)
+    assert split.meta["microbatchable"] is True and mixing.meta["microbatchable"] is False
+
+    def fail(*_):
+        raise AssertionError("the micro-batch check ran again")
+
+    monkeypatch.setattr(graphs.trace, "microbatch_meta", fail)
+    for g in (split, mixing):
+        meta = rebuild_traced(g.meta).graph.meta
+        assert {k: meta.get(k) for k in MICROBATCH_KEYS} == {k: g.meta.get(k) for k in MICROBATCH_KEYS}
+    with pytest.raises(AssertionError, match="ran again"):  # a graph without the record (built before it) checks
+        rebuild_traced({k: v for k, v in split.meta.items() if k != "microbatchable"})
 
 
 def test_rebuild_keeps_export_method():
