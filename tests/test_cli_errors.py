@@ -36,14 +36,15 @@ def placement(tmp_path_factory) -> Path:
     return work / "p.json"
 
 
-def bad_outputs(tmp_path: Path) -> list[tuple[Path, str]]:
+def bad_outputs(tmp_path: Path) -> list[tuple[Path | str, str]]:
     """(unwritable output path, what the message says about it): an existing folder, paths under a file, a device
     (an atomic write would replace /dev/full by a plain file), a folder no file can be created in."""
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "a_folder").mkdir()
     cases = [(tmp_path / "a_folder", "not a regular file"), (tmp_path / "a_file" / "x.json", "is a file"),
              (tmp_path / "a_file" / "sub" / "x.json", "is a file"), (Path("/dev/full"), "not a regular file"),
-             (Path("/proc/placer-out/x.json"), "cannot create a file in /proc")]
+             (Path("/proc/placer-out/x.json"), "cannot create a file in /proc"),
+             ("", "give a file path"), ("-", "give a file path")]  # not standard output: refused, no file "-"
     if os.geteuid() != 0:  # root writes through permission bits
         ro = tmp_path / "read_only"
         ro.mkdir()
@@ -74,7 +75,8 @@ def test_unwritable_outputs_are_refused_up_front(tmp_path, placement, command):
 def test_unusable_runs_folders_are_refused_before_anything_runs(tmp_path):
     (tmp_path / "a_file").write_text("x")
     cases = [(tmp_path / "a_file", "is not a folder"), (tmp_path / "a_file" / "runs", "is a file"),
-             (Path("/dev/full"), "is not a folder"), (Path("/proc/placer-runs"), "cannot create a file in /proc")]
+             (Path("/dev/full"), "is not a folder"), (Path("/proc/placer-runs"), "cannot create a file in /proc"),
+             ("", "is an empty path")]
     for runs_dir, why in cases:
         for args in (["train", "--graph", "rnnlm", "--budget", "5s"],
                      ["compare", "--graphs", "rnnlm", "--clusters", "cpu-2", "--methods", "single"],

@@ -90,7 +90,11 @@ def writable_file(text: str | Path, what: str = "output") -> Path:
     """``text`` as a path a file can be written to, checked before any work is done: not an existing directory,
     device or other special file (an atomic write would replace ``/dev/full`` by a plain file), under a folder (or
     a folder still to be created under one) that this process can create files in. A one-line ``ValueError``
-    naming the path otherwise. A symbolic link stands for the file it points to (the one that is written)."""
+    naming the path otherwise. A symbolic link stands for the file it points to (the one that is written). An
+    empty path and ``-`` are refused: placer writes files, not standard output."""
+    if str(text).strip() in ("", "-"):
+        raise ValueError(f"cannot write the {what} to {str(text)!r}: give a file path (placer writes files, not "
+                         "standard output)")
     path = atomic_target(text)
     if path.exists() and not path.is_file():
         raise ValueError(f"cannot write the {what} to {path}: it exists and is not a regular file")
@@ -100,6 +104,8 @@ def writable_file(text: str | Path, what: str = "output") -> Path:
 
 def writable_folder(text: str | Path, what: str = "output folder") -> Path:
     """``text`` as a folder that exists or can be created, and can hold new files (see :func:`writable_file`)."""
+    if not str(text).strip():
+        raise ValueError(f"the {what} is an empty path; give a folder")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise ValueError(f"cannot use {path} as the {what}: it exists and is not a folder")

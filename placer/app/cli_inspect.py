@@ -226,7 +226,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     from placer.io.document import save_placement
     from placer.costmodel.plans import simulate_plan
 
-    out = writable_file(args.out, "placement") if args.out else None
+    out = writable_file(args.out, "placement") if args.out is not None else None
     graph, cluster = load_graph_arg(args.graph), get_cluster(args.cluster)
     placement = baselines.place(args.method, graph, cluster, seed=args.seed)
     result = simulate_plan(graph, cluster, placement, schedule=args.schedule, microbatches=args.microbatches)
@@ -280,7 +280,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     # beside the placement's file (through links: /dev/stdin < p.json writes p_timeline.png); from a pipe, here
     real = atomic_target(path)
     beside = real.with_name(real.stem + "_timeline.png") if real.is_file() else "placement_timeline.png"
-    stem = writable_file(args.timeline or beside, "timeline")
+    stem = writable_file(beside if args.timeline is None else args.timeline, "timeline")
     doc = read_json(path, "placement")
     graph, cluster, placement = placed_from_document(doc, path, args.graph, args.cluster)
     schedule = args.schedule or doc["schedule"]["name"]
@@ -350,7 +350,7 @@ def cmd_show(args: argparse.Namespace) -> None:
     from placer.core.result import StepResult
 
     path = placement_file(args.path)
-    timeline = writable_file(args.timeline, "timeline") if args.timeline else None
+    timeline = writable_file(args.timeline, "timeline") if args.timeline is not None else None
     trace = writable_file(args.trace, "trace") if args.trace else None
     doc = read_json(path, "placement or result")
     if isinstance(doc, dict) and doc.get("schema") == "placer.placement/v1":
