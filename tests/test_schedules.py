@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from graphs.ir import OpGraph
 from placer.costmodel.schedules import (COSTED, SCHEDULES, build_schedule, find_deadlock, is_stage_contiguous,
-                                        stage_of_device, transfer_plan, virtual_stages)
+                                        reset_schedule_warnings, stage_of_device, transfer_plan,
+                                        virtual_stages)
 from placer.costmodel.sim import get_simulator
 from tests.graph_strategies import dag_edges
 from tests.test_sim import cluster
@@ -133,6 +134,21 @@ def test_warning_when_fewer_microbatches_than_stages(caplog):
         build_schedule("1f1b", g, [0, 1, 2, 3], 4, microbatches=4)
         build_schedule("none", g, [0, 1, 2, 3], 4, microbatches=1)
     assert not caplog.records
+
+
+def test_a_search_over_placements_warns_once_per_kind(caplog):
+    """RL's samples and the plan search build schedules for many placements: the same fill warning and the same
+    fallback are logged once each, whichever placement (and whichever ops its note names)."""
+    reset_schedule_warnings()
+    g = chain(6)
+    with caplog.at_level(logging.WARNING, logger="placer.costmodel.schedules"):
+        for dev in ([0, 1, 2, 3, 3, 3], [0, 0, 1, 2, 3, 3], [0, 1, 1, 2, 2, 3]):
+            build_schedule("gpipe", g, dev, 4, microbatches=2)
+        for dev in ([0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]):
+            assert build_schedule("1f1b", g, dev, 2, microbatches=4).order == "gpipe"
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("never fills" in m for m in messages) == 1
+    assert sum("deadlock" in m for m in messages) == 1, messages
 
 
 def test_contiguity_chunks_and_transfers():
