@@ -30,6 +30,7 @@ from typing import Any
 from graphs.ir import OpGraph
 from placer.core.cluster import Cluster, get_cluster
 from placer.core.placement import Placement
+from placer.engine.command import DEFAULT_OPTIMIZER
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,9 @@ def _plans_markdown(rows: list[Any], measured: bool) -> str:
         lines.append(f"| {r.name} | {r.label} | {r.plan_label} | {r.sim_s * 1e3:.2f} | "
                      f"{f'{r.real_s * 1e3:.2f}' if measured else '—'}{rounds} | {ref_s / t:.2f}x | {t / ref_e:.2f} |")
     src = "measured, median of the rounds; each round's time in brackets" if measured else "simulated"
-    return "\n".join(lines) + f"\n\n(vs columns: {src})\n"
+    return "\n".join(lines) + (f"\n\n(vs columns: {src}. Each plan is its placement's best schedule and micro-batch "
+                               f"count; simulated with the workers' optimizer ({DEFAULT_OPTIMIZER}), where the table "
+                               "above simulates Adam's update, so a placement's times differ between the two)\n")
 
 
 def run_demo(config: DemoConfig, *, say: Any = print) -> DemoResult:
