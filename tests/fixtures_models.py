@@ -376,3 +376,18 @@ def keyed_batch() -> tuple[nn.Module, tuple[dict]]:
     ids = torch.randint(0, 50, (8, 6))
     mask = (torch.rand(8, 6) > 0.2).float()
     return _KeyedBatch(), ({"input_ids": ids, "attention_mask": mask, "labels": ids.roll(1, dims=1)},)
+
+
+class _OneKey(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, batch: dict) -> Tensor:
+        return self.fc2(torch.relu(self.fc1(batch["x"]))).pow(2).mean()
+
+
+def one_key_dict() -> tuple[nn.Module, tuple[dict]]:
+    """The batch as a dict holding a single tensor: one input, one tensor, and stage 0 fed that tensor must still
+    rebuild the dict."""
+    return _OneKey(), ({"x": torch.randn(8, 4)},)

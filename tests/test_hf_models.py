@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` factories
 
 from graphs.build import build_graph, rebuild_traced  # noqa: E402
-from graphs.microbatch import split_inputs  # noqa: E402
+from graphs.microbatch import batched_tensors, split_inputs  # noqa: E402
 from placer.core.cluster import get_cluster  # noqa: E402
 from placer.core.placement import Placement  # noqa: E402
 from placer.engine import EngineConfig, Measurer, reference_step  # noqa: E402
@@ -136,7 +136,7 @@ def test_hf_models_trace_place_and_reload(tmp_path, name):
         torch.testing.assert_close(model(*inputs), before)
 
 
-@pytest.mark.parametrize("name", ["nn_transformer", "hf_gpt2", "hf_llama", "keyed_batch"])
+@pytest.mark.parametrize("name", ["nn_transformer", "hf_gpt2", "hf_llama", "keyed_batch", "one_key_dict"])
 def test_pipeline_stages_of_a_micro_batch_compose_to_the_step(name):
     """The loaders' stages (``stage_modules``, what ``pipeline_stages`` hands to torch) at 4 micro-batches: the
     stages built for one micro-batch compute that micro-batch's loss, batch-size values included."""
@@ -153,6 +153,8 @@ def test_pipeline_stages_of_a_micro_batch_compose_to_the_step(name):
         mb = split_inputs(traced.example_inputs, MICROBATCHES, m)
         out = stages[1](*stages[0](*mb))
         torch.testing.assert_close(out, traced.gm(*mb), rtol=1e-5, atol=1e-6)
+        fed = stages[1](*stages[0](*batched_tensors(mb)))  # how torch's PipelineStage feeds it: tensors only
+        torch.testing.assert_close(fed, out, rtol=0, atol=0)
 
 
 def test_placer_run_pipelines_a_hugging_face_model_from_the_command_line(tmp_path):

@@ -94,8 +94,9 @@ class StageModule(nn.Module):
         env: dict[str, Any] = {}
         if self.index == 0:
             layout = self._input_layout
+            nested = layout is not None and not all(c.is_leaf() for c in layout[0].children())
             if (layout is not None and len(flat) == sum(layout[2]) and all(isinstance(x, torch.Tensor) for x in flat)
-                    and not (len(flat) == len(self._inputs) and all(layout[2]))):  # batched tensors of containers
+                    and (nested or len(flat) != len(self._inputs))):  # the batched tensors, not the inputs as given
                 it = iter(flat)
                 return dict(zip(self._inputs, tree_unflatten([next(it) if t else c for c, t in zip(*layout[1:])],
                                                              layout[0])))
