@@ -4,7 +4,7 @@ A source is either a benchmark name (``rnnlm``, ``nmt``, ``inception_v3``: :func
 or a user factory ``"package.module:function"``. A factory takes no arguments and returns ``(model,
 example_inputs)`` or ``(model, example_inputs, loss_fn)``; ``model(*example_inputs)`` gives the output and the
 step's loss is ``loss_fn(output)`` (default: the output itself when it is a scalar, else the mean of its squares,
-:func:`graphs.trace.default_loss`; ``meta["loss"]`` says which).
+:func:`graphs.loss.default_loss`; ``meta["loss"]`` says which).
 
 ``graph.meta["source"]`` records everything needed to rebuild the identical model in another process (the
 execution engine does so with :func:`rebuild_traced`): ``{"benchmark": name, "config": ..., "overrides": ...,

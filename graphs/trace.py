@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from graphs.ir import OpGraph
+from graphs.loss import default_loss_for
 from graphs.microbatch import microbatch_meta
 from graphs.exporter import STEP_PREFIX as _STEP_PREFIX
 from graphs.exporter import trace_export
@@ -56,7 +57,7 @@ from graphs.tracer import is_primitive, legacy_trace_fx, trace_step
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TraceError", "TracedModel", "trace_model", "record_values", "value_bytes", "default_loss",
+__all__ = ["TraceError", "TracedModel", "trace_model", "record_values", "value_bytes",
            "buffers_restored"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -90,33 +91,6 @@ class TracedModel:
     def op_index(self, node_name: str) -> int:
         """Index of the op computed by fx node ``node_name``."""
         return self.graph.index(node_name)
-
-
-DEFAULT_LOSS = "mean of squares: output.pow(2).mean()"
-"""The default loss, as graph meta records it (``meta["loss"]``)."""
-
-
-def default_loss(output: Any) -> torch.Tensor:
-    """The loss when a factory gives none and the output is not a scalar: the mean of the output's squares,
-    well-defined for any float output and not ~0 for one that ends in LayerNorm (whose mean is ~0)."""
-    return output.pow(2).mean()
-
-
-def _legacy_default_loss(output: Any) -> torch.Tensor:
-    """The default loss of graphs built before ``meta["loss"]`` existed."""
-    return output.mean()
-
-
-def traced_default_loss(meta: Mapping[str, Any]) -> Callable[[Any], Any]:
-    """The loss a graph's step applied to its model's output when the factory gave none, as :func:`trace_model`
-    chose it: the output itself when it is a scalar, else :func:`default_loss` (graphs built before
-    ``meta["loss"]`` existed: the mean). What a trainer running the placed model itself must use."""
-    mean = default_loss if "loss" in meta else _legacy_default_loss
-    return lambda out: out if isinstance(out, torch.Tensor) and out.dim() == 0 else mean(out)
-
-
-def _identity(output: Any) -> Any:
-    return output
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -358,14 +332,13 @@ def trace_model(
     """Trace one training step of ``model`` into a :class:`TracedModel` (graph without costs).
 
     ``loss_fn`` maps the model's output to the scalar loss; when None the output itself is the loss if it is
-    already a scalar tensor (the benchmark models), else :func:`default_loss` (the mean of squares).
+    already a scalar tensor (the benchmark models), else :func:`graphs.loss.default_loss_for`'s choice.
     ``method="auto"`` tries fx, then torch.export (also when fx kept a composite module whole); the one used is
     ``graph.meta["trace"]``. ``legacy`` traces as placer did before ``meta["kept_whole"]`` existed (rebuilding
     such graphs). Raises :class:`TraceError` (one line) when no method works, ``ValueError`` when the model
     fails on its own inputs or, with ``check_grads`` (one more eager and traced backward), when the traced step
     would train a parameter the model's own step does not (:func:`_trained_only_when_traced`).
-    ``microbatch_record``: the graph's recorded :func:`graphs.microbatch.microbatch_meta` (rebuilding a graph),
-    kept instead of running the step twice again to find it.
+    ``microbatch_record``: a graph's recorded :func:`graphs.microbatch.microbatch_meta`, kept (rebuilding).
     """
     if method not in ("auto", "fx", "export"):
         raise ValueError(f"trace method must be 'auto', 'fx' or 'export', got {method!r}")
@@ -378,9 +351,7 @@ def trace_model(
         raise ValueError(f"model {model_name} fails on its example inputs: {_describe(e)}") from None
     loss_note = "given by the model's factory"
     if loss_fn is None:
-        scalar = isinstance(output, torch.Tensor) and output.dim() == 0
-        loss_fn = _identity if scalar else (_legacy_default_loss if legacy else default_loss)
-        loss_note = "the model's output (a scalar)" if scalar else DEFAULT_LOSS
+        loss_fn, loss_note = default_loss_for(output, legacy, model_name)
     del output
 
     errors: list[str] = []
@@ -419,11 +390,8 @@ def trace_model(
         record.update(kept_whole=dict(kept), loss=loss_note)
         if errors:
             record["trace_note"] = "; ".join(errors)
-        if microbatch_record is not None:
-            record.update(microbatch_record)
-        else:
-            with buffers_restored(gm):
-                record.update(microbatch_meta(gm, inputs))
+        with buffers_restored(gm):  # rebuilding: the graph's record, not the step run twice again
+            record.update(microbatch_meta(gm, inputs) if microbatch_record is None else microbatch_record)
     graph = _build_graph(gm, values, name=name, method=how, meta=record)
     if errors:
         log.info("traced %s with %s (%s)", model_name, how, errors[0])

@@ -182,6 +182,10 @@ class StepTracer(fx.Tracer):
     first is the example batch, the others batches of other sizes). A module outside the traced root (a loss
     module) is inlined."""
 
+    proxy_buffer_attributes = True
+    """Buffers read in ``forward`` are graph nodes (fx's default answers the tensor itself, so an in-place update
+    of a buffer, ``self.mean.mul_(0.5)``, ran once while tracing and never made it into the step)."""
+
     def __init__(self, runs: Sequence[tuple[Any, ...]]) -> None:
         super().__init__()
         self.runs = [tuple(r) for r in runs]
@@ -190,6 +194,8 @@ class StepTracer(fx.Tracer):
         self._input_index = 0
         self._shape_nodes: list[fx.Node] = []
         self.node_vals: dict[fx.Node, list[Any]] = {}
+        self._from_data: set[fx.Node] = set()
+        """Nodes whose value was read from tensor data (``.item()``) or computed from such a value."""
         self.recording = True
         """False while the tracer evaluates a node: patched calls then run as they are."""
 
@@ -305,9 +311,11 @@ class StepTracer(fx.Tracer):
     def _settle(self, proxy: _Proxy, kind: str, target: Any, vals: list[Any]) -> Any:
         """The proxy, or a constant in its place when its value is the same Python value for every batch."""
         full = vals[0]
-        if kind not in ("call_function", "call_method") or not _is_simple(full):
+        if (target in _DATA_METHODS or (callable(target) and target in _DATA_FUNCS)
+                or any(a in self._from_data for a in proxy.node.all_input_nodes)):
+            self._from_data.add(proxy.node)  # h.mean().item() > 0 is data too: never a constant
             return proxy
-        if target in _DATA_METHODS or (callable(target) and target in _DATA_FUNCS):
+        if kind not in ("call_function", "call_method") or not _is_simple(full):
             return proxy
         if all(_same(full, v) for v in vals[1:]):
             self.graph.erase_node(proxy.node)
@@ -365,6 +373,7 @@ def trace_step(model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any
 
     loss = loss_fn(fx.node.map_arg(result, as_proxy))
     graph.output(tracer.create_arg(loss))
+    thread_inplace_updates(graph)
     tracer.drop_unused_shapes()
     tracer.node_vals.clear()
     graph.lint()
@@ -373,6 +382,37 @@ def trace_step(model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any
         tracer.kept_whole = {p: why for p, why in kept.items()
                              if not any(p.startswith(q + ".") for q in kept if q != p)}
     return fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Step"), dict(tracer.kept_whole)
+
+
+def _updates_in_place(node: fx.Node) -> bool:
+    """``x.add_(y)``, ``x.copy_(y)``, ``x += y``: the op changes its first argument and returns it."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("_")
+    return node.op == "call_function" and node.target in (operator.iadd, operator.isub, operator.imul,
+                                                          operator.itruediv)
+
+
+def thread_inplace_updates(graph: fx.Graph) -> None:
+    """Make the order of in-place updates a data dependency: every later reader of a tensor an op updated in
+    place (a buffer's running mean, ``self.mean.mul_(0.5)``) reads that op's result instead (the same tensor).
+    Without it nothing orders the update before the reads, and a schedule may run them first: the step reads
+    the old value (the engine did, for every placement). A buffer read again by another ``get_attr`` counts as
+    the same tensor."""
+    latest: dict[Any, fx.Node] = {}  # the tensor (a buffer's target, or the node that made it) -> its last update
+    tensor_of: dict[fx.Node, Any] = {}
+
+    def key(a: fx.Node) -> Any:
+        return tensor_of.get(a, ("attr", a.target) if a.op == "get_attr" else a)
+
+    for node in list(graph.nodes):
+        if latest:
+            node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: latest.get(key(a), a))
+        if _updates_in_place(node):
+            latest[key(node.args[0])] = node
+            tensor_of[node] = key(node.args[0])
 
 
 # ---------------------------------------------------------------------------------------------- legacy fx

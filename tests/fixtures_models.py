@@ -6,6 +6,8 @@ example_inputs)`` or ``(model, example_inputs, loss_fn)``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
@@ -391,3 +393,77 @@ def one_key_dict() -> tuple[nn.Module, tuple[dict]]:
     """The batch as a dict holding a single tensor: one input, one tensor, and stage 0 fed that tensor must still
     rebuild the dict."""
     return _OneKey(), ({"x": torch.randn(8, 4)},)
+
+
+class _BufferUpdates(nn.Module):
+    """Buffers updated in place in ``forward`` and read after the update: one scaled by a constant (an update
+    that reads no proxy), one accumulating the batch mean (an update from data), each read by the next layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+        self.register_buffer("scale", torch.ones(16))
+        self.register_buffer("total", torch.zeros(16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        self.scale.mul_(0.5)
+        self.total.add_(h.detach().mean(0))
+        return self.b(h * self.scale - self.total).pow(2).mean()
+
+
+def buffer_updates() -> tuple[nn.Module, tuple[Tensor]]:
+    return _BufferUpdates(), (torch.randn(8, 8),)
+
+
+class _ItemBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        if h.mean().item() > 0:  # a branch on the data: no graph holds both sides
+            h = h * 2
+        return self.b(h).mean()
+
+
+def item_branch() -> tuple[nn.Module, tuple[Tensor]]:
+    return _ItemBranch(), (torch.randn(8, 4),)
+
+
+class _Outputs(nn.Module):
+    """Returns its loss in a field (as Hugging Face models given labels do) or, with ``kind="tuple"``, two
+    tensors and no loss."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.fc = kind, nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Any:
+        y = self.fc(x)
+        loss = y.pow(2).mean()
+        return {"logits": y, "loss": loss} if self.kind == "dict" else (y, loss)
+
+
+def loss_in_a_dict() -> tuple[nn.Module, tuple[Tensor]]:
+    return _Outputs("dict"), (torch.randn(8, 4),)
+
+
+def tuple_output() -> tuple[nn.Module, tuple[Tensor]]:
+    return _Outputs("tuple"), (torch.randn(8, 4),)
+
+
+class _SequenceFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.out = nn.GRU(8, 8), nn.Linear(8, 2)  # batch_first=False: inputs are (time, batch, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.rnn(x)
+        return self.out(h[-1]).pow(2).mean()
+
+
+def sequence_first() -> tuple[nn.Module, tuple[Tensor]]:
+    """The batch on dim 1, as nn.GRU's default layout has it: dim 0 (time) is no batch to split."""
+    return _SequenceFirst(), (torch.randn(6, 4, 8),)

@@ -98,6 +98,20 @@ def test_pipeline_schedules_equal_single_process_training(pool, name, method, tr
                                        msg=lambda m: f"{schedule} {pname}: {m}")  # noqa: B023 - called at once
 
 
+def test_buffers_updated_in_place_are_updated_on_the_workers(pool):
+    """The engine reads a buffer after the step's in-place update of it, on one device and with the buffer's
+    readers on the other (it read the old value before the update became a dependency of its readers)."""
+    graph = _graph("buffer_updates")
+    torch.manual_seed(0)  # as graphs.build seeds the factory: the workers' model
+    model, (x,) = fm.buffer_updates()
+    eager = float(model(x))
+    pool.switch_graph(graph)
+    for placement in (Placement.single(graph, 0), _random_placement(graph, 0)):
+        out = pool.run_step(placement, update=False)
+        assert out.result.ok, out.result.failure
+        assert out.loss == pytest.approx(eager, rel=1e-5)
+
+
 def test_pipelining_backend_splits_a_batch_given_as_a_dict(pool):
     """torch.distributed.pipelining on the workers, the batch one dict: stage 0 gets each micro-batch's slice of
     every tensor in it (the labels cross to stage 1), and the step is single-process training's."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -240,6 +241,38 @@ def test_rebuild_keeps_the_recorded_microbatch_finding_without_running_the_step_
         rebuild_traced({k: v for k, v in split.meta.items() if k != "microbatchable"})
 
 
+def test_in_place_buffer_updates_are_kept_and_ordered_before_their_readers():
+    """fx answered ``self.scale`` with the tensor itself, so ``self.scale.mul_(0.5)`` ran once while tracing and
+    was not in the step; and nothing ordered an update before the buffer's later reads. Both are now ops of the
+    graph, and the readers consume the update."""
+    model, (x,) = fm.buffer_updates()
+    eager = float(copy.deepcopy(model)(x))  # the first step's loss, buffers updated during it
+    traced = trace_model(model, (x,), name="buffers")
+    nodes = {n.name: n for n in traced.gm.graph.nodes}
+    assert {"mul_", "add_"} <= set(nodes)
+    readers = {u.name for n in ("mul_", "add_") for u in nodes[n].users}
+    assert readers and readers <= {"mul", "sub"}, readers  # h * scale and ... - total read the updated values
+    assert float(traced.gm(x)) == pytest.approx(eager, rel=1e-6)
+    assert {"mul_", "add_"} <= set(traced.graph.op_names)
+
+
+def test_the_loss_field_of_a_dict_output_is_the_step_loss_and_other_outputs_need_a_loss_fn():
+    from graphs.loss import LOSS_FIELD, traced_default_loss
+
+    model, (x,) = fm.loss_in_a_dict()
+    traced = trace_model(model, (x,), name="dict_out")
+    assert traced.graph.meta["loss"] == LOSS_FIELD
+    assert float(traced.gm(x)) == pytest.approx(float(model(x)["loss"]))
+    assert float(traced_default_loss(traced.graph.meta)(model(x))) == pytest.approx(float(model(x)["loss"]))
+    with pytest.raises(ValueError, match="returns tuple, not a tensor.*give the factory a third item, loss_fn"):
+        trace_model(*fm.tuple_output(), name="tuple_out")
+
+
+def test_a_branch_on_a_value_read_from_data_is_refused_not_baked_in():
+    with pytest.raises(TraceError, match="control flow"):
+        trace_model(*fm.item_branch(), name="item_branch")
+
+
 def test_rebuild_keeps_export_method():
     g = build_graph("tests.fixtures_models:shape_branch", profile=None)
     traced = rebuild_traced(g.meta)
@@ -247,7 +280,8 @@ def test_rebuild_keeps_export_method():
 
 
 def test_a_trainer_gets_the_loss_the_step_was_traced_with():
-    from graphs.trace import record_values, trace_model, traced_default_loss
+    from graphs.loss import traced_default_loss
+    from graphs.trace import record_values, trace_model
     from tests import fixtures_models
 
     model, (x,) = fixtures_models.mlp()
