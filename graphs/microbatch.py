@@ -149,6 +149,13 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     # (oneDNN picks other kernels) and grows through deep nets and small-batch BatchNorm, while an op that mixes
     # samples moves whole values (other samples' data), far beyond it.
     a, b = a.float(), b.float()
+    finite = a.isfinite() & b.isfinite()
+    if not bool(finite.all()):  # -inf in a mask, inf or nan: equal where not finite, then the rest
+        if not bool(((a == b) | (a.isnan() & b.isnan()))[~finite].all()):
+            return False
+        a, b = a[finite], b[finite]
+        if not a.numel():
+            return True
     return bool((a - b).pow(2).mean().sqrt() <= 0.05 * b.pow(2).mean().sqrt() + 1e-6)
 
 
@@ -163,7 +170,13 @@ def _compare(full: Any, part: Any, p: int) -> str | None:
     if not isinstance(full, torch.Tensor) or not isinstance(part, torch.Tensor):
         return _SAME
     if full.shape == part.shape:  # no batch dimension: a reduction over the batch, or batch-independent
-        return _SAME if _close(part, full) else _UNKNOWN
+        if _close(part, full):
+            return _SAME  # batch-independent, or a mean / max over the batch (the copies leave it as it is)
+        if part.is_floating_point() and _close(part * p, full):
+            return _UNKNOWN  # a sum over the batch
+        return (f"gives a result of the same shape {tuple(full.shape)} for a micro-batch and the batch, neither the "
+                f"same nor {p} times it: the batch is not on dim 0 of its input (sequence-first layouts, "
+                "nn.RNN/GRU/LSTM without batch_first=True, put it on dim 1), or it mixes samples")
     scaled = [d for d in range(full.dim()) if full.dim() == part.dim() and full.shape[d] == p * part.shape[d]
               and all(full.shape[e] == part.shape[e] for e in range(full.dim()) if e != d)]
     if not scaled:

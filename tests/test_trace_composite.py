@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from graphs.build import build_graph, rebuild_traced  # noqa: E402
 from graphs.microbatch import check_microbatchable, find_batch_mixing  # noqa: E402
-from graphs.trace import DEFAULT_LOSS, trace_model  # noqa: E402
+from graphs.loss import DEFAULT_LOSS  # noqa: E402
+from graphs.trace import trace_model  # noqa: E402
 from graphs.tracer import is_primitive  # noqa: E402
 from placer.core.cluster import get_cluster  # noqa: E402
 from placer.core.placement import Placement  # noqa: E402
@@ -134,7 +135,18 @@ def test_batch_mixing_reshape_and_failures_named():
     assert "fails on a micro-batch" in traced.graph.meta["microbatch_why"]
 
 
-@pytest.mark.parametrize("factory", [fm.mlp, fm.sized, fm.lstm, fm.inplace_bn, fm.encoder_lm, fm.nn_transformer])
+def test_a_batch_on_dim_1_is_not_split_along_time():
+    """nn.GRU's default layout puts the batch on dim 1: a micro-batch along dim 0 is half the time steps, and
+    the GRU's final state on it is neither the batch's nor a sum of it. The check passed it as "unknown" (a
+    batch reduction) and the engine split the sequence."""
+    _, inputs, traced = _trace(fm.sequence_first)
+    meta = traced.graph.meta
+    assert meta["microbatchable"] is False and meta["microbatch_op"] == "rnn", meta
+    assert "not on dim 0" in meta["microbatch_why"] and "batch_first" in meta["microbatch_why"]
+
+
+@pytest.mark.parametrize("factory", [fm.mlp, fm.sized, fm.lstm, fm.inplace_bn, fm.encoder_lm, fm.nn_transformer,
+                                     fm.keyed_batch, fm.buffer_updates, fm.loss_in_a_dict, fm.mlp_squared_loss])
 def test_per_sample_models_are_microbatchable(factory):
     _, inputs, traced = _trace(factory)
     assert traced.graph.meta["microbatchable"] is True, traced.graph.meta
