@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from graphs.ir import OpGraph
-from graphs.loss import default_loss_for
+from graphs.loss import DEFAULT_LOSS, default_loss, default_loss_for, traced_default_loss
 from graphs.microbatch import microbatch_meta
 from graphs.exporter import STEP_PREFIX as _STEP_PREFIX
 from graphs.exporter import trace_export
@@ -57,7 +57,8 @@ from graphs.tracer import is_primitive, legacy_trace_fx, trace_step
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TraceError", "TracedModel", "trace_model", "record_values", "value_bytes",
+__all__ = ["TraceError", "TracedModel", "trace_model", "record_values", "value_bytes", "default_loss", "DEFAULT_LOSS",
+           "traced_default_loss",  # defined in graphs.loss; trainers import them from here too
            "buffers_restored"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

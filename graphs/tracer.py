@@ -233,7 +233,9 @@ class StepTracer(fx.Tracer):
 
     # ------------------------------------------------------------------ inputs
     def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None) -> tuple:
-        """One placeholder per example input; forward's other parameters keep their defaults."""
+        """One placeholder per example input; forward's other parameters keep their defaults. An input that is a
+        plain Python value (``None`` for an optional mask, a flag, a count) reaches ``forward`` as that value, so
+        ``if mask is not None`` and ``range(n)`` trace as the example has them (its placeholder stays, unread)."""
         n = len(self.runs[0])
         names: list[str] = []
         for p in list(inspect.signature(root_fn).parameters.values())[1 if is_module else 0:]:
@@ -250,7 +252,9 @@ class StepTracer(fx.Tracer):
         proxies = []
         for i, name in enumerate(names):
             self._input_index = i
-            proxies.append(self.create_proxy("placeholder", name, (), {}))
+            proxy = self.create_proxy("placeholder", name, (), {})
+            value = self.runs[0][i]
+            proxies.append(value if _is_simple(value) else proxy)
         return root_fn, ([self.root] if is_module else []) + proxies
 
     # ------------------------------------------------------------------ values

@@ -192,8 +192,8 @@ class _ListInput(nn.Module):
 
 
 def list_input() -> tuple[nn.Module, tuple[list]]:
-    """Token ids as a Python list: fx cannot trace it; torch.export flattens the list and returns ``(loss,)``,
-    a step the engine cannot run."""
+    """Token ids as a Python list: fx takes it as a constant (a Python value input); torch.export flattens the
+    list and returns ``(loss,)``, a step the engine cannot run."""
     return _ListInput(), ([1, 2, 3, 4],)
 
 
@@ -467,3 +467,24 @@ class _SequenceFirst(nn.Module):
 def sequence_first() -> tuple[nn.Module, tuple[Tensor]]:
     """The batch on dim 1, as nn.GRU's default layout has it: dim 0 (time) is no batch to split."""
     return _SequenceFirst(), (torch.randn(6, 4, 8),)
+
+
+class _PlainInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, relu: bool = False, repeats: int = 1) -> Tensor:
+        h = self.a(x)
+        if mask is not None:
+            h = h * mask
+        if relu:
+            h = torch.relu(h)
+        for _ in range(repeats):
+            h = h * 0.5
+        return self.b(h).pow(2).mean()
+
+
+def plain_python_inputs() -> tuple[nn.Module, tuple[Any, ...]]:
+    """Inputs that are Python values, not tensors: no mask (None), a flag, a count."""
+    return _PlainInputs(), (torch.randn(8, 4), None, True, 3)

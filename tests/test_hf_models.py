@@ -76,6 +76,7 @@ def pool():
     ("nn_transformer", "auto", "fx"), ("hf_gpt2", "auto", "fx"), ("hf_llama", "auto", "fx"), ("hf_bert", "auto", "fx"),
     ("hf_gpt2", "export", "export"),  # the fallback's dynamic batch dimension micro-batches too
     ("keyed_batch", "auto", "fx"),  # the batch in a dict: every tensor in it is split
+    ("plain_python_inputs", "auto", "fx"),  # None, a flag and a count beside the batch: passed whole
 ])
 def test_pipeline_schedules_equal_single_process_training(pool, name, method, tracer):
     _needs(name)

@@ -183,7 +183,6 @@ def test_load_factory_errors(path, match):
     ("tests.fixtures_models:raises", "factory exploded"),
     ("tests.fixtures_models:exits", "failed: SystemExit: 3"),
     ("tests.fixtures_models:no_grad_layer", "would train 'frozen.weight', which the model's own step does not"),
-    ("tests.fixtures_models:list_input", "export: TraceError: the traced step returns tuple .*, not the loss node"),
 ])
 def test_bad_factories(path, match):
     with pytest.raises(ValueError, match=match):
@@ -266,6 +265,25 @@ def test_the_loss_field_of_a_dict_output_is_the_step_loss_and_other_outputs_need
     assert float(traced_default_loss(traced.graph.meta)(model(x))) == pytest.approx(float(model(x)["loss"]))
     with pytest.raises(ValueError, match="returns tuple, not a tensor.*give the factory a third item, loss_fn"):
         trace_model(*fm.tuple_output(), name="tuple_out")
+
+
+def test_a_list_of_ints_input_is_a_constant_and_export_returning_a_tuple_is_refused():
+    model, inputs = fm.list_input()
+    traced = trace_model(model, inputs, name="ids")  # fx: the ids are the example's, as any Python value input
+    assert traced.graph.meta["trace"] == "fx" and float(traced.gm(*inputs)) == pytest.approx(float(model(*inputs)))
+    with pytest.raises(TraceError, match=r"export: TraceError: the traced step returns tuple .*, not the loss node"):
+        trace_model(model, inputs, name="ids", method="export")  # it flattens the list and returns (loss,)
+
+
+def test_python_value_inputs_trace_as_the_example_has_them():
+    """None for an optional mask, a flag and a count reach forward as values: fx made them placeholders, so
+    ``mask is not None`` held for None and the trace failed (then torch.export's fallback said something else)."""
+    model, inputs = fm.plain_python_inputs()
+    eager = float(model(*inputs))
+    traced = trace_model(model, inputs, name="plain")
+    assert traced.graph.meta["trace"] == "fx" and traced.graph.meta["microbatchable"] is True
+    assert float(traced.gm(*inputs)) == pytest.approx(eager)
+    assert [n for n in traced.graph.op_names if n.startswith("mul")] == ["mul", "mul_1", "mul_2"]  # 3 repeats
 
 
 def test_a_branch_on_a_value_read_from_data_is_refused_not_baked_in():
