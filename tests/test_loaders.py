@@ -133,6 +133,10 @@ def test_apply_errors(two_doc):
                    r"placement .*made for another model")
     # the parameters never moved when validation failed
     assert all(p.device.type == "cpu" for p in model.parameters())
+    # a parameter of the root module itself (a ViT's position embedding) is under no module, yet the model's own
+    with_root, _ = two_modules()
+    with_root.pos = nn.Parameter(torch.zeros(2))
+    assert apply(with_root, doc) is with_root
 
 
 # ---------------------------------------------------------------------------------------------- stages

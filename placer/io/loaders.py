@@ -105,8 +105,9 @@ def apply(model: nn.Module, placement: PlacementLike, *, device_map: Mapping[str
     (``{"cpu:1": "cpu"}``, ``{"gpu:0": "cuda:0"}``); names not in it are used as they are. Each module in the
     placement's ``modules`` moves (parameters and buffers) to its device, parents before children so a child's
     own entry wins, and gets a forward pre-hook moving its tensor inputs there. Functional ops between modules
-    run where their inputs are. Raises a one-line ``ValueError`` for a module path the model lacks or a device
-    this machine lacks. The model is modified in place.
+    run where their inputs are; parameters of the root module itself (a ViT's position embedding) belong to no
+    placed module and stay where they are. Raises a one-line ``ValueError`` for a module path the model lacks or
+    a device this machine lacks. The model is modified in place.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"apply needs an nn.Module, got {type(model).__name__}")
@@ -147,6 +148,8 @@ def _check_covered(model: nn.Module, modules: Mapping[str, int], doc: Mapping[st
 
     def covered(name: str) -> bool:
         parts = name.split(".")[:-1]
+        if not parts:
+            return True  # the root module's own parameter: under no module, it stays where it is
         return any(".".join(parts[:k]) in placed for k in range(1, len(parts) + 1))
 
     names: dict[int, list[str]] = {}
