@@ -54,7 +54,11 @@ def test_a_placement_copied_out_finds_its_graph_beside_it_or_asks_for_it(user_ru
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "p.json: made for graph 'mlp'" in lines[0] and "pass --graph" in lines[0]
-    shutil.copy(user_run / "graph.json", tmp_path / "mlp.json")  # <name>.json beside it
+    (tmp_path / "notes.json").write_text('{"not": "a graph"}')
+    shutil.copy(user_run / "graph.json", tmp_path / "g.json")  # any name, as `placer baseline --graph g.json` has it
+    r = placer("show", tmp_path / "p.json", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("mlp on cpu-2"), r.stderr
+    (tmp_path / "g.json").rename(tmp_path / "mlp.json")  # <name>.json beside it
     r = placer("show", tmp_path / "p.json", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("mlp on cpu-2"), r.stderr
     r = placer("show", tmp_path / "p.json", "--graph", user_run / "graph.json", "--cluster", "cpu-2", cwd=tmp_path)

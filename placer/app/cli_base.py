@@ -167,16 +167,36 @@ def placement_file(text: str | Path) -> Path:
     raise ValueError(f"{path} is a folder without a placement.json (is it a run folder? was it trained?)")
 
 
+_BESIDE_MAX = 32
+"""JSON files beside a placement tried as its graph (newest first), beyond ``graph.json`` and ``<name>.json``."""
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _graph_for(doc: dict, where: Path):
     """The graph a placement was made for: ``graph.json`` or ``<name>.json`` beside it (a run folder's own copy),
-    else the shipped graph of that name, else any shipped graph with its content hash."""
+    else another graph JSON beside it with the placement's content hash (``placer baseline --graph g.json --out
+    p.json`` leaves them side by side; the newest :data:`_BESIDE_MAX` JSON files are tried), else the shipped
+    graph of that name, else any shipped graph with its content hash."""
     from graphs.data import available, load_benchmark_graph
     from graphs.ir import OpGraph
 
     name, digest = doc["graph"]["name"], doc["graph"]["hash"]
-    for cand in (where.parent / "graph.json", where.parent / f"{name}.json"):
+    named = [where.parent / "graph.json", where.parent / f"{name}.json"]
+    others = sorted((p for p in where.parent.glob("*.json") if p not in named), key=_mtime, reverse=True)
+    for k, cand in enumerate(named + others[:_BESIDE_MAX]):
         if cand.exists() and cand.resolve() != where.resolve():
-            graph = OpGraph.load(cand)
+            try:
+                graph = OpGraph.load(cand)
+            except ValueError:
+                if k < len(named):
+                    raise
+                continue  # another placement, a result, a cluster: not a graph
             if graph.content_hash == digest:
                 return graph
     for shipped in ([name] if name in available() else []) + available():
