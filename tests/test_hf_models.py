@@ -105,7 +105,7 @@ def test_buffers_updated_in_place_are_updated_on_the_workers(pool):
     graph = _graph("buffer_updates")
     torch.manual_seed(0)  # as graphs.build seeds the factory: the workers' model
     model, (x,) = fm.buffer_updates()
-    eager = float(model(x))
+    eager = model(x).item()
     pool.switch_graph(graph)
     for placement in (Placement.single(graph, 0), _random_placement(graph, 0)):
         out = pool.run_step(placement, update=False)

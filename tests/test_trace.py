@@ -245,13 +245,13 @@ def test_in_place_buffer_updates_are_kept_and_ordered_before_their_readers():
     was not in the step; and nothing ordered an update before the buffer's later reads. Both are now ops of the
     graph, and the readers consume the update."""
     model, (x,) = fm.buffer_updates()
-    eager = float(copy.deepcopy(model)(x))  # the first step's loss, buffers updated during it
+    eager = copy.deepcopy(model)(x).item()  # the first step's loss, buffers updated during it
     traced = trace_model(model, (x,), name="buffers")
     nodes = {n.name: n for n in traced.gm.graph.nodes}
     assert {"mul_", "add_"} <= set(nodes)
     readers = {u.name for n in ("mul_", "add_") for u in nodes[n].users}
     assert readers and readers <= {"mul", "sub"}, readers  # h * scale and ... - total read the updated values
-    assert float(traced.gm(x)) == pytest.approx(eager, rel=1e-6)
+    assert traced.gm(x).item() == pytest.approx(eager, rel=1e-6)
     assert {"mul_", "add_"} <= set(traced.graph.op_names)
 
 
@@ -261,8 +261,8 @@ def test_the_loss_field_of_a_dict_output_is_the_step_loss_and_other_outputs_need
     model, (x,) = fm.loss_in_a_dict()
     traced = trace_model(model, (x,), name="dict_out")
     assert traced.graph.meta["loss"] == LOSS_FIELD
-    assert float(traced.gm(x)) == pytest.approx(float(model(x)["loss"]))
-    assert float(traced_default_loss(traced.graph.meta)(model(x))) == pytest.approx(float(model(x)["loss"]))
+    assert traced.gm(x).item() == pytest.approx(model(x)["loss"].item())
+    assert traced_default_loss(traced.graph.meta)(model(x)).item() == pytest.approx(model(x)["loss"].item())
     with pytest.raises(ValueError, match="returns tuple, not a tensor.*give the factory a third item, loss_fn"):
         trace_model(*fm.tuple_output(), name="tuple_out")
 
@@ -270,7 +270,7 @@ def test_the_loss_field_of_a_dict_output_is_the_step_loss_and_other_outputs_need
 def test_a_list_of_ints_input_is_a_constant_and_export_returning_a_tuple_is_refused():
     model, inputs = fm.list_input()
     traced = trace_model(model, inputs, name="ids")  # fx: the ids are the example's, as any Python value input
-    assert traced.graph.meta["trace"] == "fx" and float(traced.gm(*inputs)) == pytest.approx(float(model(*inputs)))
+    assert traced.graph.meta["trace"] == "fx" and traced.gm(*inputs).item() == pytest.approx(model(*inputs).item())
     with pytest.raises(TraceError, match=r"export: TraceError: the traced step returns tuple .*, not the loss node"):
         trace_model(model, inputs, name="ids", method="export")  # it flattens the list and returns (loss,)
 
@@ -279,10 +279,10 @@ def test_python_value_inputs_trace_as_the_example_has_them():
     """None for an optional mask, a flag and a count reach forward as values: fx made them placeholders, so
     ``mask is not None`` held for None and the trace failed (then torch.export's fallback said something else)."""
     model, inputs = fm.plain_python_inputs()
-    eager = float(model(*inputs))
+    eager = model(*inputs).item()
     traced = trace_model(model, inputs, name="plain")
     assert traced.graph.meta["trace"] == "fx" and traced.graph.meta["microbatchable"] is True
-    assert float(traced.gm(*inputs)) == pytest.approx(eager)
+    assert traced.gm(*inputs).item() == pytest.approx(eager)
     assert [n for n in traced.graph.op_names if n.startswith("mul")] == ["mul", "mul_1", "mul_2"]  # 3 repeats
 
 
