@@ -30,7 +30,9 @@ are rebuilt with the earlier tracer (``legacy=True``: fx's own leaf rule, static
 * Parameter bytes count each parameter once, at its first user; an edge per (producer, consumer) pair carries
   all bytes of the producer's output (a tuple such as LSTMCell's ``(h, c)`` counts whole).
 * Colocation: ops sharing a parameter (every call of one parameterised module, tied weights) share a group;
-  a ``get_attr`` of a parameter joins its first consumer's group; every other op is its own group.
+  a ``get_attr`` of a parameter joins the groups of every op reading it (a pipeline stage owns its parameters:
+  a root-level parameter read in two far-apart places cannot be split between stages); every other op is its own
+  group.
 """
 
 from __future__ import annotations
@@ -245,9 +247,9 @@ def _build_graph(gm: fx.GraphModule, values: Mapping[str, Any], *, name: str, me
             attr = _fetch_attr(gm, node.target)
             if isinstance(attr, nn.Parameter):
                 params = [attr]
-                users = [index[u.name] for u in node.users if u.name in index]
-                if users:
-                    union(i, min(users))
+                for u in node.users:  # every reader: torch's pipeline stages cannot share a parameter
+                    if u.name in index:
+                        union(i, index[u.name])
         for p in params:
             if id(p) in first_user:
                 union(i, first_user[id(p)])

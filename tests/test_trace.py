@@ -96,19 +96,20 @@ def test_unrolled_lstm_ops_colocation_and_tuple_edges():
     assert len(succ[src]) == 2
 
 
-def test_get_attr_joins_first_consumer_and_shared_module_calls_share_a_group():
+def test_get_attr_joins_every_reader_and_shared_module_calls_share_a_group():
     traced = _trace(fm.tied)
     g = traced.graph
     _check_contract(traced)
     scale = g.index("scale")
     assert g.op_kinds[scale] == "get_attr" and g.param_bytes[scale] == 8 * F32 and g.module_paths[scale] == ""
-    first = min(int(d) for s, d in g.edge_index.T if s == scale)
-    assert g.op_kinds[first] == "mul" and g.colocation[scale] == g.colocation[first]
+    readers = sorted(int(d) for s, d in g.edge_index.T if s == scale)
+    assert [g.op_kinds[r] for r in readers] == ["mul", "add"]  # x * scale first, ... + scale last
+    assert {int(g.colocation[i]) for i in [scale, *readers]} == {int(g.colocation[scale])}
     fcs = [i for i, k in enumerate(g.op_kinds) if k == "Linear"]
     assert len(fcs) == 2 and g.colocation[fcs[0]] == g.colocation[fcs[1]]
     assert g.param_bytes[fcs[0]] == (64 + 8) * F32 and g.param_bytes[fcs[1]] == 0
     # everything else is a group of its own
-    others = [i for i in range(g.n) if i not in (scale, first, *fcs)]
+    others = [i for i in range(g.n) if i not in (scale, *readers, *fcs)]
     assert len({int(g.colocation[i]) for i in others}) == len(others)
 
 
