@@ -254,6 +254,28 @@ def test_pipedream_fewer_stages():
     assert old.device_of_op.tolist() == [0, 0, 1, 1]
 
 
+def test_a_split_that_returns_to_an_earlier_stage_is_kept_only_when_the_simulator_finds_it_faster():
+    """A block called in a loop (one colocation group, first op early) with glue ops between its calls: the
+    split in group order sends the step back and forth between the devices (8 crossings), which the stage
+    estimate took for a pipeline. With one micro-batch (the step does not split) it is one device's work plus
+    the transfers: pipedream-dp and hetero-dp now keep the whole graph on one device."""
+    ops = [dict(name="x", kind="input", fwd_s=0.0, bwd_s=0.0, out_bytes=4000)]
+    edges, prev = [], "x"
+    for k in range(4):
+        ops += [dict(name=f"blk{k}", fwd_s=0.2, bwd_s=0.4, out_bytes=4000, colocation=1),
+                dict(name=f"glue{k}", fwd_s=0.2, bwd_s=0.4, out_bytes=4000, colocation=2 + k)]
+        edges += [(prev, f"blk{k}"), (f"blk{k}", f"glue{k}")]
+        prev = f"glue{k}"
+    ops[0]["colocation"] = 0
+    g = OpGraph.build(name="loop", ops=ops, edges=edges, meta={"microbatchable": False})
+    cluster = equal(2, lat=0.05)
+    single = simulate(g, cluster, np.zeros(g.n, dtype=np.int64)).step_time_s
+    for method in ("pipedream-dp", "hetero-dp"):
+        p = place(method, g, cluster)
+        assert is_stage_contiguous(g, p), (method, p.device_of_op.tolist())
+        assert simulate(g, cluster, p).step_time_s <= single
+
+
 def _two_kinds(graph: OpGraph) -> OpGraph:
     prov = Provenance(device="x", threads=0, torch_version="", date="", method="estimated")
     c = graph.cost("cpu")
