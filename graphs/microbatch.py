@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map
 
 __all__ = ["find_batch_mixing", "check_microbatchable", "microbatch_meta", "input_batches", "split_inputs",
-           "check_split", "map_batched", "batched_tensors", "MICROBATCH_KEYS"]
+           "check_split", "map_batched", "inputs_to", "batched_tensors", "MICROBATCH_KEYS"]
 
 
 # ---------------------------------------------------------------------- the batch of a step's inputs
@@ -42,6 +42,11 @@ def _batched(x: Any) -> bool:
 def map_batched(fn: Any, inputs: Sequence[Any]) -> tuple[Any, ...]:
     """``inputs`` with ``fn`` applied to every batched tensor leaf (containers rebuilt, other leaves kept)."""
     return tuple(tree_map(lambda x: fn(x) if _batched(x) else x, a) for a in inputs)
+
+
+def inputs_to(inputs: Sequence[Any], device: Any) -> tuple[Any, ...]:
+    """``inputs`` with every tensor leaf (0-d ones too, which :func:`map_batched` leaves) moved to ``device``."""
+    return tuple(tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, a) for a in inputs)
 
 
 def batched_tensors(inputs: Sequence[Any]) -> list[torch.Tensor]:
@@ -77,6 +82,7 @@ _DROPOUT_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_drop
                   torch.dropout, torch.nn.functional.dropout}
 _DROPOUT_ATEN = {"dropout", "native_dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
 _SAME, _UNKNOWN = "same", "unknown"
+_CHANGED = "changed"  # a result of the batch-independent shape that the copies change: mixing for a layer only
 _SHAPE = "shape:"  # prefix of a finding that holds whatever the op's inputs were
 
 
@@ -118,7 +124,9 @@ class _Runner(fx.Interpreter):
             except Exception as e:  # the model on another batch: any error is the finding
                 self.failed = (n.name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 raise
-            self.values[n.name] = out
+            # detached: the runner later copies the saved parameters back in place, and a view of a parameter
+            # made under no_grad (self.pos[:T], a CLS token expanded) may not be used after that
+            self.values[n.name] = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
             return out
         return super().run_node(n)
 
@@ -172,11 +180,7 @@ def _compare(full: Any, part: Any, p: int) -> str | None:
     if full.shape == part.shape:  # no batch dimension: a reduction over the batch, or batch-independent
         if _close(part, full):
             return _SAME  # batch-independent, or a mean / max over the batch (the copies leave it as it is)
-        if part.is_floating_point() and _close(part * p, full):
-            return _UNKNOWN  # a sum over the batch
-        return (f"gives a result of the same shape {tuple(full.shape)} for a micro-batch and the batch, neither the "
-                f"same nor {p} times it: the batch is not on dim 0 of its input (sequence-first layouts, "
-                "nn.RNN/GRU/LSTM without batch_first=True, put it on dim 1), or it mixes samples")
+        return _UNKNOWN if _close(part * p, full) else _CHANGED  # a sum over the batch; or a var, a norm... or not
     scaled = [d for d in range(full.dim()) if full.dim() == part.dim() and full.shape[d] == p * part.shape[d]
               and all(full.shape[e] == part.shape[e] for e in range(full.dim()) if e != d)]
     if not scaled:
@@ -248,6 +252,11 @@ def _first_mixing(gm: fx.GraphModule, full: _Runner, part: _Runner, p: int) -> t
             return None  # pragma: no cover - the runner stopped without a recorded failure
         why = _compare(full.values[node.name], part.values[node.name], p)
         inputs_same = all(state.get(a.name) == _SAME for a in node.all_input_nodes)
+        if why == _CHANGED:  # a reduction (var, norm, a token count...) may do that; a layer works per sample
+            why = _UNKNOWN if node.op != "call_module" else (
+                "gives a result of the same shape for a micro-batch and the batch, neither the same nor "
+                f"{p} times it: the batch is not on dim 0 of its input (nn.RNN/GRU/LSTM without batch_first=True "
+                "take it on dim 1), or the layer mixes samples")
         if why in (_SAME, _UNKNOWN):
             state[node.name] = why
         elif why.startswith(_SHAPE) or (inputs_same and not _is_random(gm, node, part.values)):

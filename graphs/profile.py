@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from graphs.device_names import cpu_model_name, gpu_kind
 from graphs.ir import OpCosts, OpGraph, Provenance
-from graphs.microbatch import map_batched
+from graphs.microbatch import inputs_to
 from graphs.trace import TracedModel, buffers_restored, record_values, value_bytes
 
 log = logging.getLogger(__name__)
@@ -339,7 +339,7 @@ def _on_device(traced: TracedModel, device: torch.device) -> tuple[fx.GraphModul
     import copy
 
     gm = copy.deepcopy(traced.gm).to(device)
-    inputs = map_batched(lambda x: x.to(device), traced.example_inputs)
+    inputs = inputs_to(traced.example_inputs, device)
     return gm, inputs
 
 

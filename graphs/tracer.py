@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphs.inplace import thread_inplace_updates
 from graphs.microbatch import input_batches, map_batched, split_inputs
 
 __all__ = ["COMPOSITE_MODULES", "LEAF_CLASS_NAMES", "is_primitive", "StepTracer", "trace_step", "legacy_trace_fx"]
@@ -158,6 +159,23 @@ class _Proxy(fx.Proxy):
             return (self[i] for i in range(len(vals[0])))
         return super().__iter__()
 
+    def _known(self, to: type) -> Any:
+        """``int(p)``, ``float(p)``, ``range(p)`` of a value read from buffers only: its value now (as before
+        buffers were graph nodes); of one that depends on the inputs, the TypeError it always was."""
+        vals = self.__dict__.get("_vals")
+        if self.node in self.tracer._from_inputs or vals is None or vals[0] is _MISSING:
+            raise TypeError(f"{to.__name__}() of a traced value that depends on the step's inputs")
+        return to(vals[0])
+
+    def __int__(self) -> int:
+        return self._known(int)
+
+    def __index__(self) -> int:
+        return self._known(int)
+
+    def __float__(self) -> float:
+        return self._known(float)
+
     def __len__(self) -> int:
         vals = self.__dict__.get("_vals")
         if vals is not None and not isinstance(vals[0], torch.Tensor):
@@ -196,6 +214,9 @@ class StepTracer(fx.Tracer):
         self.node_vals: dict[fx.Node, list[Any]] = {}
         self._from_data: set[fx.Node] = set()
         """Nodes whose value was read from tensor data (``.item()``) or computed from such a value."""
+        self._from_inputs: set[fx.Node] = set()
+        """Nodes whose value depends on the step's inputs; the others (read from buffers and parameters only,
+        ``if not self.initialized``) are known while tracing, as the model has them when traced."""
         self.recording = True
         """False while the tracer evaluates a node: patched calls then run as they are."""
 
@@ -257,6 +278,13 @@ class StepTracer(fx.Tracer):
             proxies.append(value if _is_simple(value) else proxy)
         return root_fn, ([self.root] if is_module else []) + proxies
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """``if flag:`` on a value that does not depend on the inputs (a buffer): its value now; else fx's error."""
+        vals = obj.__dict__.get("_vals")
+        if obj.node in self._from_inputs or vals is None or vals[0] is _MISSING:
+            return super().to_bool(obj)
+        return bool(vals[0])
+
     # ------------------------------------------------------------------ values
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -264,6 +292,8 @@ class StepTracer(fx.Tracer):
     def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                      type_expr: Any = None, proxy_factory_fn: Any = None) -> Any:
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)  # our Proxy, not ParameterProxy
+        if kind == "placeholder" or any(a in self._from_inputs for a in proxy.node.all_input_nodes):
+            self._from_inputs.add(proxy.node)
         vals = [self._value(kind, target, args, kwargs, k) for k in range(len(self.runs))]
         proxy.__dict__["_vals"] = vals
         self.node_vals[proxy.node] = vals
@@ -315,8 +345,8 @@ class StepTracer(fx.Tracer):
     def _settle(self, proxy: _Proxy, kind: str, target: Any, vals: list[Any]) -> Any:
         """The proxy, or a constant in its place when its value is the same Python value for every batch."""
         full = vals[0]
-        if (target in _DATA_METHODS or (callable(target) and target in _DATA_FUNCS)
-                or any(a in self._from_data for a in proxy.node.all_input_nodes)):
+        if proxy.node in self._from_inputs and (target in _DATA_METHODS or (callable(target) and target in _DATA_FUNCS)
+                                                 or any(a in self._from_data for a in proxy.node.all_input_nodes)):
             self._from_data.add(proxy.node)  # h.mean().item() > 0 is data too: never a constant
             return proxy
         if kind not in ("call_function", "call_method") or not _is_simple(full):
@@ -386,37 +416,6 @@ def trace_step(model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any
         tracer.kept_whole = {p: why for p, why in kept.items()
                              if not any(p.startswith(q + ".") for q in kept if q != p)}
     return fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Step"), dict(tracer.kept_whole)
-
-
-def _updates_in_place(node: fx.Node) -> bool:
-    """``x.add_(y)``, ``x.copy_(y)``, ``x += y``: the op changes its first argument and returns it."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    if node.op == "call_method":
-        name = str(node.target)
-        return name.endswith("_") and not name.startswith("_")
-    return node.op == "call_function" and node.target in (operator.iadd, operator.isub, operator.imul,
-                                                          operator.itruediv)
-
-
-def thread_inplace_updates(graph: fx.Graph) -> None:
-    """Make the order of in-place updates a data dependency: every later reader of a tensor an op updated in
-    place (a buffer's running mean, ``self.mean.mul_(0.5)``) reads that op's result instead (the same tensor).
-    Without it nothing orders the update before the reads, and a schedule may run them first: the step reads
-    the old value (the engine did, for every placement). A buffer read again by another ``get_attr`` counts as
-    the same tensor."""
-    latest: dict[Any, fx.Node] = {}  # the tensor (a buffer's target, or the node that made it) -> its last update
-    tensor_of: dict[fx.Node, Any] = {}
-
-    def key(a: fx.Node) -> Any:
-        return tensor_of.get(a, ("attr", a.target) if a.op == "get_attr" else a)
-
-    for node in list(graph.nodes):
-        if latest:
-            node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: latest.get(key(a), a))
-        if _updates_in_place(node):
-            latest[key(node.args[0])] = node
-            tensor_of[node] = key(node.args[0])
 
 
 # ---------------------------------------------------------------------------------------------- legacy fx

@@ -488,3 +488,84 @@ class _PlainInputs(nn.Module):
 def plain_python_inputs() -> tuple[nn.Module, tuple[Any, ...]]:
     """Inputs that are Python values, not tensors: no mask (None), a flag, a count."""
     return _PlainInputs(), (torch.randn(8, 4), None, True, 3)
+
+
+class _ViTLike(nn.Module):
+    """A CLS token and a position table sliced to the input's length: views of parameters in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos = nn.Parameter(torch.randn(1, 16, 8) * 0.1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos[:, : x.shape[1] + 1]
+        return self.fc(h[:, 0]).pow(2).mean()
+
+
+def vit_like() -> tuple[nn.Module, tuple[Tensor]]:
+    return _ViTLike(), (torch.randn(4, 6, 8),)
+
+
+class _Reductions(nn.Module):
+    """A loss divided by the token count, plus terms over the batch (a variance, a norm): reductions the
+    micro-batch check cannot judge, not layers that mix samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        h = self.fc(x)
+        ce = F.cross_entropy(h, labels.clamp(min=0), reduction="none") * (labels != -100)
+        return ce.sum() / (labels != -100).sum() + 0.01 * h.var(0).mean() + 0.001 * h.norm()
+
+
+def reductions() -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    labels = torch.randint(0, 5, (8,))
+    labels[::3] = -100
+    return _Reductions(), (torch.randn(8, 4), labels)
+
+
+class _PaddedAttention(nn.Module):
+    """Self-attention with a key padding mask (-inf scores where a key is padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.fc = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 1)
+
+    def forward(self, x: Tensor, pad: Tensor) -> Tensor:
+        h, _ = self.attn(x, x, x, key_padding_mask=pad)
+        return self.fc(h).pow(2).mean()
+
+
+def padded_attention() -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    pad = torch.zeros(4, 5, dtype=torch.bool)
+    pad[:, -2:] = True
+    return _PaddedAttention(), (torch.randn(4, 5, 8), pad)
+
+
+class _BufferFlags(nn.Module):
+    """Control flow on buffers (an init flag, a repeat count, a threshold): known while tracing, unlike data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("initialized", torch.tensor(True))
+        self.register_buffer("repeats", torch.tensor(2))
+        self.register_buffer("threshold", torch.tensor(0.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if not self.initialized:
+            h = h * 0
+        for _ in range(int(self.repeats)):
+            h = h * 0.5
+        if self.threshold.item() > 0:
+            h = h + 1
+        return h.pow(2).mean()
+
+
+def buffer_flags() -> tuple[nn.Module, tuple[Tensor]]:
+    return _BufferFlags(), (torch.randn(8, 4),)

@@ -133,10 +133,14 @@ def test_apply_errors(two_doc):
                    r"placement .*made for another model")
     # the parameters never moved when validation failed
     assert all(p.device.type == "cpu" for p in model.parameters())
-    # a parameter of the root module itself (a ViT's position embedding) is under no module, yet the model's own
+    # a parameter of the root module itself (a ViT's position embedding) is under no module, yet the model's own:
+    # it goes where the op reading it is placed
     with_root, _ = two_modules()
     with_root.pos = nn.Parameter(torch.zeros(2))
-    assert apply(with_root, doc) is with_root
+    rooted = copy.deepcopy(doc)
+    rooted["ops"]["pos"] = 1
+    apply(with_root, rooted, device_map={doc["devices"][0]: "cpu", doc["devices"][1]: "meta"})
+    assert with_root.pos.device.type == "meta" and isinstance(with_root.pos, nn.Parameter)
 
 
 # ---------------------------------------------------------------------------------------------- stages

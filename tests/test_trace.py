@@ -292,6 +292,15 @@ def test_a_branch_on_a_value_read_from_data_is_refused_not_baked_in():
         trace_model(*fm.item_branch(), name="item_branch")
 
 
+def test_control_flow_on_buffers_traces_with_their_values():
+    """Buffers are graph nodes now; an init flag, a repeat count and a threshold read from them are still known
+    while tracing (they do not depend on the inputs), as they were when fx answered buffers with tensors."""
+    model, (x,) = fm.buffer_flags()
+    traced = trace_model(model, (x,), name="flags")
+    assert traced.gm(x).item() == pytest.approx(model(x).item())
+    assert [n for n in traced.graph.op_names if n.startswith(("mul", "add"))] == ["mul", "mul_1", "add"]
+
+
 def test_rebuild_keeps_export_method():
     g = build_graph("tests.fixtures_models:shape_branch", profile=None)
     traced = rebuild_traced(g.meta)

@@ -351,7 +351,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
     path = placement_file(args.path)
     timeline = writable_file(args.timeline, "timeline") if args.timeline is not None else None
-    trace = writable_file(args.trace, "trace") if args.trace else None
+    trace = writable_file(args.trace, "trace") if args.trace is not None else None
     doc = read_json(path, "placement or result")
     if isinstance(doc, dict) and doc.get("schema") == "placer.placement/v1":
         from placer.costmodel.sim import simulate

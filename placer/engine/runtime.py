@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from graphs.microbatch import check_microbatchable, check_split, map_batched, split_inputs
+from graphs.microbatch import check_microbatchable, check_split, inputs_to, split_inputs
 from placer.core.cluster import is_cuda_name
 from placer.engine.command import MeasureCommand
 from placer.engine.executor import MemoryTracker, StepRecord, optimizer_state_bytes, run_step
@@ -65,7 +65,7 @@ class WorkerRuntime:
         self.graph_meta = dict(traced.graph.meta)
         """The rebuilt graph's meta (whether it can be micro-batched)."""
         self.cpu_inputs = tuple(traced.example_inputs)
-        self.inputs = map_batched(lambda x: x.to(device), traced.example_inputs)
+        self.inputs = inputs_to(traced.example_inputs, device)
         self.init_state = {k: v.detach().clone() for k, v in traced.gm.state_dict(keep_vars=True).items()}
         self.dirty = False
         self._metas: dict[int, list[ValueMeta]] = {}

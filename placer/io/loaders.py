@@ -105,9 +105,9 @@ def apply(model: nn.Module, placement: PlacementLike, *, device_map: Mapping[str
     (``{"cpu:1": "cpu"}``, ``{"gpu:0": "cuda:0"}``); names not in it are used as they are. Each module in the
     placement's ``modules`` moves (parameters and buffers) to its device, parents before children so a child's
     own entry wins, and gets a forward pre-hook moving its tensor inputs there. Functional ops between modules
-    run where their inputs are; parameters of the root module itself (a ViT's position embedding) belong to no
-    placed module and stay where they are. Raises a one-line ``ValueError`` for a module path the model lacks or
-    a device this machine lacks. The model is modified in place.
+    run where their inputs are; a parameter or buffer of the root module itself (a ViT's position embedding)
+    goes to the device of the op reading it (``ops``). Raises a one-line ``ValueError`` for a module path the
+    model lacks or a device this machine lacks. The model is modified in place.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"apply needs an nn.Module, got {type(model).__name__}")
@@ -124,7 +124,10 @@ def apply(model: nn.Module, placement: PlacementLike, *, device_map: Mapping[str
                              f"({len(missing)} unknown module paths; placement made for graph "
                              f"{doc['graph']['name']!r})") from None
     _check_covered(model, modules, doc)
-    devices = {i: resolve_device(doc["devices"][i], device_map) for i in sorted(set(modules.values()))}
+    own = [(n, t) for n, t in [*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)]
+           if n in doc["ops"]]  # the root's own tensors, read by get_attr ops of those names
+    used = set(modules.values()) | {int(doc["ops"][n]) for n, _ in own}
+    devices = {i: resolve_device(doc["devices"][i], device_map) for i in sorted(used)}
     if not modules:
         log.warning("placement for %s lists no modules; nothing to place", doc["graph"]["name"])
     _remove_hooks(model)
@@ -132,6 +135,10 @@ def apply(model: nn.Module, placement: PlacementLike, *, device_map: Mapping[str
         device = devices[modules[path]]
         mod.to(device)
         mod.register_forward_pre_hook(_MoveInputs(device), with_kwargs=True)
+    for name, t in own:  # the same objects afterwards (an optimizer made before still holds them), moved
+        moved = t.detach().to(devices[int(doc["ops"][name])])
+        if moved.device != t.device:
+            torch.utils.swap_tensors(t, nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved)
     log.info("placed %d modules of %s on %s", len(targets), type(model).__name__,
              ", ".join(sorted({str(d) for d in devices.values()})))
     return model
