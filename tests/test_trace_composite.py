@@ -183,3 +183,18 @@ def test_default_loss_is_mean_of_squares_and_not_zero_after_layernorm():
     model, x = fm.mlp_squared_loss()[:2]
     assert trace_model(model, x, lambda o: o.sum(), name="m", meta={}).graph.meta["loss"] == \
         "given by the model's factory"
+
+
+def test_inputs_split_along_dim_0_in_containers_and_every_tensor_moves_to_a_device():
+    from graphs.microbatch import batched_tensors, check_split, input_batches, inputs_to, split_inputs
+
+    batch = ({"ids": torch.arange(8).reshape(4, 2), "scale": torch.tensor(2.0)}, [torch.ones(4, 3)], None)
+    assert input_batches(batch) == [("input 0['ids']", 4), ("input 1[0]", 4)]
+    part = split_inputs(batch, 2, 1)
+    assert part[0]["ids"].tolist() == [[4, 5], [6, 7]] and part[0]["scale"] is batch[0]["scale"]
+    assert part[1][0].shape == (2, 3) and part[2] is None
+    assert [t.shape for t in batched_tensors(batch)] == [(4, 2), (4, 3)]
+    with pytest.raises(ValueError, match=r"input 0\['ids'\] has batch 4, not divisible into 3"):
+        check_split(batch, 3)
+    moved = inputs_to(batch, "meta")  # a 0-d tensor too (the GPU worker's inputs)
+    assert moved[0]["scale"].device.type == "meta" and moved[1][0].device.type == "meta" and moved[2] is None
