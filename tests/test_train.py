@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 
 import numpy as np
@@ -229,7 +230,7 @@ def test_sim_real_run_reports_the_best_measured_placement(tmp_path, monkeypatch)
     assert {"real/best_step_time_s", "real/top1_step_time_s"} <= set(tags)
 
 
-def test_engine_rewards_calibrate_an_uncalibrated_cpu_preset(monkeypatch, tmp_path):
+def test_engine_rewards_calibrate_an_uncalibrated_cpu_preset(monkeypatch, tmp_path, caplog):
     import dataclasses
 
     import placer.engine.calibrate as calibrate
@@ -254,7 +255,14 @@ def test_engine_rewards_calibrate_an_uncalibrated_cpu_preset(monkeypatch, tmp_pa
     assert got.meta["source"] == "calibrated" and got.device_names == cpu2.device_names
     assert [d.speed for d in got.devices] == [0.9, 0.9]
     assert not needs_calibration(got)  # a calibrated cluster is used as it is
-    assert maybe_calibrate(cpu2, uses_engine=False) is cpu2
+    with caplog.at_level(logging.WARNING, logger="placer.app.train"):
+        assert maybe_calibrate(cpu2, uses_engine=False) is cpu2  # simulated as it is, with a warning
+        assert [r.getMessage().split(":")[0] for r in caplog.records] == ["cpu-2 is not calibrated"]
+        caplog.clear()
+        for quiet in (maybe_calibrate(cpu2, mode="never", uses_engine=False), maybe_calibrate(got, uses_engine=False),
+                      maybe_calibrate(gpus, uses_engine=False)):
+            assert quiet.name in ("cpu-2", "cpu-2-calibrated", "cpu+4gpu")
+        assert not caplog.records
 
     # train(): a sim reward does not calibrate; sim+real does, and the run's cluster.json is what it simulated
     import envs.rewards as rewards

@@ -121,8 +121,14 @@ def needs_calibration(cluster: Cluster, *, mode: str = "auto", uses_engine: bool
 
 
 def maybe_calibrate(cluster: Cluster, *, mode: str = "auto", uses_engine: bool = True) -> Cluster:
-    """``cluster``, or the same devices calibrated on this machine (see :func:`needs_calibration`)."""
+    """``cluster``, or the same devices calibrated on this machine (see :func:`needs_calibration`). Simulating an
+    uncalibrated CPU preset without the engine is allowed, with a warning: its per-step and per-message costs are
+    not in the simulator, so a split of a small model looks faster than one worker and runs slower."""
     if not needs_calibration(cluster, mode=mode, uses_engine=uses_engine):
+        if mode == "auto" and not uses_engine and needs_calibration(cluster, uses_engine=True):
+            log.warning("%s is not calibrated: the simulator leaves out its workers' per-step and per-message "
+                        "costs (milliseconds here), so splits of small models look faster than they run; "
+                        "--calibrate always (about 10 s) or --reward sim+real measures them first", cluster.name)
         return cluster
     from placer.engine.calibrate import calibrate_cluster  # noqa: PLC0415 - spawns workers; only when asked
 

@@ -273,10 +273,11 @@ def pipeline_schedule(stage: PipelineStage, placement: PlacementLike, *,
     ``dataflow`` (placer's list-scheduled order, which torch does not ship) runs GPipe, with a warning.
     Gradients are divided by the number of micro-batches (``scale_grads``), so with a mean loss per
     micro-batch and equal micro-batches they equal the full batch's; the step's loss is the mean of the
-    micro-batch losses. Call ``step(*inputs, target=dummy, losses=list)`` with ``dummy`` any tensor with the
-    batch on dim 0 on the last rank (it is split but unused); when an input is a container (a dict batch), pass
-    ``*graphs.microbatch.batched_tensors(inputs)`` instead (torch's stages take tensors only; stage 0 rebuilds
-    the dict).
+    micro-batch losses. Call ``step(*inputs, target=dummy, losses=list, return_outputs=False)`` with ``dummy``
+    any tensor with the batch on dim 0 on the last rank (it is split but unused; the last stage returns the
+    scalar loss, which torch cannot concatenate into outputs: hence ``return_outputs=False``); when an input is
+    a container (a dict batch), pass ``*graphs.microbatch.batched_tensors(inputs)`` instead (torch's stages take
+    tensors only; stage 0 rebuilds the dict).
     """
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
