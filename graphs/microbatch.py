@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map
 
 __all__ = ["find_batch_mixing", "check_microbatchable", "microbatch_meta", "input_batches", "split_inputs",
-           "check_split", "map_batched", "inputs_to", "batched_tensors", "MICROBATCH_KEYS"]
+           "check_split", "map_batched", "inputs_to", "batched_tensors", "is_batched", "MICROBATCH_KEYS"]
 
 
 # ---------------------------------------------------------------------- the batch of a step's inputs
@@ -35,13 +35,14 @@ __all__ = ["find_batch_mixing", "check_microbatchable", "microbatch_meta", "inpu
 # passed whole to every micro-batch. Every consumer (the batch-mixing check, the profiler, the engine, the stage
 # split for trainers) cuts micro-batches with these.
 
-def _batched(x: Any) -> bool:
+def is_batched(x: Any) -> bool:
+    """Whether ``x`` is a leaf that carries the batch: a tensor with a dimension (dim 0 is the batch)."""
     return isinstance(x, torch.Tensor) and x.dim() > 0
 
 
 def map_batched(fn: Any, inputs: Sequence[Any]) -> tuple[Any, ...]:
     """``inputs`` with ``fn`` applied to every batched tensor leaf (containers rebuilt, other leaves kept)."""
-    return tuple(tree_map(lambda x: fn(x) if _batched(x) else x, a) for a in inputs)
+    return tuple(tree_map(lambda x: fn(x) if is_batched(x) else x, a) for a in inputs)
 
 
 def inputs_to(inputs: Sequence[Any], device: Any) -> tuple[Any, ...]:
@@ -52,14 +53,14 @@ def inputs_to(inputs: Sequence[Any], device: Any) -> tuple[Any, ...]:
 def batched_tensors(inputs: Sequence[Any]) -> list[torch.Tensor]:
     """The batched tensor leaves of ``inputs`` in tree order: what a pipeline's first stage is fed
     (``torch.distributed.pipelining`` passes tensors only, and splits each along dim 0)."""
-    return [x for x in tree_leaves(tuple(inputs)) if _batched(x)]
+    return [x for x in tree_leaves(tuple(inputs)) if is_batched(x)]
 
 
 def input_batches(inputs: Sequence[Any]) -> list[tuple[str, int]]:
     """``(where, batch)`` of every batched tensor leaf of ``inputs``: ``where`` names it (``input 0``,
     ``input 0['input_ids']``)."""
     leaves, _ = tree_flatten_with_path(tuple(inputs))
-    return [(f"input {path[0].idx}{keystr(path[1:])}", int(x.shape[0])) for path, x in leaves if _batched(x)]
+    return [(f"input {path[0].idx}{keystr(path[1:])}", int(x.shape[0])) for path, x in leaves if is_batched(x)]
 
 
 def check_split(inputs: Sequence[Any], parts: int) -> None:
@@ -72,7 +73,9 @@ def check_split(inputs: Sequence[Any], parts: int) -> None:
 
 
 def split_inputs(inputs: Sequence[Any], parts: int, index: int) -> tuple[Any, ...]:
-    """Micro-batch ``index`` of ``parts`` equal ones: every batched tensor leaf's slice along dim 0 (a view)."""
+    """Micro-batch ``index`` of ``parts`` equal ones: every batched tensor leaf's slice along dim 0 (a view); a
+    batch that does not split evenly is :func:`check_split`'s one-line ``ValueError``."""
+    check_split(inputs, parts)
     if parts <= 1:
         return tuple(inputs)
     return map_batched(lambda x: x.narrow(0, index * (x.shape[0] // parts), x.shape[0] // parts), inputs)

@@ -24,16 +24,11 @@ from typing import Sequence
 import numpy as np
 
 from graphs.ir import OpCosts, OpGraph
-from graphs.microbatch import check_split, split_inputs
+from graphs.microbatch import split_inputs
 from graphs.profile import profile
 from graphs.trace import TracedModel
 
 __all__ = ["profile_microbatches", "with_microbatch_costs"]
-
-
-def _first_microbatch(inputs: Sequence, microbatches: int) -> tuple:
-    check_split(inputs, microbatches)
-    return split_inputs(inputs, microbatches, 0)
 
 
 def profile_microbatches(traced: TracedModel, microbatches: Sequence[int], *, warmup: int = 3, repeats: int = 10,
@@ -43,7 +38,7 @@ def profile_microbatches(traced: TracedModel, microbatches: Sequence[int], *, wa
     for m in sorted(set(int(x) for x in microbatches)):
         if m < 2:
             raise ValueError(f"micro-batch counts must be >= 2, got {m}")
-        part = dataclasses.replace(traced, example_inputs=_first_microbatch(traced.example_inputs, m))
+        part = dataclasses.replace(traced, example_inputs=split_inputs(traced.example_inputs, m, 0))
         c = profile(part, device="cpu", threads=1, warmup=warmup, repeats=repeats, clock=clock).costs["cpu"]
         out[m] = (c.fwd_s, c.bwd_s)
     return out

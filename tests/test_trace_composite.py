@@ -22,6 +22,7 @@ from placer.core.placement import Placement  # noqa: E402
 from placer.costmodel.schedules import build_schedule  # noqa: E402
 from placer.costmodel.sim import Simulator  # noqa: E402
 from tests import fixtures_models as fm  # noqa: E402
+from tests import fixtures_steps as fs  # noqa: E402
 
 
 def _trace(factory, **kw):
@@ -139,17 +140,17 @@ def test_a_batch_on_dim_1_is_not_split_along_time():
     """nn.GRU's default layout puts the batch on dim 1: a micro-batch along dim 0 is half the time steps, and
     the GRU's final state on it is neither the batch's nor a sum of it. The check passed it as "unknown" (a
     batch reduction) and the engine split the sequence."""
-    _, inputs, traced = _trace(fm.sequence_first)
+    _, inputs, traced = _trace(fs.sequence_first)
     meta = traced.graph.meta
     assert meta["microbatchable"] is False and meta["microbatch_op"] == "rnn", meta
     assert "not on dim 0" in meta["microbatch_why"] and "batch_first" in meta["microbatch_why"]
 
 
 @pytest.mark.parametrize("factory", [fm.mlp, fm.sized, fm.lstm, fm.inplace_bn, fm.encoder_lm, fm.nn_transformer,
-                                     fm.keyed_batch, fm.buffer_updates, fm.loss_in_a_dict, fm.mlp_squared_loss,
-                                     fm.vit_like,  # views of parameters: the check itself crashed on them
-                                     fm.reductions,  # a token count, a variance, a norm: reductions, not mixing
-                                     fm.padded_attention])  # -inf scores: equal where both are -inf
+                                     fs.keyed_batch, fs.buffer_updates, fs.loss_in_a_dict, fm.mlp_squared_loss,
+                                     fs.vit_like,  # views of parameters: the check itself crashed on them
+                                     fs.reductions,  # a token count, a variance, a norm: reductions, not mixing
+                                     fs.padded_attention])  # -inf scores: equal where both are -inf
 def test_per_sample_models_are_microbatchable(factory):
     _, inputs, traced = _trace(factory)
     assert traced.graph.meta["microbatchable"] is True, traced.graph.meta
@@ -194,7 +195,8 @@ def test_inputs_split_along_dim_0_in_containers_and_every_tensor_moves_to_a_devi
     assert part[0]["ids"].tolist() == [[4, 5], [6, 7]] and part[0]["scale"] is batch[0]["scale"]
     assert part[1][0].shape == (2, 3) and part[2] is None
     assert [t.shape for t in batched_tensors(batch)] == [(4, 2), (4, 3)]
-    with pytest.raises(ValueError, match=r"input 0\['ids'\] has batch 4, not divisible into 3"):
-        check_split(batch, 3)
+    for uneven in (lambda: check_split(batch, 3), lambda: split_inputs(batch, 3, 0)):  # the splitter checks too
+        with pytest.raises(ValueError, match=r"input 0\['ids'\] has batch 4, not divisible into 3"):
+            uneven()
     moved = inputs_to(batch, "meta")  # a 0-d tensor too (the GPU worker's inputs)
     assert moved[0]["scale"].device.type == "meta" and moved[1][0].device.type == "meta" and moved[2] is None

@@ -111,7 +111,7 @@ def run_pipelined(runtime: Any, cmd: MeasureCommand, layout: StageLayout, module
         mod.recompute = rank in cmd.recompute
         # static shapes from the recorded micro-batch (runtime shape inference would run the stage once on
         # uninitialised receive buffers)
-        ex_in = tree_map_only(torch.Tensor, lambda t: t.to(device), tuple(mod.example_in))
+        ex_in = tuple(t.to(device) for t in mod.example_in)  # tensors only (stage 0: the batched ones)
         ex_out = tree_map_only(torch.Tensor, lambda t: t.to(device), mod.example_out)
         stages.append(PipelineStage(mod, s, layout.num_stages, device, input_args=ex_in, output_args=ex_out))
     if schedule == "interleaved-1f1b":

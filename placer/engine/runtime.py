@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from graphs.microbatch import check_microbatchable, check_split, inputs_to, split_inputs
+from graphs.microbatch import check_microbatchable, inputs_to, split_inputs
 from placer.core.cluster import is_cuda_name
 from placer.engine.command import MeasureCommand
 from placer.engine.executor import MemoryTracker, StepRecord, optimizer_state_bytes, run_step
@@ -192,7 +192,6 @@ class WorkerRuntime:
         metas: list[ValueMeta] = []
         owned: list[tuple[str, torch.nn.Parameter]] = []
         try:
-            check_split(self.inputs, M)
             check_microbatchable(self.graph_meta, M)  # also for torchrun ranks, whose tasks came from elsewhere
             metas = self.metas(M)
             owned = self.owned_params(dev)

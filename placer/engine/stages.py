@@ -22,7 +22,7 @@ from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
-from graphs.microbatch import batched_tensors
+from graphs.microbatch import batched_tensors, is_batched
 from graphs.trace import buffers_restored, record_values
 
 __all__ = ["StageModule", "split_stages"]
@@ -205,7 +205,7 @@ def split_stages(gm: fx.GraphModule, stage_of_node: Mapping[str, int], num_stage
     loss_value = tree_map_only(torch.Tensor, _example,
                                fx.node.map_arg(output.args[0], lambda a, v=values: v.get(a.name)))
     leaves, spec = tree_flatten(tuple(microbatch))
-    batched = [isinstance(x, torch.Tensor) and x.dim() > 0 for x in leaves]
+    batched = [is_batched(x) for x in leaves]
     input_layout = (spec, [None if b else x for x, b in zip(leaves, batched)], batched)
     examples = [tuple(_example(x) for x in batched_tensors(microbatch))]
     examples += [_flat_tensors(values, names, layouts) for names in carried] + [loss_value]

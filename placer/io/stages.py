@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from graphs.microbatch import check_microbatchable, check_split, split_inputs
+from graphs.microbatch import check_microbatchable, split_inputs
 from graphs.trace import TracedModel, trace_model
 from placer.engine.stages import StageModule, split_stages
 from placer.io.document import PlacementLike, document_of
@@ -83,8 +83,7 @@ def stage_modules(model_or_traced: nn.Module | TracedModel, placement: Placement
     if m > 1 and traced.graph.meta.get("trace") == "export" and "microbatchable" not in traced.graph.meta:
         log.warning("%s was traced with torch.export before graphs recorded a dynamic batch; micro-batches of "
                     "another size may fail or compute wrong values", traced.graph.name)
-    check_split(inputs, m)  # torch splits with tensor_split: unequal parts would differ from these stages
-    mb = split_inputs(inputs, m, 0)
+    mb = split_inputs(inputs, m, 0)  # equal parts only: torch's tensor_split would cut unequal ones otherwise
     stages = split_stages(traced.gm, stage_by_name, num_stages, mb)
     recompute = set(doc["schedule"].get("recompute", ()))
     for stage, entry in zip(stages, doc["stages"]):  # activation checkpointing where the plan recomputes
