@@ -24,6 +24,7 @@ from placer.engine import EngineConfig, Measurer, reference_step  # noqa: E402
 from placer.io.document import placement_to_json, save_placement  # noqa: E402
 from placer.io.loaders import apply, placed_devices, stage_modules  # noqa: E402
 from tests import fixtures_models as fm  # noqa: E402
+from tests import fixtures_steps as fs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +52,7 @@ def _graph(name: str, method: str = "auto"):
     """The factory's graph; ``method="export"`` forces the torch.export fallback (rebuilt the same way by the
     engine's workers, from the graph's meta)."""
     if (name, method) not in _GRAPHS:
-        source = f"tests.fixtures_models:{name}"
+        source = f"tests.{'fixtures_steps' if hasattr(fs, name) else 'fixtures_models'}:{name}"
         _GRAPHS[name, method] = build_graph(source, profile=None) if method == "auto" else rebuild_traced(
             {"source": {"factory": source, "seed": 0}, "trace": method, "kept_whole": {}}).graph
     return _GRAPHS[name, method]
@@ -104,7 +105,7 @@ def test_buffers_updated_in_place_are_updated_on_the_workers(pool):
     readers on the other (it read the old value before the update became a dependency of its readers)."""
     graph = _graph("buffer_updates")
     torch.manual_seed(0)  # as graphs.build seeds the factory: the workers' model
-    model, (x,) = fm.buffer_updates()
+    model, (x,) = fs.buffer_updates()
     eager = model(x).item()
     pool.switch_graph(graph)
     for placement in (Placement.single(graph, 0), _random_placement(graph, 0)):

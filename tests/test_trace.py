@@ -17,6 +17,7 @@ from graphs.ir import OpGraph  # noqa: E402
 from graphs.microbatch import MICROBATCH_KEYS  # noqa: E402
 from graphs.trace import TraceError, trace_model  # noqa: E402
 from tests import fixtures_models as fm  # noqa: E402
+from tests import fixtures_steps as fs  # noqa: E402
 
 F32 = 4
 
@@ -226,7 +227,7 @@ def test_rebuild_keeps_the_recorded_microbatch_finding_without_running_the_step_
     the step twice), for a graph that splits and one that does not."""
     import graphs.trace
 
-    split = build_graph("tests.fixtures_models:keyed_batch", profile=None)
+    split = build_graph("tests.fixtures_steps:keyed_batch", profile=None)
     mixing = build_graph("tests.fixtures_models:shape_branch", profile=None)
     assert split.meta["microbatchable"] is True and mixing.meta["microbatchable"] is False
 
@@ -245,7 +246,7 @@ def test_in_place_buffer_updates_are_kept_and_ordered_before_their_readers():
     """fx answered ``self.scale`` with the tensor itself, so ``self.scale.mul_(0.5)`` ran once while tracing and
     was not in the step; and nothing ordered an update before the buffer's later reads. Both are now ops of the
     graph, and the readers consume the update."""
-    model, (x,) = fm.buffer_updates()
+    model, (x,) = fs.buffer_updates()
     eager = copy.deepcopy(model)(x).item()  # the first step's loss, buffers updated during it
     traced = trace_model(model, (x,), name="buffers")
     nodes = {n.name: n for n in traced.gm.graph.nodes}
@@ -259,13 +260,13 @@ def test_in_place_buffer_updates_are_kept_and_ordered_before_their_readers():
 def test_the_loss_field_of_a_dict_output_is_the_step_loss_and_other_outputs_need_a_loss_fn():
     from graphs.loss import LOSS_FIELD, traced_default_loss
 
-    model, (x,) = fm.loss_in_a_dict()
+    model, (x,) = fs.loss_in_a_dict()
     traced = trace_model(model, (x,), name="dict_out")
     assert traced.graph.meta["loss"] == LOSS_FIELD
     assert traced.gm(x).item() == pytest.approx(model(x)["loss"].item())
     assert traced_default_loss(traced.graph.meta)(model(x)).item() == pytest.approx(model(x)["loss"].item())
     with pytest.raises(ValueError, match="returns tuple, not a tensor.*give the factory a third item, loss_fn"):
-        trace_model(*fm.tuple_output(), name="tuple_out")
+        trace_model(*fs.tuple_output(), name="tuple_out")
 
 
 def test_a_list_of_ints_input_is_a_constant_and_export_returning_a_tuple_is_refused():
@@ -279,7 +280,7 @@ def test_a_list_of_ints_input_is_a_constant_and_export_returning_a_tuple_is_refu
 def test_python_value_inputs_trace_as_the_example_has_them():
     """None for an optional mask, a flag and a count reach forward as values: fx made them placeholders, so
     ``mask is not None`` held for None and the trace failed (then torch.export's fallback said something else)."""
-    model, inputs = fm.plain_python_inputs()
+    model, inputs = fs.plain_python_inputs()
     eager = model(*inputs).item()
     traced = trace_model(model, inputs, name="plain")
     assert traced.graph.meta["trace"] == "fx" and traced.graph.meta["microbatchable"] is True
@@ -289,13 +290,13 @@ def test_python_value_inputs_trace_as_the_example_has_them():
 
 def test_a_branch_on_a_value_read_from_data_is_refused_not_baked_in():
     with pytest.raises(TraceError, match="control flow"):
-        trace_model(*fm.item_branch(), name="item_branch")
+        trace_model(*fs.item_branch(), name="item_branch")
 
 
 def test_control_flow_on_buffers_traces_with_their_values():
     """Buffers are graph nodes now; an init flag, a repeat count and a threshold read from them are still known
     while tracing (they do not depend on the inputs), as they were when fx answered buffers with tensors."""
-    model, (x,) = fm.buffer_flags()
+    model, (x,) = fs.buffer_flags()
     traced = trace_model(model, (x,), name="flags")
     assert traced.gm(x).item() == pytest.approx(model(x).item())
     assert [n for n in traced.graph.op_names if n.startswith(("mul", "add"))] == ["mul", "mul_1", "add"]
