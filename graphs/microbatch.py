@@ -9,6 +9,12 @@ make batch statistics (BatchNorm, a mean loss) equal too, and dropout is run as 
 is the op mixing samples: a reshape with a hard-coded batch (it fails, or slices samples apart), a constant of the
 example's batch size. The first op whose inputs agree but whose result does not is named.
 
+Copies hide one kind of mixing: an op invariant to duplicated samples (attention across dim 0, which is what a
+sequence-first ``nn.MultiheadAttention`` does to a batch split along time; a max over the batch). A third run on
+the example's own samples catches it: there an op whose inputs agree must give the first part of its batch
+result too. Other samples' values are expected in that run wherever batch statistics enter (BatchNorm, a
+reduction), so such an op and everything after it is left unjudged, as are shapes that depend on the data.
+
 :func:`check_microbatchable` is the refusal: the schedules (so the simulator and the engine) and the loaders
 call it before splitting a batch, so a graph recorded as not micro-batchable is never scored nor run with M > 1.
 """
@@ -87,6 +93,9 @@ _DROPOUT_ATEN = {"dropout", "native_dropout", "feature_dropout", "alpha_dropout"
 _SAME, _UNKNOWN = "same", "unknown"
 _CHANGED = "changed"  # a result of the batch-independent shape that the copies change: mixing for a layer only
 _SHAPE = "shape:"  # prefix of a finding that holds whatever the op's inputs were
+_DUPLICATES = ("; on copies of one micro-batch it agrees, so it mixes samples in a way duplicates hide (attention, "
+               "a softmax or a mean across the batch: nn.MultiheadAttention and nn.TransformerEncoderLayer without "
+               "batch_first=True take the batch on dim 1)")
 
 
 def _smallest_factor(n: int) -> int:
@@ -237,12 +246,26 @@ def find_batch_mixing(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[str, s
     full_in = map_batched(lambda x: torch.cat([x] * p), part_in)
     gen = torch.random.get_rng_state()
     try:
-        return _first_mixing(gm, _run(gm, full_in), _run(gm, part_in), p)
+        part = _run(gm, part_in)
+        return (_first_mixing(gm, _run(gm, full_in), part, p)
+                or _first_mixing(gm, _run(gm, inputs), part, p, distinct=True))
     finally:
         torch.random.set_rng_state(gen)  # the check leaves no trace, randomness included
 
 
-def _first_mixing(gm: fx.GraphModule, full: _Runner, part: _Runner, p: int) -> tuple[str, str] | None:
+def _is_batch_norm(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Batch statistics by design (BatchNorm in training): each micro-batch normalises by its own, as GPipe."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.modules.batchnorm._BatchNorm)
+    return node.op == "call_function" and "batch_norm" in str(getattr(node.target, "__name__", node.target))
+
+
+def _first_mixing(gm: fx.GraphModule, full: _Runner, part: _Runner, p: int,
+                  distinct: bool = False) -> tuple[str, str] | None:
+    """The first op whose inputs agree between the runs but whose result does not (module docstring). With
+    ``distinct``, ``full`` ran on the example's own samples instead of copies: only a result that splits samples
+    apart is a finding then (other samples' values are expected in batch statistics, reductions and shapes that
+    depend on the data), and BatchNorm's statistics are accepted."""
     if full.failed is not None:
         return full.failed[0], f"fails on the example batch: {full.failed[1]}"
     state: dict[str, str] = {}
@@ -255,6 +278,10 @@ def _first_mixing(gm: fx.GraphModule, full: _Runner, part: _Runner, p: int) -> t
             return None  # pragma: no cover - the runner stopped without a recorded failure
         why = _compare(full.values[node.name], part.values[node.name], p)
         inputs_same = all(state.get(a.name) == _SAME for a in node.all_input_nodes)
+        if distinct and (not inputs_same or why.startswith(_SHAPE) or why == _CHANGED or _is_batch_norm(node, gm)):
+            why = _UNKNOWN  # even when close: other samples' statistics, amplified further on, taint what follows
+        elif distinct and why not in (_SAME, _UNKNOWN):
+            why += _DUPLICATES
         if why == _CHANGED:  # a reduction (var, norm, a token count...) may do that; a layer works per sample
             why = _UNKNOWN if node.op != "call_module" else (
                 "gives a result of the same shape for a micro-batch and the batch, neither the same nor "

@@ -120,6 +120,22 @@ def sequence_first() -> tuple[nn.Module, tuple[Tensor]]:
     return _SequenceFirst(), (torch.randn(6, 4, 8),)
 
 
+class _SequenceFirstAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)  # batch_first=False: (time, batch, width)
+        self.encoder, self.out = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.encoder(x)).pow(2).mean()
+
+
+def sequence_first_attention() -> tuple[nn.Module, tuple[Tensor]]:
+    """Attention with the batch on dim 1 and no positional encoding: over copies of half the sequence it gives
+    the half's result (duplicated keys keep the softmax's weights), so only distinct samples show dim 0 is time."""
+    return _SequenceFirstAttention(), (torch.randn(6, 4, 8),)
+
+
 class _PlainInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -146,6 +146,18 @@ def test_a_batch_on_dim_1_is_not_split_along_time():
     assert "not on dim 0" in meta["microbatch_why"] and "batch_first" in meta["microbatch_why"]
 
 
+def test_attention_over_a_sequence_first_batch_is_not_split_along_time():
+    """Copies of one micro-batch hide attention across dim 0 (duplicated keys change no weight); the example's
+    own samples show it. The check passed nn.TransformerEncoder with batch_first=False, and the engine split the
+    sequence."""
+    _, inputs, traced = _trace(fs.sequence_first_attention)
+    meta = traced.graph.meta
+    assert meta["microbatchable"] is False, meta
+    assert "batch_first" in meta["microbatch_why"] and "copies" in meta["microbatch_why"], meta
+    with pytest.raises(ValueError, match="cannot be split into 2 micro-batches"):
+        check_microbatchable(traced.graph, 2)
+
+
 @pytest.mark.parametrize("factory", [fm.mlp, fm.sized, fm.lstm, fm.inplace_bn, fm.encoder_lm, fm.nn_transformer,
                                      fs.keyed_batch, fs.buffer_updates, fs.loss_in_a_dict, fm.mlp_squared_loss,
                                      fs.vit_like,  # views of parameters: the check itself crashed on them
