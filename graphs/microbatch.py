@@ -231,10 +231,16 @@ def _is_random(gm: fx.GraphModule, node: fx.Node, values: Mapping[str, Any]) -> 
 def find_batch_mixing(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[str, str] | None:
     """``(op name, why)`` of the first op of ``gm`` that mixes the samples of a batch, ``("", why)`` when the
     example cannot be split at all, or None when the step micro-batches (see the module docstring)."""
-    batches = [b for _, b in input_batches(inputs)]
+    found = input_batches(inputs)
+    batches = [b for _, b in found]
     if not batches:
         return "", "the example inputs have no tensor with a batch dimension"
     g = math.gcd(*batches)
+    if g < 2 and len(set(batches)) > 1:
+        (big, b), (small, s) = max(found, key=lambda x: x[1]), min(found, key=lambda x: x[1])
+        return "", (f"{small} has {s} rows on dim 0 beside {b} of {big}: every tensor input carries the batch on "
+                    f"dim 0 (one shared by all samples, such as position ids of shape (1, T), can be expanded to "
+                    f"the batch or left to the model)")
     if g < 2:
         return "", f"the example batch ({batches[0]}) has no micro-batch to split into"
     p = _smallest_factor(g)

@@ -158,6 +158,23 @@ def test_attention_over_a_sequence_first_batch_is_not_split_along_time():
         check_microbatchable(traced.graph, 2)
 
 
+def test_an_input_shared_by_all_samples_is_named_in_the_refusal():
+    """Position ids of shape (1, T) beside a (B, T) batch: the batch has no common split, and the refusal said
+    "the example batch (8) has no micro-batch", as if 8 could not be split."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 1)
+
+        def forward(self, x, pos):
+            return self.fc(x + pos).pow(2).mean()
+
+    traced = trace_model(Shared(), (torch.randn(8, 6), torch.arange(6.0)[None]), name="s", meta={})
+    why = traced.graph.meta["microbatch_why"]
+    assert traced.graph.meta["microbatchable"] is False
+    assert "input 1 has 1 rows on dim 0 beside 8 of input 0" in why and "(1, T)" in why, why
+
+
 @pytest.mark.parametrize("factory", [fm.mlp, fm.sized, fm.lstm, fm.inplace_bn, fm.encoder_lm, fm.nn_transformer,
                                      fs.keyed_batch, fs.buffer_updates, fs.loss_in_a_dict, fm.mlp_squared_loss,
                                      fs.vit_like,  # views of parameters: the check itself crashed on them
