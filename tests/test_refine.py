@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from placer.costmodel.plans import best_plan
-from placer.costmodel.refine import INFEASIBLE_S, balanced_runs, default_starts, group_start, refine
+from placer.costmodel.refine import (INFEASIBLE_S, balanced_runs, default_starts, group_start, isolated_start,
+                                      refine)
 from placer.costmodel.sim import Simulator
 from tests.policy_helpers import chain, cpus
 
@@ -132,3 +133,17 @@ def test_the_group_start_leaves_a_device_whose_memory_is_full():
     assert list(dev) == [0, 1] * 4 + [1, 0]
     assert best_plan(tight, dev)[1].ok
     assert best_plan(tight, [0, 1] * 4 + [1, 1])[1].oom
+
+
+def test_the_isolated_start_gives_the_heaviest_op_a_device_of_its_own():
+    # a vocabulary projection near the end (9 of 20 ms): every split puts other ops beside it, this start does
+    # not; the other ops are cut into v chunks per remaining device, in op order, cycling over them
+    fwd = [1e-3] * 10 + [9e-3, 1e-3]
+    sim = Simulator(chain(12, fwd_s=fwd, out_bytes=MiB), cpus(4, speeds=[1.0, 2.0, 1.0, 1.0]))
+    starts = default_starts(sim)
+    assert {"isolated-3x4", "isolated-3x8"} <= set(starts)
+    got = isolated_start(sim, 1)
+    assert got[10] == 1 and list(np.flatnonzero(got == 1)) == [10]  # alone, on the fastest device
+    assert list(np.delete(got, 10)) == [0, 0, 0, 0, 2, 2, 2, 3, 3, 3, 3]  # 11 ops: 4 | 3 | 4 (halves at the cuts)
+    assert list(isolated_start(sim, 2)) == [0, 0, 2, 2, 3, 0, 0, 2, 2, 3, 1, 3]  # v = 2: 6 chunks, j on j mod 3
+    assert "isolated-1x4" not in default_starts(Simulator(sim.graph, cpus(2)))  # two devices: the split starts

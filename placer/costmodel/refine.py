@@ -15,7 +15,9 @@ placement (maximal ranges of consecutive op indices on one device; for a pipelin
   split balanced by 1F1B memory (:func:`placer.costmodel.tight.balanced_split`), and, where colocation groups of
   several ops carry the work (NMT's LSTM layers and output projection, each shared by all 30 time steps), the
   heaviest groups one per device (:func:`group_start`): a group that recurs through the whole op order follows
-  its first op, so no contiguous split gives it a device of its own.
+  its first op, so no contiguous split gives it a device of its own; and the heaviest group alone on the
+  fastest device with the rest interleaved over the others (:func:`isolated_start`: a language model's
+  vocabulary projection, one op with 0.9 of a device's share of the work in moe-paper on 8 GPUs).
 
 An OOM placement scores above every feasible one, by how far its worst device is over memory
 (:data:`INFEASIBLE_S`), so from a start that does not fit the search walks towards one that does.
@@ -50,6 +52,8 @@ feasible step, so the search prefers any plan that fits, and among OOM ones desc
 
 INTERLEAVE_V = (2, 3, 4)
 """Virtual stages per device of the interleaved starts."""
+ISOLATED_V = (4, 8)
+"""Chunks per device of the other ops in the isolated-group starts (:func:`isolated_start`)."""
 _STALE_KICKS = 200
 """Kicks in a row that find nothing new before the search stops early (every neighbourhood seen)."""
 
@@ -106,14 +110,17 @@ def device_speed_order(sim: "Simulator") -> list[int]:
     return [int(d) for d in np.argsort(total, kind="stable")]
 
 
-def balanced_runs(sim: "Simulator", devices: Sequence[int], runs: int | None = None) -> np.ndarray:
+def balanced_runs(sim: "Simulator", devices: Sequence[int], runs: int | None = None,
+                  ops: np.ndarray | None = None) -> np.ndarray:
     """Op-index order cut into ``runs`` (default ``len(devices)``) contiguous runs, run ``j`` on
     ``devices[j mod len(devices)]`` (``runs = 2 x len(devices)``: the interleaved split, v = 2). Each run's share of
     the compute is its device's speed (1 / the graph's time on it) over the runs' total: equal runs on devices of
-    one kind, bigger runs for the faster kind of a mixed cluster."""
+    one kind, bigger runs for the faster kind of a mixed cluster. ``ops``: cut only these ops (index order), and
+    return their devices."""
     runs = runs or len(devices)
     devs = np.asarray(devices, dtype=np.int64)
-    work = (sim.fwd_s[devs] + sim.bwd_s[devs]).mean(axis=0)
+    ops = np.arange(sim.graph.n) if ops is None else np.asarray(ops, dtype=np.int64)
+    work = (sim.fwd_s[devs][:, ops] + sim.bwd_s[devs][:, ops]).mean(axis=0)
     cum = np.cumsum(work) - work / 2
     total = float(work.sum()) or 1.0
     speed = 1.0 / np.maximum((sim.fwd_s[devs] + sim.bwd_s[devs]).sum(axis=1), 1e-300)
@@ -126,7 +133,8 @@ def balanced_runs(sim: "Simulator", devices: Sequence[int], runs: int | None = N
 def default_starts(sim: "Simulator") -> dict[str, np.ndarray]:
     """Balanced contiguous splits over the 1, 2, 4, ... fastest devices and all ``D``, the interleaved splits
     (:data:`INTERLEAVE_V` virtual stages per device) over the same device sets from 2 up, the memory-balanced split
-    and, where it applies, the heavy colocation groups one per device (:func:`group_start`)."""
+    and, where it applies, the heavy colocation groups one per device (:func:`group_start`); from 3 devices, the
+    heaviest group alone on one device and the rest interleaved over the others (:func:`isolated_start`)."""
     order = device_speed_order(sim)
     d = len(order)
     out: dict[str, np.ndarray] = {}
@@ -142,7 +150,27 @@ def default_starts(sim: "Simulator") -> dict[str, np.ndarray]:
         groups = group_start(sim)
         if groups is not None:
             out[f"groups-{d}"] = groups
+    if d > 2:
+        for v in ISOLATED_V:
+            out[f"isolated-{d - 1}x{v}"] = isolated_start(sim, v)
     return out
+
+
+def isolated_start(sim: "Simulator", v: int) -> np.ndarray:
+    """The heaviest colocation group alone on the fastest device, every other op interleaved over the others
+    (``v`` balanced chunks per device, :func:`balanced_runs`). Where one op carries a device's share of the work
+    (a language model's vocabulary projection: 0.9 of it in moe-paper on 8 GPUs), every contiguous or interleaved
+    split gives its device other work too, which the whole pipeline then waits for; the rest, with few
+    micro-batches (a batch of 4), needs many chunks to keep its devices busy."""
+    _, group = np.unique(sim.graph.colocation, return_inverse=True)
+    group = group.reshape(-1)
+    heavy = int(np.argmax(np.bincount(group, weights=(sim.fwd_s + sim.bwd_s).min(axis=0))))
+    order = device_speed_order(sim)
+    dev = np.full(sim.graph.n, order[0], dtype=np.int64)
+    rest = np.flatnonzero(group != heavy)
+    if rest.size:
+        dev[rest] = balanced_runs(sim, order[1:], v * (len(order) - 1), ops=rest)
+    return dev
 
 
 def group_start(sim: "Simulator") -> np.ndarray | None:
