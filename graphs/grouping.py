@@ -113,6 +113,13 @@ def colocation_groups(graph: OpGraph) -> np.ndarray:
     return uf.labels()
 
 
+def colocation_index(graph: OpGraph) -> tuple[np.ndarray, int]:
+    """Each op's colocation group numbered ``0..G-1`` (in the order of the graph's colocation ids), and ``G``."""
+    _, group = np.unique(graph.colocation, return_inverse=True)
+    group = group.reshape(-1).astype(np.int64)
+    return group, int(group.max()) + 1 if group.size else 0
+
+
 def colocation_first(graph: OpGraph) -> np.ndarray:
     """Per op, the index of the first op of its colocation group: the op whose device the group follows."""
     _, first, inverse = np.unique(graph.colocation, return_index=True, return_inverse=True)

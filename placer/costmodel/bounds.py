@@ -83,6 +83,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
+from graphs.grouping import colocation_index
 from placer.costmodel.sim import OPTIMIZERS, Simulator, get_simulator
 
 if TYPE_CHECKING:
@@ -128,13 +129,6 @@ def _fastest(graph: "OpGraph", cluster: "Cluster", microbatches: int, cost_kind:
     f, b = _per_device_times(sim, microbatches)
     f_min, b_min = f.min(axis=0), b.min(axis=0)
     return sim, f, b, f_min, b_min, _chains(sim, f_min, b_min)
-
-
-def _groups(graph: "OpGraph") -> tuple[np.ndarray, int]:
-    """Each op's colocation group as ``0..G-1``, and ``G``."""
-    _, group = np.unique(graph.colocation, return_inverse=True)
-    group = group.reshape(-1)
-    return group, int(group.max()) + 1
 
 
 def _group_min(group: np.ndarray, g_num: int, x: np.ndarray) -> np.ndarray:
@@ -188,7 +182,7 @@ def colocation_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: in
     m = microbatches
     sim, f, b, f_min, b_min, (head, tail, down) = _fastest(graph, cluster, m, cost_kind, dispatch_overhead_s)
     b_chain = np.where(sim.needs_grad, b_min, 0.0)
-    group, g_num = _groups(graph)
+    group, g_num = colocation_index(graph)
     fw, bw = np.zeros((g_num, f.shape[0])), np.zeros((g_num, f.shape[0]))
     np.add.at(fw, group, m * f.T)
     np.add.at(bw, group, m * b.T)
@@ -216,7 +210,7 @@ def fill_drain_bound_s(graph: "OpGraph", cluster: "Cluster", *, microbatches: in
     if not graph.n:
         return 0.0
     _, f, b, _, _, (head, tail, _) = _fastest(graph, cluster, microbatches, cost_kind, dispatch_overhead_s)
-    group, g_num = _groups(graph)
+    group, g_num = colocation_index(graph)
     head_g, tail_g = _group_min(group, g_num, head), _group_min(group, g_num, tail)
     work = float((microbatches * (f + b)).min(axis=0).sum())
     u_max = min(cluster.num_devices, head_g.size)

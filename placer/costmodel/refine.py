@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from graphs.grouping import colocation_first
+from graphs.grouping import colocation_first, colocation_index
 from placer.costmodel.plans import Plan, allowed_microbatches, best_plan
 from placer.costmodel.tight import balanced_split
 
@@ -162,8 +162,7 @@ def isolated_start(sim: "Simulator", v: int) -> np.ndarray:
     (a language model's vocabulary projection: 0.9 of it in moe-paper on 8 GPUs), every contiguous or interleaved
     split gives its device other work too, which the whole pipeline then waits for; the rest, with few
     micro-batches (a batch of 4), needs many chunks to keep its devices busy."""
-    _, group = np.unique(sim.graph.colocation, return_inverse=True)
-    group = group.reshape(-1)
+    group, _ = colocation_index(sim.graph)
     heavy = int(np.argmax(np.bincount(group, weights=(sim.fwd_s + sim.bwd_s).min(axis=0))))
     order = device_speed_order(sim)
     dev = np.full(sim.graph.n, order[0], dtype=np.int64)
@@ -182,14 +181,13 @@ def group_start(sim: "Simulator") -> np.ndarray | None:
     states (x 4, Adam) and the whole batch's stash stay within its capacity (GPipe's peak, so any schedule fits),
     as long as some device has that room. None when no group has several ops."""
     graph = sim.graph
-    _, group = np.unique(graph.colocation, return_inverse=True)
-    group = group.reshape(-1)
+    group, g_num = colocation_index(graph)
     multi = np.flatnonzero(np.bincount(group) > 1)
     if not multi.size:
         return None
     d = sim.cluster.num_devices
     work = sim.fwd_s + sim.bwd_s  # (D, n): full-batch time of every op on every device
-    group_work = np.stack([np.bincount(group, weights=work[k], minlength=group.max() + 1) for k in range(d)])
+    group_work = np.stack([np.bincount(group, weights=work[k], minlength=g_num) for k in range(d)])
     need = np.bincount(group, weights=sim.param_bytes * 4.0 + sim.stash_bytes)  # bytes per group
     share = 1.0 / (1.0 / np.maximum(work.sum(axis=1), 1e-300)).sum()  # each device's time when all end together
     dev = np.full(graph.n, -1, dtype=np.int64)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from graphs.grouping import part_of_path
+from graphs.grouping import colocation_first, part_of_path
 from graphs.ir import OpGraph
 from placer.core.placement import Placement
 
@@ -76,6 +76,4 @@ def split_after(graph: OpGraph, *last_parts: str) -> Placement:
         nxt = stage_of_part[part] if part else nxt
         dev[i] = nxt
     # colocated ops (a module-less op sharing a group with a part's op) follow the group's first op
-    _, first = np.unique(graph.colocation, return_index=True)
-    _, inverse = np.unique(graph.colocation, return_inverse=True)
-    return Placement(dev[first[inverse]])
+    return Placement(dev[colocation_first(graph)])
