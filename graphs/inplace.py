@@ -1,24 +1,41 @@
 """In-place updates as data dependencies of a traced step (:func:`thread_inplace_updates`): the tracer
 (:mod:`graphs.tracer`) runs it on every graph it records, so a buffer's update (``self.mean.mul_(0.5)``) is ordered
-before the buffer's later reads by every schedule, in the simulator and on the engine's workers."""
+before the buffer's later reads by every schedule, in the simulator and on the engine's workers. The tracer also
+records the updates ``forward`` writes as Python statements (:func:`in_place_operator`,
+:func:`state_writes_recorded`): ``self.steps += 1``, ``self.ema = 0.9 * self.ema + ...``."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import logging
+from typing import Any, Callable, Iterator
 
+import torch
 import torch.fx as fx
+from torch import nn
 
-__all__ = ["thread_inplace_updates"]
+__all__ = ["IN_PLACE_OPERATORS", "in_place_operator", "state_writes_recorded", "thread_inplace_updates",
+           "updated_state", "updates_in_place"]
+
+log = logging.getLogger(__name__)
 
 
-def _updates_in_place(node: fx.Node) -> bool:
-    """``x.add_(y)``, ``x.copy_(y)``: a tensor method that changes its tensor and returns it. (fx's proxies have
-    no ``__iadd__``: ``x += y`` traces as ``x = x + y``. An update through a view, ``x[:, 0].add_(1)``, is not
-    ordered before later reads of ``x``: a known limit.)"""
+def updates_in_place(node: fx.Node) -> bool:
+    """``x.add_(y)``, ``x.copy_(y)``: a tensor method that changes its tensor and returns it. (The tracer records
+    ``buffer += y`` and ``self.buffer = value`` in ``forward`` as such methods. An update through a view,
+    ``x[:, 0].add_(1)``, is not ordered before later reads of ``x``: a known limit.)"""
     if node.op != "call_method" or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     name = str(node.target)
     return name.endswith("_") and not name.startswith("_")
+
+
+def updated_state(node: fx.Node) -> str | None:
+    """The module attribute (``"layer.ema"``) that ``node``'s value is, directly or through in-place updates of
+    it (``self.ema.mul_(0.9).add_(y)``); None for any other value."""
+    while updates_in_place(node):
+        node = node.args[0]
+    return str(node.target) if node.op == "get_attr" else None
 
 
 def thread_inplace_updates(graph: fx.Graph) -> None:
@@ -36,6 +53,67 @@ def thread_inplace_updates(graph: fx.Graph) -> None:
     for node in list(graph.nodes):
         if latest:
             node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: latest.get(key(a), a))
-        if _updates_in_place(node):
+        if updates_in_place(node):
             latest[key(node.args[0])] = node
             tensor_of[node] = key(node.args[0])
+
+
+# ``t += y`` on a tensor is ``t.add_(y)``; fx's proxies have no ``__iadd__``, so Python falls back to ``t = t + y``.
+# On module state (``self.steps += 1``, ``self.ema *= 0.9``) that drops the update from the step: the buffer
+# never changes on the engine's workers. The tracer records those as the in-place methods they are.
+IN_PLACE_OPERATORS = {"__iadd__": "add_", "__isub__": "sub_", "__imul__": "mul_", "__itruediv__": "div_",
+                      "__ifloordiv__": "floor_divide_", "__imod__": "remainder_", "__ipow__": "pow_",
+                      "__iand__": "bitwise_and_", "__ior__": "bitwise_or_", "__ixor__": "bitwise_xor_",
+                      "__ilshift__": "bitwise_left_shift_", "__irshift__": "bitwise_right_shift_"}
+
+
+def _describe_value(v: Any) -> str:
+    return f"tensor {tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def in_place_operator(method: str) -> Callable[[fx.Proxy, Any], Any]:
+    """The proxy's ``__iadd__`` (etc.) for ``method``: in place on module state, else ``NotImplemented``."""
+    def update(self: fx.Proxy, other: Any) -> Any:
+        vals = self.__dict__.get("_vals")
+        if (vals is None or not isinstance(vals[0], torch.Tensor) or vals[0].requires_grad
+                or updated_state(self.node) is None):
+            return NotImplemented  # an activation (or a parameter): out of place, as fx traces it
+        return self.tracer.create_proxy("call_method", method, (self, other), {})
+    return update
+
+
+@contextlib.contextmanager
+def state_writes_recorded(tracer: fx.Tracer) -> Iterator[None]:
+    """``self.buffer = value`` in ``forward``, ``value`` traced: the step's update of the buffer, recorded as
+    ``buffer.copy_(value)`` (the buffer object stays; its later reads then read the update, as for any in-place
+    update); after ``self.buffer += y`` (Python assigns the result back), nothing more. Without it fx left the
+    module holding a Proxy, and the update was not in the step. A value of another shape or dtype (a cache of
+    the last activation) is the step's value as fx traced it, not kept between steps (warned); tracing puts
+    the module's own buffer back (:func:`graphs.trace.buffers_restored`)."""
+    orig = nn.Module.__setattr__
+
+    def setattr_(module: nn.Module, name: str, value: Any) -> None:
+        buffers = module.__dict__.get("_buffers")
+        if not (getattr(tracer, "recording", True) and isinstance(value, fx.Proxy) and buffers is not None
+                and buffers.get(name) is not None):
+            return orig(module, name, value)
+        try:
+            path = tracer.path_of_module(module)
+        except NameError:  # a module outside the traced root
+            return orig(module, name, value)
+        target = f"{path}.{name}" if path else name
+        if updated_state(value.node) == target:
+            return None
+        now, new = buffers[name], value.__dict__.get("_vals", [None])[0]
+        if not (isinstance(new, torch.Tensor) and new.shape == now.shape and new.dtype == now.dtype):
+            log.warning("forward sets buffer %r to a %s: the step reads it, but it is not kept between steps (a "
+                        "buffer keeps its shape and dtype: %s)", target, _describe_value(new), _describe_value(now))
+            return orig(module, name, value)
+        tracer.create_proxy("call_method", "copy_", (tracer.create_proxy("get_attr", target, (), {}), value), {})
+        return None
+
+    nn.Module.__setattr__ = setattr_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__setattr__ = orig  # type: ignore[method-assign]

@@ -103,12 +103,14 @@ class TracedModel:
 def buffers_restored(module: nn.Module) -> Iterator[None]:
     """Put every buffer (e.g. BatchNorm running statistics) back as it was: tracing and profiling run the
     step, but must leave the model exactly as built, so a rebuild from ``meta`` is identical."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    saved = [(m, name, b, b.detach().clone()) for m in module.modules() for name, b in m._buffers.items()
+             if b is not None]
     try:
         yield
     finally:
         with torch.no_grad():
-            for b, copy in saved:
+            for m, name, b, copy in saved:  # ``self.ema = ...`` in forward put another tensor there
+                m._buffers[name] = b
                 b.copy_(copy)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphs.inplace import thread_inplace_updates
+from graphs.inplace import IN_PLACE_OPERATORS, in_place_operator, state_writes_recorded, thread_inplace_updates
 from graphs.microbatch import input_batches, map_batched, split_inputs
 
 __all__ = ["COMPOSITE_MODULES", "LEAF_CLASS_NAMES", "is_primitive", "StepTracer", "trace_step", "legacy_trace_fx"]
@@ -183,6 +183,10 @@ class _Proxy(fx.Proxy):
             if all(v is not _MISSING and len(v) == n for v in vals[1:]):
                 return n
         raise RuntimeError("'len' of a value that depends on the batch size cannot be traced")
+
+
+for _dunder, _method in IN_PLACE_OPERATORS.items():  # ``self.steps += 1``: graphs.inplace
+    setattr(_Proxy, _dunder, in_place_operator(_method))
 
 
 class _Method:
@@ -394,7 +398,7 @@ def trace_step(model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any
                ) -> tuple[fx.GraphModule, dict[str, str]]:
     """``loss_fn(model(*inputs))`` as a GraphModule (targets relative to ``model``) and the modules kept whole."""
     tracer = StepTracer(_example_runs(inputs))
-    with _size_calls_recorded(tracer):
+    with _size_calls_recorded(tracer), state_writes_recorded(tracer):
         graph = tracer.trace(model)
     out = next(n for n in graph.nodes if n.op == "output")
     result = out.args[0]

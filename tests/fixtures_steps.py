@@ -67,6 +67,30 @@ def buffer_updates() -> tuple[nn.Module, tuple[Tensor]]:
     return _BufferUpdates(), (torch.randn(8, 8),)
 
 
+class _BufferAssignments(_BufferUpdates):
+    """The same updates written the other ways ``forward`` keeps state: augmented assignment (``+=``, ``*=``: in
+    place on a tensor, but fx's proxies have no ``__iadd__``, so it traced as ``x = x + y`` and the buffer was
+    never updated) and reassignment of a buffer to a new tensor (an exponential moving average), each read
+    after the update; a step counter too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(16))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        self.steps += 1
+        self.scale *= 0.5
+        self.total += h.detach().mean(0)
+        self.ema = 0.9 * self.ema + 0.1 * h.detach().pow(2).mean(0)
+        return self.b(h * self.scale - self.total + self.ema / self.steps).pow(2).mean()
+
+
+def buffer_assignments() -> tuple[nn.Module, tuple[Tensor]]:
+    return _BufferAssignments(), (torch.randn(8, 8),)
+
+
 class _ItemBranch(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -100,12 +100,14 @@ def test_pipeline_schedules_equal_single_process_training(pool, name, method, tr
                                        msg=lambda m: f"{schedule} {pname}: {m}")  # noqa: B023 - called at once
 
 
-def test_buffers_updated_in_place_are_updated_on_the_workers(pool):
+@pytest.mark.parametrize("name", ["buffer_updates", "buffer_assignments"])
+def test_buffers_updated_in_place_are_updated_on_the_workers(pool, name):
     """The engine reads a buffer after the step's in-place update of it, on one device and with the buffer's
-    readers on the other (it read the old value before the update became a dependency of its readers)."""
-    graph = _graph("buffer_updates")
+    readers on the other (it read the old value before the update became a dependency of its readers); also
+    where ``forward`` writes ``buffer += y`` or ``self.buffer = value``."""
+    graph = _graph(name)
     torch.manual_seed(0)  # as graphs.build seeds the factory: the workers' model
-    model, (x,) = fs.buffer_updates()
+    model, (x,) = getattr(fs, name)()
     eager = model(x).item()
     pool.switch_graph(graph)
     for placement in (Placement.single(graph, 0), _random_placement(graph, 0)):

@@ -257,6 +257,48 @@ def test_in_place_buffer_updates_are_kept_and_ordered_before_their_readers():
     assert {"mul_", "add_"} <= set(traced.graph.op_names)
 
 
+def test_augmented_and_reassigned_buffers_are_updated_by_the_step_as_in_eager():
+    """``self.steps += 1`` traced as ``steps = steps + 1`` (fx's proxies have no ``__iadd__``) and
+    ``self.ema = 0.9 * self.ema + ...`` left the module holding a Proxy: the step's loss was a Proxy and tracing
+    failed, and no step would have kept the buffers' updates. Both are now in-place updates of the buffer, so two
+    traced steps give eager's two losses and buffers; tracing leaves the model's own buffer tensors as built."""
+    model, (x,) = fs.buffer_assignments()
+    built = {k: (b, b.clone()) for k, b in model.named_buffers()}
+    eager = copy.deepcopy(model)
+    want = [eager(x).item() for _ in range(2)]
+    traced = trace_model(model, (x,), name="assignments")
+    for k, b in model.named_buffers():
+        assert b is built[k][0] and torch.equal(b, built[k][1]), k
+    assert {"add_", "mul_", "copy_"} <= set(traced.graph.op_names)
+    assert [traced.gm(x).item() for _ in range(2)] == pytest.approx(want, rel=1e-6)
+    after = dict(eager.named_buffers())
+    for k, b in traced.gm.named_buffers():
+        torch.testing.assert_close(b, after[k], msg=k)
+
+
+def test_a_buffer_set_to_another_shape_is_the_steps_value_and_the_model_keeps_its_own(caplog):
+    """``self.last = h.detach()`` into a buffer built empty: no in-place update can hold it, so the step reads the
+    value as fx traced it (before, the module was left holding a Proxy) and the user is told it is not kept."""
+
+    class Last(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(8, 16)
+            self.register_buffer("last", torch.zeros(0))
+
+        def forward(self, x):
+            self.last = self.a(x).detach()
+            return (self.a(x) * self.last).mean()
+
+    model, x = Last(), torch.randn(4, 8)
+    built = model.last
+    traced = trace_model(model, (x,), name="last")
+    assert traced.graph.meta["trace"] == "fx" and "copy_" not in traced.graph.op_names
+    assert model.last is built and built.shape == (0,)
+    assert traced.gm(x).item() == pytest.approx(Last.forward(copy.deepcopy(model), x).item())
+    assert "forward sets buffer 'last' to a tensor (4, 16)" in caplog.text
+
+
 def test_the_loss_field_of_a_dict_output_is_the_step_loss_and_other_outputs_need_a_loss_fn():
     from graphs.loss import LOSS_FIELD, traced_default_loss
 
