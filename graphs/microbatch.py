@@ -21,6 +21,7 @@ call it before splitting a batch, so a graph recorded as not micro-batchable is 
 
 from __future__ import annotations
 
+import collections
 import math
 import weakref
 from typing import Any, Mapping, Sequence
@@ -29,17 +30,56 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map
+from torch.utils._pytree import (SUPPORTED_NODES, MappingKey, keystr, register_pytree_node,
+                                 tree_flatten_with_path, tree_leaves, tree_map)
 
 __all__ = ["find_batch_mixing", "check_microbatchable", "microbatch_meta", "input_batches", "split_inputs",
            "check_split", "map_batched", "inputs_to", "batched_tensors", "is_batched", "MICROBATCH_KEYS"]
 
 
 # ---------------------------------------------------------------------- the batch of a step's inputs
-# A step's inputs are tensors or containers of them (a dict as Hugging Face models take, lists, tuples): every
-# tensor leaf with a dimension carries the batch along dim 0; everything else (scalars, flags, 0-d tensors) is
-# passed whole to every micro-batch. Every consumer (the batch-mixing check, the profiler, the engine, the stage
-# split for trainers) cuts micro-batches with these.
+# A step's inputs are tensors or containers of them (a dict as Hugging Face models take, lists, tuples, a
+# tokenizer's BatchEncoding or another UserDict: :func:`_as_container`): every tensor leaf with a dimension carries
+# the batch along dim 0; everything else (scalars, flags, 0-d tensors) is passed whole to every micro-batch. Every
+# consumer (the batch-mixing check, the profiler, the engine, the stage split for trainers) cuts micro-batches with
+# these.
+
+def _as_container(cls: type) -> None:
+    """Register a ``collections.UserDict`` type (Hugging Face's ``BatchEncoding``, a tokenizer's output) with
+    torch's pytree as a container of its values, rebuilt as the same type with the same attributes. torch takes
+    such types for leaves, so the tensors in one were never split into micro-batches."""
+    def flatten(d: collections.UserDict) -> tuple[list[Any], Any]:
+        keys = tuple(d.data)
+        return [d.data[k] for k in keys], (keys, {k: v for k, v in vars(d).items() if k != "data"})
+
+    def unflatten(values: Any, context: Any) -> collections.UserDict:
+        keys, attrs = context
+        d = cls.__new__(cls)
+        d.__dict__.update(attrs)
+        d.data = dict(zip(keys, values))
+        return d
+
+    def flatten_with_keys(d: collections.UserDict) -> tuple[list[tuple[Any, Any]], Any]:
+        values, context = flatten(d)
+        return [(MappingKey(k), v) for k, v in zip(context[0], values)], context
+
+    register_pytree_node(cls, flatten, unflatten, flatten_with_keys_fn=flatten_with_keys,
+                         serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+
+
+def _containers_registered(inputs: Any) -> Any:
+    """``inputs``, after :func:`_as_container` of every ``UserDict`` type found in them (tuples, lists, dicts)."""
+    stack = [inputs]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (tuple, list)):
+            stack.extend(x)
+        elif isinstance(x, (dict, collections.UserDict)):
+            if isinstance(x, collections.UserDict) and type(x) not in SUPPORTED_NODES:
+                _as_container(type(x))
+            stack.extend(x.values())
+    return inputs
+
 
 def is_batched(x: Any) -> bool:
     """Whether ``x`` is a leaf that carries the batch: a tensor with a dimension (dim 0 is the batch)."""
@@ -48,24 +88,25 @@ def is_batched(x: Any) -> bool:
 
 def map_batched(fn: Any, inputs: Sequence[Any]) -> tuple[Any, ...]:
     """``inputs`` with ``fn`` applied to every batched tensor leaf (containers rebuilt, other leaves kept)."""
-    return tuple(tree_map(lambda x: fn(x) if is_batched(x) else x, a) for a in inputs)
+    return tuple(tree_map(lambda x: fn(x) if is_batched(x) else x, a) for a in _containers_registered(inputs))
 
 
 def inputs_to(inputs: Sequence[Any], device: Any) -> tuple[Any, ...]:
     """``inputs`` with every tensor leaf (0-d ones too, which :func:`map_batched` leaves) moved to ``device``."""
-    return tuple(tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, a) for a in inputs)
+    return tuple(tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, a)
+                 for a in _containers_registered(inputs))
 
 
 def batched_tensors(inputs: Sequence[Any]) -> list[torch.Tensor]:
     """The batched tensor leaves of ``inputs`` in tree order: what a pipeline's first stage is fed
     (``torch.distributed.pipelining`` passes tensors only, and splits each along dim 0)."""
-    return [x for x in tree_leaves(tuple(inputs)) if is_batched(x)]
+    return [x for x in tree_leaves(tuple(_containers_registered(inputs))) if is_batched(x)]
 
 
 def input_batches(inputs: Sequence[Any]) -> list[tuple[str, int]]:
     """``(where, batch)`` of every batched tensor leaf of ``inputs``: ``where`` names it (``input 0``,
     ``input 0['input_ids']``)."""
-    leaves, _ = tree_flatten_with_path(tuple(inputs))
+    leaves, _ = tree_flatten_with_path(tuple(_containers_registered(inputs)))
     return [(f"input {path[0].idx}{keystr(path[1:])}", int(x.shape[0])) for path, x in leaves if is_batched(x)]
 
 

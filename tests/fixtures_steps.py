@@ -1,9 +1,11 @@
 """Tiny user-model factories whose training step is unusual (``tests.fixtures_steps:<name>``): a batch given as a
-dict, buffers updated or branched on in ``forward``, Python-value inputs, a loss in an output field, a batch not
-on dim 0, views of parameters, reductions over the batch. Same convention as :mod:`tests.fixtures_models`."""
+dict or a tokenizer's UserDict, buffers updated or branched on in ``forward``, Python-value inputs, a loss in an
+output field, a batch not on dim 0, views of parameters, reductions over the batch. Same convention as
+:mod:`tests.fixtures_models`."""
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import torch
@@ -29,6 +31,34 @@ def keyed_batch() -> tuple[nn.Module, tuple[dict]]:
     ids = torch.randint(0, 50, (8, 6))
     mask = (torch.rand(8, 6) > 0.2).float()
     return _KeyedBatch(), ({"input_ids": ids, "attention_mask": mask, "labels": ids.roll(1, dims=1)},)
+
+
+class Encoding(collections.UserDict):
+    """A tokenizer's output as Hugging Face's ``BatchEncoding`` is one: a ``UserDict`` whose fields also read as
+    attributes, with attributes of its own (torch's pytree took it for one leaf: nothing in it was split)."""
+
+    def __init__(self, data: dict, n_sequences: int = 1) -> None:
+        super().__init__(data)
+        self.n_sequences = n_sequences
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _EncodedBatch(_KeyedBatch):
+    def forward(self, batch: Encoding) -> Tensor:
+        assert batch.n_sequences == 1
+        return super().forward({"input_ids": batch.input_ids, "attention_mask": batch["attention_mask"],
+                                "labels": batch.labels})
+
+
+def encoded_batch() -> tuple[nn.Module, tuple[Encoding]]:
+    """:func:`keyed_batch` given as an :class:`Encoding`."""
+    _, (batch,) = keyed_batch()
+    return _EncodedBatch(), (Encoding(batch),)
 
 
 class _OneKey(nn.Module):

@@ -77,6 +77,7 @@ def pool():
     ("nn_transformer", "auto", "fx"), ("hf_gpt2", "auto", "fx"), ("hf_llama", "auto", "fx"), ("hf_bert", "auto", "fx"),
     ("hf_gpt2", "export", "export"),  # the fallback's dynamic batch dimension micro-batches too
     ("keyed_batch", "auto", "fx"),  # the batch in a dict: every tensor in it is split
+    ("encoded_batch", "auto", "fx"),  # ... or in a UserDict such as a tokenizer's BatchEncoding
     ("plain_python_inputs", "auto", "fx"),  # None, a flag and a count beside the batch: passed whole
 ])
 def test_pipeline_schedules_equal_single_process_training(pool, name, method, tracer):
@@ -116,10 +117,12 @@ def test_buffers_updated_in_place_are_updated_on_the_workers(pool, name):
         assert out.loss == pytest.approx(eager, rel=1e-5)
 
 
-def test_pipelining_backend_splits_a_batch_given_as_a_dict(pool):
-    """torch.distributed.pipelining on the workers, the batch one dict: stage 0 gets each micro-batch's slice of
-    every tensor in it (the labels cross to stage 1), and the step is single-process training's."""
-    graph = _graph("keyed_batch")
+@pytest.mark.parametrize("name", ["keyed_batch", "encoded_batch"])
+def test_pipelining_backend_splits_a_batch_given_as_a_dict(pool, name):
+    """torch.distributed.pipelining on the workers, the batch one dict (or a tokenizer's UserDict): stage 0 gets
+    each micro-batch's slice of every tensor in it (the labels cross to stage 1), and the step is single-process
+    training's."""
+    graph = _graph(name)
     traced = rebuild_traced(graph.meta)
     ref_loss, ref_grads, _ = reference_step(traced.gm, traced.example_inputs, microbatches=1)
     pool.switch_graph(graph)
@@ -154,7 +157,8 @@ def test_hf_models_trace_place_and_reload(tmp_path, name):
         torch.testing.assert_close(model(*inputs), before)
 
 
-@pytest.mark.parametrize("name", ["nn_transformer", "hf_gpt2", "hf_llama", "keyed_batch", "one_key_dict"])
+@pytest.mark.parametrize("name", ["nn_transformer", "hf_gpt2", "hf_llama", "keyed_batch", "one_key_dict",
+                                  "encoded_batch"])
 def test_pipeline_stages_of_a_micro_batch_compose_to_the_step(name):
     """The loaders' stages (``stage_modules``, what ``pipeline_stages`` hands to torch) at 4 micro-batches: the
     stages built for one micro-batch compute that micro-batch's loss, batch-size values included."""
