@@ -105,13 +105,14 @@ def test_pipeline_schedules_equal_single_process_training(pool, name, method, tr
 def test_buffers_updated_in_place_are_updated_on_the_workers(pool, name):
     """The engine reads a buffer after the step's in-place update of it, on one device and with the buffer's
     readers on the other (it read the old value before the update became a dependency of its readers); also
-    where ``forward`` writes ``buffer += y`` or ``self.buffer = value``."""
+    where ``forward`` writes ``buffer += y`` or ``self.buffer = value`` (recorded as ``copy_``: run in place, it
+    changed the buffer before a reader of its old value on the other device had it, 1 of these 4 placements)."""
     graph = _graph(name)
     torch.manual_seed(0)  # as graphs.build seeds the factory: the workers' model
     model, (x,) = getattr(fs, name)()
     eager = model(x).item()
     pool.switch_graph(graph)
-    for placement in (Placement.single(graph, 0), _random_placement(graph, 0)):
+    for placement in (Placement.single(graph, 0), *(_random_placement(graph, seed) for seed in range(4))):
         out = pool.run_step(placement, update=False)
         assert out.result.ok, out.result.failure
         assert out.loss == pytest.approx(eager, rel=1e-5)
