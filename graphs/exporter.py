@@ -4,7 +4,9 @@ cannot trace a model (or keeps a composite module whole).
 The batch dimension (dim 0 of every batched input) is ``Dim.AUTO``: export keeps it symbolic (``sym_size`` nodes
 feed the views), so the graph runs at any micro-batch size, or specialises it where the model bakes its batch in
 (that graph is then exported static and :mod:`graphs.microbatch` finds the op). The smallest batch export's
-guards allow is kept as ``gm.meta["batch_min"]``.
+guards allow is kept as ``gm.meta["batch_min"]``. A step that updates a tensor in place that is read again
+(``h[:, 0] = 0`` on an activation, which fx cannot trace) is functionalized (``run_decompositions({})``: the
+update becomes an out-of-place scatter that its readers consume), so it splits over devices like any other op.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch import nn
+
+from graphs.inplace import copied
 
 __all__ = ["STEP_PREFIX", "trace_export"]
 
@@ -52,6 +56,22 @@ def _export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple, *, d
             log.debug("torch.export stderr:\n%s", noise.getvalue())
 
 
+def _updates_a_read_value(graph: fx.Graph) -> bool:
+    """Whether the exported step changes a tensor in place that something else reads, or through a view
+    (``h[:, 0] = 0`` is ``fill_`` of a ``select`` of ``h``): on the engine's workers each device updates its own
+    copy and the readers elsewhere never see it (or autograd refuses the update of a received leaf). A buffer
+    updated and not read again (BatchNorm's ``num_batches_tracked``) is not such an update."""
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for spec, arg in zip(schema.arguments, node.args):
+            written = spec.alias_info is not None and spec.alias_info.is_write
+            if written and isinstance(arg, fx.Node) and (len(arg.users) > 1 or getattr(arg.target, "is_view", False)):
+                return True
+    return False
+
+
 def trace_export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple, *,
                   legacy: bool = False) -> fx.GraphModule:
     """torch.export of the step, the batch dimension dynamic (static when the model bakes it in, or ``legacy``)."""
@@ -62,7 +82,13 @@ def trace_export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple,
             raise
         log.debug("dynamic-batch export failed; exporting static shapes", exc_info=True)
         ep = _export(model, loss_fn, inputs, dynamic=False)
+    functional = _updates_a_read_value(ep.graph)
+    if functional:
+        ep = ep.run_decompositions({})  # functional: select_scatter and friends, buffers written back at the end
     gm = ep.module()
+    for node in gm.graph.nodes if functional else ():
+        if node.target is torch.ops.aten.copy.default:  # ``x[:, 1:3] *= 2`` writes back so; no autograd formula
+            node.target = copied
     # The smallest batch the export's guards allow (2 is export's 0/1 specialisation, not the model's): a model
     # branching on its batch size is exported for one branch, which micro-batches below the bound do not take.
     lowers = [int(r.lower) for r in ep.range_constraints.values() if str(r.lower).lstrip("-").isdigit()]

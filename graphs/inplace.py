@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["IN_PLACE_OPERATORS", "in_place_operator", "state_writes_recorded", "thread_inplace_updates",
+__all__ = ["IN_PLACE_OPERATORS", "copied", "in_place_operator", "state_writes_recorded", "thread_inplace_updates",
            "updated_state", "updates_in_place"]
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,15 @@ def thread_inplace_updates(graph: fx.Graph) -> None:
         if updates_in_place(node):
             latest[key(node.args[0])] = node
             tensor_of[node] = key(node.args[0])
+
+
+def copied(dst: torch.Tensor, src: Any, non_blocking: bool = False) -> torch.Tensor:
+    """``dst.copy_(src)`` out of place, differentiable: ``src`` in ``dst``'s dtype, device and shape. The engine
+    runs a buffer's ``copy_`` so (run in place, the update would also change the value an earlier reader on
+    another device has not been sent yet), and a functionalized export's ``aten.copy`` (no autograd formula)."""
+    value = src.to(dtype=dst.dtype, device=dst.device) if isinstance(src, torch.Tensor) else \
+        torch.as_tensor(src, dtype=dst.dtype, device=dst.device)
+    return value.expand_as(dst).clone()
 
 
 # ``t += y`` on a tensor is ``t.add_(y)``; fx's proxies have no ``__iadd__``, so Python falls back to ``t = t + y``.

@@ -61,6 +61,25 @@ def encoded_batch() -> tuple[nn.Module, tuple[Encoding]]:
     return _EncodedBatch(), (Encoding(batch),)
 
 
+class _ItemAssignment(nn.Module):
+    """``h[:, 0] = 0``: item assignment on a traced value, which fx cannot record (the tracer keeps the module
+    whole, then torch.export traces it as an in-place ``fill_`` through a view of ``h``, read again after)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        h[:, 0] = 0.0
+        h[:, 1:3] *= 2.0
+        return self.c(torch.relu(self.b(h)) + h).pow(2).mean()
+
+
+def item_assignment() -> tuple[nn.Module, tuple[Tensor]]:
+    return _ItemAssignment(), (torch.randn(8, 8),)
+
+
 class _OneKey(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -24,6 +24,8 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from graphs.inplace import copied
+
 log = logging.getLogger(__name__)
 
 __all__ = ["LeafMeta", "ValueMeta", "OpProgram", "StepProgram", "compile_step", "describe_values"]
@@ -188,13 +190,6 @@ def _call_method(name: str, obj: Any, *args: Any, **kwargs: Any) -> Any:
     return getattr(obj, name)(*args, **kwargs)
 
 
-def _copied(dst: torch.Tensor, src: Any, non_blocking: bool = False) -> torch.Tensor:
-    """``dst.copy_(src)`` out of place: ``src`` in ``dst``'s dtype, device and shape. The tracer records a buffer's
-    reassignment in ``forward`` (``self.ema = ...``) so; run in place, the update would also change the value an
-    earlier reader on another device has not been sent yet."""
-    return torch.as_tensor(src, dtype=dst.dtype, device=dst.device).expand_as(dst).clone()
-
-
 def _inplace_free(args: tuple, kwargs: dict, target: Any) -> tuple[tuple, dict, Any]:
     """Disable in-place variants: an op's inputs are autograd leaves here, which in-place ops may not modify."""
     if kwargs.get("inplace") is True:
@@ -238,10 +233,10 @@ def compile_step(gm: fx.GraphModule) -> StepProgram:
             mod = gm.get_submodule(str(target))
             fn: Callable[..., Any] = mod
             params = tuple((param_names[id(p)], p) for p in mod.parameters() if p.requires_grad)
+        elif (node.op == "call_method" and str(target) == "copy_") or target is torch.ops.aten.copy_.default:
+            fn = copied  # torch.export writes updated buffers back with aten.copy_
         elif node.op == "call_function":
             fn = target
-        elif node.op == "call_method" and str(target) == "copy_":
-            fn = _copied
         elif node.op == "call_method":
             if str(target).endswith("_") and not str(target).endswith("__"):
                 # an in-place tensor method on a leaf input: run the out-of-place twin instead
