@@ -1,33 +1,47 @@
 """In-place updates as data dependencies of a traced step (:func:`thread_inplace_updates`): the tracer
 (:mod:`graphs.tracer`) runs it on every graph it records, so a buffer's update (``self.mean.mul_(0.5)``) is ordered
 before the buffer's later reads by every schedule, in the simulator and on the engine's workers. The tracer also
-records the updates ``forward`` writes as Python statements (:func:`in_place_operator`,
+records the updates ``forward`` writes as Python statements (:func:`with_in_place_operators`,
 :func:`state_writes_recorded`): ``self.steps += 1``, ``self.ema = 0.9 * self.ema + ...``."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["IN_PLACE_OPERATORS", "copied", "in_place_operator", "state_writes_recorded", "thread_inplace_updates",
-           "updated_state", "updates_in_place"]
+__all__ = ["IN_PLACE_OPERATORS", "copied", "refuse_updates_through_views", "state_writes_recorded",
+           "thread_inplace_updates", "updated_state", "updates_in_place", "with_in_place_operators"]
 
 log = logging.getLogger(__name__)
 
 
 def updates_in_place(node: fx.Node) -> bool:
     """``x.add_(y)``, ``x.copy_(y)``: a tensor method that changes its tensor and returns it. (The tracer records
-    ``buffer += y`` and ``self.buffer = value`` in ``forward`` as such methods. An update through a view,
-    ``x[:, 0].add_(1)``, is not ordered before later reads of ``x``: a known limit.)"""
+    ``buffer += y`` and ``self.buffer = value`` in ``forward`` as such methods; one through a view is refused,
+    :func:`refuse_updates_through_views`.)"""
     if node.op != "call_method" or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     name = str(node.target)
     return name.endswith("_") and not name.startswith("_")
+
+
+def refuse_updates_through_views(graph: fx.Graph, values: Mapping[fx.Node, Sequence[Any]]) -> None:
+    """``RuntimeError`` where an in-place method updates a view of another tensor (``h[:, 0].add_(1)``,
+    ``h.narrow(1, 2, 3).mul_(3)``; ``values``: each node's traced values, the example's first): fx records an
+    update of the view alone, which :func:`thread_inplace_updates` cannot order before the readers of ``h``, and
+    the engine runs in-place methods out of place, so ``h``'s readers never saw it (the step was silently another
+    one, on one device too). Refused, the model is traced by torch.export, which functionalizes such updates
+    (:mod:`graphs.exporter`)."""
+    for node in graph.nodes:
+        value = next(iter(values.get(node.args[0], ())), None) if updates_in_place(node) else None
+        if isinstance(value, torch.Tensor) and value._base is not None:
+            raise RuntimeError(f"{node.target} through a view ({node.args[0].name}) updates the tensor it views, "
+                               "which fx records as an update of the view alone")
 
 
 def updated_state(node: fx.Node) -> str | None:
@@ -80,7 +94,7 @@ def _describe_value(v: Any) -> str:
     return f"tensor {tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
 
 
-def in_place_operator(method: str) -> Callable[[fx.Proxy, Any], Any]:
+def _in_place_operator(method: str) -> Callable[[fx.Proxy, Any], Any]:
     """The proxy's ``__iadd__`` (etc.) for ``method``: in place on module state, else ``NotImplemented``."""
     def update(self: fx.Proxy, other: Any) -> Any:
         vals = self.__dict__.get("_vals")
@@ -89,6 +103,13 @@ def in_place_operator(method: str) -> Callable[[fx.Proxy, Any], Any]:
             return NotImplemented  # an activation (or a parameter): out of place, as fx traces it
         return self.tracer.create_proxy("call_method", method, (self, other), {})
     return update
+
+
+def with_in_place_operators(proxy_cls: type[fx.Proxy]) -> None:
+    """Give the tracer's proxy class (one that keeps its traced values as ``_vals``) the operators of
+    :data:`IN_PLACE_OPERATORS`."""
+    for dunder, method in IN_PLACE_OPERATORS.items():
+        setattr(proxy_cls, dunder, _in_place_operator(method))
 
 
 @contextlib.contextmanager

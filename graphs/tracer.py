@@ -28,7 +28,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphs.inplace import IN_PLACE_OPERATORS, in_place_operator, state_writes_recorded, thread_inplace_updates
+from graphs.inplace import (refuse_updates_through_views, state_writes_recorded, thread_inplace_updates,
+                            with_in_place_operators)
 from graphs.microbatch import input_batches, map_batched, split_inputs
 
 __all__ = ["COMPOSITE_MODULES", "LEAF_CLASS_NAMES", "is_primitive", "StepTracer", "trace_step", "legacy_trace_fx"]
@@ -185,8 +186,7 @@ class _Proxy(fx.Proxy):
         raise RuntimeError("'len' of a value that depends on the batch size cannot be traced")
 
 
-for _dunder, _method in IN_PLACE_OPERATORS.items():  # ``self.steps += 1``: graphs.inplace
-    setattr(_Proxy, _dunder, in_place_operator(_method))
+with_in_place_operators(_Proxy)  # ``self.steps += 1``
 
 
 class _Method:
@@ -411,6 +411,7 @@ def trace_step(model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any
 
     loss = loss_fn(fx.node.map_arg(result, as_proxy))
     graph.output(tracer.create_arg(loss))
+    refuse_updates_through_views(graph, tracer.node_vals)
     thread_inplace_updates(graph)
     tracer.drop_unused_shapes()
     tracer.node_vals.clear()

@@ -80,6 +80,24 @@ def item_assignment() -> tuple[nn.Module, tuple[Tensor]]:
     return _ItemAssignment(), (torch.randn(8, 8),)
 
 
+class _ViewUpdate(nn.Module):
+    """An in-place method through a view of an activation (``h[:, 0].add_(1)``), ``h`` read afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        h[:, 0].add_(1.0)
+        h.narrow(1, 2, 3).mul_(3.0)
+        return self.b(h).pow(2).mean()
+
+
+def view_update() -> tuple[nn.Module, tuple[Tensor]]:
+    return _ViewUpdate(), (torch.randn(8, 8),)
+
+
 class _OneKey(nn.Module):
     def __init__(self) -> None:
         super().__init__()

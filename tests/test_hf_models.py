@@ -80,6 +80,7 @@ def pool():
     ("encoded_batch", "auto", "fx"),  # ... or in a UserDict such as a tokenizer's BatchEncoding
     ("plain_python_inputs", "auto", "fx"),  # None, a flag and a count beside the batch: passed whole
     ("item_assignment", "auto", "export"),  # h[:, 0] = 0: fx cannot; export's fill_ through a view, functionalized
+    ("view_update", "auto", "export"),  # h[:, 0].add_(1): fx recorded it as an update of the view alone
 ])
 def test_pipeline_schedules_equal_single_process_training(pool, name, method, tracer):
     _needs(name)
