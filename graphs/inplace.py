@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["IN_PLACE_OPERATORS", "copied", "refuse_updates_through_views", "state_writes_recorded",
+__all__ = ["IN_PLACE_OPERATORS", "copied", "refuse_updates_through_views", "state_writes_recorded", "state_written",
            "thread_inplace_updates", "updated_state", "updates_in_place", "with_in_place_operators"]
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,20 @@ def updates_in_place(node: fx.Node) -> bool:
         return False
     name = str(node.target)
     return name.endswith("_") and not name.startswith("_")
+
+
+def state_written(node: fx.Node) -> str | None:
+    """The module attribute (``"layer.ema"``) that ``node`` updates in place: an in-place method on it or on its
+    update (the tracer's ``steps.add_(1)``, ``ema.copy_(value)``), or an ATen op writing its first argument
+    (torch.export's ``aten.copy_`` write-back of a buffer); None for every other node."""
+    if updates_in_place(node):
+        return updated_state(node)
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.arguments or not node.args:
+        return None
+    info, base = schema.arguments[0].alias_info, node.args[0]
+    written = info is not None and info.is_write
+    return str(base.target) if written and isinstance(base, fx.Node) and base.op == "get_attr" else None
 
 
 def refuse_updates_through_views(graph: fx.Graph, values: Mapping[fx.Node, Sequence[Any]]) -> None:

@@ -50,6 +50,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from graphs.inplace import state_written
 from graphs.ir import OpGraph
 from graphs.loss import DEFAULT_LOSS, default_loss, default_loss_for, traced_default_loss
 from graphs.microbatch import microbatch_meta
@@ -240,9 +241,15 @@ def _build_graph(gm: fx.GraphModule, values: Mapping[str, Any], *, name: str, me
             parent[max(ra, rb)] = min(ra, rb)
 
     first_user: dict[int, int] = {}  # id(parameter) -> first op using it
+    state_ops: dict[str, int] = {}  # a module attribute -> the first of its reads and in-place updates
     src, dst, edge_bytes = [], [], []
     for i, node in enumerate(nodes):
         params: list[nn.Parameter] = []
+        # A buffer's update runs where the buffer lives: on another device (or pipeline stage) it would update a
+        # received copy, and the buffer would never change there.
+        state = str(node.target) if node.op == "get_attr" else state_written(node)
+        if state is not None:
+            union(i, state_ops.setdefault(state, i))
         if node.op == "call_module":
             params = list(gm.get_submodule(node.target).parameters())
         elif node.op == "get_attr":

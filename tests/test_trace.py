@@ -261,7 +261,8 @@ def test_augmented_and_reassigned_buffers_are_updated_by_the_step_as_in_eager():
     """``self.steps += 1`` traced as ``steps = steps + 1`` (fx's proxies have no ``__iadd__``) and
     ``self.ema = 0.9 * self.ema + ...`` left the module holding a Proxy: the step's loss was a Proxy and tracing
     failed, and no step would have kept the buffers' updates. Both are now in-place updates of the buffer, so two
-    traced steps give eager's two losses and buffers; tracing leaves the model's own buffer tensors as built."""
+    traced steps give eager's two losses and buffers; tracing leaves the model's own buffer tensors as built. Each
+    update shares its buffer's colocation group: on another device (or pipeline stage) it would update a copy."""
     model, (x,) = fs.buffer_assignments()
     built = {k: (b, b.clone()) for k, b in model.named_buffers()}
     eager = copy.deepcopy(model)
@@ -270,6 +271,8 @@ def test_augmented_and_reassigned_buffers_are_updated_by_the_step_as_in_eager():
     for k, b in model.named_buffers():
         assert b is built[k][0] and torch.equal(b, built[k][1]), k
     assert {"add_", "mul_", "copy_"} <= set(traced.graph.op_names)
+    group = dict(zip(traced.graph.op_names, traced.graph.colocation))  # an update runs where its buffer lives
+    assert group["steps"] == group["add_"] and group["ema"] == group["ema_1"] == group["copy_"] != group["steps"]
     assert [traced.gm(x).item() for _ in range(2)] == pytest.approx(want, rel=1e-6)
     after = dict(eager.named_buffers())
     for k, b in traced.gm.named_buffers():
