@@ -61,41 +61,34 @@ def encoded_batch() -> tuple[nn.Module, tuple[Encoding]]:
     return _EncodedBatch(), (Encoding(batch),)
 
 
-class _ItemAssignment(nn.Module):
-    """``h[:, 0] = 0``: item assignment on a traced value, which fx cannot record (the tracer keeps the module
-    whole, then torch.export traces it as an in-place ``fill_`` through a view of ``h``, read again after)."""
+class _ViewWrites(nn.Module):
+    """``h`` written through views, then read: by item assignment (``h[:, 0] = 0``, ``h[:, 1:3] *= 2``: fx cannot
+    record it, so the tracer keeps the module whole and torch.export traces ``fill_`` / ``mul_`` through views of
+    ``h``) or, with ``methods``, by in-place methods of views (``h[:, 0].add_(1)``, ``h.narrow(1, 2, 3).mul_(3)``,
+    which fx recorded as updates of the views alone)."""
 
-    def __init__(self) -> None:
+    def __init__(self, methods: bool) -> None:
         super().__init__()
+        self.methods = methods
         self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.a(x))
-        h[:, 0] = 0.0
-        h[:, 1:3] *= 2.0
+        if self.methods:
+            h[:, 0].add_(1.0)
+            h.narrow(1, 2, 3).mul_(3.0)
+        else:
+            h[:, 0] = 0.0
+            h[:, 1:3] *= 2.0
         return self.c(torch.relu(self.b(h)) + h).pow(2).mean()
 
 
 def item_assignment() -> tuple[nn.Module, tuple[Tensor]]:
-    return _ItemAssignment(), (torch.randn(8, 8),)
-
-
-class _ViewUpdate(nn.Module):
-    """An in-place method through a view of an activation (``h[:, 0].add_(1)``), ``h`` read afterwards."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.a(x))
-        h[:, 0].add_(1.0)
-        h.narrow(1, 2, 3).mul_(3.0)
-        return self.b(h).pow(2).mean()
+    return _ViewWrites(methods=False), (torch.randn(8, 8),)
 
 
 def view_update() -> tuple[nn.Module, tuple[Tensor]]:
-    return _ViewUpdate(), (torch.randn(8, 8),)
+    return _ViewWrites(methods=True), (torch.randn(8, 8),)
 
 
 class _OneKey(nn.Module):
