@@ -21,13 +21,14 @@ log = logging.getLogger(__name__)
 
 
 def updates_in_place(node: fx.Node) -> bool:
-    """``x.add_(y)``, ``x.copy_(y)``: a tensor method that changes its tensor and returns it. (The tracer records
-    ``buffer += y`` and ``self.buffer = value`` in ``forward`` as such methods; one through a view is refused,
-    :func:`refuse_updates_through_views`.)"""
-    if node.op != "call_method" or not node.args or not isinstance(node.args[0], fx.Node):
+    """``x.add_(y)``, ``x.copy_(y)``, ``torch.relu_(x)``: a tensor method or torch function that changes its
+    (first) tensor and returns it. (The tracer records ``buffer += y`` and ``self.buffer = value`` in ``forward``
+    as such methods; one through a view is refused, :func:`refuse_updates_through_views`.)"""
+    if node.op not in ("call_method", "call_function") or not node.args or not isinstance(node.args[0], fx.Node):
         return False
-    name = str(node.target)
-    return name.endswith("_") and not name.startswith("_")
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    in_place = name.endswith("_") and not name.startswith("_")
+    return in_place and (node.op == "call_method" or getattr(torch, name, None) is node.target)  # torch.relu_(h)
 
 
 def state_written(node: fx.Node) -> str | None:

@@ -91,6 +91,37 @@ def view_update() -> tuple[nn.Module, tuple[Tensor]]:
     return _ViewWrites(methods=True), (torch.randn(8, 8),)
 
 
+class _InPlaceFunctions(nn.Module):
+    """``torch.relu_(h)`` (a torch function, not a method) whose tensor is read after it; with ``routing``, also a
+    dispatch written by boolean-mask assignment (``out[sel] = expert(x[sel])``, as MoE layers route tokens: fx
+    cannot trace it, and torch.export records a chain of ``index_put_`` into a tensor that needs no gradient until
+    its first write)."""
+
+    def __init__(self, routing: bool) -> None:
+        super().__init__()
+        self.routing = routing
+        self.a, self.e0, self.e1, self.o = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        torch.relu_(h)
+        if not self.routing:
+            return self.o(self.e0(h) + h).pow(2).mean()
+        sel = torch.arange(x.size(0)) % 2 == 0
+        out = torch.zeros_like(h)
+        out[sel] = self.e0(h[sel])
+        out[~sel] = self.e1(h[~sel])
+        return self.o(out + h).pow(2).mean()
+
+
+def in_place_function() -> tuple[nn.Module, tuple[Tensor]]:
+    return _InPlaceFunctions(routing=False), (torch.randn(8, 8),)
+
+
+def mask_routing() -> tuple[nn.Module, tuple[Tensor]]:
+    return _InPlaceFunctions(routing=True), (torch.randn(8, 8),)
+
+
 class _OneKey(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -81,6 +81,8 @@ def pool():
     ("plain_python_inputs", "auto", "fx"),  # None, a flag and a count beside the batch: passed whole
     ("item_assignment", "auto", "export"),  # h[:, 0] = 0: fx cannot; export's fill_ through a view, functionalized
     ("view_update", "auto", "export"),  # h[:, 0].add_(1): fx recorded it as an update of the view alone
+    ("in_place_function", "auto", "fx"),  # torch.relu_(h), h read after it
+    ("mask_routing", "auto", "export"),  # out[mask] = expert(x[mask]): export's index_put_ chain
 ])
 def test_pipeline_schedules_equal_single_process_training(pool, name, method, tracer):
     _needs(name)
