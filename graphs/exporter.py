@@ -26,6 +26,7 @@ __all__ = ["STEP_PREFIX", "trace_export"]
 
 log = logging.getLogger(__name__)
 STEP_PREFIX = "model"  # attribute name of the user model inside the export wrapper
+_BLOCKS = {"wrap_with_set_grad_enabled": "a torch.no_grad() block", "wrap_with_autocast": "an autocast block"}
 
 
 class _Step(nn.Module):
@@ -83,6 +84,12 @@ def trace_export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple,
         log.debug("dynamic-batch export failed; exporting static shapes", exc_info=True)
         ep = _export(model, loss_fn, inputs, dynamic=False)
     functional = _updates_a_read_value(ep.graph)
+    blocks = {_BLOCKS.get(str(n.target), str(n.target)) for n in ep.graph.nodes
+              if isinstance(n.target, torch._ops.HigherOrderOperator)}
+    if functional and blocks:  # run_decompositions inlines them: a no_grad block's ops would need gradients
+        raise RuntimeError(f"the step updates a tensor in place through a view or after reading it, beside "
+                           f"{', '.join(sorted(blocks))}: functionalizing it would drop the block; write that update "
+                           "out of place (h = h.index_fill(...), torch.where)")
     if functional:
         ep = ep.run_decompositions({})  # functional: select_scatter and friends, buffers written back at the end
     gm = ep.module()

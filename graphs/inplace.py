@@ -67,12 +67,15 @@ def updated_state(node: fx.Node) -> str | None:
     return str(node.target) if node.op == "get_attr" else None
 
 
-def thread_inplace_updates(graph: fx.Graph) -> None:
+def thread_inplace_updates(graph: fx.Graph, values: Mapping[fx.Node, Sequence[Any]] | None = None) -> None:
     """Make the order of in-place updates a data dependency: every later reader of a tensor an op updated in
     place (a buffer's running mean, ``self.mean.mul_(0.5)``) reads that op's result instead (the same tensor).
     Without it nothing orders the update before the reads, and a schedule may run them first: the step reads
     the old value (the engine did, for every placement). A buffer read again by another ``get_attr`` counts as
-    the same tensor."""
+    the same tensor. With the traced ``values``, an update through a view is refused first
+    (:func:`refuse_updates_through_views`)."""
+    if values is not None:
+        refuse_updates_through_views(graph, values)
     latest: dict[Any, fx.Node] = {}  # the tensor (a buffer's target, or the node that made it) -> its last update
     tensor_of: dict[fx.Node, Any] = {}
 
@@ -120,11 +123,12 @@ def _in_place_operator(method: str) -> Callable[[fx.Proxy, Any], Any]:
     return update
 
 
-def with_in_place_operators(proxy_cls: type[fx.Proxy]) -> None:
-    """Give the tracer's proxy class (one that keeps its traced values as ``_vals``) the operators of
-    :data:`IN_PLACE_OPERATORS`."""
+def with_in_place_operators(proxy_cls: type[fx.Proxy]) -> type[fx.Proxy]:
+    """Class decorator: the tracer's proxy class (one that keeps its traced values as ``_vals``) with the
+    operators of :data:`IN_PLACE_OPERATORS`."""
     for dunder, method in IN_PLACE_OPERATORS.items():
         setattr(proxy_cls, dunder, _in_place_operator(method))
+    return proxy_cls
 
 
 @contextlib.contextmanager

@@ -28,8 +28,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphs.inplace import (refuse_updates_through_views, state_writes_recorded, thread_inplace_updates,
-                            with_in_place_operators)
+from graphs.gradmode import detached_inputs
+from graphs.inplace import state_writes_recorded, thread_inplace_updates, with_in_place_operators
 from graphs.microbatch import input_batches, map_batched, split_inputs
 
 __all__ = ["COMPOSITE_MODULES", "LEAF_CLASS_NAMES", "is_primitive", "StepTracer", "trace_step", "legacy_trace_fx"]
@@ -142,6 +142,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}".replace(";", ",")
 
 
+@with_in_place_operators  # ``self.steps += 1``
 class _Proxy(fx.Proxy):
     """An fx Proxy that knows its values (``_vals``: one per batch) and answers constant attributes with them."""
 
@@ -185,8 +186,6 @@ class _Proxy(fx.Proxy):
                 return n
         raise RuntimeError("'len' of a value that depends on the batch size cannot be traced")
 
-
-with_in_place_operators(_Proxy)  # ``self.steps += 1``
 
 
 class _Method:
@@ -295,6 +294,7 @@ class StepTracer(fx.Tracer):
 
     def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                      type_expr: Any = None, proxy_factory_fn: Any = None) -> Any:
+        args, kwargs = detached_inputs(self, kind, target, args, kwargs) if self.recording else (args, kwargs)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)  # our Proxy, not ParameterProxy
         if kind == "placeholder" or any(a in self._from_inputs for a in proxy.node.all_input_nodes):
             self._from_inputs.add(proxy.node)
@@ -411,8 +411,7 @@ def trace_step(model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any
 
     loss = loss_fn(fx.node.map_arg(result, as_proxy))
     graph.output(tracer.create_arg(loss))
-    refuse_updates_through_views(graph, tracer.node_vals)
-    thread_inplace_updates(graph)
+    thread_inplace_updates(graph, tracer.node_vals)
     tracer.drop_unused_shapes()
     tracer.node_vals.clear()
     graph.lint()

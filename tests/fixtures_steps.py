@@ -122,6 +122,31 @@ def mask_routing() -> tuple[nn.Module, tuple[Tensor]]:
     return _InPlaceFunctions(routing=True), (torch.randn(8, 8),)
 
 
+class _EmaNoGrad(nn.Module):
+    """An exponential moving average of an activation kept in a buffer, updated under ``torch.no_grad()`` (as
+    momentum encoders and VQ codebooks keep theirs) and read by the step; with ``through_view``, also a buffer
+    updated through a view (``self.count[:2].add_(1)``)."""
+
+    def __init__(self, through_view: bool = False) -> None:
+        super().__init__()
+        self.through_view = through_view
+        self.a, self.o = nn.Linear(8, 8), nn.Linear(8, 1)
+        self.register_buffer("ema", torch.zeros(8))
+        self.register_buffer("count", torch.zeros(8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        if self.through_view:
+            self.count[:2].add_(1.0)
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(h.mean(0), alpha=0.1)
+        return self.o(h + self.ema + self.count).pow(2).mean()
+
+
+def ema_no_grad() -> tuple[nn.Module, tuple[Tensor]]:
+    return _EmaNoGrad(), (torch.randn(8, 8),)
+
+
 class _OneKey(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -302,6 +302,28 @@ def test_a_buffer_set_to_another_shape_is_the_steps_value_and_the_model_keeps_it
     assert "forward sets buffer 'last' to a tensor (4, 16)" in caplog.text
 
 
+def test_a_no_grad_block_in_forward_computes_no_gradients_in_the_traced_step():
+    """fx records a ``torch.no_grad()`` block's ops, not the grad mode: the EMA buffer's update took the
+    activation's gradient, so the traced step's gradients were not eager's and the buffer, now part of the
+    autograd graph, failed the second backward. The block's inputs are now detached: two traced steps give
+    eager's losses and gradients. Updating a buffer through a view beside such a block is refused in one line
+    (functionalizing the export would drop the block)."""
+    model, (x,) = fs.ema_no_grad()
+    eager = copy.deepcopy(model)
+    traced = trace_model(model, (x,), name="ema")
+    assert traced.graph.meta["trace"] == "fx"
+    for _ in range(2):
+        want, got = eager(x), traced.gm(x)
+        want.backward()
+        got.backward()
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        grads = dict(eager.named_parameters())
+        for name, p in traced.gm.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+    with pytest.raises(TraceError, match=r"updates a tensor in place .* beside a torch.no_grad\(\) block"):
+        trace_model(type(model)(through_view=True), (x,), name="ema_view")
+
+
 def test_the_loss_field_of_a_dict_output_is_the_step_loss_and_other_outputs_need_a_loss_fn():
     from graphs.loss import LOSS_FIELD, traced_default_loss
 

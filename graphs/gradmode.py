@@ -1,0 +1,41 @@
+"""``torch.no_grad()`` in ``forward``: fx records the ops of a ``with torch.no_grad():`` block, not the grad mode
+they ran under, so the traced step computed gradients through it. An exponential moving average of an activation
+kept in a buffer (``with torch.no_grad(): self.ema.mul_(0.9).add_(h.mean(0), alpha=0.1)``, as momentum encoders
+and VQ codebooks keep theirs) then made the buffer part of the autograd graph: other gradients than eager's, and a
+second backward that failed. The tracer (:mod:`graphs.tracer`) evaluates every node as it records it, inside the
+user's block, so it knows the grad mode: :func:`detached_inputs` feeds a node recorded with gradients off the
+detached value of every traced tensor that needs a gradient, and what the block computes then needs none, as in
+eager. (A module called inside the block keeps its own parameters' gradients: tracing refuses the step that would
+train them, :func:`graphs.trace._trained_only_when_traced`.)"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+__all__ = ["detached_inputs"]
+
+_METADATA = frozenset({"detach", builtins.getattr, "size", "dim", "numel", "stride", "type", "is_contiguous"})
+"""Targets that read no gradient (``x.dtype``, ``x.size(1)`` in a block): their inputs need no detach."""
+
+
+def detached_inputs(tracer: fx.Tracer, kind: str, target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a node being recorded, with every proxy of a tensor that needs a gradient replaced by
+    its ``detach()`` when gradients are off (the traced values, ``_vals``, say which need one); unchanged else."""
+    if torch.is_grad_enabled() or kind not in ("call_function", "call_method", "call_module") \
+            or target in _METADATA:
+        return args, kwargs
+    cache: dict[fx.Node, fx.Proxy] = tracer.__dict__.setdefault("_detached", {})
+
+    def detach(a: Any) -> Any:
+        value = next(iter(a.__dict__.get("_vals") or ()), None) if isinstance(a, fx.Proxy) else None
+        if not (isinstance(value, torch.Tensor) and value.requires_grad):
+            return a
+        if a.node not in cache:
+            cache[a.node] = tracer.create_proxy("call_method", "detach", (a,), {})
+        return cache[a.node]
+
+    return fx.node.map_aggregate((args, kwargs), detach)
