@@ -47,14 +47,27 @@ def state_written(node: fx.Node) -> str | None:
 
 def refuse_updates_through_views(graph: fx.Graph, values: Mapping[fx.Node, Sequence[Any]]) -> None:
     """``RuntimeError`` where an in-place method updates a view of another tensor (``h[:, 0].add_(1)``,
-    ``h.narrow(1, 2, 3).mul_(3)``; ``values``: each node's traced values, the example's first): fx records an
-    update of the view alone, which :func:`thread_inplace_updates` cannot order before the readers of ``h``, and
-    the engine runs in-place methods out of place, so ``h``'s readers never saw it (the step was silently another
-    one, on one device too). Refused, the model is traced by torch.export, which functionalizes such updates
-    (:mod:`graphs.exporter`)."""
+    ``h.narrow(1, 2, 3).mul_(3)``; ``values``: each node's traced values, the example's first) that is read after
+    it, itself or through another view (a view whose base nothing else reads, ``fc(x).view(b, -1).relu_()``, is
+    its tensor's last form: fine as it is). fx records an update of the view alone, which
+    :func:`thread_inplace_updates` cannot order before the readers of ``h``, and the engine runs in-place methods
+    out of place, so ``h``'s readers never saw it (the step was silently another one, on one device too).
+    Refused, the model is traced by torch.export, which functionalizes such updates (:mod:`graphs.exporter`)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
+    def first(n: fx.Node) -> Any:
+        return next(iter(values.get(n, ())), None)
+
     for node in graph.nodes:
-        value = next(iter(values.get(node.args[0], ())), None) if updates_in_place(node) else None
-        if isinstance(value, torch.Tensor) and value._base is not None:
+        view = first(node.args[0]) if updates_in_place(node) else None
+        if not (isinstance(view, torch.Tensor) and view._base is not None):
+            continue
+        # The tensor, or another view of it made before the update, read after it (a later read of the view
+        # itself reads the update: thread_inplace_updates).
+        base = view._base
+        aliases = [n for n in graph.nodes if order[n] < order[node] and n is not node.args[0]
+                   and isinstance(v := first(n), torch.Tensor) and (v is base or v._base is base)]
+        if any(order[u] > order[node] for n in aliases for u in n.users):
             raise RuntimeError(f"{node.target} through a view ({node.args[0].name}) updates the tensor it views, "
                                "which fx records as an update of the view alone")
 

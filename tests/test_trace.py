@@ -302,6 +302,26 @@ def test_a_buffer_set_to_another_shape_is_the_steps_value_and_the_model_keeps_it
     assert "forward sets buffer 'last' to a tensor (4, 16)" in caplog.text
 
 
+def test_an_in_place_method_on_a_view_nothing_else_reads_stays_an_fx_op():
+    """``fc(x).view(b, 2, 8).relu_()``: the view is its tensor's last form, so fx's record is the step (only an
+    update of a view whose tensor is read after it sends the model to torch.export)."""
+
+    class LastView(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 1)
+
+        def forward(self, x):
+            h = self.a(x).view(x.size(0), 2, 8)
+            h.relu_()
+            return self.b(h.flatten(1)).pow(2).mean()
+
+    model, x = LastView(), torch.randn(4, 8)
+    traced = trace_model(model, (x,), name="last_view")
+    assert traced.graph.meta["trace"] == "fx" and "relu_" in traced.graph.op_names
+    assert traced.gm(x).item() == pytest.approx(model(x).item())
+
+
 def test_a_no_grad_block_in_forward_computes_no_gradients_in_the_traced_step():
     """fx records a ``torch.no_grad()`` block's ops, not the grad mode: the EMA buffer's update took the
     activation's gradient, so the traced step's gradients were not eager's and the buffer, now part of the
