@@ -14,8 +14,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["IN_PLACE_OPERATORS", "copied", "refuse_updates_through_views", "state_writes_recorded", "state_written",
-           "thread_inplace_updates", "updated_state", "updates_in_place", "with_in_place_operators"]
+__all__ = ["IN_PLACE_OPERATORS", "activations_out_of_place", "copied", "out_of_place", "refuse_updates_through_views",
+           "state_writes_recorded", "state_written", "thread_inplace_updates", "updated_state", "updates_in_place",
+           "with_in_place_operators"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,44 @@ def copied(dst: torch.Tensor, src: Any, non_blocking: bool = False) -> torch.Ten
     value = src.to(dtype=dst.dtype, device=dst.device) if isinstance(src, torch.Tensor) else \
         torch.as_tensor(src, dtype=dst.dtype, device=dst.device)
     return value.expand_as(dst).clone()
+
+
+def out_of_place(op: str, target: Any) -> Any:
+    """The out-of-place twin of an in-place node's target: a tensor method's name (``"add_"`` -> ``"add"``), a
+    torch function (``torch.relu_`` -> ``torch.relu``), an ATen op (``aten.index_put_.default`` ->
+    ``aten.index_put.default``, as torch.export records ``out[mask] = y``); :func:`copied` for ``copy_``, which
+    has no twin; ``target`` itself for every other. A tensor received from another device or pipeline stage is
+    an autograd leaf, which an in-place op may not modify; run out of place, the op returns what its readers
+    read (:func:`thread_inplace_updates`)."""
+    if (op == "call_method" and target == "copy_") or target is torch.ops.aten.copy_.default:
+        return copied
+    if op == "call_method":
+        name = str(target)
+        in_place = name.endswith("_") and not name.startswith("_")
+        return name[:-1] if in_place and hasattr(torch.Tensor, name[:-1]) else target
+    if isinstance(target, torch._ops.OpOverload):
+        name = target.overloadpacket.__name__
+        packet = getattr(getattr(torch.ops, target.namespace), name[:-1], None) if name.endswith("_") else None
+        return getattr(packet, target._overloadname, target) if packet is not None else target
+    name = getattr(target, "__name__", "")
+    if name.endswith("_") and not name.startswith("_") and getattr(torch, name, None) is target:
+        return getattr(torch, name[:-1], target)
+    return target
+
+
+def activations_out_of_place(gm: fx.GraphModule) -> None:
+    """Every in-place update in ``gm`` of a tensor that is not module state run out of place
+    (:func:`out_of_place`; a buffer's update stays in place, so the buffer keeps it): what a pipeline stage runs,
+    whose inputs from the previous stage are autograd leaves (``torch.relu_(h)`` on one failed the stage)."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op in ("call_method", "call_function") and state_written(node) is None:
+            twin = out_of_place(node.op, node.target)
+            if twin is not node.target and twin != node.target:
+                node.target, node.op = twin, "call_function" if callable(twin) else node.op
+                changed = True
+    if changed:
+        gm.recompile()
 
 
 # ``t += y`` on a tensor is ``t.add_(y)``; fx's proxies have no ``__iadd__``, so Python falls back to ``t = t + y``.

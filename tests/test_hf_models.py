@@ -140,6 +140,23 @@ def test_pipelining_backend_splits_a_batch_given_as_a_dict(pool, name):
         torch.testing.assert_close(out.grads[pname], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{pname}: {m}")  # noqa: B023
 
 
+def test_pipelining_backend_stage_starting_with_an_in_place_function(pool):
+    """Stage 1 starts with ``torch.relu_(h)`` on the activation stage 0 sends: in torch's PipelineStage that
+    tensor is an autograd leaf, and the in-place op failed the stage ('a leaf Variable that requires grad is being
+    used in an in-place operation'); the stages now run it out of place, as the op engine does."""
+    graph = _graph("in_place_function")
+    traced = rebuild_traced(graph.meta)
+    ref_loss, ref_grads, _ = reference_step(traced.gm, traced.example_inputs, microbatches=1)
+    pool.switch_graph(graph)
+    cut = graph.index("relu_")
+    out = pool.run_step(Placement(np.array([0 if i < cut else 1 for i in range(graph.n)])), schedule="1f1b",
+                        microbatches=MICROBATCHES, update=False, backend="pipelining")
+    assert out.result.ok, out.result.failure
+    assert out.loss == pytest.approx(ref_loss, rel=1e-4)
+    for pname, g in ref_grads.items():
+        torch.testing.assert_close(out.grads[pname], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{pname}: {m}")  # noqa: B023
+
+
 @pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama", "hf_bert"])
 def test_hf_models_trace_place_and_reload(tmp_path, name):
     _needs(name)

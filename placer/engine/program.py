@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from graphs.inplace import copied
+from graphs.inplace import out_of_place
 
 log = logging.getLogger(__name__)
 
@@ -190,20 +190,6 @@ def _call_method(name: str, obj: Any, *args: Any, **kwargs: Any) -> Any:
     return getattr(obj, name)(*args, **kwargs)
 
 
-def _functional_twin(target: Any) -> Any:
-    """The out-of-place twin of an in-place torch function or ATen op (``torch.relu_`` -> ``torch.relu``,
-    ``aten.index_put_.default`` -> ``aten.index_put.default``, as torch.export records ``out[mask] = y``), else
-    ``target``. An op's inputs from another device are autograd leaves here, which in-place ops may not modify."""
-    if isinstance(target, torch._ops.OpOverload):
-        name = target.overloadpacket.__name__
-        packet = getattr(getattr(torch.ops, target.namespace), name[:-1], None) if name.endswith("_") else None
-        return getattr(packet, target._overloadname, target) if packet is not None else target
-    name = getattr(target, "__name__", "")
-    if name.endswith("_") and not name.startswith("_") and getattr(torch, name, None) is target:
-        return getattr(torch, name[:-1], target)
-    return target
-
-
 def _inplace_free(args: tuple, kwargs: dict, target: Any) -> tuple[tuple, dict, Any]:
     """Disable in-place variants: an op's inputs are autograd leaves here, which in-place ops may not modify."""
     if kwargs.get("inplace") is True:
@@ -247,17 +233,11 @@ def compile_step(gm: fx.GraphModule) -> StepProgram:
             mod = gm.get_submodule(str(target))
             fn: Callable[..., Any] = mod
             params = tuple((param_names[id(p)], p) for p in mod.parameters() if p.requires_grad)
-        elif (node.op == "call_method" and str(target) == "copy_") or target is torch.ops.aten.copy_.default:
-            fn = copied  # torch.export writes updated buffers back with aten.copy_
-        elif node.op == "call_function":
-            fn = _functional_twin(target)
+        elif node.op == "call_function":  # an in-place op on a leaf input: its out-of-place twin instead
+            fn = out_of_place(node.op, target)
         elif node.op == "call_method":
-            if str(target).endswith("_") and not str(target).endswith("__"):
-                # an in-place tensor method on a leaf input: run the out-of-place twin instead
-                twin = str(target)[:-1]
-                if hasattr(torch.Tensor, twin):
-                    target = twin
-            fn = partial(_call_method, str(target))
+            twin = out_of_place(node.op, target)
+            fn = twin if callable(twin) else partial(_call_method, str(twin))
         else:  # pragma: no cover - fx has no other node kinds
             raise ValueError(f"unsupported fx node {node.name!r} of kind {node.op!r}")
         ops.append(OpProgram(index=i, name=node.name, kind="compute", inputs=inputs,

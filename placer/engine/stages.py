@@ -22,6 +22,7 @@ from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
+from graphs.inplace import activations_out_of_place
 from graphs.microbatch import batched_tensors, is_batched
 from graphs.trace import buffers_restored, record_values
 
@@ -190,6 +191,9 @@ def split_stages(gm: fx.GraphModule, stage_of_node: Mapping[str, int], num_stage
     the step's inputs) is run once to learn the structure of the values crossing each cut and the stages'
     example inputs and outputs."""
     split = split_module(gm, gm, lambda n: stage_of_node[n.name])
+    for part in split.children():  # a stage's inputs are autograd leaves: no in-place op on them
+        if isinstance(part, fx.GraphModule):
+            activations_out_of_place(part)
     # With autograd on, so each crossing tensor's requires_grad is known: PipelineStage derives from it
     # which gradients flow back between stages.
     with torch.enable_grad(), buffers_restored(split):
