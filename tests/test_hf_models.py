@@ -122,33 +122,19 @@ def test_buffers_updated_in_place_are_updated_on_the_workers(pool, name):
         assert out.loss == pytest.approx(eager, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["keyed_batch", "encoded_batch"])
-def test_pipelining_backend_splits_a_batch_given_as_a_dict(pool, name):
-    """torch.distributed.pipelining on the workers, the batch one dict (or a tokenizer's UserDict): stage 0 gets
-    each micro-batch's slice of every tensor in it (the labels cross to stage 1), and the step is single-process
-    training's."""
+@pytest.mark.parametrize("name, first_of_stage_1", [("keyed_batch", "fc"), ("encoded_batch", "fc"),
+                                                     ("in_place_function", "relu_")])
+def test_pipelining_backend_stages_equal_single_process_training(pool, name, first_of_stage_1):
+    """torch.distributed.pipelining on the workers, 1F1B over two stages, is single-process training. The batch
+    one dict (or a tokenizer's UserDict): stage 0 gets each micro-batch's slice of every tensor in it (the labels
+    cross to stage 1). Stage 1 starting with ``torch.relu_(h)`` on the activation stage 0 sends: in torch's
+    PipelineStage that tensor is an autograd leaf, and the in-place op failed the stage; the stages now run it out
+    of place, as the op engine does."""
     graph = _graph(name)
     traced = rebuild_traced(graph.meta)
     ref_loss, ref_grads, _ = reference_step(traced.gm, traced.example_inputs, microbatches=1)
     pool.switch_graph(graph)
-    cut = graph.index("fc")
-    out = pool.run_step(Placement(np.array([0 if i < cut else 1 for i in range(graph.n)])), schedule="1f1b",
-                        microbatches=MICROBATCHES, update=False, backend="pipelining")
-    assert out.result.ok, out.result.failure
-    assert out.loss == pytest.approx(ref_loss, rel=1e-4)
-    for pname, g in ref_grads.items():
-        torch.testing.assert_close(out.grads[pname], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{pname}: {m}")  # noqa: B023
-
-
-def test_pipelining_backend_stage_starting_with_an_in_place_function(pool):
-    """Stage 1 starts with ``torch.relu_(h)`` on the activation stage 0 sends: in torch's PipelineStage that
-    tensor is an autograd leaf, and the in-place op failed the stage ('a leaf Variable that requires grad is being
-    used in an in-place operation'); the stages now run it out of place, as the op engine does."""
-    graph = _graph("in_place_function")
-    traced = rebuild_traced(graph.meta)
-    ref_loss, ref_grads, _ = reference_step(traced.gm, traced.example_inputs, microbatches=1)
-    pool.switch_graph(graph)
-    cut = graph.index("relu_")
+    cut = graph.index(first_of_stage_1)
     out = pool.run_step(Placement(np.array([0 if i < cut else 1 for i in range(graph.n)])), schedule="1f1b",
                         microbatches=MICROBATCHES, update=False, backend="pipelining")
     assert out.result.ok, out.result.failure
