@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphs.inplace import copied
+from graphs.inplace import copied, written_args
 
 __all__ = ["STEP_PREFIX", "trace_export"]
 
@@ -62,15 +62,8 @@ def _updates_a_read_value(graph: fx.Graph) -> bool:
     (``h[:, 0] = 0`` is ``fill_`` of a ``select`` of ``h``): on the engine's workers each device updates its own
     copy and the readers elsewhere never see it (or autograd refuses the update of a received leaf). A buffer
     updated and not read again (BatchNorm's ``num_batches_tracked``) is not such an update."""
-    for node in graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None or not schema.is_mutable:
-            continue
-        for spec, arg in zip(schema.arguments, node.args):
-            written = spec.alias_info is not None and spec.alias_info.is_write
-            if written and isinstance(arg, fx.Node) and (len(arg.users) > 1 or getattr(arg.target, "is_view", False)):
-                return True
-    return False
+    return any(isinstance(arg, fx.Node) and (len(arg.users) > 1 or getattr(arg.target, "is_view", False))
+               for node in graph.nodes for arg in written_args(node))
 
 
 def trace_export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple, *,
@@ -93,7 +86,7 @@ def trace_export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple,
     if functional:
         ep = ep.run_decompositions({})  # functional: select_scatter and friends, buffers written back at the end
     gm = ep.module()
-    for node in gm.graph.nodes if functional else ():
+    for node in gm.graph.nodes:
         if node.target is torch.ops.aten.copy.default:  # ``x[:, 1:3] *= 2`` writes back so; no autograd formula
             node.target = copied
     # The smallest batch the export's guards allow (2 is export's 0/1 specialisation, not the model's): a model

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 __all__ = ["detached_inputs"]
 
-_METADATA = frozenset({"detach", builtins.getattr, "size", "dim", "numel", "stride", "type", "is_contiguous"})
+_METADATA = frozenset({"detach", builtins.getattr, "size", "dim", "numel", "stride", "is_contiguous"})
 """Targets that read no gradient (``x.dtype``, ``x.size(1)`` in a block): their inputs need no detach."""
 
 

@@ -16,9 +16,24 @@ from torch import nn
 
 __all__ = ["IN_PLACE_OPERATORS", "activations_out_of_place", "copied", "out_of_place", "refuse_updates_through_views",
            "state_writes_recorded", "state_written", "thread_inplace_updates", "updated_state", "updates_in_place",
-           "with_in_place_operators"]
+           "with_in_place_operators", "written_args"]
 
 log = logging.getLogger(__name__)
+
+
+def _in_place_name(name: str) -> bool:
+    """``add_``, ``relu_``: the in-place variant's name (not ``__iadd__``, not ``_private_``)."""
+    return name.endswith("_") and not name.startswith("_")
+
+
+def written_args(node: fx.Node) -> list[Any]:
+    """The arguments an ATen op node writes (its schema's write aliases: ``fill_``'s ``self``, ``copy_``'s
+    ``self``); empty for any other node."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.is_mutable:
+        return []
+    return [arg for spec, arg in zip(schema.arguments, node.args)
+            if spec.alias_info is not None and spec.alias_info.is_write]
 
 
 def updates_in_place(node: fx.Node) -> bool:
@@ -28,8 +43,7 @@ def updates_in_place(node: fx.Node) -> bool:
     if node.op not in ("call_method", "call_function") or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
-    in_place = name.endswith("_") and not name.startswith("_")
-    return in_place and (node.op == "call_method" or getattr(torch, name, None) is node.target)  # torch.relu_(h)
+    return _in_place_name(name) and (node.op == "call_method" or getattr(torch, name, None) is node.target)
 
 
 def state_written(node: fx.Node) -> str | None:
@@ -38,12 +52,8 @@ def state_written(node: fx.Node) -> str | None:
     (torch.export's ``aten.copy_`` write-back of a buffer); None for every other node."""
     if updates_in_place(node):
         return updated_state(node)
-    schema = getattr(node.target, "_schema", None)
-    if node.op != "call_function" or schema is None or not schema.arguments or not node.args:
-        return None
-    info, base = schema.arguments[0].alias_info, node.args[0]
-    written = info is not None and info.is_write
-    return str(base.target) if written and isinstance(base, fx.Node) and base.op == "get_attr" else None
+    base = next(iter(written_args(node)), None)
+    return str(base.target) if isinstance(base, fx.Node) and base.op == "get_attr" else None
 
 
 def refuse_updates_through_views(graph: fx.Graph, values: Mapping[fx.Node, Sequence[Any]]) -> None:
@@ -124,14 +134,13 @@ def out_of_place(op: str, target: Any) -> Any:
         return copied
     if op == "call_method":
         name = str(target)
-        in_place = name.endswith("_") and not name.startswith("_")
-        return name[:-1] if in_place and hasattr(torch.Tensor, name[:-1]) else target
+        return name[:-1] if _in_place_name(name) and hasattr(torch.Tensor, name[:-1]) else target
     if isinstance(target, torch._ops.OpOverload):
         name = target.overloadpacket.__name__
-        packet = getattr(getattr(torch.ops, target.namespace), name[:-1], None) if name.endswith("_") else None
+        packet = getattr(getattr(torch.ops, target.namespace), name[:-1], None) if _in_place_name(name) else None
         return getattr(packet, target._overloadname, target) if packet is not None else target
     name = getattr(target, "__name__", "")
-    if name.endswith("_") and not name.startswith("_") and getattr(torch, name, None) is target:
+    if _in_place_name(name) and getattr(torch, name, None) is target:
         return getattr(torch, name[:-1], target)
     return target
 
@@ -144,7 +153,7 @@ def activations_out_of_place(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op in ("call_method", "call_function") and state_written(node) is None:
             twin = out_of_place(node.op, node.target)
-            if twin is not node.target and twin != node.target:
+            if twin != node.target:
                 node.target, node.op = twin, "call_function" if callable(twin) else node.op
                 changed = True
     if changed:
