@@ -56,6 +56,11 @@ def state_written(node: fx.Node) -> str | None:
     return str(base.target) if isinstance(base, fx.Node) and base.op == "get_attr" else None
 
 
+def _first_value(values: Mapping[fx.Node, Sequence[Any]] | None, node: fx.Node) -> Any:
+    """``node``'s traced value on the first example (None when not traced)."""
+    return next(iter(values.get(node, ()))) if values and values.get(node) else None
+
+
 def refuse_updates_through_views(graph: fx.Graph, values: Mapping[fx.Node, Sequence[Any]]) -> None:
     """``RuntimeError`` where an in-place method updates a view of another tensor (``h[:, 0].add_(1)``,
     ``h.narrow(1, 2, 3).mul_(3)``; ``values``: each node's traced values, the example's first) that is read after
@@ -67,7 +72,7 @@ def refuse_updates_through_views(graph: fx.Graph, values: Mapping[fx.Node, Seque
     order = {n: i for i, n in enumerate(graph.nodes)}
 
     def first(n: fx.Node) -> Any:
-        return next(iter(values.get(n, ())), None)
+        return _first_value(values, n)
 
     for node in graph.nodes:
         view = first(node.args[0]) if updates_in_place(node) else None
@@ -96,15 +101,23 @@ def thread_inplace_updates(graph: fx.Graph, values: Mapping[fx.Node, Sequence[An
     place (a buffer's running mean, ``self.mean.mul_(0.5)``) reads that op's result instead (the same tensor).
     Without it nothing orders the update before the reads, and a schedule may run them first: the step reads
     the old value (the engine did, for every placement). A buffer read again by another ``get_attr`` counts as
-    the same tensor. With the traced ``values``, an update through a view is refused first
-    (:func:`refuse_updates_through_views`)."""
+    the same tensor; with the traced ``values``, so does any node whose value is the very tensor an earlier node's
+    is (``batch["ids"]`` read twice from the input dict, ``x.contiguous()`` of a contiguous ``x``), and an update
+    through a view is refused first (:func:`refuse_updates_through_views`)."""
+    same: dict[int, fx.Node] = {}  # id of a traced tensor -> the first node whose value it is
     if values is not None:
         refuse_updates_through_views(graph, values)
+        for n in graph.nodes:
+            if isinstance(v := _first_value(values, n), torch.Tensor):
+                same.setdefault(id(v), n)
     latest: dict[Any, fx.Node] = {}  # the tensor (a buffer's target, or the node that made it) -> its last update
     tensor_of: dict[fx.Node, Any] = {}
 
     def key(a: fx.Node) -> Any:
-        return tensor_of.get(a, ("attr", a.target) if a.op == "get_attr" else a)
+        if a in tensor_of or a.op == "get_attr":
+            return tensor_of.get(a, ("attr", a.target))
+        found = same.get(id(_first_value(values, a))) if same else None
+        return a if found is None or found is a else key(found)
 
     for node in list(graph.nodes):
         if latest:

@@ -22,9 +22,10 @@ call it before splitting a batch, so a graph recorded as not micro-batchable is 
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import weakref
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -101,6 +102,21 @@ def batched_tensors(inputs: Sequence[Any]) -> list[torch.Tensor]:
     """The batched tensor leaves of ``inputs`` in tree order: what a pipeline's first stage is fed
     (``torch.distributed.pipelining`` passes tensors only, and splits each along dim 0)."""
     return [x for x in tree_leaves(tuple(_containers_registered(inputs))) if is_batched(x)]
+
+
+@contextlib.contextmanager
+def inputs_restored(inputs: Sequence[Any]) -> Iterator[None]:
+    """Every tensor leaf of ``inputs`` holds its values again afterwards. A step may write its batch in place
+    (``x.mul_(2)`` on an input); tracing, profiling and the batch-mixing check run it many times, each on the batch
+    as given, and leave the caller's batch as it was."""
+    saved = [(x, x.detach().clone()) for x in tree_leaves(tuple(_containers_registered(inputs)))
+             if isinstance(x, torch.Tensor)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for x, copy in saved:
+                x.copy_(copy)
 
 
 def input_batches(inputs: Sequence[Any]) -> list[tuple[str, int]]:
@@ -188,7 +204,7 @@ def _run(gm: fx.GraphModule, inputs: Sequence[Any]) -> _Runner:
     runner = _Runner(gm)
     state = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=True).items()}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inputs_restored(inputs):
             runner.run(*inputs)
     except Exception:  # noqa: BLE001 - recorded in runner.failed
         pass

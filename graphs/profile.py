@@ -374,7 +374,7 @@ def profile(traced: TracedModel, *, device: str = "cpu", threads: int = 1, warmu
     gm, inputs = _on_device(traced, dev)
     timer = _Clock(dev, clock, threads)
     param_ptrs = {p.untyped_storage().data_ptr() for p in gm.parameters()}
-    with _threads(threads), buffers_restored(gm), \
+    with _threads(threads), buffers_restored(gm, inputs), \
             _progress(progress, n + warmup + repeats, graph.name) as advance:
         replays, sources = _replays(traced, gm, inputs)
         for i, r in enumerate(replays):
@@ -413,7 +413,7 @@ def measure_step_s(traced: TracedModel, *, device: str = "cpu", threads: int = 1
     timer = _Clock(dev, clock, threads)
     params = list(gm.parameters())
     fwd, bwd = [], []
-    with _threads(threads), buffers_restored(gm):
+    with _threads(threads), buffers_restored(gm, inputs):
         for rep in range(warmup + repeats):
             for p in params:
                 p.grad = None

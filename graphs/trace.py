@@ -53,7 +53,7 @@ from torch.utils._pytree import tree_leaves
 from graphs.inplace import state_written
 from graphs.ir import OpGraph
 from graphs.loss import DEFAULT_LOSS, default_loss, default_loss_for, traced_default_loss
-from graphs.microbatch import microbatch_meta
+from graphs.microbatch import inputs_restored, microbatch_meta
 from graphs.exporter import STEP_PREFIX as _STEP_PREFIX
 from graphs.exporter import trace_export
 from graphs.tracer import is_primitive, legacy_trace_fx, trace_step
@@ -101,13 +101,15 @@ class TracedModel:
 
 
 @contextlib.contextmanager
-def buffers_restored(module: nn.Module) -> Iterator[None]:
+def buffers_restored(module: nn.Module, inputs: Sequence[Any] = ()) -> Iterator[None]:
     """Put every buffer (e.g. BatchNorm running statistics) back as it was: tracing and profiling run the
-    step, but must leave the model exactly as built, so a rebuild from ``meta`` is identical."""
+    step, but must leave the model exactly as built, so a rebuild from ``meta`` is identical. The step's
+    ``inputs`` too (:func:`graphs.microbatch.inputs_restored`: a step that writes its batch in place)."""
     saved = [(m, name, b, b.detach().clone()) for m in module.modules() for name, b in m._buffers.items()
              if b is not None]
     try:
-        yield
+        with inputs_restored(inputs):
+            yield
     finally:
         with torch.no_grad():
             for m, name, b, copy in saved:  # ``self.ema = ...`` in forward put another tensor there
@@ -307,7 +309,7 @@ def _trained_only_when_traced(model: nn.Module, gm: fx.GraphModule, inputs: tupl
         return None  # nothing to train, or parameters the trace does not share: nothing to compare
 
     def grads(step: Callable[[], Any]) -> tuple:
-        with buffers_restored(model):  # backward before the buffers are put back (that bumps their versions)
+        with buffers_restored(model, inputs):  # backward before the buffers are put back (bumps versions)
             loss = step()
             if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
                 return (None,) * len(params)
@@ -357,7 +359,7 @@ def trace_model(
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     model_name = type(model).__name__
     try:
-        with torch.no_grad(), buffers_restored(model):
+        with torch.no_grad(), buffers_restored(model, inputs):
             output = model(*inputs)
     except Exception as e:  # the user's model, any error
         raise ValueError(f"model {model_name} fails on its example inputs: {_describe(e)}") from None
@@ -370,9 +372,9 @@ def trace_model(
     found: tuple[str, fx.GraphModule, dict[str, str], dict[str, Any]] | None = None
     for how in (("fx", "export") if method == "auto" else (method,)):
         try:
-            with buffers_restored(model):
+            with buffers_restored(model, inputs):
                 gm, kept = _attempt(how, model, loss_fn, inputs, legacy)
-            with buffers_restored(gm):
+            with buffers_restored(gm, inputs):
                 loss, values = record_values(gm, inputs)
             out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
             if not isinstance(out, fx.Node):  # e.g. export's (loss,) for inputs it flattened: the engine needs one
@@ -402,7 +404,7 @@ def trace_model(
         record.update(kept_whole=dict(kept), loss=loss_note)
         if errors:
             record["trace_note"] = "; ".join(errors)
-        with buffers_restored(gm):  # rebuilding: the graph's record, not the step run twice again
+        with buffers_restored(gm, inputs):  # rebuilding: the graph's record, not the step run twice again
             record.update(microbatch_meta(gm, inputs) if microbatch_record is None else microbatch_record)
     graph = _build_graph(gm, values, name=name, method=how, meta=record)
     if errors:

@@ -207,6 +207,26 @@ def buffer_assignments() -> tuple[nn.Module, tuple[Tensor]]:
     return _BufferAssignments(), (torch.randn(8, 8),)
 
 
+class _InputWrites(nn.Module):
+    """``forward`` rescales its batch in place (``x.mul_``, ``sub_``; the ids of a dict batch too): tracing,
+    the batch-mixing check and profiling each run the step, and each run scaled the example batch again, so the
+    traced loss was not the user's and the check saw micro-batches that disagreed ("splits samples apart")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.a, self.b = nn.Embedding(10, 8), nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, batch: dict) -> Tensor:
+        x = batch["x"]
+        x.mul_(2.0).sub_(1.0)
+        batch["ids"].remainder_(10)
+        return self.b(torch.tanh(self.a(x + self.emb(batch["ids"])))).pow(2).mean()
+
+
+def input_written_in_place() -> tuple[nn.Module, tuple[dict]]:
+    return _InputWrites(), ({"x": torch.randn(8, 8), "ids": torch.randint(0, 40, (8,))},)
+
+
 class _ItemBranch(nn.Module):
     def __init__(self) -> None:
         super().__init__()

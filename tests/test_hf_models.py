@@ -83,6 +83,7 @@ def pool():
     ("view_update", "auto", "export"),  # h[:, 0].add_(1): fx recorded it as an update of the view alone
     ("in_place_function", "auto", "fx"),  # torch.relu_(h), h read after it
     ("mask_routing", "auto", "export"),  # out[mask] = expert(x[mask]): export's index_put_ chain
+    ("input_written_in_place", "auto", "fx"),  # x.mul_(2) on the batch: each run of the step scaled it again
 ])
 def test_pipeline_schedules_equal_single_process_training(pool, name, method, tracer):
     _needs(name)

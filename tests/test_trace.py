@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from graphs.build import build_graph, load_factory, parse_profile_spec, rebuild_traced  # noqa: E402
 from graphs.ir import OpGraph  # noqa: E402
 from graphs.microbatch import MICROBATCH_KEYS  # noqa: E402
-from graphs.trace import TraceError, trace_model  # noqa: E402
+from graphs.profile import profile  # noqa: E402
+from graphs.trace import TraceError, buffers_restored, trace_model  # noqa: E402
 from tests import fixtures_models as fm  # noqa: E402
 from tests import fixtures_steps as fs  # noqa: E402
 
@@ -277,6 +278,23 @@ def test_augmented_and_reassigned_buffers_are_updated_by_the_step_as_in_eager():
     after = dict(eager.named_buffers())
     for k, b in traced.gm.named_buffers():
         torch.testing.assert_close(b, after[k], msg=k)
+
+
+def test_a_step_that_writes_its_batch_in_place_is_traced_on_the_batch_as_given():
+    """``x.mul_(2)`` on an input: tracing, the batch-mixing check and profiling run the step many times; each run
+    wrote the example batch again, so the traced loss was not eager's on the user's batch and the micro-batch check
+    called a per-sample model batch-mixing. Now each run gets the batch as given and the caller's is unchanged."""
+    model, (batch,) = fs.input_written_in_place()
+    given = {k: v.clone() for k, v in batch.items()}
+    want = copy.deepcopy(model)({k: v.clone() for k, v in batch.items()}).item()
+    traced = trace_model(model, (batch,), name="writes")
+    profile(traced, warmup=1, repeats=2)
+    for k, v in batch.items():
+        assert torch.equal(v, given[k]), k
+    assert traced.graph.meta["microbatchable"] is True, traced.graph.meta.get("microbatch_why")
+    with buffers_restored(traced.gm, traced.example_inputs):
+        assert traced.gm(*traced.example_inputs).item() == pytest.approx(want, rel=1e-6)
+    assert torch.equal(batch["x"], given["x"])
 
 
 def test_a_buffer_set_to_another_shape_is_the_steps_value_and_the_model_keeps_its_own(caplog):

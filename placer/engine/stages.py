@@ -196,7 +196,7 @@ def split_stages(gm: fx.GraphModule, stage_of_node: Mapping[str, int], num_stage
             activations_out_of_place(part)
     # With autograd on, so each crossing tensor's requires_grad is known: PipelineStage derives from it
     # which gradients flow back between stages.
-    with torch.enable_grad(), buffers_restored(split):
+    with torch.enable_grad(), buffers_restored(split, microbatch):
         _, values = record_values(split, microbatch)
 
     top = [n for n in split.graph.nodes]
