@@ -123,6 +123,30 @@ def test_buffers_updated_in_place_are_updated_on_the_workers(pool, name):
         assert out.loss == pytest.approx(eager, rel=1e-5)
 
 
+def test_buffers_updated_in_place_carry_from_step_to_step_as_in_eager_training(pool):
+    """Three SGD steps on the workers: each step reads the buffers (a step counter, a running sum, an exponential
+    moving average) the previous one left, as eager training does. The engine runs the updates out of place, and
+    the buffers were read afresh every step (step 2's loss was step 1's with new parameters). A later command
+    starts again from the model as built."""
+    graph = _graph("buffer_assignments")
+    torch.manual_seed(0)  # as graphs.build seeds the factory: the workers' model
+    model, (x,) = fs.buffer_assignments()
+    lr = pool.config.lr
+    want = []
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        loss = model(x)
+        loss.backward()
+        want.append(loss.item())
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * p.grad
+    pool.switch_graph(graph)
+    for placement in (Placement.single(graph, 1), _random_placement(graph, 0), _random_placement(graph, 1)):
+        got = [pool.run_step(placement, steps=k, update=True).loss for k in (3, 1, 2)]
+        assert got == pytest.approx([want[2], want[0], want[1]], rel=1e-5)
+
+
 @pytest.mark.parametrize("name, first_of_stage_1", [("keyed_batch", "fc"), ("encoded_batch", "fc"),
                                                      ("in_place_function", "relu_")])
 def test_pipelining_backend_stages_equal_single_process_training(pool, name, first_of_stage_1):

@@ -119,6 +119,7 @@ def run_step(prog: StepProgram, metas: Sequence[ValueMeta], plan: StepPlan, inpu
                     rec.task_times.append((k, s, perf()))
         step.drain()
         rec.t1 = perf()
+    step.write_state()
     rec.losses = [float(x) for x in rec.losses]
     if memory is not None:
         rec.peak_dynamic_bytes = memory.peak
@@ -375,7 +376,8 @@ class _Step:
         inside = set(seg.ops)
         ext = sorted({j for i in seg.ops for j in self.prog.ops[i].inputs if j not in inside})
         tasks = self.plan.tasks
-        needed = {*seg.outputs, *seg.exposed, *(msg.op for k in seg.positions for msg in tasks[k].sends)}
+        needed = {*seg.outputs, *seg.exposed, *(msg.op for k in seg.positions for msg in tasks[k].sends),
+                  *(i for i, _ in self.prog.state_writes)}
         if self.prog.loss_op in inside:
             needed.add(self.prog.loss_op)
         keep = [i for i in seg.ops if i in needed]
@@ -413,6 +415,16 @@ class _Step:
         for k in seg.positions:
             self._send_grads_and_release(tasks[k], m, rec, memory)
         _split_times(rec, seg.positions, s, perf(), self.fwd_marks.pop((seg.ops[0], m), None))
+
+    def write_state(self) -> None:
+        """Each buffer the step updated in place here takes its updated value from the last micro-batch (the ops
+        ran out of place), so the next step reads it as on one device; with ``M`` micro-batches every one of them
+        read the step's starting value."""
+        last = self.env[-1]
+        with torch.no_grad():
+            for i, buffer in self.prog.state_writes:
+                if i in last:
+                    buffer.copy_(last[i])
 
     def drain(self) -> None:
         """Complete the receives nobody consumed (e.g. a value whose readers skip backward) and every send."""

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from graphs.inplace import out_of_place
+from graphs.inplace import out_of_place, state_written
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,10 @@ class StepProgram:
     """The op whose output is the step's scalar loss."""
     param_names: dict[int, str]
     """``id(parameter) -> qualified name`` for every trainable parameter of ``gm``."""
+    state_writes: tuple[tuple[int, torch.Tensor], ...] = ()
+    """``(op, buffer)`` per buffer the step updates in place (``self.steps += 1``): the op whose value is the
+    buffer at the step's end (:func:`graphs.inplace.state_written`). The engine runs in-place ops out of place,
+    so it writes that value into the buffer after the step (:meth:`placer.engine.executor._Step.write_state`)."""
 
     @property
     def n(self) -> int:
@@ -242,7 +246,9 @@ def compile_step(gm: fx.GraphModule) -> StepProgram:
             raise ValueError(f"unsupported fx node {node.name!r} of kind {node.op!r}")
         ops.append(OpProgram(index=i, name=node.name, kind="compute", inputs=inputs,
                              run=_make_runner(fn, args, kwargs, slot_of), params=params))
-    return StepProgram(gm=gm, ops=ops, loss_op=index[loss], param_names=param_names)
+    last = {target: index[n] for n in nodes if (target := state_written(n)) is not None}  # the last write wins
+    return StepProgram(gm=gm, ops=ops, loss_op=index[loss], param_names=param_names,
+                       state_writes=tuple((i, _fetch_attr(gm, target)) for target, i in last.items()))
 
 
 def _no_run(values: Sequence[Any]) -> Any:  # pragma: no cover - inputs and attributes are not "run"

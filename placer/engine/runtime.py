@@ -164,6 +164,8 @@ class WorkerRuntime:
         if cmd.update and opt is not None:
             update = opt.step
             self.dirty = True
+        if self.prog.state_writes:  # buffers the step updates are written back (executor._Step.write_state)
+            self.dirty = True
         records, dynamic_peak = self._run_steps(cmd, plan, metas, params, update)
         if self.device.type == "cuda":
             peak = max(r.peak_dynamic_bytes for r in records) if records else 0
