@@ -28,10 +28,10 @@ its tasks in proportion to their forward times (so busy time sums are exact, per
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from placer.engine.plan import Message, StepPlan
 from placer.engine.program import StepProgram, ValueMeta
 from placer.engine.memory import MemoryTracker, optimizer_state_bytes
+from placer.engine.record import StepRecord, split_times
 from placer.engine.segments import Segment
 from placer.engine.wire import WIRE_DTYPE as _WIRE_DTYPE
 from placer.engine.wire import backward as _backward
@@ -51,28 +52,7 @@ from placer.engine.wire import wire as _wire
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StepRecord", "MemoryTracker", "optimizer_state_bytes", "run_step"]
-
-@dataclass(eq=False)
-class StepRecord:
-    """What one device saw in one step (absolute ``perf_counter`` seconds)."""
-
-    t0: float
-    t1: float
-    task_times: list[tuple[int, float, float]]
-    """``(task position, start, end)`` per executed task."""
-    send_times: dict[tuple[int, int], float] = field(default_factory=dict)
-    """``(dst, tag) -> time the isend was posted``."""
-    recv_times: dict[tuple[int, int], float] = field(default_factory=dict)
-    """``(src, tag) -> time the data was in hand here`` (when the wait returned: an upper bound on arrival)."""
-    losses: list[float] = field(default_factory=list)
-    """Loss of each micro-batch, on the device holding the loss op."""
-    peak_dynamic_bytes: int = 0
-
-    @property
-    def busy_s(self) -> float:
-        return sum(e - s for _, s, e in self.task_times)
-
+__all__ = ["MemoryTracker", "optimizer_state_bytes", "run_step"]
 
 def run_step(prog: StepProgram, metas: Sequence[ValueMeta], plan: StepPlan, inputs: Sequence[Sequence[Any]], *,
              device: torch.device, comm_device: Callable[[int], torch.device], update: Callable[[], None] | None,
@@ -87,7 +67,7 @@ def run_step(prog: StepProgram, metas: Sequence[ValueMeta], plan: StepPlan, inpu
     rec = step.rec
     perf = time.perf_counter
     hooks = (torch.autograd.graph.saved_tensors_hooks(memory.pack, lambda t: t) if memory is not None
-             else _NullContext())
+             else contextlib.nullcontext())
     # Every receive of the step is posted before the starting barrier, so the barrier also carries each side's
     # "receive posted" notices to the other: gloo writes a message's data from the ``isend`` call only once it
     # has read that notice, and a notice still unread at the send is left to gloo's transport thread, which
@@ -414,7 +394,7 @@ class _Step:
             memory.release(("seg", seg.ops[0], m))
         for k in seg.positions:
             self._send_grads_and_release(tasks[k], m, rec, memory)
-        _split_times(rec, seg.positions, s, perf(), self.fwd_marks.pop((seg.ops[0], m), None))
+        split_times(rec, seg.positions, s, perf(), self.fwd_marks.pop((seg.ops[0], m), None))
 
     def write_state(self) -> None:
         """Each buffer the step updated in place here takes its updated value from the last micro-batch (the ops
@@ -436,27 +416,3 @@ class _Step:
                 work.wait()
         for work, _ in self.pending_sends:
             work.wait()
-
-
-def _split_times(rec: StepRecord, positions: Sequence[int], s: float, e: float, fwd_marks: list[float] | None) -> None:
-    """One backward call's span ``[s, e]`` recorded per task, split in proportion to the ops' forward times (one
-    autograd call has no per-op clock; ``positions`` run from the last op back to the first)."""
-    n = len(positions)
-    if n == 1 or not fwd_marks:
-        rec.task_times.append((positions[0], s, e))
-        return
-    fwd = [b - a for a, b in zip(fwd_marks, fwd_marks[1:])][::-1]  # in backward order
-    total = sum(fwd) or 1.0
-    t = s
-    for k, f in zip(positions, fwd):
-        end = t + (e - s) * f / total
-        rec.task_times.append((k, t, end))
-        t = end
-
-
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

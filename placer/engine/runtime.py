@@ -20,7 +20,8 @@ import torch.distributed as dist
 from graphs.microbatch import check_microbatchable, inputs_to, split_inputs
 from placer.core.cluster import is_cuda_name
 from placer.engine.command import MeasureCommand
-from placer.engine.executor import MemoryTracker, StepRecord, optimizer_state_bytes, run_step
+from placer.engine.executor import MemoryTracker, optimizer_state_bytes, run_step
+from placer.engine.record import StepRecord
 from placer.engine.plan import StepPlan, build_plan
 from placer.engine.procs import one_line
 from placer.engine.program import StepProgram, ValueMeta, compile_step, describe_values
