@@ -25,7 +25,7 @@ import collections
 import contextlib
 import math
 import weakref
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -104,6 +104,12 @@ def batched_tensors(inputs: Sequence[Any]) -> list[torch.Tensor]:
     return [x for x in tree_leaves(tuple(_containers_registered(inputs))) if is_batched(x)]
 
 
+def _copied(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """``inputs`` with every tensor leaf cloned."""
+    return tuple(tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, a)
+                 for a in _containers_registered(inputs))
+
+
 @contextlib.contextmanager
 def inputs_restored(inputs: Sequence[Any]) -> Iterator[None]:
     """Every tensor leaf of ``inputs`` holds its values again afterwards. A step may write its batch in place
@@ -178,41 +184,48 @@ def _identity_dropout(node: fx.Node, env: Mapping[fx.Node, Any]) -> Any:
     return x
 
 
-class _Runner(fx.Interpreter):
-    """Runs the step keeping every node's value; dropout is the identity; stops at the first failure."""
+class _Found(Exception):
+    """Raised by a run's ``see`` to stop it: the check has its answer."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+
+class _Runner(fx.Interpreter):
+    """Runs the step, dropout as the identity, stopping at the first failure (``failed``: the op and why); each
+    op's value, detached, goes to ``see(node, value)`` as it is computed."""
+
+    def __init__(self, gm: fx.GraphModule, see: Callable[[fx.Node, Any], None]) -> None:
         super().__init__(gm)
-        self.values: dict[str, Any] = {}
+        self.see = see
         self.failed: tuple[str, str] | None = None
 
     def run_node(self, n: fx.Node) -> Any:
-        if self.failed is None and n.op != "output":
-            try:
-                out = _identity_dropout(n, self.env) if _is_dropout(n, self.module) else super().run_node(n)
-            except Exception as e:  # the model on another batch: any error is the finding
-                self.failed = (n.name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                raise
-            # detached: the runner later copies the saved parameters back in place, and a view of a parameter
-            # made under no_grad (self.pos[:T], a CLS token expanded) may not be used after that
-            self.values[n.name] = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
-            return out
-        return super().run_node(n)
+        if n.op == "output":
+            return super().run_node(n)
+        try:
+            out = _identity_dropout(n, self.env) if _is_dropout(n, self.module) else super().run_node(n)
+        except Exception as e:  # the model on another batch: any error is the finding
+            self.failed = (n.name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            raise
+        # detached: the runner later copies the saved parameters back in place, and a view of a parameter
+        # made under no_grad (self.pos[:T], a CLS token expanded) may not be used after that
+        self.see(n, tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out))
+        return out
 
 
-def _run(gm: fx.GraphModule, inputs: Sequence[Any]) -> _Runner:
-    runner = _Runner(gm)
+def _run(gm: fx.GraphModule, inputs: Sequence[Any], see: Callable[[fx.Node, Any], None]) -> tuple[str, str] | None:
+    """Run the step on ``inputs`` (the model's state put back afterwards), each value to ``see``; the op that
+    failed and why, or None."""
+    runner = _Runner(gm, see)
     state = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=True).items()}
     try:
-        with torch.no_grad(), inputs_restored(inputs):
+        with torch.no_grad():
             runner.run(*inputs)
-    except Exception:  # noqa: BLE001 - recorded in runner.failed
+    except Exception:  # noqa: BLE001 - a failure is in runner.failed; _Found stops a finished check
         pass
     finally:
         with torch.no_grad():
             for k, v in gm.state_dict(keep_vars=True).items():
                 v.copy_(state[k])
-    return runner
+    return runner.failed
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -305,13 +318,17 @@ def find_batch_mixing(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[str, s
     if guarded > 2 and batches[0] // p < guarded:
         return "", (f"torch.export guarded the batch size >= {guarded} (control flow on the batch size), "
                     f"a micro-batch of {batches[0] // p} would take another branch")
-    part_in = split_inputs(inputs, p, 0)
+    # every run on its own copy: a step that writes its batch in place (x.mul_(2)) changes only that copy, and the
+    # values a run keeps that are its inputs stay as that run computed them
+    part_in = _copied(split_inputs(inputs, p, 0))
     full_in = map_batched(lambda x: torch.cat([x] * p), part_in)
     gen = torch.random.get_rng_state()
     try:
-        part = _run(gm, part_in)
-        return (_first_mixing(gm, _run(gm, full_in), part, p)
-                or _first_mixing(gm, _run(gm, inputs), part, p, distinct=True))
+        part: dict[str, Any] = {}  # copies: the values as computed (a later in-place op, ReLU(inplace=True), may
+        # change the tensor itself), compared with the batch's as each is computed
+        part_failed = _run(gm, part_in, lambda n, v: part.__setitem__(n.name, _copied((v,))[0]))
+        return (_first_mixing(gm, full_in, part, part_failed, p)
+                or _first_mixing(gm, _copied(inputs), part, part_failed, p, distinct=True))
     finally:
         torch.random.set_rng_state(gen)  # the check leaves no trace, randomness included
 
@@ -323,39 +340,55 @@ def _is_batch_norm(node: fx.Node, gm: fx.GraphModule) -> bool:
     return node.op == "call_function" and "batch_norm" in str(getattr(node.target, "__name__", node.target))
 
 
-def _first_mixing(gm: fx.GraphModule, full: _Runner, part: _Runner, p: int,
-                  distinct: bool = False) -> tuple[str, str] | None:
-    """The first op whose inputs agree between the runs but whose result does not (module docstring). With
-    ``distinct``, ``full`` ran on the example's own samples instead of copies: only a result that splits samples
+def _first_mixing(gm: fx.GraphModule, inputs: Sequence[Any], part: Mapping[str, Any],
+                  part_failed: tuple[str, str] | None, p: int, distinct: bool = False) -> tuple[str, str] | None:
+    """The first op whose inputs agree between the run on ``inputs`` and the micro-batch's (``part``: its values
+    by op) but whose result does not (module docstring). Each value of the batch's run is judged as it is
+    computed and then dropped, so the check holds one run's values, a micro-batch's, rather than both. With
+    ``distinct``, ``inputs`` are the example's own samples instead of copies: only a result that splits samples
     apart is a finding then (other samples' values are expected in batch statistics, reductions and shapes that
     depend on the data), and BatchNorm's statistics are accepted."""
-    if full.failed is not None:
-        return full.failed[0], f"fails on the example batch: {full.failed[1]}"
     state: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            continue
-        if part.failed is not None and part.failed[0] == node.name:
-            return node.name, f"fails on a micro-batch of 1/{p} of the batch: {part.failed[1]}"
-        if node.name not in part.values:
-            return None  # pragma: no cover - the runner stopped without a recorded failure
-        why = _compare(full.values[node.name], part.values[node.name], p)
-        inputs_same = all(state.get(a.name) == _SAME for a in node.all_input_nodes)
-        if distinct and (not inputs_same or why.startswith(_SHAPE) or why == _CHANGED or _is_batch_norm(node, gm)):
-            why = _UNKNOWN  # even when close: other samples' statistics, amplified further on, taint what follows
-        elif distinct and why not in (_SAME, _UNKNOWN):
-            why += _DUPLICATES
-        if why == _CHANGED:  # a reduction (var, norm, a token count...) may do that; a layer works per sample
-            why = _UNKNOWN if node.op != "call_module" else (
-                "gives a result of the same shape for a micro-batch and the batch, neither the same nor "
-                f"{p} times it: the batch is not on dim 0 of its input (nn.RNN/GRU/LSTM without batch_first=True "
-                "take it on dim 1), or the layer mixes samples")
-        if why in (_SAME, _UNKNOWN):
-            state[node.name] = why
-        elif why.startswith(_SHAPE) or (inputs_same and not _is_random(gm, node, part.values)):
-            return node.name, why.removeprefix(_SHAPE)
+    found: list[tuple[str, str] | None] = []
+
+    def see(node: fx.Node, value: Any) -> None:
+        if part_failed is not None and part_failed[0] == node.name:
+            found.append((node.name, f"fails on a micro-batch of 1/{p} of the batch: {part_failed[1]}"))
+        elif node.name not in part:
+            found.append(None)  # pragma: no cover - the micro-batch's run stopped without a recorded failure
         else:
-            state[node.name] = _UNKNOWN  # downstream of a random or reducing op: cannot be judged
+            why = _judge(gm, node, _compare(value, part[node.name], p), state, part, p, distinct)
+            if why is None:
+                return
+            found.append((node.name, why))
+        raise _Found
+
+    failed = _run(gm, inputs, see)
+    if found:
+        return found[0]
+    return None if failed is None else (failed[0], f"fails on the example batch: {failed[1]}")
+
+
+def _judge(gm: fx.GraphModule, node: fx.Node, why: str, state: dict[str, str], part: Mapping[str, Any], p: int,
+           distinct: bool) -> str | None:
+    """Why ``node`` mixes samples (``why``: :func:`_compare` of its values), or None after recording in ``state``
+    that it is the same as the micro-batch's or cannot be judged."""
+    inputs_same = all(state.get(a.name) == _SAME for a in node.all_input_nodes)
+    if distinct and (not inputs_same or why.startswith(_SHAPE) or why == _CHANGED or _is_batch_norm(node, gm)):
+        why = _UNKNOWN  # even when close: other samples' statistics, amplified further on, taint what follows
+    elif distinct and why not in (_SAME, _UNKNOWN):
+        why += _DUPLICATES
+    if why == _CHANGED:  # a reduction (var, norm, a token count...) may do that; a layer works per sample
+        why = _UNKNOWN if node.op != "call_module" else (
+            "gives a result of the same shape for a micro-batch and the batch, neither the same nor "
+            f"{p} times it: the batch is not on dim 0 of its input (nn.RNN/GRU/LSTM without batch_first=True "
+            "take it on dim 1), or the layer mixes samples")
+    if why in (_SAME, _UNKNOWN):
+        state[node.name] = why
+    elif why.startswith(_SHAPE) or (inputs_same and not _is_random(gm, node, part)):
+        return why.removeprefix(_SHAPE)
+    else:
+        state[node.name] = _UNKNOWN  # downstream of a random or reducing op: cannot be judged
     return None
 
 
