@@ -148,13 +148,14 @@ def test_buffers_updated_in_place_carry_from_step_to_step_as_in_eager_training(p
 
 
 @pytest.mark.parametrize("name, first_of_stage_1", [("keyed_batch", "fc"), ("encoded_batch", "fc"),
-                                                     ("in_place_function", "relu_")])
+                                                     ("in_place_function", "relu_"), ("input_written_in_place", "a")])
 def test_pipelining_backend_stages_equal_single_process_training(pool, name, first_of_stage_1):
     """torch.distributed.pipelining on the workers, 1F1B over two stages, is single-process training. The batch
     one dict (or a tokenizer's UserDict): stage 0 gets each micro-batch's slice of every tensor in it (the labels
     cross to stage 1). Stage 1 starting with ``torch.relu_(h)`` on the activation stage 0 sends: in torch's
     PipelineStage that tensor is an autograd leaf, and the in-place op failed the stage; the stages now run it out
-    of place, as the op engine does."""
+    of place, as the op engine does. A stage 0 that writes its slice of the batch in place (``x.mul_(2)``, the ids
+    of the dict) computes what one process does."""
     graph = _graph(name)
     traced = rebuild_traced(graph.meta)
     ref_loss, ref_grads, _ = reference_step(traced.gm, traced.example_inputs, microbatches=1)
