@@ -219,8 +219,11 @@ def _run(gm: fx.GraphModule, inputs: Sequence[Any], see: Callable[[fx.Node, Any]
     try:
         with torch.no_grad():
             runner.run(*inputs)
-    except Exception:  # noqa: BLE001 - a failure is in runner.failed; _Found stops a finished check
+    except _Found:  # the check has its answer
         pass
+    except Exception:  # noqa: BLE001 - the model's failure is in runner.failed; anything else is not the model's
+        if runner.failed is None:
+            raise
     finally:
         with torch.no_grad():
             for k, v in gm.state_dict(keep_vars=True).items():
