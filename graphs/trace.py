@@ -65,6 +65,8 @@ __all__ = ["TraceError", "TracedModel", "trace_model", "record_values", "value_b
            "buffers_restored"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d) + os.sep
+                  for d in ("graphs", "placer"))  # the tracer's own frames: not where the user's code failed
 
 
 class TraceError(ValueError):
@@ -170,7 +172,7 @@ def _one_line(text: str, limit: int = 160) -> str:
 def _user_frame(exc: BaseException) -> str:
     """`` (at forward, file.py:12)`` for the innermost frame of user code in the traceback, if any."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)
-              and not f.filename.endswith(("graphs/trace.py", "contextlib.py"))]
+              and not f.filename.startswith(_OWN_DIRS) and not f.filename.endswith("contextlib.py")]
     if frames:
         f = frames[-1]
         return f" (at {f.name}, {os.path.basename(f.filename)}:{f.lineno})"

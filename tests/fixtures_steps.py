@@ -227,6 +227,24 @@ def input_written_in_place() -> tuple[nn.Module, tuple[dict]]:
     return _InputWrites(), ({"x": torch.randn(8, 8), "ids": torch.randint(0, 40, (8,))},)
 
 
+class _AutocastBlock(nn.Module):
+    """Mixed precision inside ``forward``: a ``torch.autocast`` block runs the first layer in bfloat16. fx records
+    the block's ops but not autocast, so the traced step ran them in float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = torch.relu(self.a(x))
+        return self.b(h.float()).pow(2).mean()
+
+
+def autocast_block() -> tuple[nn.Module, tuple[Tensor]]:
+    return _AutocastBlock(), (torch.randn(8, 8),)
+
+
 class _ItemBranch(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -147,6 +147,21 @@ def test_buffers_updated_in_place_carry_from_step_to_step_as_in_eager_training(p
         assert got == pytest.approx([want[2], want[0], want[1]], rel=1e-5)
 
 
+def test_an_autocast_block_runs_in_its_precision_on_the_workers(pool):
+    """A ``torch.autocast`` block in ``forward`` (traced by torch.export as one op run under its autocast): the
+    workers' loss is eager's, bfloat16 inside the block, on one device and split over two."""
+    graph = _graph("autocast_block")
+    assert graph.meta["trace"] == "export"
+    torch.manual_seed(0)  # as graphs.build seeds the factory: the workers' model
+    model, (x,) = fs.autocast_block()
+    eager = model(x).item()
+    pool.switch_graph(graph)
+    for placement in (Placement.single(graph, 0), _random_placement(graph, 0), _random_placement(graph, 1)):
+        out = pool.run_step(placement, update=False)
+        assert out.result.ok, out.result.failure
+        assert out.loss == pytest.approx(eager, rel=1e-6)
+
+
 @pytest.mark.parametrize("name, first_of_stage_1", [("keyed_batch", "fc"), ("encoded_batch", "fc"),
                                                      ("in_place_function", "relu_"), ("input_written_in_place", "a")])
 def test_pipelining_backend_stages_equal_single_process_training(pool, name, first_of_stage_1):
