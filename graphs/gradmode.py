@@ -7,7 +7,7 @@ buffer part of the autograd graph: other gradients than eager's, and a second ba
 :func:`detached_inputs` feeds a node recorded with gradients off the detached value of every traced tensor that
 needs a gradient, and what the block computes then needs none, as in eager. (A module called inside the block
 keeps its own parameters' gradients: tracing refuses the step that would train them,
-:func:`graphs.trace._trained_only_when_traced`.)"""
+:func:`graphs.trace._gradient_mismatch`.)"""
 
 from __future__ import annotations
 

@@ -302,15 +302,21 @@ def _composite_kept_whole(model: nn.Module, kept: Mapping[str, str]) -> str | No
                  and any(True for _ in model.get_submodule(p).children())), None)
 
 
-def _trained_only_when_traced(model: nn.Module, gm: fx.GraphModule, inputs: tuple,
-                              loss_fn: Callable[[Any], Any]) -> str | None:
-    """The first parameter that gets a gradient from the traced step but not from the model's own (a
-    ``torch.no_grad()`` block or ``.detach()`` in ``forward`` that symbolic tracing does not keep), else None."""
+def _gradient_mismatch(model: nn.Module, gm: fx.GraphModule, inputs: tuple,
+                       loss_fn: Callable[[Any], Any]) -> str | None:
+    """Why the traced step's gradients are not the model's own step's, or None: a parameter trained by one step
+    and not the other (a ``torch.no_grad()`` block or ``.detach()`` in ``forward`` that symbolic tracing does not
+    keep; a ``torch.autograd.Function`` whose own backward both tracers replace by the autograd of its forward), or
+    another gradient (that Function again, a gradient hook registered in ``forward``). Both steps start from the
+    same random state; a difference that the traced step also shows against itself on another one is dropout's
+    randomness, not a finding."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or {id(p) for p in gm.parameters()} != {id(p) for p in model.parameters()}:
         return None  # nothing to train, or parameters the trace does not share: nothing to compare
+    rng = torch.random.get_rng_state()
 
-    def grads(step: Callable[[], Any]) -> tuple:
+    def grads(step: Callable[[], Any], seed: int | None = None) -> tuple:
+        torch.random.set_rng_state(rng) if seed is None else torch.manual_seed(seed)
         with buffers_restored(model, inputs):  # backward before the buffers are put back (bumps versions)
             loss = step()
             if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
@@ -319,11 +325,39 @@ def _trained_only_when_traced(model: nn.Module, gm: fx.GraphModule, inputs: tupl
 
     try:
         eager, traced = grads(lambda: loss_fn(model(*inputs))), grads(lambda: gm(*inputs))
+        names = {id(p): n for n, p in model.named_parameters()}
+        for p, e, t in zip(params, eager, traced):
+            if e is None and t is not None:
+                return (f"the traced step would train {names[id(p)]!r}, which the model's own step does not "
+                        "(torch.no_grad() or .detach() in forward, which tracing does not keep); set "
+                        "requires_grad=False on it instead")
+            if e is not None and t is None:
+                return (f"the traced step would not train {names[id(p)]!r}, which the model's own step does "
+                        f"({_NOT_KEPT})")
+        diff = [(_relative(t, e), p, t) for p, e, t in zip(params, eager, traced) if e is not None]
+        worst, p, t = max(diff, key=lambda x: x[0], default=(0.0, None, None))
+        if worst <= 1e-2:
+            return None
+        again = grads(lambda: gm(*inputs), seed=int(torch.randint(1 << 30, ())))[params.index(p)]
+        if _relative(again, t) > worst / 10:
+            return None  # the traced step differs from itself: randomness (dropout) drawn otherwise
+        return (f"the traced step computes another gradient for {names[id(p)]!r} than the model's own step "
+                f"(relative difference {worst:.2g}: {_NOT_KEPT})")
     except Exception:  # a check, not a second trace: a step it cannot run here is judged elsewhere
         log.debug("gradient comparison of %s skipped", type(model).__name__, exc_info=True)
         return None
-    names = {id(p): n for n, p in model.named_parameters()}
-    return next((names[id(p)] for p, e, t in zip(params, eager, traced) if e is None and t is not None), None)
+    finally:
+        torch.random.set_rng_state(rng)
+
+
+_NOT_KEPT = ("a torch.autograd.Function with its own backward, or a gradient hook registered in forward: tracing "
+             "keeps neither")
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` over all elements (float64)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _attempt(how: str, model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple,
@@ -352,8 +386,8 @@ def trace_model(
     ``method="auto"`` tries fx, then torch.export (also when fx kept a composite module whole); the one used is
     ``graph.meta["trace"]``. ``legacy`` traces as placer did before ``meta["kept_whole"]`` existed (rebuilding
     such graphs). Raises :class:`TraceError` (one line) when no method works, ``ValueError`` when the model
-    fails on its own inputs or, with ``check_grads`` (one more eager and traced backward), when the traced step
-    would train a parameter the model's own step does not (:func:`_trained_only_when_traced`).
+    fails on its own inputs or, with ``check_grads`` (one more eager and traced backward), when the traced step's
+    gradients are not the model's own step's (:func:`_gradient_mismatch`).
     ``microbatch_record``: a graph's recorded :func:`graphs.microbatch.microbatch_meta`, kept (rebuilding).
     """
     if method not in ("auto", "fx", "export"):
@@ -361,7 +395,7 @@ def trace_model(
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     model_name = type(model).__name__
     try:
-        with torch.no_grad(), buffers_restored(model, inputs):
+        with buffers_restored(model, inputs):  # autograd on, as in training (a forward may register a hook)
             output = model(*inputs)
     except Exception as e:  # the user's model, any error
         raise ValueError(f"model {model_name} fails on its example inputs: {_describe(e)}") from None
@@ -396,11 +430,9 @@ def trace_model(
     if found is None:
         raise TraceError(f"cannot trace model {model_name}: " + "; ".join(errors))
     how, gm, kept, values = found
-    frozen = _trained_only_when_traced(model, gm, inputs, loss_fn) if check_grads else None
-    if frozen is not None:
-        raise ValueError(f"model {model_name}: the traced step would train {frozen!r}, which the model's own step "
-                         "does not (torch.no_grad() or .detach() in forward, which tracing does not keep); set "
-                         "requires_grad=False on it instead")
+    mismatch = _gradient_mismatch(model, gm, inputs, loss_fn) if check_grads else None
+    if mismatch is not None:
+        raise ValueError(f"model {model_name}: {mismatch}")
     record = {**dict(meta or {}), "trace": how}
     if not legacy:
         record.update(kept_whole=dict(kept), loss=loss_note)

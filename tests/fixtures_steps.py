@@ -245,6 +245,45 @@ def autocast_block() -> tuple[nn.Module, tuple[Tensor]]:
     return _AutocastBlock(), (torch.randn(8, 8),)
 
 
+class _ReversedGradient(torch.autograd.Function):
+    """Identity forward, negated gradient (domain-adversarial training's gradient reversal)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return -grad
+
+
+class _GradientChanges(nn.Module):
+    """Gradients that are not the autograd of the forward ops: a custom ``torch.autograd.Function`` (both tracers
+    record its forward, so the traced step trained ``a`` not at all, fx's no-grad detach cutting it off) or a hook
+    registered on an activation in ``forward`` (dropped by torch.export: ``a``'s gradient twice eager's)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.a(x))
+        if self.how == "function":
+            h = _ReversedGradient.apply(h)
+        else:
+            h.register_hook(lambda g: g * 0.5)
+        return self.b(h).pow(2).mean()
+
+
+def custom_backward() -> tuple[nn.Module, tuple[Tensor]]:
+    return _GradientChanges("function"), (torch.randn(8, 8),)
+
+
+def activation_hook() -> tuple[nn.Module, tuple[Tensor]]:
+    return _GradientChanges("hook"), (torch.randn(8, 8),)
+
+
 class _ItemBranch(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -310,6 +310,21 @@ def test_a_torch_autocast_block_in_forward_is_traced_with_its_precision():
     assert traced.gm(x).item() == want  # bfloat16 inside the block, as in eager
 
 
+@pytest.mark.parametrize("factory, finding", [
+    (fs.custom_backward, "would not train 'a.weight', which the model's own step does"),
+    (fs.activation_hook, "computes another gradient for 'a.weight' than the model's own step"),
+])
+def test_a_step_whose_gradients_tracing_cannot_keep_is_refused(factory, finding):
+    """A custom ``torch.autograd.Function`` and a gradient hook registered in ``forward``: both tracers keep
+    neither, and the traced step was silently another (``a`` untrained; ``a``'s gradient twice eager's). The
+    build compares the traced step's gradients with the model's own and refuses in one line. (The hook's model
+    failed before that: the first eager run had gradients off, and a hook cannot be registered then.)"""
+    model, inputs = factory()
+    with pytest.raises(ValueError, match="tracing keeps neither") as err:
+        trace_model(model, inputs, name="grads")
+    assert finding in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_buffer_set_to_another_shape_is_the_steps_value_and_the_model_keeps_its_own(caplog):
     """``self.last = h.detach()`` into a buffer built empty: no in-place update can hold it, so the step reads the
     value as fx traced it (before, the module was left holding a Proxy) and the user is told it is not kept."""
