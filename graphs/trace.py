@@ -316,7 +316,10 @@ def _gradient_mismatch(model: nn.Module, gm: fx.GraphModule, inputs: tuple,
     rng = torch.random.get_rng_state()
 
     def grads(step: Callable[[], Any], seed: int | None = None) -> tuple:
-        torch.random.set_rng_state(rng) if seed is None else torch.manual_seed(seed)
+        if seed is None:
+            torch.random.set_rng_state(rng)
+        else:
+            torch.manual_seed(seed)
         with buffers_restored(model, inputs):  # backward before the buffers are put back (bumps versions)
             loss = step()
             if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
@@ -334,15 +337,15 @@ def _gradient_mismatch(model: nn.Module, gm: fx.GraphModule, inputs: tuple,
             if e is not None and t is None:
                 return (f"the traced step would not train {names[id(p)]!r}, which the model's own step does "
                         f"({_NOT_KEPT})")
-        diff = [(_relative(t, e), p, t) for p, e, t in zip(params, eager, traced) if e is not None]
-        worst, p, t = max(diff, key=lambda x: x[0], default=(0.0, None, None))
+        diff = [(_relative(t, e), k) for k, (e, t) in enumerate(zip(eager, traced)) if e is not None]
+        worst, k = max(diff, key=lambda x: x[0], default=(0.0, -1))  # the first of the largest
         if worst <= 1e-2:
             return None
-        again = grads(lambda: gm(*inputs), seed=int(torch.randint(1 << 30, ())))[params.index(p)]
-        if _relative(again, t) > worst / 10:
+        again = grads(lambda: gm(*inputs), seed=int(torch.randint(1 << 30, ())))[k]
+        if _relative(again, traced[k]) > worst / 10:
             return None  # the traced step differs from itself: randomness (dropout) drawn otherwise
-        return (f"the traced step computes another gradient for {names[id(p)]!r} than the model's own step "
-                f"(relative difference {worst:.2g}: {_NOT_KEPT})")
+        return (f"the traced step computes another gradient for {names[id(params[k])]!r} than the model's own "
+                f"step (relative difference {worst:.2g}: {_NOT_KEPT})")
     except Exception:  # a check, not a second trace: a step it cannot run here is judged elsewhere
         log.debug("gradient comparison of %s skipped", type(model).__name__, exc_info=True)
         return None

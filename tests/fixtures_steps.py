@@ -265,7 +265,8 @@ class _GradientChanges(nn.Module):
     def __init__(self, how: str) -> None:
         super().__init__()
         self.how = how
-        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+        self.b = nn.Linear(16, 2)  # first: the parameter whose gradient differs is not the model's first
+        self.a = nn.Linear(8, 16)
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.relu(self.a(x))
