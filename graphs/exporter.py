@@ -19,8 +19,10 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from graphs.inplace import copied, written_args
+from graphs.microbatch import is_batched
 
 __all__ = ["STEP_PREFIX", "trace_export"]
 
@@ -46,7 +48,8 @@ def _export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple, *, d
     old_level = torch_log.level
     torch_log.setLevel(logging.CRITICAL)
     noise = io.StringIO()  # export dumps partial graphs to stderr on failure; keep them out of the user's way
-    batch = ({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    # dim 0 of every batched tensor dynamic, in a dict batch too (the spec follows the inputs' tree)
+    batch = (tree_map(lambda x: {0: torch.export.Dim.AUTO} if is_batched(x) else None, a) for a in inputs)
     try:
         with contextlib.redirect_stderr(noise):
             return torch.export.export(_Step(model, loss_fn), tuple(inputs),
@@ -106,9 +109,13 @@ def trace_export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple,
     # wraps both in pytree specs). Only possible when every input is a plain tensor.
     output = next(n for n in gm.graph.nodes if n.op == "output")
     flat_out = output.args[0]
-    if all(isinstance(x, torch.Tensor) for x in inputs) and isinstance(flat_out, (tuple, list)) \
-            and len(flat_out) == 1:
-        gm.graph.set_codegen(fx.graph.CodeGen())
+    if isinstance(flat_out, (tuple, list)) and len(flat_out) == 1:
+        codegen = gm.graph._codegen
+        if all(isinstance(x, torch.Tensor) for x in inputs):
+            gm.graph.set_codegen(fx.graph.CodeGen())
+        elif isinstance(codegen, fx.graph._PyTreeCodeGen) and codegen.pytree_info is not None:
+            # a dict batch keeps export's input tree (its placeholders are the leaves); the loss comes out alone
+            codegen.pytree_info = codegen.pytree_info._replace(out_spec=None)
         output.args = (flat_out[0],)
     gm.recompile()
     return gm

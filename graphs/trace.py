@@ -56,7 +56,8 @@ from graphs.loss import DEFAULT_LOSS, default_loss, default_loss_for, traced_def
 from graphs.microbatch import inputs_restored, microbatch_meta
 from graphs.exporter import STEP_PREFIX as _STEP_PREFIX
 from graphs.exporter import trace_export
-from graphs.tracer import is_primitive, legacy_trace_fx, trace_step
+from graphs.tracer import is_primitive, trace_step
+from graphs.tracer_legacy import legacy_trace_fx
 
 log = logging.getLogger(__name__)
 

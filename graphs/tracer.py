@@ -22,6 +22,7 @@ import builtins
 import contextlib
 import inspect
 import operator
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import torch
@@ -32,7 +33,7 @@ from graphs.gradmode import detached_inputs
 from graphs.inplace import state_writes_recorded, thread_inplace_updates, with_in_place_operators
 from graphs.microbatch import input_batches, map_batched, split_inputs
 
-__all__ = ["COMPOSITE_MODULES", "LEAF_CLASS_NAMES", "is_primitive", "StepTracer", "trace_step", "legacy_trace_fx"]
+__all__ = ["COMPOSITE_MODULES", "LEAF_CLASS_NAMES", "is_primitive", "StepTracer", "trace_step"]
 
 COMPOSITE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Sequential, nn.ModuleList, nn.ModuleDict,
@@ -151,15 +152,33 @@ class _Proxy(fx.Proxy):
         if vals is None or k.startswith("__"):
             return super().__getattr__(k)
         attr = getattr(vals[0], k)  # AttributeError as the value would raise it (hasattr works)
+        if isinstance(vals[0], Mapping) and k in ("values", "items"):  # for k, v in batch.items()
+            return lambda: [self[key] if k == "values" else (key, self[key]) for key in vals[0]]
         if callable(attr) and not isinstance(attr, torch.Tensor):
             return _Method(self, k)
         return self.tracer.create_proxy("call_function", builtins.getattr, (self, k), {})
 
     def __iter__(self) -> Any:
+        """A tuple's items; a dict's keys (an input dict's keys are the example's, as its tree structure is)."""
         vals = self.__dict__.get("_vals")
         if vals is not None and isinstance(vals[0], (tuple, list)):
             return (self[i] for i in range(len(vals[0])))
+        if vals is not None and isinstance(vals[0], Mapping):
+            return iter(list(vals[0]))
         return super().__iter__()
+
+    def keys(self) -> Any:
+        """``model(**batch)`` on an input dict: its keys, the example's (fx's own ``keys`` records a node that
+        cannot be iterated)."""
+        vals = self.__dict__.get("_vals")
+        return list(vals[0]) if vals is not None and isinstance(vals[0], Mapping) else super().keys()
+
+    def __contains__(self, key: Any) -> bool:
+        """``"labels" in batch`` on an input dict: its keys are the example's."""
+        vals = self.__dict__.get("_vals")
+        if vals is not None and isinstance(vals[0], Mapping):
+            return key in vals[0]
+        return any(key is x for x in self)  # Python's fallback: through __iter__
 
     def _known(self, to: type) -> Any:
         """``int(p)``, ``float(p)``, ``range(p)`` of a value read from buffers only: its value now (as before
@@ -420,30 +439,3 @@ def trace_step(model: nn.Module, inputs: tuple[Any, ...], loss_fn: Callable[[Any
         tracer.kept_whole = {p: why for p, why in kept.items()
                              if not any(p.startswith(q + ".") for q in kept if q != p)}
     return fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Step"), dict(tracer.kept_whole)
-
-
-# ---------------------------------------------------------------------------------------------- legacy fx
-
-
-class _StepTracer(fx.Tracer):
-    """fx's default leaf rule; a module outside the traced root (e.g. a loss module) is inlined."""
-
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        try:
-            self.path_of_module(m)
-        except NameError:
-            return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
-
-
-def legacy_trace_fx(model: nn.Module, loss_fn: Callable[[Any], Any]) -> fx.GraphModule:
-    """Trace ``model`` then append ``loss_fn`` on its output proxies, so targets stay relative to ``model``."""
-    tracer = _StepTracer()
-    graph = tracer.trace(model)
-    out = next(n for n in graph.nodes if n.op == "output")
-    result = out.args[0]
-    graph.erase_node(out)
-    loss = loss_fn(fx.node.map_arg(result, lambda n: fx.Proxy(n, tracer)))
-    graph.output(tracer.create_arg(loss))
-    graph.lint()
-    return fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Step")

@@ -191,7 +191,7 @@ class _ListInput(nn.Module):
 
 def list_input() -> tuple[nn.Module, tuple[list]]:
     """Token ids as a Python list: fx takes it as a constant (a Python value input); torch.export flattens the
-    list and returns ``(loss,)``, a step the engine cannot run."""
+    list into placeholders."""
     return _ListInput(), ([1, 2, 3, 4],)
 
 

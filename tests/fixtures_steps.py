@@ -33,6 +33,31 @@ def keyed_batch() -> tuple[nn.Module, tuple[dict]]:
     return _KeyedBatch(), ({"input_ids": ids, "attention_mask": mask, "labels": ids.roll(1, dims=1)},)
 
 
+class _Unpacked(nn.Module):
+    """``model(**batch)``, as Hugging Face trainers call a model, around a model taking keyword arguments; it
+    also asks ``"labels" in batch`` and walks ``batch.items()``. fx could not unpack a dict input (its proxy's
+    ``keys()`` is a node, which cannot be iterated) and torch.export returned the loss in a tuple and kept the
+    batch size static for a dict: such a step could not be traced at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _KeywordModel()
+
+    def forward(self, batch: dict) -> Tensor:
+        if "token_type_ids" in batch:  # absent: a key test on the dict, not on data
+            raise ValueError("no token types here")
+        return self.model(**{k: v for k, v in batch.items()})
+
+
+class _KeywordModel(_KeyedBatch):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+
+
+def unpacked_batch() -> tuple[nn.Module, tuple[dict]]:
+    return _Unpacked(), keyed_batch()[1]
+
+
 class Encoding(collections.UserDict):
     """A tokenizer's output as Hugging Face's ``BatchEncoding`` is one: a ``UserDict`` whose fields also read as
     attributes, with attributes of its own (torch's pytree took it for one leaf: nothing in it was split)."""

@@ -78,6 +78,8 @@ def pool():
     ("hf_gpt2", "export", "export"),  # the fallback's dynamic batch dimension micro-batches too
     ("keyed_batch", "auto", "fx"),  # the batch in a dict: every tensor in it is split
     ("encoded_batch", "auto", "fx"),  # ... or in a UserDict such as a tokenizer's BatchEncoding
+    ("unpacked_batch", "auto", "fx"),  # model(**batch): fx could not unpack a dict input
+    ("unpacked_batch", "export", "export"),  # ... and export returned (loss,) and a static batch for it
     ("plain_python_inputs", "auto", "fx"),  # None, a flag and a count beside the batch: passed whole
     ("item_assignment", "auto", "export"),  # h[:, 0] = 0: fx cannot; export's fill_ through a view, functionalized
     ("view_update", "auto", "export"),  # h[:, 0].add_(1): fx recorded it as an update of the view alone

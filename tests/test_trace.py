@@ -402,12 +402,15 @@ def test_the_loss_field_of_a_dict_output_is_the_step_loss_and_other_outputs_need
         trace_model(*fs.tuple_output(), name="tuple_out")
 
 
-def test_a_list_of_ints_input_is_a_constant_and_export_returning_a_tuple_is_refused():
+def test_a_list_of_ints_input_is_a_constant_for_fx_and_flattened_by_export():
+    """torch.export flattens the list into placeholders and returned ``(loss,)``, refused then; the loss now comes
+    out alone, and the engine feeds the placeholders the flattened inputs (``StepProgram.placeholder_values``)."""
     model, inputs = fm.list_input()
     traced = trace_model(model, inputs, name="ids")  # fx: the ids are the example's, as any Python value input
     assert traced.graph.meta["trace"] == "fx" and traced.gm(*inputs).item() == pytest.approx(model(*inputs).item())
-    with pytest.raises(TraceError, match=r"export: TraceError: the traced step returns tuple .*, not the loss node"):
-        trace_model(model, inputs, name="ids", method="export")  # it flattens the list and returns (loss,)
+    exported = trace_model(model, inputs, name="ids", method="export")
+    assert exported.gm(*inputs).item() == pytest.approx(model(*inputs).item())
+    assert {"inputs_0_0", "inputs_0_1", "inputs_0_2", "inputs_0_3"} <= set(exported.graph.op_names)
 
 
 def test_python_value_inputs_trace_as_the_example_has_them():

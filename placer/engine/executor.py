@@ -132,7 +132,8 @@ class _Step:
     def __init__(self, prog: StepProgram, metas: Sequence[ValueMeta], plan: StepPlan,
                  inputs: Sequence[Sequence[Any]], *, device: torch.device,
                  comm_device: Callable[[int], torch.device], memory: MemoryTracker | None) -> None:
-        self.prog, self.metas, self.plan, self.inputs = prog, metas, plan, inputs
+        self.prog, self.metas, self.plan = prog, metas, plan
+        self.inputs = [prog.placeholder_values(x) for x in inputs]  # per micro-batch, as the placeholders take them
         self.device, self.comm_device, self.memory = device, comm_device, memory
         self.env: list[dict[int, Any]] = [{} for _ in range(plan.microbatches)]
         self.outs: dict[tuple[int, int], list[Any]] = {}

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
@@ -126,6 +127,16 @@ class StepProgram:
     @property
     def n(self) -> int:
         return len(self.ops)
+
+    def placeholder_values(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
+        """The step's ``inputs`` as its placeholders take them (``input_position`` indexes these): as given for
+        fx, flattened by the input tree for torch.export's step (a dict batch is one input, several
+        placeholders)."""
+        codegen = self.gm.graph._codegen
+        info = getattr(codegen, "pytree_info", None) if isinstance(codegen, fx.graph._PyTreeCodeGen) else None
+        if info is None or info.in_spec is None:
+            return tuple(inputs)
+        return tuple(fx_pytree.tree_flatten_spec((tuple(inputs), {}), info.in_spec))
 
     def consumers(self) -> list[list[int]]:
         cons: list[list[int]] = [[] for _ in self.ops]
@@ -279,10 +290,11 @@ def describe_values(prog: StepProgram, inputs: Sequence[Any]) -> list[ValueMeta]
     buffers = {name: b.detach().clone() for name, b in prog.gm.named_buffers()}
     values: list[Any] = [None] * prog.n
     metas: list[ValueMeta] = []
+    flat = prog.placeholder_values(inputs)
     try:
         for op in prog.ops:
             if op.kind == "input":
-                v = inputs[op.input_position]
+                v = flat[op.input_position]
             elif op.kind == "get_attr":
                 v = op.attr
             else:
