@@ -178,7 +178,7 @@ class _Proxy(fx.Proxy):
         vals = self.__dict__.get("_vals")
         if vals is not None and isinstance(vals[0], Mapping):
             return key in vals[0]
-        return any(key is x for x in self)  # Python's fallback: through __iter__
+        return any(x is key or x == key for x in self)  # what Python does without __contains__
 
     def _known(self, to: type) -> Any:
         """``int(p)``, ``float(p)``, ``range(p)`` of a value read from buffers only: its value now (as before
