@@ -58,7 +58,7 @@ def state_written(node: fx.Node) -> str | None:
 
 def _first_value(values: Mapping[fx.Node, Sequence[Any]] | None, node: fx.Node) -> Any:
     """``node``'s traced value on the first example (None when not traced)."""
-    return next(iter(values.get(node, ()))) if values and values.get(node) else None
+    return next(iter(values.get(node) or ()), None) if values else None
 
 
 def refuse_updates_through_views(graph: fx.Graph, values: Mapping[fx.Node, Sequence[Any]]) -> None:
@@ -70,19 +70,15 @@ def refuse_updates_through_views(graph: fx.Graph, values: Mapping[fx.Node, Seque
     out of place, so ``h``'s readers never saw it (the step was silently another one, on one device too).
     Refused, the model is traced by torch.export, which functionalizes such updates (:mod:`graphs.exporter`)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-
-    def first(n: fx.Node) -> Any:
-        return _first_value(values, n)
-
     for node in graph.nodes:
-        view = first(node.args[0]) if updates_in_place(node) else None
+        view = _first_value(values, node.args[0]) if updates_in_place(node) else None
         if not (isinstance(view, torch.Tensor) and view._base is not None):
             continue
         # The tensor, or another view of it made before the update, read after it (a later read of the view
         # itself reads the update: thread_inplace_updates).
         base = view._base
         aliases = [n for n in graph.nodes if order[n] < order[node] and n is not node.args[0]
-                   and isinstance(v := first(n), torch.Tensor) and (v is base or v._base is base)]
+                   and isinstance(v := _first_value(values, n), torch.Tensor) and (v is base or v._base is base)]
         if any(order[u] > order[node] for n in aliases for u in n.users):
             raise RuntimeError(f"{node.target} through a view ({node.args[0].name}) updates the tensor it views, "
                                "which fx records as an update of the view alone")
