@@ -24,6 +24,7 @@ from placer.engine import EngineConfig, Measurer, reference_step  # noqa: E402
 from placer.io.document import placement_to_json, save_placement  # noqa: E402
 from placer.io.loaders import apply, placed_devices, stage_modules  # noqa: E402
 from tests import fixtures_models as fm  # noqa: E402
+from tests import fixtures_state as fst  # noqa: E402
 from tests import fixtures_steps as fs  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,8 @@ def _graph(name: str, method: str = "auto"):
     """The factory's graph; ``method="export"`` forces the torch.export fallback (rebuilt the same way by the
     engine's workers, from the graph's meta)."""
     if (name, method) not in _GRAPHS:
-        source = f"tests.{'fixtures_steps' if hasattr(fs, name) else 'fixtures_models'}:{name}"
+        module = next(m for m in (fs, fst, fm) if hasattr(m, name)).__name__
+        source = f"{module}:{name}"
         _GRAPHS[name, method] = build_graph(source, profile=None) if method == "auto" else rebuild_traced(
             {"source": {"factory": source, "seed": 0}, "trace": method, "kept_whole": {}}).graph
     return _GRAPHS[name, method]
@@ -116,7 +118,7 @@ def test_buffers_updated_in_place_are_updated_on_the_workers(pool, name):
     changed the buffer before a reader of its old value on the other device had it, 1 of these 4 placements)."""
     graph = _graph(name)
     torch.manual_seed(0)  # as graphs.build seeds the factory: the workers' model
-    model, (x,) = getattr(fs, name)()
+    model, (x,) = getattr(fst, name)()
     eager = model(x).item()
     pool.switch_graph(graph)
     for placement in (Placement.single(graph, 0), *(_random_placement(graph, seed) for seed in range(4))):
@@ -132,7 +134,7 @@ def test_buffers_updated_in_place_carry_from_step_to_step_as_in_eager_training(p
     starts again from the model as built."""
     graph = _graph("buffer_assignments")
     torch.manual_seed(0)  # as graphs.build seeds the factory: the workers' model
-    model, (x,) = fs.buffer_assignments()
+    model, (x,) = fst.buffer_assignments()
     lr = pool.config.lr
     want = []
     for _ in range(3):
@@ -155,7 +157,7 @@ def test_an_autocast_block_runs_in_its_precision_on_the_workers(pool):
     graph = _graph("autocast_block")
     assert graph.meta["trace"] == "export"
     torch.manual_seed(0)  # as graphs.build seeds the factory: the workers' model
-    model, (x,) = fs.autocast_block()
+    model, (x,) = fst.autocast_block()
     eager = model(x).item()
     pool.switch_graph(graph)
     for placement in (Placement.single(graph, 0), _random_placement(graph, 0), _random_placement(graph, 1)):

@@ -22,6 +22,7 @@ from placer.core.placement import Placement  # noqa: E402
 from placer.costmodel.schedules import build_schedule  # noqa: E402
 from placer.costmodel.sim import Simulator  # noqa: E402
 from tests import fixtures_models as fm  # noqa: E402
+from tests import fixtures_state as fst  # noqa: E402
 from tests import fixtures_steps as fs  # noqa: E402
 
 
@@ -176,7 +177,7 @@ def test_an_input_shared_by_all_samples_is_named_in_the_refusal():
 
 
 @pytest.mark.parametrize("factory", [fm.mlp, fm.sized, fm.lstm, fm.inplace_bn, fm.encoder_lm, fm.nn_transformer,
-                                     fs.keyed_batch, fs.buffer_updates, fs.loss_in_a_dict, fm.mlp_squared_loss,
+                                     fs.keyed_batch, fst.buffer_updates, fs.loss_in_a_dict, fm.mlp_squared_loss,
                                      fs.vit_like,  # views of parameters: the check itself crashed on them
                                      fs.reductions,  # a token count, a variance, a norm: reductions, not mixing
                                      fs.padded_attention])  # -inf scores: equal where both are -inf
