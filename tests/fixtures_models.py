@@ -356,3 +356,40 @@ def hf_bert() -> tuple[nn.Module, tuple[Tensor, Tensor]]:
                      intermediate_size=2 * HF_WIDTH, max_position_embeddings=64, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
     return _hf_lm(BertForMaskedLM(cfg))
+
+
+class Seq2SeqStep(nn.Module):
+    """``model(**batch).loss``, as Hugging Face's Trainer calls an encoder-decoder model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.train()
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model(**batch).loss
+
+
+def _seq2seq(model: nn.Module) -> tuple[nn.Module, tuple[dict[str, Tensor]]]:
+    g = torch.Generator().manual_seed(0)
+    return Seq2SeqStep(model), ({"input_ids": torch.randint(0, HF_VOCAB, (HF_BATCH, HF_SEQ), generator=g),
+                                 "labels": torch.randint(0, HF_VOCAB, (HF_BATCH, HF_SEQ // 2), generator=g)},)
+
+
+def hf_bart() -> tuple[nn.Module, tuple[dict[str, Tensor]]]:
+    """Hugging Face BART from a tiny config: export's graph has views that hold only for the traced strides."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(vocab_size=HF_VOCAB, d_model=HF_WIDTH, encoder_layers=HF_LAYERS, decoder_layers=HF_LAYERS,
+                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * HF_WIDTH,
+                     decoder_ffn_dim=2 * HF_WIDTH, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                     use_cache=False)
+    return _seq2seq(BartForConditionalGeneration(cfg))
+
+
+def hf_t5() -> tuple[nn.Module, tuple[dict[str, Tensor]]]:
+    """Hugging Face T5 from a tiny config (relative position bias; its exported step failed on its own batch)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=HF_VOCAB, d_model=HF_WIDTH, d_ff=2 * HF_WIDTH, num_layers=HF_LAYERS, num_heads=4,
+                   d_kv=16, dropout_rate=0.0, decoder_start_token_id=0, use_cache=False)
+    return _seq2seq(T5ForConditionalGeneration(cfg))

@@ -271,3 +271,22 @@ class _BufferFlags(nn.Module):
 
 def buffer_flags() -> tuple[nn.Module, tuple[Tensor]]:
     return _BufferFlags(), (torch.randn(8, 4),)
+
+
+class _ViewAfterTransposes(nn.Module):
+    """``.view`` of a value that is contiguous only because of the layout of an earlier one: ``t`` is a transpose,
+    ``t * 2`` keeps its layout, transposing back is contiguous, so the view holds in eager. When ``t`` arrives
+    from another device it is contiguous, the transpose back is not, and the view failed there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.a(x).transpose(0, 1)
+        u = (t * 2).transpose(0, 1)
+        return self.b(u.view(x.shape[0] * 2, 4)).pow(2).mean()
+
+
+def view_after_transposes() -> tuple[nn.Module, tuple[Tensor]]:
+    return _ViewAfterTransposes(), (torch.randn(8, 8),)

@@ -63,6 +63,13 @@ def test_bad_commands_are_one_line_errors(kw, match):
 def test_process_helpers():
     assert one_line(ValueError("first line\nsecond")) == "ValueError: first line"
     assert len(one_line(RuntimeError("x" * 1000))) == 300
+    failed = RuntimeError("view size is not compatible\n" + "y" * 1000)
+    failed.add_note("at op 'view_14', micro-batch 0")  # the executor names the op that failed
+    reason = one_line(failed)
+    assert reason.startswith("RuntimeError: view size") and reason.endswith(" (at op 'view_14', micro-batch 0)")
+    failed = RuntimeError("z" * 1000)
+    failed.add_note("at op 'mm', micro-batch 3")
+    assert len(one_line(failed)) == 300 and one_line(failed).endswith("(at op 'mm', micro-batch 3)")
     assert is_oom(MemoryError()) and is_oom(RuntimeError("CUDA out of memory")) and not is_oom(ValueError("no"))
     port = free_port()
     with socket.socket() as s:

@@ -7,6 +7,7 @@ common barrier. The timeline, busy times and bytes moved are those of the measur
 
 from __future__ import annotations
 
+import logging
 import statistics
 from typing import Any, Sequence
 
@@ -18,10 +19,16 @@ from placer.core.result import StepResult, TimelineEvent
 
 __all__ = ["assemble_result", "error_reason"]
 
+log = logging.getLogger(__name__)
+
 
 def error_reason(msg: dict[str, Any], devices: Sequence[str]) -> str:
+    """The one line a failed result carries; the worker's traceback, when it sent one, goes to the debug log
+    (``placer -v``), where the op that failed can be found."""
     r = msg.get("rank", -1)
     where = devices[r] if 0 <= r < len(devices) else "?"
+    if msg.get("trace"):
+        log.debug("worker %s failed:\n%s", where, msg["trace"])
     if msg.get("oom"):
         return f"out of memory on {where}: {msg.get('reason')}"
     return f"worker {where} failed: {msg.get('reason')}"

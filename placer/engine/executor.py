@@ -345,7 +345,11 @@ class _Step:
                 marks.append(time.perf_counter())
             op = ops[i]
             if op.kind == "compute":
-                env[i] = op.run([env[j] for j in op.inputs])
+                try:
+                    env[i] = op.run([env[j] for j in op.inputs])
+                except Exception as e:  # name the op: the one line a failed result carries says where
+                    e.add_note(f"at op {op.name!r}, micro-batch {m}")
+                    raise
             elif op.kind == "input":
                 env[i] = self.inputs[m][op.input_position]
             else:

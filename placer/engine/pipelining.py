@@ -114,12 +114,14 @@ def run_pipelined(runtime: Any, cmd: MeasureCommand, layout: StageLayout, module
         ex_in = tuple(t.to(device) for t in mod.example_in)  # tensors only (stage 0: the batched ones)
         ex_out = tree_map_only(torch.Tensor, lambda t: t.to(device), mod.example_out)
         stages.append(PipelineStage(mod, s, layout.num_stages, device, input_args=ex_in, output_args=ex_out))
+    # Gradients are divided by M once per parameter after the step (_measure_loop): torch divides each stage's,
+    # so a parameter two stages of this rank share (a tied embedding and head, interleaved) was divided twice.
     if schedule == "interleaved-1f1b":
-        sched = ScheduleInterleaved1F1B(stages, M, loss_fn=_identity_loss)
+        sched = ScheduleInterleaved1F1B(stages, M, loss_fn=_identity_loss, scale_grads=False)
     elif schedule == "1f1b":
-        sched = Schedule1F1B(stages[0], M, loss_fn=_identity_loss)
+        sched = Schedule1F1B(stages[0], M, loss_fn=_identity_loss, scale_grads=False)
     else:
-        sched = ScheduleGPipe(stages[0], M, loss_fn=_identity_loss)
+        sched = ScheduleGPipe(stages[0], M, loss_fn=_identity_loss, scale_grads=False)
     return _measure_loop(runtime, cmd, sched, stages, layout, modules, owned, fault)
 
 
@@ -210,6 +212,9 @@ def _measure_loop(runtime: Any, cmd: MeasureCommand, sched: Any, stages: list[An
             fault(0)
         sched.step(*(batched_tensors(runtime.inputs) if first else ()), target=target, losses=losses if last else None,
                    return_outputs=False)
+        for p in params:  # the mean over micro-batches of their mean losses: the step's loss
+            if p.grad is not None:
+                p.grad.div_(cmd.microbatches)
         u0 = perf()
         if update:
             opt.step()

@@ -69,9 +69,13 @@ def free_port() -> int:
 
 
 def one_line(e: BaseException) -> str:
-    """``Type: first line of the message``, at most 300 characters (the reason a failed result carries)."""
+    """``Type: first line of the message (its notes)``, at most 300 characters (the reason a failed result
+    carries); the notes (``at op 'view_3', micro-batch 0``, added by the executor) are kept when the message is
+    cut."""
     msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+    notes = "; ".join(str(n) for n in getattr(e, "__notes__", ()))
+    tail = f" ({notes})"[:150] if notes else ""
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300 - len(tail)] + tail
 
 
 def is_oom(e: BaseException) -> bool:

@@ -26,10 +26,12 @@ from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from graphs.inplace import out_of_place, state_written
+from graphs.strides import reshape_for_view
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LeafMeta", "ValueMeta", "OpProgram", "StepProgram", "compile_step", "describe_values"]
+__all__ = ["LeafMeta", "ValueMeta", "OpProgram", "StepProgram", "compile_step", "describe_values", "input_spec",
+           "placeholder_values"]
 
 
 @dataclass(frozen=True)
@@ -132,11 +134,7 @@ class StepProgram:
         """The step's ``inputs`` as its placeholders take them (``input_position`` indexes these): as given for
         fx, flattened by the input tree for torch.export's step (a dict batch is one input, several
         placeholders)."""
-        codegen = self.gm.graph._codegen
-        info = getattr(codegen, "pytree_info", None) if isinstance(codegen, fx.graph._PyTreeCodeGen) else None
-        if info is None or info.in_spec is None:
-            return tuple(inputs)
-        return tuple(fx_pytree.tree_flatten_spec((tuple(inputs), {}), info.in_spec))
+        return placeholder_values(inputs, input_spec(self.gm))
 
     def consumers(self) -> list[list[int]]:
         cons: list[list[int]] = [[] for _ in self.ops]
@@ -144,6 +142,20 @@ class StepProgram:
             for j in op.inputs:
                 cons[j].append(op.index)
         return cons
+
+
+def input_spec(gm: fx.GraphModule) -> TreeSpec | None:
+    """torch.export's input tree of ``gm``, whose leaves its placeholders are; None for an fx step (one
+    placeholder per input)."""
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None) if isinstance(codegen, fx.graph._PyTreeCodeGen) else None
+    return None if info is None else info.in_spec
+
+
+def placeholder_values(inputs: Sequence[Any], spec: TreeSpec | None) -> tuple[Any, ...]:
+    """A step's ``inputs`` as its placeholders take them: as given, or flattened by ``spec``
+    (:func:`input_spec`)."""
+    return tuple(inputs) if spec is None else tuple(fx_pytree.tree_flatten_spec((tuple(inputs), {}), spec))
 
 
 def _fetch_attr(root: nn.Module, target: str) -> Any:
@@ -249,9 +261,9 @@ def compile_step(gm: fx.GraphModule) -> StepProgram:
             fn: Callable[..., Any] = mod
             params = tuple((param_names[id(p)], p) for p in mod.parameters() if p.requires_grad)
         elif node.op == "call_function":  # an in-place op on a leaf input: its out-of-place twin instead
-            fn = out_of_place(node.op, target)
+            fn = reshape_for_view(node.op, out_of_place(node.op, target), args)  # a received value is contiguous
         elif node.op == "call_method":
-            twin = out_of_place(node.op, target)
+            twin = reshape_for_view(node.op, out_of_place(node.op, target), args)
             fn = twin if callable(twin) else partial(_call_method, str(twin))
         else:  # pragma: no cover - fx has no other node kinds
             raise ValueError(f"unsupported fx node {node.name!r} of kind {node.op!r}")

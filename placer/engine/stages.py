@@ -20,11 +20,13 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
 from graphs.inplace import activations_out_of_place
 from graphs.microbatch import batched_tensors, is_batched
+from graphs.strides import views_reshaped
 from graphs.trace import buffers_restored, record_values
+from placer.engine.program import input_spec, placeholder_values
 
 __all__ = ["StageModule", "split_stages"]
 
@@ -46,7 +48,8 @@ class StageModule(nn.Module):
                  layouts: Mapping[str, tuple[Any, list[Any], list[bool]]], loss_arg: Any,
                  example_in: tuple[torch.Tensor, ...] = (), example_out: Any = (),
                  param_names: Mapping[int, str] | None = None, origins: Mapping[str, str] | None = None,
-                 input_layout: tuple[Any, list[Any], list[bool]] | None = None) -> None:
+                 input_layout: tuple[Any, list[Any], list[bool]] | None = None,
+                 in_spec: TreeSpec | None = None) -> None:
         super().__init__()
         self.index = index
         self.num_stages = num_stages
@@ -75,6 +78,8 @@ class StageModule(nn.Module):
         self._loss_arg = loss_arg
         self._input_layout = input_layout
         """Stage 0: the model inputs' tree spec, the leaves that are not batched tensors, which leaves are."""
+        self._in_spec = in_spec
+        """Stage 0 of a torch.export step: its input tree, whose leaves the placeholders are (a dict batch)."""
         self.example_in = example_in
         """This stage's inputs for one micro-batch of the example (detached), for PipelineStage's static shapes."""
         self.example_out = example_out
@@ -96,15 +101,16 @@ class StageModule(nn.Module):
         if self.index == 0:
             layout = self._input_layout
             nested = layout is not None and not all(c.is_leaf() for c in layout[0].children())
+            given = flat
             if (layout is not None and len(flat) == sum(layout[2]) and all(isinstance(x, torch.Tensor) for x in flat)
                     and (nested or len(flat) != len(self._inputs))):  # the batched tensors, not the inputs as given
                 it = iter(flat)
-                return dict(zip(self._inputs, tree_unflatten([next(it) if t else c for c, t in zip(*layout[1:])],
-                                                             layout[0])))
-            if len(flat) != len(self._inputs):
+                given = tree_unflatten([next(it) if t else c for c, t in zip(*layout[1:])], layout[0])
+            values = placeholder_values(given, self._in_spec)
+            if len(values) != len(self._inputs):
                 raise ValueError(f"stage 0 takes the model's {len(self._inputs)} inputs "
-                                 f"({', '.join(self._inputs)}), got {len(flat)}")
-            return dict(zip(self._inputs, flat))
+                                 f"({', '.join(self._inputs)}), got {len(values)}")
+            return dict(zip(self._inputs, values))
         if self._consts_in:  # Python values recorded for one micro-batch shape: other shapes would be wrong
             for k, (x, ex) in enumerate(zip(flat, self.example_in)):
                 if isinstance(x, torch.Tensor) and x.shape != ex.shape:
@@ -145,7 +151,7 @@ class StageModule(nn.Module):
         for name in self._carried_out:
             _, _, is_tensor = self._layouts[name]
             out.extend(leaf for leaf, t in zip(tree_leaves(env[name]), is_tensor) if t)
-        return tuple(out)
+        return tuple(t.contiguous() for t in out)  # sent as they are: gloo and nccl take contiguous tensors
 
 
 def _carried_values(top: list[fx.Node], values: Mapping[str, Any], num_stages: int
@@ -191,13 +197,14 @@ def split_stages(gm: fx.GraphModule, stage_of_node: Mapping[str, int], num_stage
     the step's inputs) is run once to learn the structure of the values crossing each cut and the stages'
     example inputs and outputs."""
     split = split_module(gm, gm, lambda n: stage_of_node[n.name])
-    for part in split.children():  # a stage's inputs are autograd leaves: no in-place op on them
+    for part in split.children():  # a stage's inputs are contiguous autograd leaves: no in-place op, no view
         if isinstance(part, fx.GraphModule):
             activations_out_of_place(part)
+            views_reshaped(part)
     # With autograd on, so each crossing tensor's requires_grad is known: PipelineStage derives from it
     # which gradients flow back between stages.
-    with torch.enable_grad(), buffers_restored(split, microbatch):
-        _, values = record_values(split, microbatch)
+    with torch.enable_grad(), buffers_restored(split, microbatch):  # split_module's graph takes the placeholders
+        _, values = record_values(split, placeholder_values(microbatch, input_spec(gm)))
 
     top = [n for n in split.graph.nodes]
     output = top[-1]
@@ -229,7 +236,8 @@ def split_stages(gm: fx.GraphModule, stage_of_node: Mapping[str, int], num_stage
                                carried_out=carried[s] if s < num_stages - 1 else [], layouts=layouts,
                                loss_arg=loss_arg, example_in=examples[s], example_out=examples[s + 1],
                                param_names=param_names, origins=origins,
-                               input_layout=input_layout if s == 0 else None))
+                               input_layout=input_layout if s == 0 else None,
+                               in_spec=input_spec(gm) if s == 0 else None))
     return out
 
 
@@ -242,7 +250,9 @@ def _flat_tensors(values: Mapping[str, Any], names: list[str],
 
 
 def _example(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().requires_grad_(t.requires_grad)
+    """A value's stand-in for ``PipelineStage``'s static shapes; contiguous, as stages send their values (torch
+    makes its receive buffers like these, and gloo refused one laid out as a transpose)."""
+    return t.detach().contiguous().requires_grad_(t.requires_grad)
 
 
 def _origin(split: fx.GraphModule, node: fx.Node) -> str:
