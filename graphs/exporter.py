@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from graphs.inplace import copied, written_args
-from graphs.microbatch import is_batched
+from graphs.batch import is_batched
 from graphs.strides import reshape_for_view
 
 __all__ = ["STEP_PREFIX", "trace_export"]

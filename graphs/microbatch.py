@@ -15,139 +15,30 @@ the example's own samples catches it: there an op whose inputs agree must give t
 result too. Other samples' values are expected in that run wherever batch statistics enter (BatchNorm, a
 reduction), so such an op and everything after it is left unjudged, as are shapes that depend on the data.
 
+Two kinds of result are never taken for mixing: integers (ids and positions, such as the tokens of a batch sorted
+by expert id in an MoE layer: the copies' order and indices differ, while the rows dispatched by them come back to
+their samples, where they are judged again), and uninitialised memory, which both runs fill with zeros (export's
+``new_empty`` before slices are written into it).
+
 :func:`check_microbatchable` is the refusal: the schedules (so the simulator and the engine) and the loaders
 call it before splitting a batch, so a graph recorded as not micro-batchable is never scored nor run with M > 1.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import math
 import weakref
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import (SUPPORTED_NODES, MappingKey, keystr, register_pytree_node,
-                                 tree_flatten_with_path, tree_leaves, tree_map)
+from torch.utils._pytree import tree_leaves, tree_map
 
-__all__ = ["find_batch_mixing", "check_microbatchable", "microbatch_meta", "input_batches", "split_inputs",
-           "check_split", "map_batched", "inputs_to", "batched_tensors", "is_batched", "MICROBATCH_KEYS"]
+from graphs.batch import cloned_inputs, input_batches, map_batched, split_inputs
 
-
-# ---------------------------------------------------------------------- the batch of a step's inputs
-# A step's inputs are tensors or containers of them (a dict as Hugging Face models take, lists, tuples, a
-# tokenizer's BatchEncoding or another UserDict: :func:`_as_container`): every tensor leaf with a dimension carries
-# the batch along dim 0; everything else (scalars, flags, 0-d tensors) is passed whole to every micro-batch. Every
-# consumer (the batch-mixing check, the profiler, the engine, the stage split for trainers) cuts micro-batches with
-# these.
-
-def _as_container(cls: type) -> None:
-    """Register a ``collections.UserDict`` type (Hugging Face's ``BatchEncoding``, a tokenizer's output) with
-    torch's pytree as a container of its values, rebuilt as the same type with the same attributes. torch takes
-    such types for leaves, so the tensors in one were never split into micro-batches."""
-    def flatten(d: collections.UserDict) -> tuple[list[Any], Any]:
-        keys = tuple(d.data)
-        return [d.data[k] for k in keys], (keys, {k: v for k, v in vars(d).items() if k != "data"})
-
-    def unflatten(values: Any, context: Any) -> collections.UserDict:
-        keys, attrs = context
-        d = cls.__new__(cls)
-        d.__dict__.update(attrs)
-        d.data = dict(zip(keys, values))
-        return d
-
-    def flatten_with_keys(d: collections.UserDict) -> tuple[list[tuple[Any, Any]], Any]:
-        values, context = flatten(d)
-        return [(MappingKey(k), v) for k, v in zip(context[0], values)], context
-
-    register_pytree_node(cls, flatten, unflatten, flatten_with_keys_fn=flatten_with_keys,
-                         serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
-
-
-def _containers_registered(inputs: Any) -> Any:
-    """``inputs``, after :func:`_as_container` of every ``UserDict`` type found in them (tuples, lists, dicts)."""
-    stack = [inputs]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, (tuple, list)):
-            stack.extend(x)
-        elif isinstance(x, (dict, collections.UserDict)):
-            if isinstance(x, collections.UserDict) and type(x) not in SUPPORTED_NODES:
-                _as_container(type(x))
-            stack.extend(x.values())
-    return inputs
-
-
-def is_batched(x: Any) -> bool:
-    """Whether ``x`` is a leaf that carries the batch: a tensor with a dimension (dim 0 is the batch)."""
-    return isinstance(x, torch.Tensor) and x.dim() > 0
-
-
-def map_batched(fn: Any, inputs: Sequence[Any]) -> tuple[Any, ...]:
-    """``inputs`` with ``fn`` applied to every batched tensor leaf (containers rebuilt, other leaves kept)."""
-    return tuple(tree_map(lambda x: fn(x) if is_batched(x) else x, a) for a in _containers_registered(inputs))
-
-
-def inputs_to(inputs: Sequence[Any], device: Any) -> tuple[Any, ...]:
-    """``inputs`` with every tensor leaf (0-d ones too, which :func:`map_batched` leaves) moved to ``device``."""
-    return tuple(tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, a)
-                 for a in _containers_registered(inputs))
-
-
-def batched_tensors(inputs: Sequence[Any]) -> list[torch.Tensor]:
-    """The batched tensor leaves of ``inputs`` in tree order: what a pipeline's first stage is fed
-    (``torch.distributed.pipelining`` passes tensors only, and splits each along dim 0)."""
-    return [x for x in tree_leaves(tuple(_containers_registered(inputs))) if is_batched(x)]
-
-
-def _copied(inputs: Sequence[Any]) -> tuple[Any, ...]:
-    """``inputs`` with every tensor leaf cloned."""
-    return tuple(tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, a)
-                 for a in _containers_registered(inputs))
-
-
-@contextlib.contextmanager
-def inputs_restored(inputs: Sequence[Any]) -> Iterator[None]:
-    """Every tensor leaf of ``inputs`` holds its values again afterwards. A step may write its batch in place
-    (``x.mul_(2)`` on an input); tracing, profiling and the batch-mixing check run it many times, each on the batch
-    as given, and leave the caller's batch as it was."""
-    saved = [(x, x.detach().clone()) for x in tree_leaves(tuple(_containers_registered(inputs)))
-             if isinstance(x, torch.Tensor)]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for x, copy in saved:
-                x.copy_(copy)
-
-
-def input_batches(inputs: Sequence[Any]) -> list[tuple[str, int]]:
-    """``(where, batch)`` of every batched tensor leaf of ``inputs``: ``where`` names it (``input 0``,
-    ``input 0['input_ids']``)."""
-    leaves, _ = tree_flatten_with_path(tuple(_containers_registered(inputs)))
-    return [(f"input {path[0].idx}{keystr(path[1:])}", int(x.shape[0])) for path, x in leaves if is_batched(x)]
-
-
-def check_split(inputs: Sequence[Any], parts: int) -> None:
-    """One-line ``ValueError`` unless every batched input splits into ``parts`` equal micro-batches."""
-    if parts < 1:
-        raise ValueError(f"microbatches must be >= 1, got {parts}")
-    for where, b in input_batches(inputs):
-        if b % parts:
-            raise ValueError(f"{where} has batch {b}, not divisible into {parts} micro-batches")
-
-
-def split_inputs(inputs: Sequence[Any], parts: int, index: int) -> tuple[Any, ...]:
-    """Micro-batch ``index`` of ``parts`` equal ones: every batched tensor leaf's slice along dim 0 (a view); a
-    batch that does not split evenly is :func:`check_split`'s one-line ``ValueError``."""
-    check_split(inputs, parts)
-    if parts <= 1:
-        return tuple(inputs)
-    return map_batched(lambda x: x.narrow(0, index * (x.shape[0] // parts), x.shape[0] // parts), inputs)
+__all__ = ["find_batch_mixing", "check_microbatchable", "microbatch_meta", "MICROBATCH_KEYS"]
 
 
 _DROPOUT_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
@@ -188,6 +79,13 @@ class _Found(Exception):
     """Raised by a run's ``see`` to stop it: the check has its answer."""
 
 
+_UNINITIALISED = {torch.empty, torch.empty_like, torch.empty_strided, "new_empty", "new_empty_strided",
+                  torch.ops.aten.empty.memory_format, torch.ops.aten.new_empty.default,
+                  torch.ops.aten.empty_like.default, torch.ops.aten.empty_strided.default}
+"""Allocations the check fills with zeros, so both runs hold the same where the step writes nothing (export's
+``new_empty`` before slices are written in it: DeepSeek-V3's attention)."""
+
+
 class _Runner(fx.Interpreter):
     """Runs the step, dropout as the identity, stopping at the first failure (``failed``: the op and why); each
     op's value, detached, goes to ``see(node, value)`` as it is computed."""
@@ -202,6 +100,8 @@ class _Runner(fx.Interpreter):
             return super().run_node(n)
         try:
             out = _identity_dropout(n, self.env) if _is_dropout(n, self.module) else super().run_node(n)
+            if n.op in ("call_function", "call_method") and n.target in _UNINITIALISED:
+                out = out.zero_()
         except Exception as e:  # the model on another batch: any error is the finding
             self.failed = (n.name, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             raise
@@ -277,6 +177,13 @@ def _compare(full: Any, part: Any, p: int) -> str | None:
     return f"splits samples apart along dim {d} (its result on a micro-batch is not part of the batch's)"
 
 
+def _integers(value: Any) -> bool:
+    """Whether every tensor of ``value`` holds integers: ids or positions, which may be grouped across the batch
+    (a sort of the tokens by expert id: its order and indices differ on the copies, but the rows it dispatches come
+    back to their samples)."""
+    return all(not (t.is_floating_point() or t.is_complex()) for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
 def _is_random(gm: fx.GraphModule, node: fx.Node, values: Mapping[str, Any]) -> bool:
     """Whether ``node`` gives other values on the same inputs (dropout inside a function, noise): its
     difference between the runs is then randomness, not mixing."""
@@ -323,15 +230,15 @@ def find_batch_mixing(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[str, s
                     f"a micro-batch of {batches[0] // p} would take another branch")
     # every run on its own copy: a step that writes its batch in place (x.mul_(2)) changes only that copy, and the
     # values a run keeps that are its inputs stay as that run computed them
-    part_in = _copied(split_inputs(inputs, p, 0))
+    part_in = cloned_inputs(split_inputs(inputs, p, 0))
     full_in = map_batched(lambda x: torch.cat([x] * p), part_in)
     gen = torch.random.get_rng_state()
     try:
         part: dict[str, Any] = {}  # copies: the values as computed (a later in-place op, ReLU(inplace=True), may
         # change the tensor itself), compared with the batch's as each is computed
-        part_failed = _run(gm, part_in, lambda n, v: part.__setitem__(n.name, _copied((v,))[0]))
+        part_failed = _run(gm, part_in, lambda n, v: part.__setitem__(n.name, cloned_inputs((v,))[0]))
         return (_first_mixing(gm, full_in, part, part_failed, p)
-                or _first_mixing(gm, _copied(inputs), part, part_failed, p, distinct=True))
+                or _first_mixing(gm, cloned_inputs(inputs), part, part_failed, p, distinct=True))
     finally:
         torch.random.set_rng_state(gen)  # the check leaves no trace, randomness included
 
@@ -377,6 +284,8 @@ def _judge(gm: fx.GraphModule, node: fx.Node, why: str, state: dict[str, str], p
     """Why ``node`` mixes samples (``why``: :func:`_compare` of its values), or None after recording in ``state``
     that it is the same as the micro-batch's or cannot be judged."""
     inputs_same = all(state.get(a.name) == _SAME for a in node.all_input_nodes)
+    if why not in (_SAME, _UNKNOWN) and not why.startswith(_SHAPE) and _integers(part.get(node.name)):
+        why = _UNKNOWN  # ids or positions grouped across the batch
     if distinct and (not inputs_same or why.startswith(_SHAPE) or why == _CHANGED or _is_batch_norm(node, gm)):
         why = _UNKNOWN  # even when close: other samples' statistics, amplified further on, taint what follows
     elif distinct and why not in (_SAME, _UNKNOWN):

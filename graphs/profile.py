@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from graphs.device_names import cpu_model_name, gpu_kind
 from graphs.ir import OpCosts, OpGraph, Provenance
-from graphs.microbatch import inputs_to
+from graphs.batch import inputs_to
 from graphs.trace import TracedModel, buffers_restored, record_values, value_bytes
 
 log = logging.getLogger(__name__)

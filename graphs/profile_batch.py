@@ -3,7 +3,7 @@
 A pipelined step runs each op on ``batch / M`` samples. Small ops do not get ``M`` times faster (dispatch,
 kernel set-up and cache effects stay), large ones nearly do; dividing the full-batch time misses both ways. Here
 the traced step is profiled again (:func:`graphs.profile.profile`, same method, clock and threads) on the first
-``batch / M`` samples of every batched input (dim 0, as :func:`graphs.microbatch.split_inputs` cuts micro-batches),
+``batch / M`` samples of every batched input (dim 0, as :func:`graphs.batch.split_inputs` cuts micro-batches),
 and the times land in ``OpCosts.microbatch_s[M]`` of the cost set, which the simulator uses for ``M``
 micro-batches (and interpolates between, :func:`placer.costmodel.sim.microbatch_costs_s`).
 
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from graphs.ir import OpCosts, OpGraph
-from graphs.microbatch import split_inputs
+from graphs.batch import split_inputs
 from graphs.profile import profile
 from graphs.trace import TracedModel
 

@@ -50,20 +50,19 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from graphs.batch import inputs_restored
+from graphs.exporter import STEP_PREFIX as _STEP_PREFIX, trace_export
 from graphs.inplace import state_written
 from graphs.ir import OpGraph
 from graphs.loss import DEFAULT_LOSS, default_loss, default_loss_for, traced_default_loss
-from graphs.microbatch import inputs_restored, microbatch_meta
-from graphs.exporter import STEP_PREFIX as _STEP_PREFIX
-from graphs.exporter import trace_export
+from graphs.microbatch import microbatch_meta
 from graphs.tracer import is_primitive, trace_step
 from graphs.tracer_legacy import legacy_trace_fx
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TraceError", "TracedModel", "trace_model", "record_values", "value_bytes", "default_loss", "DEFAULT_LOSS",
-           "traced_default_loss",  # defined in graphs.loss; trainers import them from here too
-           "buffers_restored"]
+__all__ = ["TraceError", "TracedModel", "trace_model", "record_values", "value_bytes", "buffers_restored",
+           "default_loss", "DEFAULT_LOSS", "traced_default_loss"]  # the last three from graphs.loss, for trainers
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d) + os.sep
@@ -107,7 +106,7 @@ class TracedModel:
 def buffers_restored(module: nn.Module, inputs: Sequence[Any] = ()) -> Iterator[None]:
     """Put every buffer (e.g. BatchNorm running statistics) back as it was: tracing and profiling run the
     step, but must leave the model exactly as built, so a rebuild from ``meta`` is identical. The step's
-    ``inputs`` too (:func:`graphs.microbatch.inputs_restored`: a step that writes its batch in place)."""
+    ``inputs`` too (:func:`graphs.batch.inputs_restored`: a step that writes its batch in place)."""
     saved = [(m, name, b, b.detach().clone()) for m in module.modules() for name, b in m._buffers.items()
              if b is not None]
     try:
@@ -397,6 +396,7 @@ def trace_model(
     if method not in ("auto", "fx", "export"):
         raise ValueError(f"trace method must be 'auto', 'fx' or 'export', got {method!r}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the module it compiles, not compiled here
     model_name = type(model).__name__
     try:
         with buffers_restored(model, inputs):  # autograd on, as in training (a forward may register a hook)

@@ -31,7 +31,7 @@ from torch import nn
 
 from graphs.gradmode import detached_inputs
 from graphs.inplace import state_writes_recorded, thread_inplace_updates, with_in_place_operators
-from graphs.microbatch import input_batches, map_batched, split_inputs
+from graphs.batch import input_batches, map_batched, split_inputs
 
 __all__ = ["COMPOSITE_MODULES", "LEAF_CLASS_NAMES", "is_primitive", "StepTracer", "trace_step"]
 

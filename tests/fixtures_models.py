@@ -359,7 +359,7 @@ def hf_bert() -> tuple[nn.Module, tuple[Tensor, Tensor]]:
 
 
 class Seq2SeqStep(nn.Module):
-    """``model(**batch).loss``, as Hugging Face's Trainer calls an encoder-decoder model."""
+    """``model(**batch).loss``, as Hugging Face's Trainer calls a model (an encoder-decoder, or with labels)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -393,3 +393,17 @@ def hf_t5() -> tuple[nn.Module, tuple[dict[str, Tensor]]]:
     cfg = T5Config(vocab_size=HF_VOCAB, d_model=HF_WIDTH, d_ff=2 * HF_WIDTH, num_layers=HF_LAYERS, num_heads=4,
                    d_kv=16, dropout_rate=0.0, decoder_start_token_id=0, use_cache=False)
     return _seq2seq(T5ForConditionalGeneration(cfg))
+
+
+def hf_qwen2_moe() -> tuple[nn.Module, tuple[dict[str, Tensor]]]:
+    """Hugging Face Qwen2-MoE from a tiny config (4 experts, top 2, a shared expert), ``model(**batch).loss``:
+    fx keeps its experts whole (a loop over the experts hit), torch.export traces them."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(vocab_size=HF_VOCAB, hidden_size=HF_WIDTH, intermediate_size=2 * HF_WIDTH,
+                         moe_intermediate_size=HF_WIDTH, shared_expert_intermediate_size=HF_WIDTH,
+                         num_hidden_layers=HF_LAYERS, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                         num_experts_per_tok=2, max_position_embeddings=64, use_cache=False)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, HF_VOCAB, (HF_BATCH, HF_SEQ), generator=g)
+    return Seq2SeqStep(Qwen2MoeForCausalLM(cfg)), ({"input_ids": ids, "labels": ids},)

@@ -290,3 +290,39 @@ class _ViewAfterTransposes(nn.Module):
 
 def view_after_transposes() -> tuple[nn.Module, tuple[Tensor]]:
     return _ViewAfterTransposes(), (torch.randn(8, 8),)
+
+
+class _TokensSortedByExpert(nn.Module):
+    """An MoE layer's dispatch without data-dependent shapes: rows sorted by their expert id (integers: the
+    copies' order and positions differ from a micro-batch's), run, and put back in their places."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router, self.expert = nn.Linear(8, 3), nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        order = self.router(x).argmax(-1).argsort(stable=True)
+        y = self.expert(x[order])
+        return y[order.argsort()].pow(2).mean()
+
+
+def tokens_sorted_by_expert() -> tuple[nn.Module, tuple[Tensor]]:
+    return _TokensSortedByExpert(), (torch.randn(8, 8),)
+
+
+class _FilledEmpty(nn.Module):
+    """``new_empty``, then every slice of it written: its memory before the writes is anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        out = h.new_empty(x.shape[0], 8)
+        out = out.index_copy(1, torch.arange(4), h).index_copy(1, torch.arange(4, 8), h * 2)
+        return out.pow(2).mean()
+
+
+def filled_empty() -> tuple[nn.Module, tuple[Tensor]]:
+    return _FilledEmpty(), (torch.randn(8, 8),)

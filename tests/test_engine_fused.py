@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from graphs.build import build_graph, rebuild_traced
-from graphs.microbatch import split_inputs
+from graphs.batch import split_inputs
 from placer.core.cluster import get_cluster
 from placer.core.placement import Placement
 from placer.engine import EngineConfig, Measurer

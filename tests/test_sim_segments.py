@@ -8,7 +8,7 @@ import pytest
 
 from graphs.build import build_graph, rebuild_traced
 from graphs.ir import OpCosts, OpGraph, Provenance
-from graphs.microbatch import split_inputs
+from graphs.batch import split_inputs
 from placer.core.cluster import Cluster, Device
 from placer.core.placement import Placement
 from placer.costmodel.sim import Simulator, simulate

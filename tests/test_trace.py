@@ -143,6 +143,16 @@ def test_export_fallback_when_fx_fails():
     torch.testing.assert_close(traced.gm(x), model(x).pow(2).mean())
 
 
+def test_a_torch_compiled_model_is_traced_as_the_module_it_compiles():
+    """``torch.compile(model)``: fx failed on the wrapper ("missing the required forward function") and the
+    eager run compiled the model first; the module it wraps is traced, op by op with its own module paths."""
+    model, inputs = fm.mlp()
+    traced = trace_model(torch.compile(model), inputs, name="c", meta={})
+    plain = trace_model(model, inputs, name="p", meta={})
+    assert traced.graph.meta["trace"] == "fx" and "trace_note" not in traced.graph.meta
+    assert traced.graph.op_names == plain.graph.op_names and traced.graph.module_paths == plain.graph.module_paths
+
+
 def test_untraceable_model_gives_one_line_error_naming_both_tracers():
     # the model really defeats both tracers on their own
     model, (x,) = fm.untraceable()

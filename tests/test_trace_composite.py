@@ -13,7 +13,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` factories
 
 from graphs.build import build_graph, rebuild_traced  # noqa: E402
-from graphs.microbatch import check_microbatchable, find_batch_mixing  # noqa: E402
+from graphs.microbatch import _run, check_microbatchable, find_batch_mixing  # noqa: E402
 from graphs.loss import DEFAULT_LOSS  # noqa: E402
 from graphs.trace import trace_model  # noqa: E402
 from graphs.tracer import is_primitive  # noqa: E402
@@ -187,6 +187,30 @@ def test_per_sample_models_are_microbatchable(factory):
     assert find_batch_mixing(traced.gm, inputs) is None
 
 
+def test_ids_sorted_across_the_batch_are_not_mixing():
+    """Tokens sorted by expert id (Qwen2-MoE, OLMoE): on copies of a micro-batch the order and the positions
+    differ, but the rows come back to their samples. The check took the sort for mixing, so those models were
+    never pipelined."""
+    _, inputs, traced = _trace(fs.tokens_sorted_by_expert)
+    assert traced.graph.meta["trace"] == "fx" and traced.graph.meta["microbatchable"] is True, traced.graph.meta
+
+
+def test_the_check_reads_uninitialised_memory_as_zeros():
+    """``new_empty`` filled slice by slice (DeepSeek-V3's attention under torch.export): what is not written yet
+    differed between the check's runs, and the check named the op reading it. Deterministic mode fills such
+    memory with NaN; the check's runs see zeros."""
+    _, inputs, traced = _trace(fs.filled_empty)
+    assert traced.graph.meta["microbatchable"] is True
+    seen = {}
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _run(traced.gm, inputs, lambda n, v: seen.__setitem__(n.name, v)) is None
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(seen["new_empty"], torch.zeros(8, 8))
+
+
 def test_dropout_and_batchnorm_do_not_count_as_mixing():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
     traced = trace_model(model, (torch.randn(8, 4),), name="s", meta={})
@@ -217,7 +241,7 @@ def test_default_loss_is_mean_of_squares_and_not_zero_after_layernorm():
 
 
 def test_inputs_split_along_dim_0_in_containers_and_every_tensor_moves_to_a_device():
-    from graphs.microbatch import batched_tensors, check_split, input_batches, inputs_to, split_inputs
+    from graphs.batch import batched_tensors, check_split, input_batches, inputs_to, split_inputs
 
     batch = ({"ids": torch.arange(8).reshape(4, 2), "scale": torch.tensor(2.0)}, [torch.ones(4, 3)], None)
     assert input_batches(batch) == [("input 0['ids']", 4), ("input 1[0]", 4)]

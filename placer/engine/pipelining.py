@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from graphs.microbatch import batched_tensors, input_batches, split_inputs
+from graphs.batch import batched_tensors, input_batches, split_inputs
 from placer.engine.command import MeasureCommand
 from placer.engine.executor import MemoryTracker, optimizer_state_bytes
 from placer.engine.program import StepProgram

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from graphs.microbatch import split_inputs
+from graphs.batch import split_inputs
 
 __all__ = ["reference_step"]
 

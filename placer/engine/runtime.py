@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from graphs.microbatch import check_microbatchable, inputs_to, split_inputs
+from graphs.batch import inputs_to, split_inputs
+from graphs.microbatch import check_microbatchable
 from placer.core.cluster import is_cuda_name
 from placer.engine.command import MeasureCommand
 from placer.engine.executor import MemoryTracker, optimizer_state_bytes, run_step

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
 from graphs.inplace import activations_out_of_place
-from graphs.microbatch import batched_tensors, is_batched
+from graphs.batch import batched_tensors, is_batched
 from graphs.strides import views_reshaped
 from graphs.trace import buffers_restored, record_values
 from placer.engine.program import input_spec, placeholder_values
@@ -36,7 +36,7 @@ _SUBMOD_RE = re.compile(r"^submod_(\d+)$")
 class StageModule(nn.Module):
     """Pipeline stage ``index`` of a split step: ``forward(*tensors)`` → the next stage's tensors, or the loss.
 
-    Stage 0 takes the model's inputs, or their batched tensors (:func:`graphs.microbatch.batched_tensors`, what
+    Stage 0 takes the model's inputs, or their batched tensors (:func:`graphs.batch.batched_tensors`, what
     ``PipelineStage`` accepts: tensors only) when an input is a container such as a dict; stage ``s > 0`` takes
     the tensors stage ``s - 1`` returned. The partition
     ``split_module`` made for this stage (if the stage computes anything) is registered as ``part``, so

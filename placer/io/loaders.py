@@ -276,7 +276,7 @@ def pipeline_schedule(stage: PipelineStage, placement: PlacementLike, *,
     micro-batch losses. Call ``step(*inputs, target=dummy, losses=list, return_outputs=False)`` with ``dummy``
     any tensor with the batch on dim 0 on the last rank (it is split but unused; the last stage returns the
     scalar loss, which torch cannot concatenate into outputs: hence ``return_outputs=False``); when an input is
-    a container (a dict batch), pass ``*graphs.microbatch.batched_tensors(inputs)`` instead (torch's stages take
+    a container (a dict batch), pass ``*graphs.batch.batched_tensors(inputs)`` instead (torch's stages take
     tensors only; stage 0 rebuilds the dict).
     """
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe

@@ -15,7 +15,8 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from graphs.microbatch import check_microbatchable, split_inputs
+from graphs.batch import split_inputs
+from graphs.microbatch import check_microbatchable
 from graphs.trace import TracedModel, trace_model
 from placer.engine.stages import StageModule, split_stages
 from placer.io.document import PlacementLike, document_of
