@@ -253,7 +253,7 @@ def test_hf_models_trace_place_and_reload(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["nn_transformer", "hf_gpt2", "hf_llama", "keyed_batch", "one_key_dict",
-                                  "encoded_batch"])
+                                  "encoded_batch", "hf_t5", "hf_qwen2_moe"])  # the last two: torch.export steps
 def test_pipeline_stages_of_a_micro_batch_compose_to_the_step(name):
     """The loaders' stages (``stage_modules``, what ``pipeline_stages`` hands to torch) at 4 micro-batches: the
     stages built for one micro-batch compute that micro-batch's loss, batch-size values included."""
