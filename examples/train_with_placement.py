@@ -29,11 +29,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from graphs.batch import batched_tensors, input_batches  # noqa: E402
 from graphs.build import load_factory, rebuild_traced  # noqa: E402
 from graphs.data import load_benchmark_graph  # noqa: E402
 from graphs.ir import OpGraph  # noqa: E402
-from graphs.batch import batched_tensors
-from graphs.microbatch import input_batches  # noqa: E402
 from graphs.loss import traced_default_loss  # noqa: E402
 from placer.io.document import load_placement  # noqa: E402
 from placer.io.loaders import (apply, module_fqns_per_model_part, pipeline_schedule, pipeline_stages,  # noqa: E402

@@ -21,8 +21,8 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from graphs.inplace import copied, written_args
 from graphs.batch import is_batched
+from graphs.inplace import copied, written_args
 from graphs.strides import reshape_for_view
 
 __all__ = ["STEP_PREFIX", "trace_export"]

@@ -48,9 +48,9 @@ from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from graphs.batch import inputs_to
 from graphs.device_names import cpu_model_name, gpu_kind
 from graphs.ir import OpCosts, OpGraph, Provenance
-from graphs.batch import inputs_to
 from graphs.trace import TracedModel, buffers_restored, record_values, value_bytes
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from graphs.ir import OpCosts, OpGraph
 from graphs.batch import split_inputs
+from graphs.ir import OpCosts, OpGraph
 from graphs.profile import profile
 from graphs.trace import TracedModel
 

@@ -29,9 +29,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphs.batch import input_batches, map_batched, split_inputs
 from graphs.gradmode import detached_inputs
 from graphs.inplace import state_writes_recorded, thread_inplace_updates, with_in_place_operators
-from graphs.batch import input_batches, map_batched, split_inputs
 
 __all__ = ["COMPOSITE_MODULES", "LEAF_CLASS_NAMES", "is_primitive", "StepTracer", "trace_step"]
 

@@ -17,8 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` factories
 
 from graphs.build import build_graph, rebuild_traced  # noqa: E402
-from graphs.batch import batched_tensors
-from graphs.microbatch import split_inputs  # noqa: E402
+from graphs.batch import batched_tensors, split_inputs  # noqa: E402
 from placer.core.cluster import get_cluster  # noqa: E402
 from placer.core.placement import Placement  # noqa: E402
 from placer.engine import EngineConfig, Measurer, reference_step  # noqa: E402

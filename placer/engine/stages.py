@@ -19,11 +19,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.split_module import split_module
-from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map_only, tree_unflatten
+from torch.utils.checkpoint import checkpoint
 
-from graphs.inplace import activations_out_of_place
 from graphs.batch import batched_tensors, is_batched
+from graphs.inplace import activations_out_of_place
 from graphs.strides import views_reshaped
 from graphs.trace import buffers_restored, record_values
 from placer.engine.program import input_spec, placeholder_values
