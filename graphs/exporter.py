@@ -70,6 +70,15 @@ def _updates_a_read_value(graph: fx.Graph) -> bool:
                for node in graph.nodes for arg in written_args(node))
 
 
+def _attributes_at_first_use(graph: fx.Graph) -> None:
+    """Each parameter and buffer read (``get_attr``) moved to just before its first reader. Export puts them all
+    first, so a layer's weights came before layer 0's ops: no placement of layers onto devices was then one run of
+    ops per device, and pipeline stages, which are such runs, could not be cut (fx reads them where used)."""
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    for node in [n for n in graph.nodes if n.op == "get_attr" and n.users]:
+        min(node.users, key=position.__getitem__).prepend(node)
+
+
 def trace_export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple, *,
                   legacy: bool = False) -> fx.GraphModule:
     """torch.export of the step, the batch dimension dynamic (static when the model bakes it in, or ``legacy``)."""
@@ -90,6 +99,8 @@ def trace_export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple,
     if functional:
         ep = ep.run_decompositions({})  # functional: select_scatter and friends, buffers written back at the end
     gm = ep.module()
+    if not legacy:
+        _attributes_at_first_use(gm.graph)
     for node in gm.graph.nodes:
         if node.target is torch.ops.aten.copy.default:  # ``x[:, 1:3] *= 2`` writes back so; no autograd formula
             node.target = copied

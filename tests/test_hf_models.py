@@ -229,6 +229,24 @@ def test_pipelining_backend_runs_tied_weights_and_exported_steps_as_one_process(
         torch.testing.assert_close(out.grads[pname], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{pname}: {m}")  # noqa: B023
 
 
+@pytest.mark.parametrize("name", ["hf_qwen2_moe", "hf_llama"])  # torch.export's step, fx's
+def test_a_layer_split_of_a_traced_model_is_two_pipeline_stages(name):
+    """torch.export put every parameter read first: the layers after the cut had ops at the top of the graph, so
+    no layer split was one run of ops per device and no pipeline stage could be cut (the placement JSON had no
+    stages; 1F1B ran as GPipe). Reads now sit where they are first used, as fx puts them."""
+    from graphs.ir import OpCosts, Provenance
+    from placer import baselines
+    from placer.costmodel.schedules import is_stage_contiguous
+
+    _needs(name)
+    prov = Provenance(device="cpu", threads=1, torch_version="", date="", method="estimated", note="test")
+    graph = _graph(name)
+    graph = graph.with_costs("cpu", OpCosts(fwd_s=np.full(graph.n, 1e-4), bwd_s=np.full(graph.n, 2e-4),
+                                            provenance=prov))
+    placement = baselines.place("even-layers", graph, CPU2)
+    assert is_stage_contiguous(graph, placement) and len(set(placement.device_of_op)) == 2
+
+
 @pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama", "hf_bert"])
 def test_hf_models_trace_place_and_reload(tmp_path, name):
     _needs(name)

@@ -62,7 +62,8 @@ class WorkerRuntime:
         names = tuple(n.name for n in traced.gm.graph.nodes if n.op != "output")
         if op_names is not None and names != tuple(op_names):
             raise ValueError(f"the rebuilt model's trace ({len(names)} ops) does not match the graph "
-                             f"({len(op_names)} ops): different source, seed or torch version?")
+                             f"({len(op_names)} ops): different source, seed or torch version, or traced by an "
+                             "earlier placer? build the graph again (placer graph build)")
         self.prog: StepProgram = compile_step(traced.gm)
         self.graph_meta = dict(traced.graph.meta)
         """The rebuilt graph's meta (whether it can be micro-batched)."""
