@@ -326,3 +326,19 @@ class _FilledEmpty(nn.Module):
 
 def filled_empty() -> tuple[nn.Module, tuple[Tensor]]:
     return _FilledEmpty(), (torch.randn(8, 8),)
+
+
+class _AllFrozen(nn.Module):
+    """Every parameter frozen: a step with a loss and nothing to train (evaluation through the training path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.relu(self.a(x))).pow(2).mean()
+
+
+def all_frozen() -> tuple[nn.Module, tuple[Tensor]]:
+    return _AllFrozen(), (torch.randn(8, 8),)

@@ -128,6 +128,19 @@ def test_a_view_that_holds_only_for_eager_strides_runs_split(pool):
         torch.testing.assert_close(out.grads[pname], g)
 
 
+def test_a_step_with_nothing_to_train_runs_forward_only(pool):
+    """Every parameter frozen: the workers give the loss and no gradient, as one process does (whose reference
+    step raised: no backward to run)."""
+    graph = _graph("all_frozen")
+    traced = rebuild_traced(graph.meta)
+    ref_loss, ref_grads, _ = reference_step(traced.gm, traced.example_inputs, microbatches=2)
+    assert ref_grads == {}
+    pool.switch_graph(graph)
+    out = pool.run_step(_random_placement(graph, 0), schedule="gpipe", microbatches=2, update=True)
+    assert out.result.ok, out.result.failure
+    assert out.loss == pytest.approx(ref_loss, rel=1e-6) and not any(g is not None for g in out.grads.values())
+
+
 @pytest.mark.parametrize("name", ["buffer_updates", "buffer_assignments"])
 def test_buffers_updated_in_place_are_updated_on_the_workers(pool, name):
     """The engine reads a buffer after the step's in-place update of it, on one device and with the buffer's

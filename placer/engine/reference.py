@@ -24,7 +24,8 @@ def reference_step(gm: torch.nn.Module, inputs: Sequence[Any], *, microbatches: 
     total = 0.0
     for m in range(microbatches):
         loss = gm(*split_inputs(inputs, microbatches, m))
-        (loss / microbatches).backward()
+        if loss.requires_grad:  # a model with nothing to train (every parameter frozen) has no backward
+            (loss / microbatches).backward()
         total += float(loss.detach()) / microbatches
     grads = {n: p.grad.detach().clone() for n, p in gm.named_parameters() if p.grad is not None}
     if lr is not None:
