@@ -4,8 +4,9 @@ Two modes (see ``examples/README.md``):
 
 * ``--mode apply``: one process; :func:`placer.io.loaders.apply` puts each module on its device and moves
   activations between them (single-process model parallelism, as ColocRL ran its placements).
-* ``--mode pipeline``: one process per pipeline stage, launched by ``torchrun``;
-  :func:`placer.io.loaders.pipeline_stages` builds this rank's ``torch.distributed.pipelining`` stage from the
+* ``--mode pipeline``: one process per device of the pipeline stages, launched by ``torchrun``;
+  :func:`placer.io.loaders.rank_pipeline_stages` builds this rank's ``torch.distributed.pipelining`` stage (several
+  for an interleaved placement, whose stages go round the devices) from the
   placement's ``stages`` and the placement's schedule (GPipe or 1F1B) runs it. gloo on CPU, nccl on CUDA.
 
 The model is rebuilt from the graph the placement was made for: the shipped graph of that name
@@ -35,8 +36,8 @@ from graphs.data import load_benchmark_graph  # noqa: E402
 from graphs.ir import OpGraph  # noqa: E402
 from graphs.loss import traced_default_loss  # noqa: E402
 from placer.io.document import load_placement  # noqa: E402
-from placer.io.loaders import (apply, module_fqns_per_model_part, pipeline_schedule, pipeline_stages,  # noqa: E402
-                               placed_devices)
+from placer.io.loaders import (apply, module_fqns_per_model_part, pipeline_schedule, placed_devices,  # noqa: E402
+                               rank_pipeline_stages)
 
 
 def build_from_source(src: dict[str, Any]) -> tuple[nn.Module, tuple, Callable | None]:
@@ -121,15 +122,15 @@ def train_pipeline(args: argparse.Namespace) -> None:
         # traced exactly as the graph was (same op names), from the same seed on every rank
         traced = rebuild_traced(graph.meta)
         inputs = traced.example_inputs
-        stage = pipeline_stages(traced, doc, rank, device_map=device_map, microbatches=args.microbatches)
-        schedule = pipeline_schedule(stage, doc, microbatches=args.microbatches)
+        stages = rank_pipeline_stages(traced, doc, rank, device_map=device_map, microbatches=args.microbatches)
+        schedule = pipeline_schedule(stages, doc, microbatches=args.microbatches)
         m = schedule._n_microbatches
         batch = input_batches(inputs)[0][1]
         if batch % m:
             raise SystemExit(f"batch {batch} does not split into {m} equal micro-batches")
-        first, last = stage.is_first, stage.is_last
-        dev = stage.device
-        opt = torch.optim.SGD(stage.submod.parameters(), lr=args.lr)
+        first, last = any(s.is_first for s in stages), any(s.is_last for s in stages)  # interleaved: several
+        dev = stages[0].device
+        opt = torch.optim.SGD([p for s in stages for p in s.submod.parameters()], lr=args.lr)
         feed = tuple(x.to(dev) for x in batched_tensors(inputs)) if first else ()  # a dict batch: its tensors
         dummy_target = torch.zeros(batch, device=dev) if last else None  # the last stage returns the loss itself
         if rank == 0:

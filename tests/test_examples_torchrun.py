@@ -22,6 +22,7 @@ import torch
 from graphs.data import load_benchmark_graph
 from graphs.models import build_model
 from placer.core.cluster import get_cluster
+from placer.core.placement import Placement
 from placer.engine.procs import free_port
 from placer.io.document import save_placement
 from placer.io.parts import split_after
@@ -77,17 +78,24 @@ def run_two_nodes(placement: Path, cwd: Path) -> list[subprocess.CompletedProces
     return done
 
 
-@pytest.mark.parametrize("schedule", ["1f1b"])
-def test_gpt_trains_on_two_torchrun_nodes_like_one_process(tmp_path, schedule):
+@pytest.mark.parametrize("schedule, cuts, owns", [
+    ("1f1b", ("blocks.0",), "stage 0 owns tok_emb, pos_emb, blocks.0; stage 1 owns blocks.1, ln_f, head, loss"),
+    # four stages going round the two nodes (virtual stages): the interleaved plan placer searches, as torch runs it
+    ("interleaved-1f1b", ("pos_emb", "blocks.0", "blocks.1"),
+     "stage 0 owns tok_emb, pos_emb; stage 1 owns blocks.0; stage 2 owns blocks.1; stage 3 owns ln_f, head, loss"),
+])
+def test_gpt_trains_on_two_torchrun_nodes_like_one_process(tmp_path, schedule, cuts, owns):
     graph, cluster = load_benchmark_graph("gpt-small"), get_cluster("cpu-2")
+    stages = split_after(graph, *cuts)  # stage k on device k
+    placement = Placement(stages.device_of_op % cluster.num_devices)
     # integer token ids enter stage 0 (torch 2.13 hung there until PipelineStage got input_args/output_args)
-    path = save_placement(tmp_path / "gpt.json", graph, cluster, split_after(graph, "blocks.0"), method="test",
-                          schedule=schedule, microbatches=4)
+    path = save_placement(tmp_path / "gpt.json", graph, cluster, placement, method="test", schedule=schedule,
+                          microbatches=4)
     node0, node1 = run_two_nodes(path, tmp_path)
     for node in (node0, node1):
         assert node.returncode == 0, node.stderr[-3000:]
-    assert "2 stages, 1f1b with 4 micro-batches" in node0.stdout
-    assert "stage 0 owns tok_emb, pos_emb, blocks.0; stage 1 owns blocks.1, ln_f, head, loss" in node0.stdout
+    assert f"{len(cuts) + 1} stages, {schedule} with 4 micro-batches" in node0.stdout
+    assert owns in node0.stdout
     losses = [float(v) for v in re.findall(r"step \d+ loss ([0-9.]+)", node0.stdout)]
     reference = single_process_losses(STEPS, LR)
     assert len(losses) == STEPS

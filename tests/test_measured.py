@@ -25,7 +25,7 @@ def medium():
 def test_even_split_is_torchtitans_default(medium):
     graph, sim = medium
     p = even_split(graph, sim.cluster)
-    assert model_part_fqns(graph, p, contiguous_stages(graph, p)) == [
+    assert model_part_fqns(graph, contiguous_stages(graph, p)) == [
         ["tok_emb", "pos_emb", "blocks.0", "blocks.1", "blocks.2", "blocks.3"],
         ["blocks.4", "blocks.5", "blocks.6", "blocks.7", "ln_f", "head", "loss"]]
 

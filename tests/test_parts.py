@@ -9,7 +9,7 @@ from graphs.data import load_benchmark_graph
 from graphs.models import build_model
 from placer.core.cluster import get_cluster
 from placer.core.placement import Placement
-from placer.io.document import load_placement, placement_to_json, save_placement
+from placer.io.document import contiguous_stages, load_placement, placement_to_json, save_placement
 from placer.io.loaders import module_fqns_per_model_part
 from placer.io.parts import model_part_fqns, model_parts, part_of_path, split_after
 
@@ -54,11 +54,23 @@ def test_split_after_errors(gpt):
         split_after(gpt, "loss")
 
 
+def test_stages_going_round_the_devices_are_interleaved_stages(gpt):
+    """Four stages on two devices, stage k on device k mod 2 (the layout of torch's interleaved schedules): the
+    placement JSON has them and each one's parts (it had no stages: "not stage-contiguous")."""
+    four = split_after(gpt, "pos_emb", "blocks.0", "blocks.1").device_of_op  # stage k on device k
+    doc = placement_to_json(gpt, get_cluster("cpu-2"), Placement(four % 2), method="test",
+                            schedule="interleaved-1f1b", microbatches=4)
+    assert [st["device"] for st in doc["stages"]] == [0, 1, 0, 1]
+    assert doc["module_fqns_per_model_part"] == [GPT_PARTS[:2], ["blocks.0"], ["blocks.1"], GPT_PARTS[4:]]
+    assert contiguous_stages(gpt, Placement(np.array([0, 1, 1, 0])[four]), interleaved=True) is None  # not round
+    assert contiguous_stages(gpt, Placement(four % 2)) is None  # a plan of another schedule: one stage a device
+
+
 def test_no_fqns_when_a_cut_is_inside_a_part_or_there_are_no_stages(gpt):
     cut = gpt.op_names.index("blocks_0_attn_proj")  # inside block 0
     inside = Placement(np.array([0 if i < cut else 1 for i in range(gpt.n)]))
-    assert model_part_fqns(gpt, inside, [{"device": 0}, {"device": 1}]) is None
-    assert model_part_fqns(gpt, inside, None) is None
+    assert model_part_fqns(gpt, contiguous_stages(gpt, inside)) is None
+    assert model_part_fqns(gpt, None) is None
     alternating = Placement(np.array([0] * gpt.n))
     doc = placement_to_json(gpt, get_cluster("cpu-2"), alternating, method="test")
     assert doc["module_fqns_per_model_part"] == [GPT_PARTS]  # one stage owns every part

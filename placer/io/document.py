@@ -46,8 +46,11 @@ def module_devices(graph: OpGraph, placement: Placement) -> dict[str, int]:
     return {p: owner.get(p, c.most_common(1)[0][0]) for p, c in sorted(votes.items())}
 
 
-def contiguous_stages(graph: OpGraph, placement: Placement) -> list[dict[str, Any]] | None:
-    """Stages ``[{device, first_op, last_op}]`` if each device holds one contiguous run of ops, else None.
+def contiguous_stages(graph: OpGraph, placement: Placement, *, interleaved: bool = False
+                      ) -> list[dict[str, Any]] | None:
+    """Stages ``[{device, first_op, last_op}]`` if each device holds one contiguous run of ops, or, ``interleaved``
+    (a plan of ``interleaved-1f1b``), the runs go round the ``D`` devices in turn (stage ``k`` on stage
+    ``k mod D``'s device, the layout of torch's interleaved schedules: virtual stages); else None.
 
     Input placeholders and parameter reads (``input``/``get_attr`` ops) do not break contiguity: a pipeline feeds
     every model input to the first stage and reads parameters where they are used (:mod:`placer.io.loaders`).
@@ -62,7 +65,8 @@ def contiguous_stages(graph: OpGraph, placement: Placement) -> list[dict[str, An
     dev = placement.device_of_op[idx]
     cut = np.flatnonzero(dev[1:] != dev[:-1]) + 1
     devs = dev[np.concatenate([[0], cut])]
-    if len(set(devs.tolist())) != len(devs):
+    d = len(set(devs.tolist()))
+    if len(devs) > d and (not interleaved or len(devs) % d or any(devs[k] != devs[k % d] for k in range(len(devs)))):
         return None
     starts = np.concatenate([[0], idx[cut]])
     ends = np.concatenate([idx[cut] - 1, [graph.n - 1]])
@@ -118,7 +122,7 @@ def placement_to_json(
     placement.validate(graph, cluster)
     from placer import __version__
 
-    stages = contiguous_stages(graph, placement)
+    stages = contiguous_stages(graph, placement, interleaved=schedule == "interleaved-1f1b")
     return {
         "schema": SCHEMA,
         "graph": {"name": graph.name, "hash": graph.content_hash, "num_ops": graph.n},
@@ -128,7 +132,7 @@ def placement_to_json(
         "modules": module_devices(graph, placement),
         "stages": stages,
         # torchtitan's form of the split, for trainers that build stages from module names
-        "module_fqns_per_model_part": model_part_fqns(graph, placement, stages),
+        "module_fqns_per_model_part": model_part_fqns(graph, stages),
         "schedule": _schedule_entry(graph, cluster, placement, schedule, microbatches, predicted, measured),
         "predicted": _time_entry(predicted, cluster),
         "measured": _time_entry(measured, cluster),

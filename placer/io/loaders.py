@@ -7,9 +7,10 @@ Two ways, matching the two ways a placement can be trained (see ARCHITECTURE.md,
   pre-hook moves the module's tensor inputs to that device. ``Tensor.to`` is differentiable, so gradients
   cross devices back the same way. Only *module* placement is applied: functional ops between modules (adds,
   cats, getitems) run wherever their inputs are. The per-op ``ops`` mapping is for placer's own engine.
-* :func:`pipeline_stages` — **pipeline parallelism** with ``torch.distributed.pipelining`` (GPipe, Huang et al.
-  2019; 1F1B, Narayanan et al. 2021): the traced fx graph of the step is cut at the ``stages`` boundaries with
-  ``torch.fx.passes.split_module``, and rank ``r`` gets a ``PipelineStage`` running stage ``r``. A pipeline stage
+* :func:`rank_pipeline_stages` — **pipeline parallelism** with ``torch.distributed.pipelining`` (GPipe, Huang et
+  al. 2019; 1F1B, Narayanan et al. 2021; interleaved 1F1B): the traced fx graph of the step is cut at the
+  ``stages`` boundaries with ``torch.fx.passes.split_module``, and rank ``r`` of ``R`` gets a ``PipelineStage``
+  for each of stages ``r``, ``r + R``, ... (one, or an interleaved plan's virtual stages). A pipeline stage
   can only receive the previous stage's outputs, so every value a later stage needs (the integer targets,
   activations skipping a stage, each tensor of a tuple such as ``LSTMCell``'s ``(h, c)``) is handed on through
   the stages in between. Model inputs all enter at stage 0, as a data loader feeds the first stage. The last
@@ -17,7 +18,7 @@ Two ways, matching the two ways a placement can be trained (see ARCHITECTURE.md,
 
 Limits: every rank builds the whole model and keeps only its stage's modules busy; a parameter used by two
 stages (an ``nn.Module`` called on both sides of a cut) would get two unsynchronised copies, so
-:func:`pipeline_stages` refuses it — placer's colocation rule (all calls of a module on one device) never makes
+:func:`rank_pipeline_stages` refuses it — placer's colocation rule (all calls of a module on one device) never makes
 such a placement. Python values that are not tensors (e.g. ``x.size(0)``) cannot be sent between stages; they
 are fixed at their value for one micro-batch of ``example_inputs``.
 """
@@ -37,12 +38,12 @@ from placer.io.stages import StageModule, stage_modules
 
 if TYPE_CHECKING:  # imported lazily at run time: torch.distributed is only needed by pipeline users
     from torch.distributed.pipelining import PipelineStage
-    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
 log = logging.getLogger(__name__)
 
 __all__ = ["apply", "placed_devices", "resolve_device", "StageModule", "stage_modules", "pipeline_stages",
-           "pipeline_schedule", "pipeline_loss", "module_fqns_per_model_part"]
+           "rank_pipeline_stages", "pipeline_schedule", "pipeline_loss", "module_fqns_per_model_part"]
 
 
 
@@ -219,14 +220,31 @@ def pipeline_stages(model_or_traced: nn.Module | TracedModel, placement: Placeme
                     example_inputs: Sequence[Any] | None = None, device: torch.device | str | None = None,
                     device_map: Mapping[str, Any] | None = None, microbatches: int | None = None,
                     group: Any = None) -> PipelineStage:
-    """The ``torch.distributed.pipelining.PipelineStage`` that ``rank`` runs for ``placement``'s ``stages``.
+    """The one ``torch.distributed.pipelining.PipelineStage`` that ``rank`` runs for ``placement``'s ``stages``:
+    :func:`rank_pipeline_stages` of a placement with one stage per device (a one-line ``ValueError`` for an
+    interleaved one, whose ranks run several)."""
+    stages = rank_pipeline_stages(model_or_traced, placement, rank, example_inputs=example_inputs, device=device,
+                                  device_map=device_map, microbatches=microbatches, group=group)
+    if len(stages) != 1:
+        raise ValueError(f"rank {rank} runs {len(stages)} stages of this interleaved placement: use "
+                         f"rank_pipeline_stages, and pipeline_schedule with the list")
+    return stages[0]
 
-    Stage ``rank`` of :func:`stage_modules` moves to ``device`` (default: the placement's device of that stage,
-    after ``device_map``; ``cpu:N`` becomes ``cpu``). The process group (``group``, default the world) must
-    already be initialised with one rank per stage. Run it with :func:`pipeline_schedule` (same
-    ``microbatches``: the stage's shapes are those of one micro-batch of ``example_inputs``); the last stage's
-    output is the micro-batch loss. One-line ``ValueError`` when the placement has no stages, the rank or world
-    size does not fit, or a parameter is used by two stages.
+
+def rank_pipeline_stages(model_or_traced: nn.Module | TracedModel, placement: PlacementLike, rank: int, *,
+                         example_inputs: Sequence[Any] | None = None, device: torch.device | str | None = None,
+                         device_map: Mapping[str, Any] | None = None, microbatches: int | None = None,
+                         group: Any = None) -> list[PipelineStage]:
+    """The ``torch.distributed.pipelining.PipelineStage``s that ``rank`` runs for ``placement``'s ``stages``.
+
+    With ``R`` ranks (the devices of the stages), stage ``k`` runs on rank ``k mod R``: one stage per rank, or
+    several (virtual stages), as torch's interleaved schedules lay them out and
+    :func:`placer.io.document.contiguous_stages` writes them. Stage ``k`` of :func:`stage_modules` moves to
+    ``device`` (default: the placement's device of that stage, after ``device_map``; ``cpu:N`` becomes ``cpu``).
+    The process group (``group``, default the world) must already be initialised with ``R`` ranks. Run them with
+    :func:`pipeline_schedule` (same ``microbatches``: the stages' shapes are those of one micro-batch of
+    ``example_inputs``); the last stage's output is the micro-batch loss. One-line ``ValueError`` when the
+    placement has no stages, the rank or world size does not fit, or a parameter is used by two stages.
     """
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
@@ -234,9 +252,10 @@ def pipeline_stages(model_or_traced: nn.Module | TracedModel, placement: Placeme
     doc = document_of(placement)
     _check_device_map(doc, device_map)
     stages = stage_modules(model_or_traced, doc, example_inputs=example_inputs, microbatches=microbatches)
-    n = len(stages)
-    if not isinstance(rank, int) or not 0 <= rank < n:
-        raise ValueError(f"rank {rank!r} has no stage: the placement has {n} stages (ranks 0..{n - 1})")
+    n, ranks = len(stages), len({st["device"] for st in doc["stages"]})
+    if not isinstance(rank, int) or not 0 <= rank < ranks:
+        raise ValueError(f"rank {rank!r} has no stage: the placement's {n} stages run on {ranks} ranks "
+                         f"(0..{ranks - 1})")
     shared = _shared_parameter(stages)
     if shared is not None:
         raise ValueError(f"parameter {shared[0]!r} is used by stages {shared[1]} and {shared[2]}; each stage must "
@@ -244,20 +263,22 @@ def pipeline_stages(model_or_traced: nn.Module | TracedModel, placement: Placeme
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised: call init_process_group (or run under torchrun)")
     world = dist.get_world_size(group)
-    if world != n:
-        raise ValueError(f"the placement has {n} pipeline stages but the process group has {world} ranks; "
-                         f"run with --nproc-per-node={n}")
-    if device is None:
-        device = resolve_device(doc["devices"][doc["stages"][rank]["device"]], device_map)
-    device = torch.device(device)
-    if device.type == "cpu":
-        device = torch.device("cpu")  # cpu:N is this machine's CPU; pipelining compares devices exactly
-    module = stages[rank].to(device)
-    # Static shapes from the recorded micro-batch: with runtime shape inference, a stage would run once on
-    # uninitialised receive buffers, and integer inputs (class targets) would then index out of range.
-    ex_in = tuple(t.to(device) for t in module.example_in)
-    ex_out = tree_map_only(torch.Tensor, lambda t: t.to(device), module.example_out)
-    return PipelineStage(module, rank, n, device, input_args=ex_in, output_args=ex_out, group=group)
+    if world != ranks:
+        raise ValueError(f"the placement's {n} pipeline stages run on {ranks} devices but the process group has "
+                         f"{world} ranks; run with --nproc-per-node={ranks}")
+    out = []
+    for k in range(rank, n, ranks):
+        dev = torch.device(device if device is not None
+                           else resolve_device(doc["devices"][doc["stages"][k]["device"]], device_map))
+        if dev.type == "cpu":
+            dev = torch.device("cpu")  # cpu:N is this machine's CPU; pipelining compares devices exactly
+        module = stages[k].to(dev)
+        # Static shapes from the recorded micro-batch: with runtime shape inference, a stage would run once on
+        # uninitialised receive buffers, and integer inputs (class targets) would then index out of range.
+        ex_in = tuple(t.to(dev) for t in module.example_in)
+        ex_out = tree_map_only(torch.Tensor, lambda t, d=dev: t.to(d), module.example_out)
+        out.append(PipelineStage(module, k, n, dev, input_args=ex_in, output_args=ex_out, group=group))
+    return out
 
 
 def pipeline_loss(output: torch.Tensor, target: Any = None) -> torch.Tensor:
@@ -265,12 +286,14 @@ def pipeline_loss(output: torch.Tensor, target: Any = None) -> torch.Tensor:
     return output
 
 
-def pipeline_schedule(stage: PipelineStage, placement: PlacementLike, *,
-                      microbatches: int | None = None) -> PipelineScheduleSingle:
-    """``ScheduleGPipe`` or ``Schedule1F1B`` for ``stage`` by the placement's ``schedule`` (name, micro-batches).
+def pipeline_schedule(stage: PipelineStage | Sequence[PipelineStage], placement: PlacementLike, *,
+                      microbatches: int | None = None) -> PipelineScheduleSingle | PipelineScheduleMulti:
+    """The torch schedule for this rank's stage (or stages) by the placement's ``schedule`` (name, micro-batches).
 
-    ``none`` and ``gpipe`` run GPipe, ``1f1b`` and ``interleaved-1f1b`` (one stage per rank here) run 1F1B;
-    ``dataflow`` (placer's list-scheduled order, which torch does not ship) runs GPipe, with a warning.
+    ``none`` and ``gpipe`` run ``ScheduleGPipe``, ``1f1b`` runs ``Schedule1F1B``; a rank with several stages (an
+    interleaved placement, :func:`rank_pipeline_stages`) runs ``ScheduleInterleaved1F1B`` over them;
+    ``interleaved-1f1b`` with one stage per rank runs 1F1B; ``dataflow`` (placer's list-scheduled order, which
+    torch does not ship) runs GPipe, with a warning.
     Gradients are divided by the number of micro-batches (``scale_grads``), so with a mean loss per
     micro-batch and equal micro-batches they equal the full batch's; the step's loss is the mean of the
     micro-batch losses. Call ``step(*inputs, target=dummy, losses=list, return_outputs=False)`` with ``dummy``
@@ -279,11 +302,17 @@ def pipeline_schedule(stage: PipelineStage, placement: PlacementLike, *,
     a container (a dict batch), pass ``*graphs.batch.batched_tensors(inputs)`` instead (torch's stages take
     tensors only; stage 0 rebuilds the dict).
     """
-    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
     doc = document_of(placement)
     name = doc["schedule"]["name"]
     m = int(microbatches or doc["schedule"]["microbatches"])
+    stages = list(stage) if isinstance(stage, (list, tuple)) else [stage]
+    if len(stages) > 1:  # each rank's stages go round the ranks: torch's interleaved layout
+        if name != "interleaved-1f1b":
+            log.warning("several stages per rank: running %s as interleaved-1f1b", name)
+        return ScheduleInterleaved1F1B(stages, m, loss_fn=pipeline_loss, scale_grads=True)
+    stage = stages[0]
     if name in ("1f1b", "interleaved-1f1b"):
         if m < stage.num_stages:
             raise ValueError(f"1f1b needs at least as many micro-batches as stages ({stage.num_stages}), got {m}")

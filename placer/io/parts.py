@@ -33,21 +33,26 @@ def model_parts(graph: OpGraph) -> list[str]:
     return list(dict.fromkeys(p for p in part_of_ops(graph) if p))
 
 
-def model_part_fqns(graph: OpGraph, placement: Placement,
-                               stages: Sequence[dict[str, Any]] | None) -> list[list[str]] | None:
+def model_part_fqns(graph: OpGraph, stages: Sequence[dict[str, Any]] | None) -> list[list[str]] | None:
     """torchtitan's ``module_fqns_per_model_part`` of a stage-contiguous placement: per stage (in ``stages``
-    order, as :func:`placer.io.document.contiguous_stages` gives them) the parts whose ops run on that stage's
-    device. None when there are no stages, or when a part's ops run on two stages (a cut inside a block: no list
-    of whole modules describes that split)."""
+    order, as :func:`placer.io.document.contiguous_stages` gives them: stage ``k`` runs from its ``first_op`` to
+    the next stage's) the parts whose ops it runs; an input or parameter read counts with its first reader. None
+    when there are no stages, or when a part's ops run on two stages (a cut inside a block: no list of whole
+    modules describes that split)."""
     if not stages:
         return None
-    stage_of_device = {int(s["device"]): k for k, s in enumerate(stages)}
+    starts = np.array([graph.index(s["first_op"]) for s in stages])
+    stage_of = np.searchsorted(starts, np.arange(graph.n), side="right") - 1
+    src, dst = graph.edge_index
+    for i in np.flatnonzero([k in ("input", "get_attr") for k in graph.op_kinds]):
+        readers = dst[src == i]
+        if readers.size:
+            stage_of[i] = stage_of[readers.min()]
     out: list[list[str]] = [[] for _ in stages]
     owner: dict[str, int] = {}
-    for part, dev in zip(part_of_ops(graph), placement.device_of_op.tolist()):
+    for part, k in zip(part_of_ops(graph), stage_of.tolist()):
         if not part:
             continue
-        k = stage_of_device[int(dev)]
         if owner.setdefault(part, k) != k:
             return None
         if part not in out[k]:
