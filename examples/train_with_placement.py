@@ -7,7 +7,8 @@ Two modes (see ``examples/README.md``):
 * ``--mode pipeline``: one process per device of the pipeline stages, launched by ``torchrun``;
   :func:`placer.io.loaders.rank_pipeline_stages` builds this rank's ``torch.distributed.pipelining`` stage (several
   for an interleaved placement, whose stages go round the devices) from the
-  placement's ``stages`` and the placement's schedule (GPipe or 1F1B) runs it. gloo on CPU, nccl on CUDA.
+  placement's ``stages`` and the placement's schedule (GPipe, 1F1B or interleaved 1F1B) runs them. gloo on CPU, nccl
+  on CUDA.
 
 The model is rebuilt from the graph the placement was made for: the shipped graph of that name
 (``graphs/data``) or ``--graph FILE.json``; its ``meta["source"]`` says how (benchmark name and config, or a

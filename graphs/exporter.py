@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_map
 
 from graphs.batch import is_batched
 from graphs.inplace import copied, written_args
-from graphs.strides import reshape_for_view
+from graphs.strides import views_reshaped
 
 __all__ = ["STEP_PREFIX", "trace_export"]
 
@@ -101,12 +101,12 @@ def trace_export(model: nn.Module, loss_fn: Callable[[Any], Any], inputs: tuple,
     gm = ep.module()
     if not legacy:
         _attributes_at_first_use(gm.graph)
+    # A view export chose for the strides it saw, which need not be the kernels' (T5: the fake attention output
+    # follows the query's layout, the real one is contiguous, so the step failed on its own batch).
+    views_reshaped(gm)
     for node in gm.graph.nodes:
         if node.target is torch.ops.aten.copy.default:  # ``x[:, 1:3] *= 2`` writes back so; no autograd formula
             node.target = copied
-        # A view export chose for the strides it saw, which need not be the kernels' (T5: the fake attention
-        # output follows the query's layout, the real one is contiguous, so the step failed on its own batch).
-        node.target = reshape_for_view(node.op, node.target, tuple(node.args))
     # The smallest batch the export's guards allow (2 is export's 0/1 specialisation, not the model's): a model
     # branching on its batch size is exported for one branch, which micro-batches below the bound do not take.
     lowers = [int(r.lower) for r in ep.range_constraints.values() if str(r.lower).lstrip("-").isdigit()]

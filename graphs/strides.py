@@ -5,9 +5,11 @@ view. Hugging Face's attention reshapes ``scaled_dot_product_attention``'s outpu
 is laid out like the query, which is itself a transposed view, so the traced reshape is a view. A value that
 crosses to another device or pipeline stage arrives contiguous, the ops after it lay their outputs out
 differently, and the view fails ("view size is not compatible with input tensor's size and stride": BART on
-every split placement). A reshape is that same view where one exists and a copy where not, with the same values
-and gradients, so the op engine (:func:`placer.engine.program.compile_step`) and the pipeline stages
-(:func:`placer.engine.stages.split_stages`) run it instead (:func:`reshape_for_view`). The engine runs in-place
+every split placement); T5's exported step failed on its own batch, the fake attention output's strides not being
+the kernel's. A reshape is that same view where one exists and a copy where not, with the same values and
+gradients, so export's graph (:func:`graphs.exporter.trace_export`), the op engine
+(:func:`placer.engine.program.compile_step`) and the pipeline stages (:func:`placer.engine.stages.split_stages`)
+run it instead (:func:`views_reshaped`, :func:`reshape_for_view`). The engine runs in-place
 ops out of place and the tracer refuses updates through views (:mod:`graphs.inplace`), so no op relies on the
 view sharing its base's storage. ``x.view(dtype)`` reinterprets the bytes and is kept.
 """

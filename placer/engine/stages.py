@@ -197,6 +197,7 @@ def split_stages(gm: fx.GraphModule, stage_of_node: Mapping[str, int], num_stage
     the step's inputs) is run once to learn the structure of the values crossing each cut and the stages'
     example inputs and outputs."""
     split = split_module(gm, gm, lambda n: stage_of_node[n.name])
+    in_spec = input_spec(gm)
     for part in split.children():  # a stage's inputs are contiguous autograd leaves: no in-place op, no view
         if isinstance(part, fx.GraphModule):
             activations_out_of_place(part)
@@ -204,7 +205,7 @@ def split_stages(gm: fx.GraphModule, stage_of_node: Mapping[str, int], num_stage
     # With autograd on, so each crossing tensor's requires_grad is known: PipelineStage derives from it
     # which gradients flow back between stages.
     with torch.enable_grad(), buffers_restored(split, microbatch):  # split_module's graph takes the placeholders
-        _, values = record_values(split, placeholder_values(microbatch, input_spec(gm)))
+        _, values = record_values(split, placeholder_values(microbatch, in_spec))
 
     top = [n for n in split.graph.nodes]
     output = top[-1]
@@ -237,7 +238,7 @@ def split_stages(gm: fx.GraphModule, stage_of_node: Mapping[str, int], num_stage
                                loss_arg=loss_arg, example_in=examples[s], example_out=examples[s + 1],
                                param_names=param_names, origins=origins,
                                input_layout=input_layout if s == 0 else None,
-                               in_spec=input_spec(gm) if s == 0 else None))
+                               in_spec=in_spec if s == 0 else None))
     return out
 
 

@@ -44,10 +44,10 @@ def model_part_fqns(graph: OpGraph, stages: Sequence[dict[str, Any]] | None) -> 
     starts = np.array([graph.index(s["first_op"]) for s in stages])
     stage_of = np.searchsorted(starts, np.arange(graph.n), side="right") - 1
     src, dst = graph.edge_index
-    for i in np.flatnonzero([k in ("input", "get_attr") for k in graph.op_kinds]):
-        readers = dst[src == i]
-        if readers.size:
-            stage_of[i] = stage_of[readers.min()]
+    first_reader = np.full(graph.n, graph.n)
+    np.minimum.at(first_reader, src, dst)
+    moved = np.array([k in ("input", "get_attr") for k in graph.op_kinds], dtype=bool) & (first_reader < graph.n)
+    stage_of[moved] = stage_of[first_reader[moved]]
     out: list[list[str]] = [[] for _ in stages]
     owner: dict[str, int] = {}
     for part, k in zip(part_of_ops(graph), stage_of.tolist()):
